@@ -1,0 +1,85 @@
+"""Shared fixtures: an offline BPE tokenizer and tiny random models of every supported family."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from eac_lightning.paths import shared_data_dir
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory):
+    """Keep test caches (statistics, testbeds) out of the user's cache unless one is given."""
+    if "EAC_CACHE_DIR" not in os.environ:
+        os.environ["EAC_CACHE_DIR"] = str(tmp_path_factory.mktemp("eac_cache"))
+    yield
+
+
+@pytest.fixture(scope="session")
+def wikitext_lines() -> list[str]:
+    path = shared_data_dir() / "wikitext" / "wikitext-2_valid.txt"
+    lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if len(ln.strip()) > 40]
+    return lines[:1500]
+
+
+@pytest.fixture(scope="session")
+def tokenizer(wikitext_lines):
+    from eac_lightning.models.tokenizer import train_bpe_tokenizer
+
+    extra = [
+        "The Eiffel Tower is located in Paris . Danielle Darrieux speaks French . Angola is located in Africa .",
+        "Toko Yasuda plays the guitar . Rome is the capital of Italy . Apple was founded by Steve Jobs .",
+    ]
+    return train_bpe_tokenizer(wikitext_lines + extra * 5, vocab_size=512)
+
+
+def make_tiny_model(family: str, vocab_size: int, seed: int = 0) -> torch.nn.Module:
+    """A randomly initialised 4-layer model of ``family`` built from a config (no download)."""
+    from transformers import (
+        GPT2Config,
+        GPTJConfig,
+        GPTNeoXConfig,
+        LlamaConfig,
+        MistralConfig,
+        Qwen2Config,
+        AutoModelForCausalLM,
+    )
+
+    torch.manual_seed(seed)
+    common = dict(vocab_size=vocab_size, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    if family == "gpt2":
+        cfg = GPT2Config(n_layer=4, n_embd=64, n_head=4, n_positions=128, resid_pdrop=0.0, embd_pdrop=0.0,
+                         attn_pdrop=0.0, **common)
+    elif family == "gptj":
+        cfg = GPTJConfig(n_layer=4, n_embd=64, n_head=4, n_positions=128, rotary_dim=8, resid_pdrop=0.0,
+                         embd_pdrop=0.0, attn_pdrop=0.0, **common)
+    elif family == "gpt_neox":
+        cfg = GPTNeoXConfig(num_hidden_layers=4, hidden_size=64, num_attention_heads=4, intermediate_size=256,
+                            max_position_embeddings=128, **common)
+    elif family == "llama":
+        cfg = LlamaConfig(num_hidden_layers=4, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                          intermediate_size=128, max_position_embeddings=128, **common)
+    elif family == "mistral":
+        cfg = MistralConfig(num_hidden_layers=4, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                            intermediate_size=128, max_position_embeddings=128, **common)
+    elif family == "qwen2":
+        cfg = Qwen2Config(num_hidden_layers=4, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                          intermediate_size=128, max_position_embeddings=128, **common)
+    else:
+        raise ValueError(family)
+    model = AutoModelForCausalLM.from_config(cfg)
+    return model.eval()
+
+
+FAMILIES = ["gpt2", "gptj", "gpt_neox", "llama", "mistral", "qwen2"]
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2(tokenizer):
+    return make_tiny_model("gpt2", len(tokenizer))
