@@ -1,0 +1,117 @@
+"""ROME (Meng et al., 2022): a rank-one closed-form edit of one MLP output projection.
+
+EAC App. B Eq. 7:  Ŵ = W + Λ (C⁻¹k*)ᵀ,  Λ = (v* − W k*) / ((C⁻¹k*)ᵀ k*),
+
+with k* the key averaged over prefix contexts (Eq. 8) and v* = W k* + δ*, δ* from the target optimisation
+(Eq. 9; :mod:`eac_lightning.methods.target`) — plain, or compressed by EAC (:mod:`eac_lightning.methods.eac`).
+Then Ŵ k* = v* exactly. Without ``mom2_adjustment`` C = I.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from eac_lightning.data.requests import EditRequest
+from eac_lightning.methods.base import Deltas, EditMethod
+from eac_lightning.methods.eac import EACHyperParams, compress
+from eac_lightning.methods.target import (
+    ContextTemplateParams,
+    TargetHyperParams,
+    TargetProblem,
+    compute_keys,
+    generate_context_templates,
+)
+from eac_lightning.models.adapters import mlp_out_name, weight_view
+
+
+@dataclass
+class RankOneTarget:
+    """What the optimisation found for one request: its value shift δ and (EAC) its anchors."""
+
+    request: EditRequest
+    delta: torch.Tensor
+    anchors: torch.Tensor | None
+
+
+def rank_one_update(weight: torch.Tensor, key: torch.Tensor, delta: torch.Tensor, cov=None) -> torch.Tensor:
+    """ΔW = Λ uᵀ with u = C⁻¹k*, Λ = δ / (uᵀk*) (EAC App. B Eq. 7), so that (W + ΔW) k* = W k* + δ.
+
+    ``cov`` is a :class:`eac_lightning.stats.covariance.Covariance` (damped Cholesky solve) or None for C = I.
+    Computed in float64, returned in the weight's dtype.
+    """
+    k = key.double()
+    u = cov.solve(k) if cov is not None else k
+    lam = delta.double() / (u @ k)
+    return torch.outer(lam, u).to(weight.dtype)
+
+
+class ROME(EditMethod):
+    """ROME, optionally with EAC on its v* optimisation.
+
+    Args:
+        layer: the edited decoder layer (its MLP output projection).
+        v: the v* optimisation (EAC App. B Eq. 9).
+        context: the prefix contexts of Eq. 8-9.
+        mom2_adjustment: use C⁻¹ (True, as published) or C = I.
+        eac: Editing Anchor Compression of v*; None for plain ROME.
+    """
+
+    def __init__(
+        self,
+        layer: int = 17,
+        v: TargetHyperParams | None = None,
+        context: ContextTemplateParams | None = None,
+        mom2_adjustment: bool = True,
+        eac: EACHyperParams | None = None,
+    ) -> None:
+        self.layer = layer
+        self.v = v or TargetHyperParams()
+        self.context = context or ContextTemplateParams()
+        self.mom2_adjustment = mom2_adjustment
+        self.eac = eac
+        self.templates: list[str] | None = None
+        self.stats = None
+        self.module_names: list[str] = []
+
+    def setup(self, model: nn.Module, tok, stats=None) -> None:
+        self.module_names = [mlp_out_name(model, self.layer)]
+        if self.templates is None:
+            self.templates = generate_context_templates(model, tok, self.context)
+        self.stats = stats
+        if self.mom2_adjustment and stats is not None:
+            stats.prefetch(self.module_names)
+
+    def compute_targets(self, model: nn.Module, tok, requests: Sequence[EditRequest]) -> list[RankOneTarget]:
+        if self.templates is None:
+            self.setup(model, tok, self.stats)
+        out = []
+        for r in requests:
+            problem = TargetProblem(model, tok, r, self.layer, self.templates, self.v, site="mlp")
+            delta, anchors = compress(problem, self.eac)
+            out.append(RankOneTarget(r, delta, anchors))
+        return out
+
+    def _write(self, model: nn.Module, tok, targets: list[RankOneTarget]) -> Deltas:
+        name = self.module_names[0]
+        cov = self.stats.get(name) if (self.mom2_adjustment and self.stats is not None) else None
+        if self.mom2_adjustment and cov is None:
+            raise RuntimeError("ROME with mom2_adjustment needs covariance statistics: call setup(model, tok, stats)")
+        w = weight_view(model, name)
+        total = torch.zeros_like(w)
+        for t in targets:  # several requests in one step are written one after another, as sequential ROME
+            key = compute_keys(model, tok, [t.request], self.layer, self.templates)[0]  # k* on current weights
+            d = rank_one_update(w, key, t.delta, cov)
+            with torch.no_grad():
+                w.add_(d)
+            total += d
+        return {name: total}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"templates": self.templates}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.templates = state.get("templates")

@@ -1,0 +1,219 @@
+"""Second-moment statistics of the keys of edited layers: C = E[k kᵀ] (ROME Eq. 2 / MEMIT Eq. 14).
+
+Keys are the inputs of the MLP output projection over a text corpus. The corpus is loaded with ``datasets``
+(local text/JSON files, or a hub dataset name), tokenised, packed into fixed-length windows and streamed in
+batches with a tqdm progress bar showing tokens/s. Results are cached on disk under a key of
+(model fingerprint, module, corpus, token count, dtype); partial sums are saved periodically so an
+interrupted run resumes where it stopped.
+
+Solves against C use a cached Cholesky factorisation of the damped matrix
+``C + ε·(tr C / d)·I`` (ε = ``damping``): a small corpus leaves C ill-conditioned (eigenvalues spanning nine
+orders of magnitude were measured on a small model), and an undamped C⁻¹ then blows edits up.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from eac_lightning.models.tracing import capture
+from eac_lightning.paths import cache_dir, resolve_data_path
+
+DEFAULT_CORPUS = "wikitext"  # resolves to ../shared/data/wikitext
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """A short hash of the model's config and weights (names, shapes and a sample of values)."""
+    h = hashlib.sha256()
+    cfg = getattr(model, "config", None)
+    h.update((cfg.to_json_string(use_diff=False) if cfg is not None else type(model).__name__).encode())
+    for name, p in model.state_dict().items():
+        h.update(name.encode())
+        h.update(str(tuple(p.shape)).encode())
+        flat = p.detach().reshape(-1)
+        h.update(flat[:: max(1, flat.numel() // 4096)][:4096].float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def iter_corpus_texts(corpus: str, split: str = "train") -> Iterator[str]:
+    """Texts of a corpus: a local text/JSON(L) file or folder, or a hub dataset name (``name`` or ``name:config``)."""
+    import datasets
+
+    path = resolve_data_path(corpus)
+    if path.exists():
+        files = sorted(p for p in path.iterdir() if p.suffix in (".txt", ".json", ".jsonl")) if path.is_dir() else [path]
+        txt = [str(p) for p in files if p.suffix == ".txt"]
+        js = [str(p) for p in files if p.suffix != ".txt"]
+        parts = []
+        if txt:
+            parts.append(datasets.load_dataset("text", data_files=txt, split="train"))
+        if js:
+            parts.append(datasets.load_dataset("json", data_files=js, split="train"))
+    else:
+        name, _, config = corpus.partition(":")
+        parts = [datasets.load_dataset(name, config or None, split=split)]
+    for ds in parts:
+        for rec in ds:
+            text = rec.get("text")
+            if text and text.strip():
+                yield text
+
+
+def _token_windows(tokenizer, corpus: str, seq_len: int) -> Iterator[torch.Tensor]:
+    buf: list[int] = []
+    for text in iter_corpus_texts(corpus):
+        buf.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+        while len(buf) >= seq_len:
+            yield torch.tensor(buf[:seq_len])
+            buf = buf[seq_len:]
+
+
+@dataclass
+class Covariance:
+    """C = E[k kᵀ] of one module's keys, with a cached factorisation of its damped form."""
+
+    matrix: torch.Tensor  # float64 (d, d)
+    count: int
+    damping: float
+
+    def __post_init__(self) -> None:
+        self._chol: torch.Tensor | None = None
+
+    @property
+    def damped(self) -> torch.Tensor:
+        d = self.matrix.shape[0]
+        scale = torch.trace(self.matrix) / d
+        return self.matrix + self.damping * scale * torch.eye(d, dtype=self.matrix.dtype, device=self.matrix.device)
+
+    def solve(self, rhs: torch.Tensor) -> torch.Tensor:
+        """(C + εI)⁻¹ rhs in float64 through the cached Cholesky factor (rhs: (d,) or (d, n))."""
+        if self._chol is None:
+            self._chol = torch.linalg.cholesky(self.damped)
+        b = rhs.to(self.matrix)
+        return torch.cholesky_solve(b[:, None] if b.dim() == 1 else b, self._chol).reshape(b.shape)
+
+
+class CovarianceStore:
+    """Computes, caches (memory and disk) and serves :class:`Covariance` objects per module.
+
+    Args:
+        model: the unedited model (its fingerprint keys the disk cache).
+        tokenizer: its tokenizer.
+        corpus: text corpus (local path or hub name); default ``../shared/data/wikitext``.
+        num_tokens: how many tokens of the corpus to average over.
+        seq_len: window length fed to the model.
+        batch_size: windows per forward pass.
+        dtype: the dtype of the accumulated statistics on disk.
+        damping: ε of the damped solve (relative to the mean eigenvalue tr(C)/d).
+        directory: cache folder (default ``<cache_dir>/stats``).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer,
+        corpus: str = DEFAULT_CORPUS,
+        num_tokens: int = 100_000,
+        seq_len: int = 128,
+        batch_size: int = 16,
+        dtype: torch.dtype = torch.float64,
+        damping: float = 1e-2,
+        directory: str | os.PathLike | None = None,
+    ) -> None:
+        self.model, self.tokenizer = model, tokenizer
+        self.corpus, self.num_tokens, self.seq_len, self.batch_size = corpus, num_tokens, seq_len, batch_size
+        self.dtype, self.damping = dtype, damping
+        self.directory = Path(directory) if directory else cache_dir() / "stats"
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.fingerprint = model_fingerprint(model)
+        self._memory: dict[str, Covariance] = {}
+
+    def path(self, module_name: str) -> Path:
+        corpus_tag = hashlib.sha256(str(self.corpus).encode()).hexdigest()[:8]
+        key = f"{self.fingerprint}-{module_name}-{corpus_tag}-{self.num_tokens}-{str(self.dtype).split('.')[-1]}"
+        return self.directory / f"{key}.pt"
+
+    def get(self, module_name: str) -> Covariance:
+        """The covariance of ``module_name``'s keys, computed on first use."""
+        if module_name not in self._memory:
+            self.prefetch([module_name])
+        return self._memory[module_name]
+
+    def prefetch(self, module_names: Sequence[str]) -> None:
+        """Load or compute several modules' statistics in one pass over the corpus."""
+        missing = []
+        for n in module_names:
+            if n in self._memory:
+                continue
+            p = self.path(n)
+            if p.exists():
+                try:
+                    data = torch.load(p, map_location="cpu", weights_only=True)
+                except Exception as err:
+                    raise RuntimeError(f"covariance cache {p} is corrupt ({err}); delete it to recompute") from err
+                self._memory[n] = Covariance(data["mom2"].double() / data["count"], int(data["count"]), self.damping)
+            else:
+                missing.append(n)
+        if missing:
+            self._compute(missing)
+
+    def _compute(self, names: list[str]) -> None:
+        group = hashlib.sha256("|".join([*names, str(self.corpus)]).encode()).hexdigest()[:8]
+        partial = self.directory / f"{self.fingerprint}-{group}-{self.num_tokens}.partial.pt"
+        state = {"sums": {}, "count": 0, "windows": 0}
+        if partial.exists():
+            try:
+                state = torch.load(partial, map_location="cpu", weights_only=True)
+            except Exception:
+                partial.unlink()  # an interrupted write of the partial file: start over
+        device = next(self.model.parameters()).device
+        windows = _token_windows(self.tokenizer, self.corpus, self.seq_len)
+        for _ in range(state["windows"]):  # skip what the partial sums already hold
+            next(windows, None)
+        bar = tqdm(total=self.num_tokens, initial=state["count"], desc=f"key covariance ({len(names)} layers)",
+                   unit="tok", unit_scale=True, dynamic_ncols=True)
+        t0, tokens0, last_save = time.time(), state["count"], time.time()
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad(), capture(self.model, names) as rec:
+                while state["count"] < self.num_tokens:
+                    batch = [w for _, w in zip(range(self.batch_size), windows)]
+                    if not batch:
+                        break
+                    self.model(input_ids=torch.stack(batch).to(device), use_cache=False)
+                    for n in names:
+                        k = rec[n].input.reshape(-1, rec[n].input.shape[-1]).to(self.dtype)
+                        s = k.T @ k
+                        state["sums"][n] = state["sums"][n] + s.cpu() if n in state["sums"] else s.cpu()
+                    state["count"] += len(batch) * self.seq_len
+                    state["windows"] += len(batch)
+                    bar.update(len(batch) * self.seq_len)
+                    bar.set_postfix(tok_s=f"{(state['count'] - tokens0) / max(time.time() - t0, 1e-9):.0f}")
+                    if time.time() - last_save > 30:
+                        _atomic_save(state, partial)
+                        last_save = time.time()
+        finally:
+            bar.close()
+            self.model.train(was_training)
+        if state["count"] == 0:
+            raise RuntimeError(f"corpus {self.corpus!r} yielded no {self.seq_len}-token window")
+        for n in names:
+            _atomic_save({"mom2": state["sums"][n], "count": state["count"]}, self.path(n))
+            self._memory[n] = Covariance(state["sums"][n].double() / state["count"], state["count"], self.damping)
+        partial.unlink(missing_ok=True)
+
+
+def _atomic_save(obj, path: Path) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)

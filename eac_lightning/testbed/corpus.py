@@ -1,0 +1,501 @@
+"""The testbed's training corpus, built from real records only.
+
+What goes in (issue 3; the recipe follows what the issue reports earlier experiments found):
+
+* **Facts** from CounterFact (ROME and flat EasyEdit formats) and ZsRE (MEND format), read with
+  the format converters of :mod:`eac_lightning.data.sources`. Each record's *true* fact is trained under its own prompt,
+  under other templates of the same relation (Meng et al., 2022, "Locating and Editing Factual Associations in
+  GPT", §2: facts stored as subject → attribute associations that every phrasing reads), under its first
+  paraphrase; the other paraphrases are held out to measure generalisation. The neighbourhood / locality prompts
+  (CounterFact neighbours, ZsRE's Natural Questions) are trained with their answers so that locality is measured
+  on knowledge the model really has.
+* **WikiText-2** (Merity et al., 2017) for language: the *valid* split is trained, the *test* split is kept for
+  perplexity.
+* **SST-2** (Socher et al., 2013; GLUE dev split): half of it under the sentiment prompt of the EAC paper
+  (Xu et al., 2025, Table 4), the other half held out, so one downstream ability is measurable.
+
+Training sequences are packed: a random-length prefix (from nothing to a few dozen WikiText tokens), then fact
+sentences, WikiText snippets and SST-2 examples in random order until the block is full. The variable prefixes put
+facts at every position, so ROME's prefix-averaged keys ("{random text}. {prompt}") are in distribution.
+
+Relations are not named by every format (ZsRE and flat CounterFact have no relation id), so templates are grouped
+by a union-find over the templates a record exposes (its prompt and trained paraphrases, each with the subject
+replaced by ``{}``): templates that phrase the same record's fact belong to the same relation.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from eac_lightning.data.requests import EditRequest, MalformedRequestError
+from eac_lightning.data.sources import detect_format, iter_records
+from eac_lightning.paths import resolve_data_path, shared_data_dir
+
+#: Sentiment prompt of the EAC paper (Xu et al., 2025, Table 4, SST-2), verbatim.
+SST2_PROMPT = (
+    "For each snippet of text, label the sentiment of the text as positive or negative. "
+    "The answer should be exact 'positive' or 'negative'. text: {TEXT} answer:"
+)
+SST2_LABELS = ("negative", "positive")  # GLUE SST-2: 0 = negative, 1 = positive
+
+#: Default fact files (resolved under the shared data folder).
+DEFAULT_FACT_PATHS = ("counterfact", "zsre")
+
+# Boundaries after which a CounterFact paraphrase's random prefix ends and its template starts.
+_SENTENCE_END = re.compile(r"(?:[.!?:;]\s+|\n)")
+
+
+@dataclass(frozen=True)
+class FactItem:
+    """One prompt → answer pair of the testbed (trained or held out).
+
+    Attributes:
+        prompt: the full prompt text, subject filled in (``"Angola is located in"``).
+        target: the answer; the model should continue the prompt with ``" " + target``.
+        kind: ``fact`` (the record's own prompt), ``template`` (another template of its relation),
+            ``paraphrase`` (a trained paraphrase), ``heldout_paraphrase``, ``neighbourhood``.
+        subject: the subject the prompt is about (``None`` for neighbourhood prompts, whose subject is unknown).
+        source: the file the record came from.
+        record_id: the record's ``case_id`` when it has one, else its row in ``source``.
+        case: index of the record in :attr:`Corpus.requests`.
+    """
+
+    prompt: str
+    target: str
+    kind: str
+    subject: str | None
+    source: str
+    record_id: int | str | None
+    case: int
+
+    @property
+    def text(self) -> str:
+        """The training sentence: prompt, answer and a full stop."""
+        return f"{self.prompt} {self.target}."
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Corpus:
+    """Everything a testbed is trained and measured on."""
+
+    requests: list[EditRequest]
+    train_facts: list[FactItem]
+    heldout_facts: list[FactItem]
+    wikitext_train: list[str]
+    wikitext_test: str
+    sst2_train: list[tuple[str, int]]
+    sst2_heldout: list[tuple[str, int]]
+    stats: dict = field(default_factory=dict)
+
+    def facts_of_kind(self, *kinds: str, trained: bool = True) -> list[FactItem]:
+        pool = self.train_facts if trained else self.heldout_facts
+        return [f for f in pool if f.kind in kinds]
+
+    def sst2_texts(self, heldout: bool = False) -> list[str]:
+        """SST-2 examples as training texts (prompt + label) or, held out, as prompts only."""
+        rows = self.sst2_heldout if heldout else self.sst2_train
+        if heldout:
+            return [sst2_prompt(t) for t, _ in rows]
+        return [f"{sst2_prompt(t)} {SST2_LABELS[y]}" for t, y in rows]
+
+    def tokenizer_texts(self) -> list[str]:
+        """The texts a tokenizer is trained on: every trained text (never the held-out or test ones)."""
+        return [f.text for f in self.train_facts] + self.wikitext_train + self.sst2_texts()
+
+
+def sst2_prompt(text: str) -> str:
+    """The EAC paper's SST-2 prompt (Table 4) around ``text``."""
+    return SST2_PROMPT.replace("{TEXT}", text.strip())
+
+
+def read_sst2(path: str | os.PathLike) -> list[tuple[str, int]]:
+    """GLUE SST-2 dev TSV (header ``text<TAB>label``), read with quoting off as the provenance note says."""
+    rows: list[tuple[str, int]] = []
+    with open(path, encoding="utf-8", newline="") as fh:
+        reader = csv.reader(fh, delimiter="\t", quoting=csv.QUOTE_NONE)
+        header = next(reader)
+        ti, li = header.index("sentence") if "sentence" in header else header.index("text"), header.index("label")
+        for row in reader:
+            if len(row) > max(ti, li) and row[li].strip() in ("0", "1"):
+                rows.append((row[ti].strip(), int(row[li])))
+    return rows
+
+
+def read_wikitext(path: str | os.PathLike, min_chars: int = 40) -> list[str]:
+    """WikiText-2 paragraphs (section headings and short lines dropped)."""
+    out = []
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        line = line.strip()
+        if len(line) >= min_chars and not line.startswith("="):
+            out.append(line)
+    return out
+
+
+def _template(prompt: str, subject: str) -> str | None:
+    """The relation template of a prompt: the sentence holding the subject, the subject replaced by ``{}``.
+
+    CounterFact paraphrases carry a random generated prefix (``"Plaque - located at ... . Angola belongs to the
+    continent of"``); the template is what follows the last sentence boundary before the subject.
+    """
+    if "{}" in prompt:
+        prompt = prompt.replace("{}", subject, 1)
+    pos = prompt.find(subject)
+    if pos < 0:
+        return None
+    start = 0
+    for m in _SENTENCE_END.finditer(prompt, 0, pos):
+        start = m.end()
+    core = prompt[start:]
+    return core.replace(subject, "{}", 1).strip()
+
+
+class _UnionFind:
+    def __init__(self) -> None:
+        self.parent: dict[str, str] = {}
+
+    def find(self, x: str) -> str:
+        self.parent.setdefault(x, x)
+        while self.parent[x] != x:
+            self.parent[x] = self.parent[self.parent[x]]
+            x = self.parent[x]
+        return x
+
+    def union(self, a: str, b: str) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:
+            # Deterministic root choice (lexicographic) so the clusters never depend on dict order.
+            lo, hi = sorted((ra, rb))
+            self.parent[hi] = lo
+
+
+def load_fact_requests(
+    paths: Sequence[str | os.PathLike] | None = None, max_per_path: int | None = None
+) -> tuple[list[EditRequest], int]:
+    """Read the fact records of every path (file or folder), in the formats :mod:`eac_lightning.data.sources` reads.
+
+    Unlike :func:`~eac_lightning.data.sources.load_requests`, which stops at the first malformed record (right for
+    an edit run), a testbed skips records that could not be edited (e.g. row 534 of the shared ZsRE file has an
+    empty ``alt``) or that have no true object to train, and counts them. ``max_per_path`` keeps the first usable
+    records of each path (the ``tiny`` preset's smaller fact set).
+
+    Returns:
+        (requests, number of records skipped).
+    """
+    paths = list(paths) if paths else [shared_data_dir() / p for p in DEFAULT_FACT_PATHS]
+    out: list[EditRequest] = []
+    skipped = 0
+    for p in paths:
+        kept = 0
+        for source, row, rec in iter_records(resolve_data_path(p)):
+            if max_per_path is not None and kept >= max_per_path:
+                break
+            where = f"{source} row {row}"
+            try:
+                req = EditRequest(**detect_format(rec)(rec, where), source=source, source_index=row).validate()
+            except MalformedRequestError:
+                skipped += 1
+                continue
+            if not (req.target_true and req.target_true.strip()):
+                skipped += 1
+                continue
+            out.append(req)
+            kept += 1
+    return out, skipped
+
+
+def build_corpus(
+    fact_paths: Sequence[str | os.PathLike] | None = None,
+    *,
+    max_facts_per_path: int | None = None,
+    extra_templates: int = 2,
+    neighbours_per_fact: int | None = None,
+    wikitext_paragraphs: int | None = None,
+    seed: int = 0,
+    data_dir: str | os.PathLike | None = None,
+) -> Corpus:
+    """Assemble the corpus from real records.
+
+    Args:
+        fact_paths: CounterFact / ZsRE files or folders; default the shared ``counterfact`` and ``zsre`` folders.
+        max_facts_per_path: keep only the first records of each path.
+        extra_templates: how many other templates of the same relation each fact is also trained under.
+        neighbours_per_fact: how many neighbourhood prompts of each record are trained (all when ``None``).
+        wikitext_paragraphs: keep only the first WikiText-2 valid paragraphs.
+        seed: seeds the choice of templates and the SST-2 split.
+        data_dir: where ``wikitext/`` and ``sst2/`` are (default: the shared data folder).
+
+    Returns:
+        The :class:`Corpus`; facts are deduplicated by prompt (the first answer wins, conflicts are counted in
+        ``stats``), and a held-out prompt that also occurs among trained prompts is dropped from the held-out set.
+    """
+    rng = np.random.default_rng(seed)
+    data = Path(data_dir) if data_dir else shared_data_dir()
+    requests, skipped = load_fact_requests(fact_paths, max_facts_per_path)
+
+    def record_id(r: EditRequest) -> int | str | None:
+        return r.case_id if r.case_id is not None else r.source_index
+
+    # Held-out paraphrases: paraphrase[1:] (CounterFact has two, paraphrase[1] is held out as in the issue);
+    # a record with a single paraphrase (ZsRE's rephrase) keeps it held out.
+    def split_paraphrases(r: EditRequest) -> tuple[list[str], list[str]]:
+        ps = r.paraphrase_prompts
+        return (ps[:1], ps[1:]) if len(ps) >= 2 else ([], list(ps))
+
+    # Relation clusters from trained phrasings only, so a held-out paraphrase's template never joins them
+    # through its own record.
+    uf = _UnionFind()
+    rec_templates: list[list[str]] = []
+    for r in requests:
+        trained_ps, _ = split_paraphrases(r)
+        own = _template(r.prompt, r.subject) or r.prompt
+        # A paraphrase whose random prefix has no sentence boundary yields a long "template" that is mostly
+        # noise; only short ones join the relation's templates.
+        ts = [own] + [t for t in (_template(p, r.subject) for p in trained_ps) if t and len(t.split()) <= 10]
+        for t in ts[1:]:
+            uf.union(ts[0], t)
+        uf.find(ts[0])
+        rec_templates.append(ts)
+    clusters: dict[str, list[str]] = {}
+    for t in sorted(uf.parent):
+        clusters.setdefault(uf.find(t), []).append(t)
+
+    train: list[FactItem] = []
+    held: list[FactItem] = []
+    seen: dict[str, str] = {}
+    conflicts = 0
+
+    def add(item: FactItem) -> None:
+        nonlocal conflicts
+        key = item.prompt.strip()
+        if key in seen:
+            conflicts += seen[key] != item.target
+            return
+        seen[key] = item.target
+        train.append(item)
+
+    for ci, r in enumerate(requests):
+        src, rid, subj, tgt = r.source or "", record_id(r), r.subject, r.target_true.strip()
+        trained_ps, held_ps = split_paraphrases(r)
+        add(FactItem(r.prompt_text, tgt, "fact", subj, src, rid, ci))
+        for p in trained_ps:
+            add(FactItem(p, tgt, "paraphrase", subj, src, rid, ci))
+        own = set(rec_templates[ci])
+        held_templates = {_template(p, subj) for p in held_ps}
+        others = [t for t in clusters[uf.find(rec_templates[ci][0])] if t not in own and t not in held_templates]
+        if others and extra_templates > 0:
+            pick = rng.choice(len(others), size=min(extra_templates, len(others)), replace=False)
+            for i in sorted(pick):
+                add(FactItem(others[i].replace("{}", subj, 1), tgt, "template", subj, src, rid, ci))
+        for p in held_ps:
+            held.append(FactItem(p, tgt, "heldout_paraphrase", subj, src, rid, ci))
+    # Neighbourhood prompts after all facts, so a record's own phrasing wins any duplicate.
+    for ci, r in enumerate(requests):
+        pairs = [(p, a) for p, a in r.neighborhood_pairs() if a and a.strip()]
+        if neighbours_per_fact is not None:
+            pairs = pairs[:neighbours_per_fact]
+        for p, a in pairs:
+            add(FactItem(p, a.strip(), "neighbourhood", None, r.source or "", record_id(r), ci))
+    held = [h for h in held if h.prompt.strip() not in seen]
+
+    wiki = read_wikitext(data / "wikitext" / "wikitext-2_valid.txt")
+    if wikitext_paragraphs is not None:
+        wiki = wiki[:wikitext_paragraphs]
+    wiki_test = (data / "wikitext" / "wikitext-2_test.txt").read_text(encoding="utf-8")
+
+    sst = read_sst2(data / "sst2" / "dev.tsv")
+    order = np.random.default_rng(seed + 1).permutation(len(sst))
+    half = len(sst) // 2
+    sst_train = [sst[i] for i in sorted(order[:half])]
+    sst_held = [sst[i] for i in sorted(order[half:])]
+
+    stats = {
+        "records": len(requests),
+        "records_skipped": skipped,
+        "trained_prompts": len(train),
+        "heldout_prompts": len(held),
+        "prompt_conflicts_dropped": int(conflicts),
+        "relation_clusters": len(clusters),
+        "by_kind": {k: sum(f.kind == k for f in train) for k in ("fact", "template", "paraphrase", "neighbourhood")},
+        "wikitext_paragraphs": len(wiki),
+        "sst2_train": len(sst_train),
+        "sst2_heldout": len(sst_held),
+    }
+    return Corpus(requests, train, held, wiki, wiki_test, sst_train, sst_held, stats)
+
+
+def _encode_all(tokenizer, texts: Iterable[str]) -> list[list[int]]:
+    texts = list(texts)
+    if not texts:
+        return []
+    return tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+
+@dataclass
+class PackedData:
+    """Training blocks and, per block, where the subjects of its fact sentences are.
+
+    ``subject_spans[i]`` lists ``(first, last, end)`` token positions of every fact sentence's subject in block
+    ``i`` (``end`` = the sentence's last token), used by the subject-bottleneck attention mask.
+    """
+
+    input_ids: np.ndarray  # (n_blocks, block_len) int32
+    loss_mask: np.ndarray  # (n_blocks, block_len) bool — False on padding
+    subject_spans: list[list[tuple[int, int, int]]]
+
+
+class SequencePacker:
+    """Packs tokenised corpus texts into fixed-length training blocks, deterministically for a seed.
+
+    Args:
+        corpus: the corpus.
+        tokenizer: a tokenizer (the testbed's BPE).
+        block_len: tokens per training block.
+        max_prefix: longest random WikiText prefix at the start of a block.
+        fact_repeats: how many times each trained fact sentence occurs per epoch, by kind.
+        wikitext_fraction: share of an epoch's tokens that is WikiText.
+        sst2_repeats: expected occurrences of each SST-2 training example per epoch (fractions sample).
+        space_prob: share of items joined to the previous one by a space (the rest follow a line break).
+    """
+
+    def __init__(
+        self,
+        corpus: Corpus,
+        tokenizer,
+        block_len: int = 128,
+        max_prefix: int = 24,
+        fact_repeats: dict[str, int] | None = None,
+        wikitext_fraction: float = 0.25,
+        sst2_repeats: float = 1.0,
+        space_prob: float = 0.5,
+    ) -> None:
+        self.block_len = block_len
+        self.max_prefix = max_prefix
+        self.eos = tokenizer.eos_token_id
+        self.fact_repeats = {"fact": 1, "template": 1, "paraphrase": 1, "neighbourhood": 1, **(fact_repeats or {})}
+        self.wikitext_fraction = wikitext_fraction
+        self.sst2_repeats = sst2_repeats
+        self.space_prob = space_prob
+        facts = corpus.train_facts
+        self.fact_kinds = [f.kind for f in facts]
+        # Each text in two tokenisations: bare (as at the start of a prompt, how edits are evaluated) and with a
+        # leading space (as after "<text>. ", how ROME's context templates present the prompt). Byte-level BPE gives
+        # the first word a different token in each, and the model must know the subject both ways.
+        texts = [f.text for f in facts]
+        self.fact_ids = {sp: _encode_all(tokenizer, [sp + t for t in texts]) for sp in ("", " ")}
+        self.fact_subject = {sp: self._subject_spans(tokenizer, facts, sp) for sp in ("", " ")}
+        sst = corpus.sst2_texts()
+        self.sst_ids = {sp: [ids[: block_len - 1] for ids in _encode_all(tokenizer, [sp + t for t in sst])]
+                        for sp in ("", " ")}
+        self.newline = tokenizer("\n", add_special_tokens=False)["input_ids"]
+        self.wiki_ids = [t for ids in _encode_all(tokenizer, corpus.wikitext_train) for t in ids + [self.eos]]
+
+    @staticmethod
+    def _subject_spans(tokenizer, facts: list[FactItem], lead: str) -> list[tuple[int, int] | None]:
+        """Token span (first, last) of each fact's subject, from the fast tokenizer's character offsets."""
+        if not facts:
+            return []
+        enc = tokenizer([lead + f.text for f in facts], add_special_tokens=False, return_offsets_mapping=True)
+        spans: list[tuple[int, int] | None] = []
+        for k, f in enumerate(facts):
+            span = None
+            if f.subject and f.subject in f.prompt:
+                start = len(lead) + f.prompt.index(f.subject)
+                end = start + len(f.subject)
+                toks = [t for t, (s, e) in enumerate(enc["offset_mapping"][k]) if s < end and e > start]
+                if toks:
+                    span = (toks[0], toks[-1])
+            spans.append(span)
+        return spans
+
+    def epoch(self, rng: np.random.Generator) -> PackedData:
+        """One epoch of blocks: every fact sentence ``fact_repeats`` times, SST-2 and WikiText mixed in."""
+        items: list[tuple[str, int]] = []
+        for i, kind in enumerate(self.fact_kinds):
+            items += [("fact", i)] * self.fact_repeats.get(kind, 1)
+        # A fractional repeat count is an inclusion probability (the tiny preset sees a sample of SST-2 per epoch).
+        n_sst = len(self.sst_ids[""])
+        reps = int(self.sst2_repeats) + (rng.random(n_sst) < self.sst2_repeats - int(self.sst2_repeats))
+        items += [("sst", i) for i in range(n_sst) for _ in range(int(reps[i]))]
+        n_fact_tokens = sum(len(self.fact_ids[""][i]) for k, i in items if k == "fact") + sum(
+            len(self.sst_ids[""][i]) for k, i in items if k == "sst"
+        )
+        # WikiText snippets of 16-48 tokens fill the requested share of the epoch.
+        wiki_tokens = int(n_fact_tokens * self.wikitext_fraction / max(1e-6, 1 - self.wikitext_fraction))
+        n_snip = wiki_tokens // 32 if self.wiki_ids else 0
+        items += [("wiki", -1)] * n_snip
+        order = rng.permutation(len(items))
+
+        blocks: list[list[int]] = []
+        masks: list[list[bool]] = []
+        spans: list[list[tuple[int, int, int]]] = []
+        cur: list[int] = []
+        cur_spans: list[tuple[int, int, int]] = []
+
+        def wiki_snippet(n: int) -> list[int]:
+            if n <= 0 or not self.wiki_ids:
+                return []
+            s = int(rng.integers(0, max(1, len(self.wiki_ids) - n)))
+            return self.wiki_ids[s : s + n]
+
+        def flush() -> None:
+            nonlocal cur, cur_spans
+            if not cur:
+                return
+            pad = self.block_len - len(cur)
+            # Top up with WikiText rather than padding: every trained position counts.
+            cur = cur + wiki_snippet(pad)
+            pad = self.block_len - len(cur)
+            blocks.append(cur + [self.eos] * pad)
+            masks.append([True] * len(cur) + [False] * pad)
+            spans.append(cur_spans)
+            cur, cur_spans = [], []
+
+        def start_block() -> None:
+            nonlocal cur
+            # Variable random prefix: none in a quarter of the blocks (prompts at position 0, as evaluated),
+            # otherwise a WikiText fragment of random length.
+            n = 0 if rng.random() < 0.25 else int(rng.integers(1, self.max_prefix + 1))
+            cur = wiki_snippet(n)
+
+        start_block()
+        for j in order:
+            kind, i = items[j]
+            # Joined after a space (the spaced tokenisation) or after a line break (the bare one), half each;
+            # the first item of an unprefixed block is bare, exactly like an evaluated prompt.
+            spaced = bool(cur) and rng.random() < self.space_prob
+            lead = " " if spaced else ""
+            sep = [] if (spaced or not cur) else list(self.newline)
+            if kind == "fact":
+                ids = self.fact_ids[lead][i]
+            elif kind == "sst":
+                ids = self.sst_ids[lead][i]
+            else:
+                ids, sep = wiki_snippet(int(rng.integers(16, 49))), []
+            if len(cur) + len(sep) + len(ids) > self.block_len:
+                flush()
+                start_block()
+                if len(cur) + len(ids) > self.block_len:
+                    cur = []
+                if not cur and kind != "wiki":
+                    lead, sep = "", []
+                    ids = self.fact_ids[""][i] if kind == "fact" else self.sst_ids[""][i]
+                elif kind != "wiki" and not spaced:
+                    sep = list(self.newline)
+            cur += sep
+            if kind == "fact" and self.fact_subject[lead][i] is not None:
+                a, b = self.fact_subject[lead][i]
+                off = len(cur)
+                cur_spans.append((off + a, off + b, off + len(ids) - 1))
+            cur += ids
+        flush()
+        return PackedData(np.asarray(blocks, dtype=np.int32), np.asarray(masks, dtype=bool), spans)
