@@ -491,7 +491,7 @@ def compute_locality_reference(model: torch.nn.Module, tok: Any, requests: Seque
     }
 
 
-def _is_counterfact(request: EditRequest) -> bool:
+def is_counterfact(request: EditRequest) -> bool:
     """CounterFact-style: the neighbourhood prompts' answer is the original object (ROME's neighbourhood score
     compares P(true) with P(new) there); ZsRE's locality questions are unrelated, so they get no such score."""
     if not request.target_true:
@@ -558,7 +558,7 @@ class EditMetrics:
             plan.append(("rel", job(r.prompt_text, r.target_new)))
             for p in r.paraphrase_prompts:
                 plan.append(("gen", job(p, r.target_new)))
-            cf = self.rome_scores and _is_counterfact(r)
+            cf = self.rome_scores and is_counterfact(r)
             if cf:
                 plan.append(("rome_efficacy", (job(r.prompt_text, r.target_new), job(r.prompt_text, r.target_true))))
                 for p in r.paraphrase_prompts:

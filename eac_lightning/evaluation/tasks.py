@@ -14,8 +14,8 @@ task's values raises :class:`TaskDataError` naming the file, the row and the fie
 Choices (documented in docs/evaluation.md):
 
 * Classification (RTE, SST-2) compares, by default, the log-probability of the two answer words after the prompt
-  (``" True"``/``" False"``, ``" positive"``/``" negative"``, tokenised like edit targets) — one forward pass per
-  example and no answer parsing. ``mode="generate"`` instead decodes greedily and counts a prediction right when the
+  (``" True"``/``" False"``, ``" positive"``/``" negative"``, tokenised like edit targets) — batched teacher-forced
+  scoring, no answer parsing. ``mode="generate"`` instead decodes greedily and counts a prediction right when the
   first word of the normalised output is the gold word (anything else is wrong).
 * NQ-open has no passages; when a row has a passage field (``passage``/``document``/``context``) the Table 4
   passage prompt is used, otherwise the question alone (``{QUESTION}``), as PROVENANCE.md notes.

@@ -30,6 +30,10 @@ import torch
 
 from eac_lightning.methods.target import TargetProblem, optimise_plain
 
+# Any object with ``v0`` (the vector or flattened weights being changed), ``hparams`` (num_steps, lr,
+# early_stop_nll), ``loss(delta) -> (total, nll)``, ``clamp(delta)`` and ``check(loss, step)`` can be
+# compressed: :class:`TargetProblem` (ROME's v*, MEMIT's z) and :class:`eac_lightning.methods.ft.FTProblem`.
+
 
 @dataclass
 class EACHyperParams:
@@ -81,7 +85,7 @@ def explore(problem: TargetProblem, hp: EACHyperParams) -> Exploration:
     """Phase 1: the base optimiser for ``phase1_fraction`` of the steps, recording ∇L at every step."""
     base = problem.hparams
     steps = max(1, round(base.num_steps * hp.phase1_fraction))
-    delta = torch.zeros(problem.dim, device=problem.v0.device, requires_grad=True)
+    delta = torch.zeros_like(problem.v0, requires_grad=True)
     opt = torch.optim.Adam([delta], lr=base.lr)
     grad_sum = torch.zeros_like(delta)
     grad = grad_sum
@@ -169,7 +173,7 @@ def retrain(
 
 
 def compress(problem: TargetProblem, hp: EACHyperParams | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The target δ of one request: EAC's two phases, or the plain optimiser when ``hp`` is None.
+    """The δ of one problem: EAC's two phases, or the plain optimiser when ``hp`` is None.
 
     Returns (δ, anchor mask or None).
     """

@@ -26,6 +26,7 @@ from eac_lightning.methods.target import (
     generate_context_templates,
 )
 from eac_lightning.models.adapters import mlp_out_name, weight_view
+from eac_lightning.models.loading import default_layers
 
 
 @dataclass
@@ -53,7 +54,8 @@ class ROME(EditMethod):
     """ROME, optionally with EAC on its v* optimisation.
 
     Args:
-        layer: the edited decoder layer (its MLP output projection).
+        layer: the edited decoder layer (its MLP output projection); None: the model's default
+            (:func:`eac_lightning.models.loading.default_layers`).
         v: the v* optimisation (EAC App. B Eq. 9).
         context: the prefix contexts of Eq. 8-9.
         mom2_adjustment: use C⁻¹ (True, as published) or C = I.
@@ -62,7 +64,7 @@ class ROME(EditMethod):
 
     def __init__(
         self,
-        layer: int = 17,
+        layer: int | None = None,
         v: TargetHyperParams | None = None,
         context: ContextTemplateParams | None = None,
         mom2_adjustment: bool = True,
@@ -78,6 +80,8 @@ class ROME(EditMethod):
         self.module_names: list[str] = []
 
     def setup(self, model: nn.Module, tok, stats=None) -> None:
+        if self.layer is None:
+            self.layer = default_layers(model).rome
         self.module_names = [mlp_out_name(model, self.layer)]
         if self.templates is None:
             self.templates = generate_context_templates(model, tok, self.context)

@@ -176,7 +176,6 @@ class TargetProblem:
         self.v0 = rec[self.hook_name].output[0, lookup[0]].detach().clone()
         self.kl_rows = torch.arange(n, len(texts), device=device)
         self.kl_ref = torch.log_softmax(logits[self.kl_rows, self.cols[n:]], dim=-1).detach()
-        self.dim = self.v0.shape[0]
 
     def loss(self, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(total loss of Eq. 9 + ROME weight decay, target NLL) for ``delta``."""
@@ -209,7 +208,7 @@ class TargetProblem:
 def optimise_plain(problem: TargetProblem, num_steps: int | None = None) -> torch.Tensor:
     """ROME/MEMIT's optimiser: Adam on δ with norm clamping and early stopping (EAC App. B Eq. 9)."""
     hp = problem.hparams
-    delta = torch.zeros(problem.dim, device=problem.v0.device, requires_grad=True)
+    delta = torch.zeros_like(problem.v0, requires_grad=True)
     opt = torch.optim.Adam([delta], lr=hp.lr)
     for step in range(hp.num_steps if num_steps is None else num_steps):
         loss, nll = problem.loss(delta)

@@ -394,8 +394,14 @@ class SequencePacker:
         self.fact_ids = {sp: _encode_all(tokenizer, [sp + t for t in texts]) for sp in ("", " ")}
         self.fact_subject = {sp: self._subject_spans(tokenizer, facts, sp) for sp in ("", " ")}
         sst = corpus.sst2_texts()
-        self.sst_ids = {sp: [ids[: block_len - 1] for ids in _encode_all(tokenizer, [sp + t for t in sst])]
-                        for sp in ("", " ")}
+        self.sst_ids = {sp: _encode_all(tokenizer, [sp + t for t in sst]) for sp in ("", " ")}
+        # Texts longer than a block (with its separator) are left out, and counted.
+        self.too_long = 0
+        for table in (self.fact_ids, self.sst_ids):
+            for i in range(len(table[""])):
+                if max(len(table[""][i]) + 1, len(table[" "][i])) > block_len:
+                    table[""][i] = table[" "][i] = None
+                    self.too_long += 1
         self.newline = tokenizer("\n", add_special_tokens=False)["input_ids"]
         self.wiki_ids = [t for ids in _encode_all(tokenizer, corpus.wikitext_train) for t in ids + [self.eos]]
 
@@ -426,8 +432,8 @@ class SequencePacker:
         n_sst = len(self.sst_ids[""])
         reps = int(self.sst2_repeats) + (rng.random(n_sst) < self.sst2_repeats - int(self.sst2_repeats))
         items += [("sst", i) for i in range(n_sst) for _ in range(int(reps[i]))]
-        n_fact_tokens = sum(len(self.fact_ids[""][i]) for k, i in items if k == "fact") + sum(
-            len(self.sst_ids[""][i]) for k, i in items if k == "sst"
+        n_fact_tokens = sum(
+            len((self.fact_ids if k == "fact" else self.sst_ids)[""][i] or []) for k, i in items
         )
         # WikiText snippets of 16-48 tokens fill the requested share of the epoch.
         wiki_tokens = int(n_fact_tokens * self.wikitext_fraction / max(1e-6, 1 - self.wikitext_fraction))
@@ -467,30 +473,35 @@ class SequencePacker:
             n = 0 if rng.random() < 0.25 else int(rng.integers(1, self.max_prefix + 1))
             cur = wiki_snippet(n)
 
+        def place(kind: str, i: int, spaced: bool) -> tuple[str, list[int], list[int]]:
+            # Joined after a space (the spaced tokenisation) or after a line break (the bare one); the first
+            # item of an unprefixed block is bare, exactly like an evaluated prompt.
+            lead = " " if spaced else ""
+            sep = [] if (spaced or not cur) else list(self.newline)
+            table = self.fact_ids if kind == "fact" else self.sst_ids
+            return lead, sep, table[lead][i]
+
         start_block()
         for j in order:
             kind, i = items[j]
-            # Joined after a space (the spaced tokenisation) or after a line break (the bare one), half each;
-            # the first item of an unprefixed block is bare, exactly like an evaluated prompt.
-            spaced = bool(cur) and rng.random() < self.space_prob
-            lead = " " if spaced else ""
-            sep = [] if (spaced or not cur) else list(self.newline)
-            if kind == "fact":
-                ids = self.fact_ids[lead][i]
-            elif kind == "sst":
-                ids = self.sst_ids[lead][i]
-            else:
-                ids, sep = wiki_snippet(int(rng.integers(16, 49))), []
+            if kind == "wiki":
+                ids = wiki_snippet(int(rng.integers(16, 49)))[: self.block_len - len(cur)]
+                cur += ids
+                if len(cur) >= self.block_len:
+                    flush()
+                    start_block()
+                continue
+            if (self.fact_ids if kind == "fact" else self.sst_ids)[""][i] is None:
+                continue  # longer than a block
+            spaced = rng.random() < self.space_prob
+            lead, sep, ids = place(kind, i, spaced and bool(cur))
             if len(cur) + len(sep) + len(ids) > self.block_len:
                 flush()
                 start_block()
-                if len(cur) + len(ids) > self.block_len:
+                lead, sep, ids = place(kind, i, spaced and bool(cur))
+                if len(cur) + len(sep) + len(ids) > self.block_len:
                     cur = []
-                if not cur and kind != "wiki":
-                    lead, sep = "", []
-                    ids = self.fact_ids[""][i] if kind == "fact" else self.sst_ids[""][i]
-                elif kind != "wiki" and not spaced:
-                    sep = list(self.newline)
+                    lead, sep, ids = place(kind, i, False)
             cur += sep
             if kind == "fact" and self.fact_subject[lead][i] is not None:
                 a, b = self.fact_subject[lead][i]

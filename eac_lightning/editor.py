@@ -1,0 +1,93 @@
+"""The Python API: edit a model in a notebook in five lines.
+
+    from eac_lightning import Editor, EditRequest
+    editor = Editor.load("testbed:small", method="rome-eac")
+    editor.edit(EditRequest(prompt="{} is located in", subject="Angola", target_new="Antarctica"))
+    print(editor.evaluate())
+    editor.undo()
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from eac_lightning.data.requests import EditRequest
+from eac_lightning.methods.base import Deltas, EditMethod, restore_weights, snapshot
+from eac_lightning.models.loading import load_model
+from eac_lightning.stats.covariance import CovarianceStore
+
+METHOD_PRESETS = Path(__file__).resolve().parents[1] / "configs" / "methods"
+
+
+def method_from_preset(name_or_path: str) -> EditMethod:
+    """Instantiate the method of ``configs/methods/<name>.yaml`` (or of a YAML file's ``model.method``)."""
+    import yaml
+    from jsonargparse import ArgumentParser
+
+    path = Path(name_or_path)
+    if not path.exists():
+        path = METHOD_PRESETS / f"{name_or_path}.yaml"
+    if not path.exists():
+        known = ", ".join(sorted(p.stem for p in METHOD_PRESETS.glob("*.yaml")))
+        raise FileNotFoundError(f"no method preset {name_or_path!r} (known: {known})")
+    spec = yaml.safe_load(path.read_text())["model"]["method"]
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_argument("--method", type=EditMethod)
+    return parser.instantiate_classes(parser.parse_object({"method": spec})).method
+
+
+class Editor:
+    """A model, its tokenizer and an editing method, with exact undo.
+
+    Args:
+        model, tokenizer: the model to edit (in place).
+        method: an :class:`EditMethod` instance.
+        stats: key statistics; built from the offline WikiText-2 corpus when omitted.
+    """
+
+    def __init__(self, model: nn.Module, tokenizer, method: EditMethod, stats: CovarianceStore | None = None):
+        self.model, self.tokenizer, self.method = model, tokenizer, method
+        self.stats = stats if stats is not None else CovarianceStore(model, tokenizer)
+        self.method.setup(model, tokenizer, self.stats)
+        self.requests: list[EditRequest] = []
+        self._undo: list[tuple[int, dict[str, torch.Tensor]]] = []
+        self._reference = None
+
+    @classmethod
+    def load(cls, model: str = "testbed:small", method: str | EditMethod = "rome-eac", **stats_kwargs: Any) -> "Editor":
+        """Load ``model`` (``testbed:<preset>``, a folder or a hub id) and a method (preset name or instance)."""
+        m, tok = load_model(model)
+        meth = method_from_preset(method) if isinstance(method, str) else method
+        return cls(m, tok, meth, CovarianceStore(m, tok, **stats_kwargs))
+
+    def edit(self, requests: EditRequest | Sequence[EditRequest]) -> Deltas:
+        """Apply one batch of edits; returns the weight deltas."""
+        batch = [requests] if isinstance(requests, EditRequest) else list(requests)
+        if self._reference is None:
+            self._reference = self._locality_reference(batch)
+        saved = snapshot(self.model, self.method.module_names)
+        deltas = self.method.edit(self.model, self.tokenizer, batch)
+        self._undo.append((len(batch), saved))
+        self.requests.extend(batch)
+        return deltas
+
+    def undo(self) -> None:
+        """Restore the weights exactly as they were before the last :meth:`edit`."""
+        if not self._undo:
+            raise IndexError("nothing to undo")
+        n, saved = self._undo.pop()
+        restore_weights(self.model, saved)
+        del self.requests[-n:]
+
+    def _locality_reference(self, batch):
+        return None
+
+    def evaluate(self, requests: Sequence[EditRequest] | None = None) -> dict[str, float]:
+        """Reliability, generalization and locality (EasyEdit's token accuracy) of every edit so far."""
+        from eac_lightning.evaluation.edit_metrics import evaluate_edits
+
+        return evaluate_edits(self.model, self.tokenizer, list(requests or self.requests))

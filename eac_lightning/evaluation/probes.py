@@ -1,0 +1,140 @@
+"""Two probes of general ability that stay informative on small models (where the Table 4 tasks sit near chance).
+
+* :func:`fact_retention` — does the model still know facts that were *not* edited? Teacher-forced token accuracy
+  (the EAC Eq. 10 measure, EasyEdit's definition) of the original object ``target_true`` after each probe
+  request's prompt. The caller chooses the probe set (requests outside the edit stream).
+* :func:`wikitext2_ppl` — perplexity on the start of the WikiText-2 test set with strided windows (the Hugging Face
+  "perplexity of fixed-length models" recipe): each window re-reads up to ``window - stride`` tokens of context and
+  scores only the tokens not scored before, so every token is scored exactly once with as much context as fits.
+
+Both shard their work by ``i % world_size == rank`` and keep sum/count states that ``compute()`` reduces across
+ranks under DDP.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any, Sequence
+
+import torch
+from torchmetrics import Metric
+
+from eac_lightning.data.requests import EditRequest
+from eac_lightning.evaluation.edit_metrics import (
+    SumCountMetric,
+    forward,
+    inference,
+    left_pad,
+    model_device,
+    model_max_length,
+    pad_token_id,
+    score_targets,
+    shard,
+)
+from eac_lightning.paths import resolve_data_path, shared_data_dir
+
+
+def fact_retention(model: torch.nn.Module, tok: Any, requests: Sequence[EditRequest], batch_size: int = 32,
+                   rank: int = 0, world_size: int = 1) -> float:
+    """Mean teacher-forced token accuracy of ``target_true`` on each request's prompt (facts NOT edited).
+
+    Requests without ``target_true`` are skipped; with none at all the result is NaN.
+    """
+    mine = [r for r in shard(requests, rank, world_size) if r.target_true and r.target_true.strip()]
+    scores = score_targets(model, tok, [r.prompt_text for r in mine], [r.target_true for r in mine], batch_size)
+    metric = SumCountMetric().to(model_device(model))
+    metric.update([s.token_accuracy for s in scores])
+    return float(metric.compute())
+
+
+class Perplexity(Metric):
+    """exp(summed token NLL / token count), with both sums reduced across ranks under DDP."""
+
+    full_state_update = False
+    higher_is_better = False
+    is_differentiable = False
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.add_state("nll", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, nll_sum: float | torch.Tensor, n_tokens: int | torch.Tensor) -> None:  # type: ignore[override]
+        self.nll += torch.as_tensor(nll_sum, dtype=torch.float64, device=self.nll.device)
+        self.count += torch.as_tensor(n_tokens, dtype=torch.float64, device=self.count.device)
+
+    def compute(self) -> torch.Tensor:  # type: ignore[override]
+        if self.count == 0:
+            return torch.tensor(math.nan, dtype=torch.float64)
+        return torch.exp(self.nll / self.count)
+
+
+def wikitext2_tokens(tok: Any, path: str | os.PathLike | None = None, max_tokens: int = 4096) -> list[int]:
+    """The first ``max_tokens`` tokens of the WikiText-2 test file (``wikitext/wikitext-2_test.txt`` in the shared
+    data folder by default), read as raw text. Only a prefix of the text is tokenised (doubling until enough)."""
+    file = resolve_data_path(path) if path is not None else shared_data_dir() / "wikitext" / "wikitext-2_test.txt"
+    if not file.exists():
+        raise FileNotFoundError(f"{file}: WikiText-2 test file not found")
+    text = file.read_text(encoding="utf-8")
+    chars = max(1024, 8 * max_tokens)
+    while True:
+        ids = tok(text[:chars], add_special_tokens=False)["input_ids"]
+        if len(ids) > max_tokens or chars >= len(text):
+            return list(ids[:max_tokens])
+        chars *= 2
+
+
+def strided_windows(n_tokens: int, window: int, stride: int) -> list[tuple[int, int, int]]:
+    """(begin, end, score_from) of each window: tokens ``[score_from, end)`` are scored, each from the context
+    ``[begin, token)``. The first token has no context and is never scored."""
+    if window < 2 or not 1 <= stride <= window:
+        raise ValueError(f"need window >= 2 and 1 <= stride <= window, got window={window}, stride={stride}")
+    out, prev_end, begin = [], 1, 0
+    while prev_end < n_tokens:
+        end = min(begin + window, n_tokens)
+        out.append((begin, end, prev_end))
+        prev_end = end
+        begin += stride
+    return out
+
+
+def wikitext2_ppl(model: torch.nn.Module, tok: Any, path: str | os.PathLike | None = None, max_tokens: int = 4096,
+                  window: int | None = None, stride: int | None = None, batch_size: int = 4, rank: int = 0,
+                  world_size: int = 1) -> float:
+    """Perplexity on the first ``max_tokens`` WikiText-2 test tokens with strided windows.
+
+    Args:
+        window: tokens per window (default: the model's maximum length, capped at 1024).
+        stride: step between windows (default: half the window), i.e. each scored token has at least
+            ``window - stride`` tokens of context except at the start.
+        batch_size: windows per forward pass.
+
+    Windows are sharded across ranks; NLL sum and token count are reduced by ``compute()``.
+    """
+    ids = wikitext2_tokens(tok, path, max_tokens)
+    window = min(window or min(model_max_length(model), 1024), model_max_length(model))
+    stride = stride or max(1, window // 2)
+    spans = shard(strided_windows(len(ids), window, stride), rank, world_size)
+    metric = Perplexity().to(model_device(model))
+    device = model_device(model)
+    pad = pad_token_id(tok)
+    metric.update(0.0, 0)  # a rank with no windows still joins the reduction without "compute before update"
+    with inference(model):
+        for k in range(0, len(spans), batch_size):
+            batch = spans[k:k + batch_size]
+            # Scored tokens are the last (end - score_from) of each row; with left padding their predicting
+            # logits are the kept positions [-(n+1), -1).
+            keep = max(end - frm for _, end, frm in batch) + 1
+            inp, mask, pos = left_pad([ids[b:e] for b, e, _ in batch], pad, device)
+            _, logits = forward(model, inp, mask, pos, logits_to_keep=keep, use_cache=False)
+            logits = logits[:, -keep:].float()
+            nll_sum, count = 0.0, 0
+            for r, (b, e, frm) in enumerate(batch):
+                n = e - frm
+                target = torch.as_tensor(ids[frm:e], dtype=torch.long, device=logits.device)
+                nll_sum += torch.nn.functional.cross_entropy(logits[r, keep - n - 1:keep - 1], target,
+                                                             reduction="sum").item()
+                count += n
+            metric.update(nll_sum, count)
+    return float(metric.compute())

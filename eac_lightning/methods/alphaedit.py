@@ -1,0 +1,100 @@
+"""AlphaEdit (Fang et al., 2025): MEMIT's update projected onto the null space of preserved knowledge.
+
+P_l projects onto the span of the eigenvectors of C_l = E[k kᵀ] whose eigenvalues fall below
+``nullspace_threshold`` (AlphaEdit Eq. 12; its code uses 2e-2 on the mean-normalised C). Keys in the
+protected subspace (range of I − P) are left unchanged by construction. Earlier edits' keys are accumulated
+in K_p K_pᵀ so a sequence of batches does not overwrite itself (AlphaEdit Eq. 15):
+
+    ΔW_l ᵀ = (P (K Kᵀ + K_p K_pᵀ) + α I)⁻¹ P K Rᵀ        (α = ``l2``)
+
+Targets (z) and the layer-by-layer residual spreading are MEMIT's; only the per-layer solve differs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from eac_lightning.methods.base import Deltas
+from eac_lightning.methods.eac import EACHyperParams
+from eac_lightning.methods.memit import MEMIT, ResidualTarget
+from eac_lightning.methods.target import ContextTemplateParams, TargetHyperParams, compute_keys
+from eac_lightning.models.adapters import mlp_out_name
+
+
+def null_space_projector(cov: torch.Tensor, threshold: float) -> torch.Tensor:
+    """P = U₀U₀ᵀ over the eigenvectors of ``cov`` with eigenvalue < ``threshold`` (float64)."""
+    evals, evecs = torch.linalg.eigh(cov.double())
+    small = evecs[:, evals < threshold]
+    if small.shape[1] == 0:
+        raise ValueError(
+            f"AlphaEdit: no eigenvalue of the key covariance is below nullspace_threshold={threshold} "
+            f"(smallest {evals.min().item():.3g}); raise the threshold"
+        )
+    return small @ small.T
+
+
+class AlphaEdit(MEMIT):
+    """AlphaEdit: null-space-projected MEMIT with accumulated keys of earlier edits.
+
+    Args:
+        layers: the critical layers (as MEMIT).
+        z: the z optimisation.
+        context: prefix contexts.
+        nullspace_threshold: eigenvalues of C below this span the null space (AlphaEdit code: 2e-2).
+        l2: α, the ridge term of the solve (AlphaEdit code: 10).
+        eac: Editing Anchor Compression of z (AlphaEdit-EAC); None for plain AlphaEdit.
+    """
+
+    def __init__(
+        self,
+        layers: list[int] | None = None,
+        z: TargetHyperParams | None = None,
+        context: ContextTemplateParams | None = None,
+        nullspace_threshold: float = 2e-2,
+        l2: float = 10.0,
+        eac: EACHyperParams | None = None,
+    ) -> None:
+        super().__init__(layers=layers, z=z, context=context, eac=eac)
+        self.nullspace_threshold = nullspace_threshold
+        self.l2 = l2
+        self.projectors: dict[str, torch.Tensor] = {}
+        self.past_kkt: dict[str, torch.Tensor] = {}  # K_p K_pᵀ per edited module
+
+    def setup(self, model: nn.Module, tok, stats=None) -> None:
+        super().setup(model, tok, stats)
+        if stats is not None:
+            for name in self.module_names:
+                if name not in self.projectors:
+                    self.projectors[name] = null_space_projector(stats.get(name).matrix, self.nullspace_threshold)
+
+    def _layer_update(self, i: int, name: str, keys: torch.Tensor, resid: torch.Tensor) -> torch.Tensor:
+        P = self.projectors.get(name)
+        if P is None:
+            raise RuntimeError("AlphaEdit needs covariance statistics: call setup(model, tok, stats)")
+        P = P.to(keys.device)
+        d = keys.shape[0]
+        past = self.past_kkt.get(name, torch.zeros(d, d, dtype=torch.float64)).to(keys.device)
+        lhs = P @ (keys @ keys.T + past) + self.l2 * torch.eye(d, dtype=torch.float64, device=keys.device)
+        upd_t = torch.linalg.solve(lhs, P @ keys @ resid.T)  # (d_k, d_out)
+        return upd_t.T
+
+    def _write(self, model: nn.Module, tok, targets: list[ResidualTarget]) -> Deltas:
+        deltas = super()._write(model, tok, targets)
+        requests = [t.request for t in targets]
+        updated = {}
+        for layer in self.layers:  # AlphaEdit accumulates the keys after the whole batch is written
+            name = mlp_out_name(model, layer)
+            k = compute_keys(model, tok, requests, layer, self.templates).double().T.cpu()
+            updated[name] = self.past_kkt.get(name, 0) + k @ k.T
+        self.past_kkt.update(updated)  # only once everything succeeded: a failed write leaves no trace
+        return deltas
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "past_kkt": dict(self.past_kkt)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.past_kkt = dict(state.get("past_kkt", {}))

@@ -1,0 +1,151 @@
+"""FT: constrained fine-tuning of chosen MLP output projections (Zhu et al., 2020; ROME's FT-L baseline), and
+FT with EAC's scored elastic net (EAC App. E).
+
+The weight change Δ (flattened over the fine-tuned modules) minimises the target NLL of the batch with
+teacher forcing, and after every step is clamped element-wise to |Δ| ≤ ``norm_constraint`` (FT-L's L∞ bound).
+With ``eac`` set, the same two-phase optimisation as for ROME's v* runs on Δ: phase 1 scores the weights by
+W ⊙ ∇L, phase 2 adds λ Σ α|Δ| + μ‖Δ‖² (α = 1/(|score| + ε)); the preset ``ft-en`` uses every weight
+(``anchors: none``), the elastic-net variant of App. E.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from eac_lightning.data.requests import EditRequest
+from eac_lightning.methods.base import Deltas, EditMethod, apply_deltas
+from eac_lightning.methods.eac import EACHyperParams, compress
+from eac_lightning.methods.target import EditOptimisationError, _encode_right_padded, target_token_ids
+from eac_lightning.models.adapters import get_spec, mlp_out_name, weight_view
+from eac_lightning.models.loading import default_layers
+from eac_lightning.models.tracing import capture, layers_from
+
+
+@dataclass
+class FTHyperParams:
+    """Optimisation of FT (ROME's FT-L hyper-parameters for GPT2-XL).
+
+    Args:
+        num_steps: gradient steps per edit batch (25).
+        lr: Adam learning rate (5e-4).
+        norm_constraint: L∞ bound on each weight's change (5e-4).
+        early_stop_nll: stop once the mean target NLL falls below this.
+    """
+
+    num_steps: int = 25
+    lr: float = 5e-4
+    norm_constraint: float = 5e-4
+    early_stop_nll: float = 1e-2
+
+
+class FTProblem:
+    """Teacher-forced target NLL as a function of the flattened weight change of the fine-tuned modules."""
+
+    def __init__(self, model: nn.Module, tok, requests: Sequence[EditRequest], layers: list[int], hp: FTHyperParams):
+        self.model, self.hparams, self.requests = model, hp, list(requests)
+        self.layers = sorted(layers)
+        self.names = [mlp_out_name(model, l) for l in self.layers]
+        weights = [weight_view(model, n) for n in self.names]
+        self.shapes = [w.shape for w in weights]
+        self.v0 = torch.cat([w.detach().reshape(-1) for w in weights]).float()
+        device = self.v0.device
+        texts, self.pred_rows, self.pred_cols, targets = [], [], [], []
+        for i, r in enumerate(self.requests):
+            t = target_token_ids(tok, r.target_new)
+            texts.append(r.prompt_text + tok.decode(t[:-1]) if len(t) > 1 else r.prompt_text)
+            n_prompt = len(tok(texts[-1], add_special_tokens=False)["input_ids"]) - (len(t) - 1)
+            self.pred_rows += [i] * len(t)
+            self.pred_cols += list(range(n_prompt - 1, n_prompt - 1 + len(t)))
+            targets += t
+        self.input_ids, self.mask = _encode_right_padded(tok, texts, device)
+        self.pred_rows = torch.tensor(self.pred_rows, device=device)
+        self.pred_cols = torch.tensor(self.pred_cols, device=device)
+        self.targets = torch.tensor(targets, device=device)
+        start = get_spec(model).layer(self.layers[0])
+        with torch.no_grad(), capture(model, [start]) as rec:
+            model(input_ids=self.input_ids, attention_mask=self.mask, use_cache=False)
+        self.hidden_in = rec[start].input  # nothing below the first fine-tuned layer changes
+
+    def split(self, delta: torch.Tensor) -> list[torch.Tensor]:
+        out, i = [], 0
+        for s in self.shapes:
+            n = s.numel()
+            out.append(delta[i : i + n].reshape(s))
+            i += n
+        return out
+
+    def loss(self, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        parts = self.split(delta)
+        hooks = []
+        for name, d in zip(self.names, parts):
+            module = self.model.get_submodule(name)
+            # The module's output changes by Δ·x for input x: added through a hook so W itself is untouched.
+            hooks.append(_AddLinear(module, d))
+        try:
+            with layers_from(self.model, self.layers[0]) as run:
+                logits = run(self.hidden_in, self.mask)
+        finally:
+            for h in hooks:
+                h.remove()
+        logp = torch.log_softmax(logits[self.pred_rows, self.pred_cols].float(), dim=-1)
+        nll = -logp.gather(1, self.targets[:, None]).mean()
+        return nll, nll
+
+    def clamp(self, delta: torch.Tensor) -> None:
+        delta.clamp_(-self.hparams.norm_constraint, self.hparams.norm_constraint)
+
+    def check(self, loss: torch.Tensor, step: int) -> None:
+        if not torch.isfinite(loss):
+            names = ", ".join(r.name for r in self.requests)
+            raise EditOptimisationError(f"FT loss is not finite at step {step} for {names}; nothing was applied")
+
+
+class _AddLinear:
+    """Forward hook adding Δx (Δ in (out, in) layout) to a linear/Conv1D module's output."""
+
+    def __init__(self, module: nn.Module, delta: torch.Tensor):
+        def hook(mod, args, output):
+            return output + args[0] @ delta.T.to(output.dtype)
+
+        self.handle = module.register_forward_hook(hook)
+
+    def remove(self) -> None:
+        self.handle.remove()
+
+
+class FT(EditMethod):
+    """Constrained fine-tuning (FT-L), or FT with the scored elastic net (FT-EN, EAC App. E).
+
+    Args:
+        layers: decoder layers whose MLP output projection is fine-tuned (ROME FT-L GPT2-XL: [0]); None:
+            the model's ROME layer.
+        optim: optimisation hyper-parameters.
+        eac: elastic net (and optional anchors) on the weight change; None for plain FT.
+    """
+
+    def __init__(self, layers: list[int] | None = None, optim: FTHyperParams | None = None,
+                 eac: EACHyperParams | None = None) -> None:
+        self.layers = sorted(layers) if layers is not None else None
+        self.optim = optim or FTHyperParams()
+        self.eac = eac
+        self.module_names: list[str] = []
+
+    def setup(self, model: nn.Module, tok, stats=None) -> None:
+        if self.layers is None:
+            self.layers = [default_layers(model).rome]
+        self.module_names = [mlp_out_name(model, l) for l in self.layers]
+
+    def compute_targets(self, model: nn.Module, tok, requests: Sequence[EditRequest]) -> Deltas:
+        if not self.module_names:
+            self.setup(model, tok)
+        problem = FTProblem(model, tok, requests, self.layers, self.optim)
+        delta, _ = compress(problem, self.eac)
+        return {n: d.detach() for n, d in zip(problem.names, problem.split(delta))}
+
+    def _write(self, model: nn.Module, tok, targets: Deltas) -> Deltas:
+        apply_deltas(model, targets)
+        return targets

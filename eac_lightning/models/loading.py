@@ -1,0 +1,73 @@
+"""Loading a model and tokenizer by name: ``testbed:<preset>`` (built offline on first use), a local folder in
+Hugging Face format, or a hub id (when a hub is reachable)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from eac_lightning.models.adapters import get_spec
+
+TESTBED_PREFIX = "testbed:"
+
+
+def resolve_model_path(name: str) -> str:
+    """``testbed:tiny`` → the cached testbed folder (built if missing); anything else unchanged."""
+    if name.startswith(TESTBED_PREFIX):
+        from eac_lightning.testbed import ensure_testbed
+
+        return str(ensure_testbed(name[len(TESTBED_PREFIX):]))
+    return name
+
+
+def load_model(name: str, dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu") -> tuple[nn.Module, object]:
+    """(model in eval mode, tokenizer) for ``name``; the architecture must have an adapter entry."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model_path(name)
+    torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype).to(device).eval()
+    get_spec(model)  # fail early, naming the architecture, if it cannot be edited
+    tok = AutoTokenizer.from_pretrained(path)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "left"  # batched generation pads on the left; edit batches pad explicitly
+    return model, tok
+
+
+@dataclass(frozen=True)
+class DefaultLayers:
+    """The layers a method edits when its config names none."""
+
+    rome: int
+    memit: tuple[int, ...]
+    source: str
+
+
+# Published edit layers (ROME: Meng et al. 2022; MEMIT: Meng et al. 2023; LLaMA-3-8B: AlphaEdit/EasyEdit hparams).
+PUBLISHED_LAYERS: dict[str, DefaultLayers] = {
+    "gpt2-xl": DefaultLayers(17, (13, 14, 15, 16, 17), "ROME/MEMIT hparams/gpt2-xl.json"),
+    "gpt-j-6b": DefaultLayers(5, (3, 4, 5, 6, 7, 8), "ROME/MEMIT hparams/EleutherAI_gpt-j-6B.json"),
+    "meta-llama-3-8b": DefaultLayers(5, (4, 5, 6, 7, 8), "AlphaEdit hparams/Llama3-8B.json"),
+    "meta-llama-3-8b-instruct": DefaultLayers(5, (4, 5, 6, 7, 8), "AlphaEdit hparams/Llama3-8B.json"),
+}
+
+
+def default_layers(model: nn.Module) -> DefaultLayers:
+    """Edit layers for ``model``: a testbed's ``testbed.json`` (chosen by causal tracing), the published layers
+    of a known model, else ROME's rule of thumb (an early-middle layer: a quarter of the depth)."""
+    path = Path(str(getattr(model.config, "_name_or_path", "") or ""))
+    meta = path / "testbed.json"
+    if meta.exists():
+        info = json.loads(meta.read_text())
+        return DefaultLayers(int(info["edit_layer"]), tuple(info["memit_layers"]), str(meta))
+    key = path.name.lower()
+    if key in PUBLISHED_LAYERS:
+        return PUBLISHED_LAYERS[key]
+    n = len(model.get_submodule(get_spec(model).layers))
+    mid = max(0, n // 4)
+    return DefaultLayers(mid, tuple(range(max(0, mid - 2), mid + 1)), f"rule of thumb for a {n}-layer model")

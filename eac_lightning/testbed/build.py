@@ -1,0 +1,514 @@
+"""Building the offline knowledge testbed: a GPT-2 causal LM trained from scratch on real facts.
+
+No model hub is reachable, so every benchmark needs a model that really stores the CounterFact / ZsRE facts it
+edits. :func:`build_testbed` trains one (LightningModule + Trainer, CSV log, progress bar), deterministically for a
+seed, measures it and saves it in plain Hugging Face format::
+
+    out/config.json, model.safetensors, tokenizer.json, ...   # AutoModelForCausalLM / AutoTokenizer.from_pretrained
+    out/testbed.json                                          # preset, measured figures, corpus statistics
+    out/facts.jsonl                                           # every trained fact (prompt, subject, target, source)
+    out/heldout.jsonl                                         # the held-out paraphrases the figures are measured on
+    out/logs/                                                 # Lightning CSVLogger
+
+:func:`ensure_testbed` builds a preset into the cache on first use (``testbed:small`` in a config) and reuses it.
+
+The recipe and its reasons (issue 3; Meng et al., 2022, "Locating and Editing Factual Associations in GPT"):
+packed blocks with variable random prefixes, several templates per relation, held-out paraphrases, and the
+**subject-bottleneck mask**: in a share of the fact sentences, the tokens after the subject may not attend to the
+subject's earlier tokens, only to its last one. ROME and MEMIT edit the MLP at the last subject token and assume
+that the attribute is read from there ("subject enrichment", Geva et al., 2023, "Dissecting Recall of Factual
+Associations in Auto-Regressive Language Models"). Small models trained from scratch instead read the subject
+from all its tokens (measured in issue 3: subject-site ROME reached 0.80 reliability at best); the mask is a
+training-time augmentation that makes the last subject token carry the subject. The saved model is a plain GPT-2
+evaluated with the ordinary causal mask.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from eac_lightning.paths import cache_dir
+from eac_lightning.testbed.corpus import SST2_LABELS, Corpus, PackedData, SequencePacker, build_corpus
+
+TESTBED_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class TestbedPreset:
+    """Size, corpus and training recipe of a testbed, and the layers editing methods should use on it.
+
+    Attributes:
+        name: preset name.
+        n_layer, n_embd, n_head: GPT-2 shape.
+        n_positions: context length of the model (evaluation prompts with ROME's prefixes and SST-2 fit in it).
+        vocab_size: byte-level BPE vocabulary.
+        block_len: tokens per packed training block.
+        batch_size: blocks per optimiser step.
+        epochs: passes over the fact set (each pass is freshly packed with new prefixes and order).
+        lr, warmup_frac, min_lr_frac, weight_decay: AdamW with linear warm-up and cosine decay.
+        max_facts_per_path: keep only the first records of each fact file (``None``: all).
+        extra_templates: other templates of the same relation each fact is trained under.
+        neighbours_per_fact: trained neighbourhood prompts per record (``None``: all).
+        wikitext_paragraphs: WikiText-2 valid paragraphs used (``None``: all).
+        wikitext_fraction: share of each epoch's tokens that is WikiText.
+        sst2_repeats: expected occurrences of each trained SST-2 example per epoch.
+        fact_repeats: occurrences per epoch of each fact sentence, by kind (the edited facts weigh more).
+        max_prefix: longest random WikiText prefix at the start of a block.
+        subject_mask_prob: share of fact sentences trained with the subject-bottleneck mask.
+        precision: Lightning precision ("32-true" or "bf16-mixed").
+        ppl_tokens: WikiText-2 test tokens the perplexity is measured on.
+        edit_layer: the layer ROME edits on this testbed (chosen by causal tracing; docs/testbed.md).
+        memit_layers: the layers MEMIT / AlphaEdit spread an edit over.
+    """
+
+    name: str
+    n_layer: int
+    n_embd: int
+    n_head: int
+    n_positions: int = 256
+    vocab_size: int = 8192
+    block_len: int = 128
+    batch_size: int = 32
+    epochs: int = 20
+    lr: float = 1e-3
+    warmup_frac: float = 0.05
+    min_lr_frac: float = 0.1
+    weight_decay: float = 0.01
+    max_facts_per_path: int | None = None
+    extra_templates: int = 2
+    neighbours_per_fact: int | None = None
+    wikitext_paragraphs: int | None = None
+    wikitext_fraction: float = 0.2
+    sst2_repeats: float = 1.0
+    fact_repeats: tuple[tuple[str, int], ...] = (("fact", 2), ("template", 1), ("paraphrase", 1), ("neighbourhood", 1))
+    max_prefix: int = 24
+    subject_mask_prob: float = 0.5
+    precision: str = "32-true"
+    ppl_tokens: int = 40_000
+    edit_layer: int = 0
+    memit_layers: tuple[int, ...] = (0,)
+
+    def replace(self, **changes: Any) -> "TestbedPreset":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["fact_repeats"] = dict(self.fact_repeats)
+        d["memit_layers"] = list(self.memit_layers)
+        return d
+
+    def fingerprint(self) -> str:
+        """Short hash of everything that changes the built model (keys the cache)."""
+        blob = json.dumps({**self.to_dict(), "format": TESTBED_FORMAT}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:10]
+
+
+PRESETS: dict[str, TestbedPreset] = {
+    # For tests: a fraction of the facts, builds in well under a minute on 2 CPU cores.
+    "tiny": TestbedPreset(
+        name="tiny", n_layer=4, n_embd=128, n_head=4, n_positions=256, vocab_size=2048, block_len=128,
+        batch_size=16, epochs=30, lr=3e-3, max_facts_per_path=40, extra_templates=1, neighbours_per_fact=2,
+        wikitext_paragraphs=200, wikitext_fraction=0.1, sst2_repeats=0.05, max_prefix=16, ppl_tokens=5_000,
+        edit_layer=0, memit_layers=(0, 1),
+    ),
+    # The default testbed: every shared CounterFact/ZsRE record, built on a 2-core CPU in under 30 minutes.
+    "small": TestbedPreset(
+        name="small", n_layer=8, n_embd=384, n_head=6, edit_layer=0, memit_layers=(0, 1, 2),
+    ),
+    # GPT-2-small size, for a machine with a GPU.
+    "base": TestbedPreset(
+        name="base", n_layer=12, n_embd=768, n_head=12, n_positions=512, vocab_size=16384, epochs=40, lr=6e-4,
+        extra_templates=4, precision="bf16-mixed", ppl_tokens=200_000, edit_layer=0, memit_layers=(0, 1, 2, 3),
+    ),
+}
+
+
+def get_preset(preset: str | TestbedPreset) -> TestbedPreset:
+    if isinstance(preset, TestbedPreset):
+        return preset
+    try:
+        return PRESETS[preset]
+    except KeyError:
+        raise ValueError(f"unknown testbed preset {preset!r}; known: {', '.join(PRESETS)}") from None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training data
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def subject_bottleneck_mask(
+    length: int, spans: Sequence[tuple[int, int, int]], dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """Additive (1, T, T) attention mask: causal, and for each ``(first, last, end)`` subject span the positions
+    ``last+1 .. end`` cannot see the subject tokens ``first .. last-1`` (only the last subject token)."""
+    allowed = torch.ones(length, length, dtype=torch.bool).tril()
+    for first, last, end in spans:
+        if last > first:
+            allowed[last + 1 : end + 1, first:last] = False
+    mask = torch.zeros(length, length, dtype=dtype)
+    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+    return mask[None]
+
+
+class PackedDataset(torch.utils.data.Dataset):
+    """Pre-packed blocks of all epochs, with the subject-bottleneck mask drawn per fact sentence (seeded)."""
+
+    def __init__(self, data: PackedData, subject_mask_prob: float, seed: int) -> None:
+        self.ids = torch.from_numpy(data.input_ids.astype(np.int64))
+        self.loss_mask = torch.from_numpy(data.loss_mask)
+        rng = np.random.default_rng(seed + 7)
+        self.masked_spans = [[s for s in spans if rng.random() < subject_mask_prob] for spans in data.subject_spans]
+        self.use_mask = subject_mask_prob > 0
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        ids = self.ids[i]
+        item = {"input_ids": ids, "labels": ids.masked_fill(~self.loss_mask[i], -100)}
+        if self.use_mask:
+            item["attention_mask"] = subject_bottleneck_mask(len(ids), self.masked_spans[i])
+        return item
+
+
+def pack_epochs(packer: SequencePacker, epochs: int, seed: int) -> PackedData:
+    """``epochs`` freshly packed passes, concatenated (each with its own order and prefixes)."""
+    rng = np.random.default_rng(seed)
+    parts = [packer.epoch(rng) for _ in range(epochs)]
+    return PackedData(
+        np.concatenate([p.input_ids for p in parts]),
+        np.concatenate([p.loss_mask for p in parts]),
+        [s for p in parts for s in p.subject_spans],
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Lightning module
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _lightning():
+    import lightning.pytorch as pl
+
+    return pl
+
+
+def make_model(preset: TestbedPreset, vocab_size: int, eos_id: int):
+    """A freshly initialised GPT-2 (no dropout: the testbed's job is to memorise facts)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = GPT2Config(
+        vocab_size=vocab_size, n_positions=preset.n_positions, n_embd=preset.n_embd, n_layer=preset.n_layer,
+        n_head=preset.n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=eos_id,
+        eos_token_id=eos_id, pad_token_id=eos_id, tie_word_embeddings=True,
+    )
+    return GPT2LMHeadModel(cfg)
+
+
+def build_module(preset: TestbedPreset, model, total_steps: int):
+    """The LightningModule training ``model`` with AdamW, linear warm-up and cosine decay."""
+    pl = _lightning()
+
+    class TestbedLM(pl.LightningModule):
+        """Causal-LM training of the testbed (loss on every non-padding token)."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+            self.save_hyperparameters(preset.to_dict())
+
+        def training_step(self, batch, batch_idx):
+            out = self.model(
+                input_ids=batch["input_ids"], labels=batch["labels"], attention_mask=batch.get("attention_mask"),
+                use_cache=False,
+            )
+            self.log("train/loss", out.loss, prog_bar=True, on_step=True)
+            return out.loss
+
+        def configure_optimizers(self):
+            decay, no_decay = [], []
+            for n, p in self.model.named_parameters():
+                # No decay on biases, norms and embeddings: they hold the facts' lookup keys.
+                (no_decay if p.dim() < 2 or "wte" in n or "wpe" in n else decay).append(p)
+            opt = torch.optim.AdamW(
+                [{"params": decay, "weight_decay": preset.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+                lr=preset.lr, betas=(0.9, 0.98), eps=1e-8,
+            )
+            warm = max(1, int(preset.warmup_frac * total_steps))
+
+            def factor(step: int) -> float:
+                if step < warm:
+                    return (step + 1) / warm
+                t = min(1.0, (step - warm) / max(1, total_steps - warm))
+                return preset.min_lr_frac + (1 - preset.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * t))
+
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    return TestbedLM()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Measurements
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def first_token_accuracy(model, tok, prompts: Sequence[str], targets: Sequence[str], batch_size: int = 64) -> float:
+    """Share of prompts whose greedy next token is the first token of ``" " + target`` (issue 3's fact accuracy)."""
+    from eac_lightning.evaluation.edit_metrics import score_targets
+
+    if not prompts:
+        return float("nan")
+    scores = score_targets(model, tok, list(prompts), list(targets), batch_size)
+    return float(np.mean([s.pred[0] == s.target[0] for s in scores]))
+
+
+def sst2_accuracy(model, tok, prompts: Sequence[str], labels: Sequence[int], batch_size: int = 32) -> float:
+    """Share of SST-2 prompts where the right label word is more likely than the other (summed token log-prob)."""
+    from eac_lightning.evaluation.edit_metrics import score_targets
+
+    if not prompts:
+        return float("nan")
+    both = [(p, w) for p in prompts for w in SST2_LABELS]
+    scores = score_targets(model, tok, [p for p, _ in both], [w for _, w in both], batch_size)
+    lp = np.array([s.sum_logprob for s in scores]).reshape(len(prompts), 2)
+    return float(np.mean(lp.argmax(1) == np.asarray(labels)))
+
+
+@torch.no_grad()
+def perplexity(model, tok, text: str, max_tokens: int, stride: int | None = None) -> tuple[float, int]:
+    """Token perplexity of ``text`` (first ``max_tokens`` tokens) with a sliding window of the model's context;
+    each token is scored once, with at least half a window of context (HF's strided perplexity recipe)."""
+    ids = tok(text, add_special_tokens=False)["input_ids"][:max_tokens]
+    ctx = model.config.n_positions
+    stride = stride or ctx // 2
+    nll, count, prev_end = 0.0, 0, 0
+    model.eval()
+    for begin in range(0, len(ids), stride):
+        end = min(begin + ctx, len(ids))
+        x = torch.tensor(ids[begin:end])[None]
+        labels = x.clone()
+        labels[:, : -(end - prev_end)] = -100  # score only the new tokens of this window
+        n = int((labels[:, 1:] != -100).sum())
+        if n:
+            nll += float(model(input_ids=x, labels=labels, use_cache=False).loss) * n
+            count += n
+        prev_end = end
+        if end == len(ids):
+            break
+    return (math.exp(nll / count) if count else float("nan")), count
+
+
+def measure(model, tok, corpus: Corpus, preset: TestbedPreset) -> dict[str, Any]:
+    """The figures of ``testbed.json``, overall and by source file."""
+    model.eval()
+    figs: dict[str, Any] = {}
+
+    def acc(items):
+        return first_token_accuracy(model, tok, [f.prompt for f in items], [f.target for f in items])
+
+    facts = corpus.facts_of_kind("fact")
+    trained = corpus.train_facts
+    figs["fact_accuracy"] = acc(facts)
+    figs["trained_prompt_accuracy"] = acc([f for f in trained if f.kind != "neighbourhood"])
+    figs["heldout_paraphrase_accuracy"] = acc(corpus.heldout_facts)
+    figs["neighbourhood_accuracy"] = acc(corpus.facts_of_kind("neighbourhood"))
+    by_source: dict[str, dict[str, float]] = {}
+    for src in sorted({f.source for f in trained}):
+        name = Path(src).parent.name or Path(src).stem
+        by_source[name] = {
+            "fact_accuracy": acc([f for f in facts if f.source == src]),
+            "heldout_paraphrase_accuracy": acc([f for f in corpus.heldout_facts if f.source == src]),
+            "neighbourhood_accuracy": acc([f for f in corpus.facts_of_kind("neighbourhood") if f.source == src]),
+        }
+    figs["by_source"] = by_source
+    figs["sst2_heldout_accuracy"] = sst2_accuracy(
+        model, tok, corpus.sst2_texts(heldout=True), [y for _, y in corpus.sst2_heldout]
+    )
+    figs["sst2_train_accuracy"] = sst2_accuracy(
+        model, tok, [t.rsplit(" ", 1)[0] for t in corpus.sst2_texts()], [y for _, y in corpus.sst2_train]
+    )
+    ppl, n = perplexity(model, tok, corpus.wikitext_test, preset.ppl_tokens)
+    figs["wikitext2_test_perplexity"] = ppl
+    figs["wikitext2_test_tokens"] = n
+    return figs
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Build
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def train_testbed(
+    preset: TestbedPreset, corpus: Corpus, seed: int = 0, log_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+):
+    """Train tokenizer and model on ``corpus``; returns (model, tokenizer, train_seconds, steps)."""
+    pl = _lightning()
+    from lightning.pytorch.loggers import CSVLogger
+
+    from eac_lightning.models.tokenizer import train_bpe_tokenizer
+
+    pl.seed_everything(seed, workers=True, verbose=False)
+    tok = train_bpe_tokenizer(corpus.tokenizer_texts(), preset.vocab_size)
+    tok.model_max_length = preset.n_positions
+    packer = SequencePacker(
+        corpus, tok, block_len=preset.block_len, max_prefix=preset.max_prefix,
+        fact_repeats=dict(preset.fact_repeats), wikitext_fraction=preset.wikitext_fraction,
+        sst2_repeats=preset.sst2_repeats,
+    )
+    data = pack_epochs(packer, preset.epochs, seed)
+    dataset = PackedDataset(data, preset.subject_mask_prob, seed)
+    steps = math.ceil(len(dataset) / preset.batch_size)
+    torch.manual_seed(seed)
+    model = make_model(preset, len(tok), tok.eos_token_id)
+    module = build_module(preset, model, steps)
+    # The blocks are already in a seeded random order; a plain sequential loader keeps the run deterministic.
+    loader = torch.utils.data.DataLoader(dataset, batch_size=preset.batch_size, shuffle=False, num_workers=0)
+    logger = CSVLogger(save_dir=str(log_dir), name="logs", version=0) if log_dir else False
+    trainer = pl.Trainer(
+        accelerator="cpu" if not torch.cuda.is_available() else "auto", devices=1, max_epochs=1,
+        precision=preset.precision, gradient_clip_val=1.0, deterministic=True, logger=logger,
+        enable_checkpointing=False, enable_progress_bar=progress, enable_model_summary=False,
+        log_every_n_steps=10, num_sanity_val_steps=0,
+    )
+    t0 = time.time()
+    trainer.fit(module, loader)
+    seconds = time.time() - t0
+    model = module.model.cpu().float().eval()
+    return model, tok, seconds, steps
+
+
+def build_testbed(
+    out: str | os.PathLike,
+    preset: str | TestbedPreset = "small",
+    facts: Sequence[str | os.PathLike] | None = None,
+    seed: int = 0,
+    progress: bool = True,
+    **overrides: Any,
+) -> dict[str, Any]:
+    """Build a testbed into ``out`` and return the contents of its ``testbed.json``.
+
+    Args:
+        out: output folder (created; existing files of the same name are overwritten).
+        preset: ``tiny``, ``small``, ``base`` or a :class:`TestbedPreset`.
+        facts: fact files/folders (CounterFact ROME or flat format, ZsRE MEND format); default the shared
+            ``counterfact`` and ``zsre`` folders.
+        seed: seeds tokenizer data order, packing, initialisation and training (same seed, same model).
+        progress: show Lightning's progress bar.
+        **overrides: fields of the preset to change (e.g. ``epochs=5``).
+    """
+    t_start = time.time()
+    p = get_preset(preset)
+    if overrides:
+        p = p.replace(**overrides)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    corpus = build_corpus(
+        facts, max_facts_per_path=p.max_facts_per_path, extra_templates=p.extra_templates,
+        neighbours_per_fact=p.neighbours_per_fact, wikitext_paragraphs=p.wikitext_paragraphs, seed=seed,
+    )
+    model, tok, train_seconds, steps = train_testbed(p, corpus, seed, log_dir=out, progress=progress)
+    figures = measure(model, tok, corpus, p)
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    with open(out / "facts.jsonl", "w", encoding="utf-8") as fh:
+        for f in corpus.train_facts:
+            fh.write(json.dumps(f.to_dict(), ensure_ascii=False) + "\n")
+    with open(out / "heldout.jsonl", "w", encoding="utf-8") as fh:
+        for f in corpus.heldout_facts:
+            fh.write(json.dumps(f.to_dict(), ensure_ascii=False) + "\n")
+    info = {
+        "format": TESTBED_FORMAT,
+        "preset": p.to_dict(),
+        "preset_fingerprint": p.fingerprint(),
+        "seed": seed,
+        "fact_files": sorted({f.source for f in corpus.train_facts}),
+        "n_parameters": int(sum(t.numel() for t in model.parameters())),
+        "train_seconds": round(train_seconds, 1),
+        "train_steps": steps,
+        "train_tokens": steps * p.batch_size * p.block_len,
+        **{k: v for k, v in figures.items()},
+        "build_seconds": round(time.time() - t_start, 1),
+        "edit_layer": p.edit_layer,
+        "memit_layers": list(p.memit_layers),
+        "corpus": corpus.stats,
+        "torch_threads": torch.get_num_threads(),
+        "versions": _versions(),
+    }
+    (out / "testbed.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    return info
+
+
+def _versions() -> dict[str, str]:
+    import lightning
+    import tokenizers
+    import transformers
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__,
+            "lightning": lightning.__version__, "tokenizers": tokenizers.__version__}
+
+
+def testbed_dir(preset: str | TestbedPreset, seed: int = 0) -> Path:
+    """Where :func:`ensure_testbed` keeps a preset: ``<cache_dir>/testbed/<preset>-seed<seed>-<fingerprint>``."""
+    p = get_preset(preset)
+    return cache_dir() / "testbed" / f"{p.name}-seed{seed}-{p.fingerprint()}"
+
+
+def ensure_testbed(preset: str | TestbedPreset, seed: int = 0, progress: bool = True) -> Path:
+    """The folder of a built testbed, building it on first use.
+
+    The build runs in a temporary folder beside the target and is renamed into place when complete, so an
+    interrupted build never leaves a half-written testbed, and a concurrent build of the same preset just yields
+    the one that finished first. A changed preset definition has a new fingerprint, hence a new folder.
+    """
+    final = testbed_dir(preset, seed)
+    if (final / "testbed.json").exists():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    try:
+        build_testbed(tmp, preset, seed=seed, progress=progress)
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not (final / "testbed.json").exists():
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def testbed_command(out: str, preset: str = "small", facts: list[str] | None = None, seed: int = 0) -> None:
+    """Train the offline knowledge testbed: a GPT-2 causal LM that knows real CounterFact/ZsRE facts.
+
+    The model, its BPE tokenizer (Hugging Face format), ``testbed.json`` (measured figures), ``facts.jsonl``
+    (every trained fact) and a CSV training log are written to ``out``.
+
+    Args:
+        out: output folder.
+        preset: model size and recipe: ``tiny`` (tests, < 1 minute), ``small`` (default, < 30 minutes on a
+            2-core CPU) or ``base`` (GPT-2-small size, for a GPU).
+        facts: fact files or folders (CounterFact ROME/flat format, ZsRE MEND format); default the shared
+            ``counterfact`` and ``zsre`` folders.
+        seed: random seed; the same seed gives the same model.
+    """
+    info = build_testbed(out, preset, facts=facts, seed=seed)
+    keys = ("n_parameters", "train_seconds", "fact_accuracy", "heldout_paraphrase_accuracy", "neighbourhood_accuracy",
+            "sst2_heldout_accuracy", "wikitext2_test_perplexity", "edit_layer")
+    print(json.dumps({k: info[k] for k in keys}, indent=2))
