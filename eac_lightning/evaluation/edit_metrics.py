@@ -210,9 +210,15 @@ def score_targets(model: torch.nn.Module, tok: Any, prompts: Sequence[str],
                   targets: Sequence[str | Sequence[int]], batch_size: int = 32) -> list[TargetScore]:
     """Teacher-forced scoring of many (prompt, target) pairs, batched with left padding.
 
-    A target is a string (tokenised by :func:`encode_target`) or a list of token ids. The row fed to the model is
-    ``prompt_ids + target_ids[:-1]``: with a causal mask the last target token's own logits are never needed, and
-    with left padding every row's target predictions are its last ``len(target)`` positions, so only
+    A target is a string (tokenised by :func:`encode_target`) or a list of token ids. A pair's predictions are the
+    argmax/log-probs at positions ``len(prompt) - 1 + j`` of the sequence ``prompt_ids + target_ids[:-1]`` (the last
+    target token's own logits are never needed under a causal mask).
+
+    Pairs share forward rows where the maths allows: target B can be read off the row of target A for the same
+    prompt whenever B's teacher-forcing context is a prefix of A's (``B[:-1] == A[:len(B) - 1]``). So all
+    single-token targets of a prompt (both answer words of a classification prompt, CounterFact's new and true
+    objects, a locality answer and its greedy reference) cost one row. The results are identical to scoring each
+    pair on its own sequence. With left padding each row's predictions are its last positions, so only
     ``max(len(target))`` positions of logits are computed per batch. Prompts too long for the model are truncated
     from the left (the end of the prompt conditions the answer).
     """
@@ -223,35 +229,60 @@ def score_targets(model: torch.nn.Module, tok: Any, prompts: Sequence[str],
     device = model_device(model)
     pad = pad_token_id(tok)
     max_len = model_max_length(model)
-    prompt_ids = encode_prompts(tok, prompts)
+    unique = list(dict.fromkeys(prompts))
+    enc = dict(zip(unique, encode_prompts(tok, unique)))
     target_ids = [encode_target(tok, t) if isinstance(t, str) else [int(x) for x in t] for t in targets]
-    rows: list[list[int]] = []
-    for i, (p, t) in enumerate(zip(prompt_ids, target_ids)):
-        if not p:
-            raise ValueError(f"prompt {prompts[i]!r} tokenises to nothing: no position predicts the first target token")
-        if not t:
-            raise ValueError(f"target {targets[i]!r} of prompt {prompts[i]!r} tokenises to nothing")
-        row = p + t[:-1]
-        rows.append(row[-max_len:])
-    results: list[TargetScore | None] = [None] * len(rows)
+    for i, p in enumerate(prompts):
+        if not enc[p]:
+            raise ValueError(f"prompt {p!r} tokenises to nothing: no position predicts the first target token")
+        if not target_ids[i]:
+            raise ValueError(f"target {targets[i]!r} of prompt {p!r} tokenises to nothing")
+
+    # Assign every pair to a carrier row (longest targets first, so a carrier is never shorter than its riders).
+    carrier_target: list[list[int]] = []
+    carrier_prompt: list[str] = []
+    riders: list[list[int]] = []
+    by_prompt: dict[str, list[int]] = {}
+    for i in sorted(range(len(prompts)), key=lambda k: -len(target_ids[k])):
+        t, ctx = target_ids[i], target_ids[i][:-1]
+        for c in by_prompt.get(prompts[i], []):
+            if carrier_target[c][:len(ctx)] == ctx:
+                riders[c].append(i)
+                break
+        else:
+            by_prompt.setdefault(prompts[i], []).append(len(carrier_target))
+            carrier_target.append(t)
+            carrier_prompt.append(prompts[i])
+            riders.append([i])
+    rows = [(enc[p] + t[:-1])[-max_len:] for p, t in zip(carrier_prompt, carrier_target)]
+
+    results: list[TargetScore | None] = [None] * len(prompts)
     with inference(model):
         for batch in length_sorted_batches([len(r) for r in rows], batch_size):
-            keep = max(len(target_ids[i]) for i in batch)
-            ids, mask, pos = left_pad([rows[i] for i in batch], pad, device)
+            keep = max(len(carrier_target[c]) for c in batch)
+            ids, mask, pos = left_pad([rows[c] for c in batch], pad, device)
             _, logits = forward(model, ids, mask, pos, logits_to_keep=keep, use_cache=False)
             logits = logits[:, -keep:].float()
-            logp = torch.log_softmax(logits, dim=-1)
-            argmax = logits.argmax(-1)
-            # Right-align each row's target ids to the kept positions (its predictions are the last len(t) ones).
-            tgt = torch.zeros((len(batch), keep), dtype=torch.long, device=logits.device)
-            for r, i in enumerate(batch):
-                t = target_ids[i]
-                tgt[r, keep - len(t):] = torch.as_tensor(t, dtype=torch.long)
-            tok_logp = logp.gather(-1, tgt.unsqueeze(-1)).squeeze(-1)
-            argmax_l, logp_l = argmax.cpu().tolist(), tok_logp.cpu().tolist()
-            for r, i in enumerate(batch):
+            argmax_l = logits.argmax(-1).cpu().tolist()
+            # One gather for the target-token log-probs of every rider: (row, kept position, token).
+            r_idx, p_idx, t_idx, spans = [], [], [], []
+            for r, c in enumerate(batch):
+                first = keep - len(carrier_target[c])  # kept index of the prediction of target token 0
+                for i in riders[c]:
+                    t = target_ids[i]
+                    spans.append((i, r, first, len(t_idx)))
+                    r_idx += [r] * len(t)
+                    p_idx += range(first, first + len(t))
+                    t_idx += t
+            dev = logits.device
+            ri, pi = torch.tensor(r_idx, device=dev), torch.tensor(p_idx, device=dev)
+            # float64: a confident token's log-prob is a small difference of large numbers
+            picked = logits[ri, pi].double()
+            logp_l = (picked.gather(-1, torch.tensor(t_idx, device=dev).unsqueeze(-1)).squeeze(-1)
+                      - torch.logsumexp(picked, dim=-1)).cpu().tolist()
+            for i, r, first, at in spans:
                 n = len(target_ids[i])
-                results[i] = TargetScore(argmax_l[r][keep - n:], target_ids[i], logp_l[r][keep - n:])
+                results[i] = TargetScore(argmax_l[r][first:first + n], target_ids[i], logp_l[at:at + n])
     return results  # type: ignore[return-value]
 
 

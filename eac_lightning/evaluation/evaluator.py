@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -195,6 +196,9 @@ class Evaluator:
                 answer).
         """
         self.timings = {}
+        if self.world_size > 1 and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            warnings.warn(f"world_size={self.world_size} without an initialised torch.distributed process group: "
+                          f"the results cover rank {self.rank}'s shard only", stacklevel=2)
         out: dict[str, float] = {}
         if self.config.edit_metrics and requests:
             t0 = time.perf_counter()

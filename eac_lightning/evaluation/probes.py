@@ -92,6 +92,9 @@ def strided_windows(n_tokens: int, window: int, stride: int) -> list[tuple[int, 
         raise ValueError(f"need window >= 2 and 1 <= stride <= window, got window={window}, stride={stride}")
     out, prev_end, begin = [], 1, 0
     while prev_end < n_tokens:
+        # A window must start before the first token it scores, or that token would have no context
+        # (with stride == window the plain recipe silently drops one token per window).
+        begin = min(begin, prev_end - 1)
         end = min(begin + window, n_tokens)
         out.append((begin, end, prev_end))
         prev_end = end

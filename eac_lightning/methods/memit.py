@@ -121,6 +121,12 @@ class MEMIT(EditMethod):
         adj = torch.linalg.solve(small, ck.T).T  # (λC + KKᵀ)⁻¹K, Woodbury
         return resid @ adj.T
 
+    def _layer_residual(self, i: int, targets: list[ResidualTarget], resid: torch.Tensor) -> torch.Tensor:
+        """The share of the remaining residual ``resid`` = z − h^L (d, n; float64) that layer ``self.layers[i]``
+        writes. MEMIT spreads it evenly over the layers left (Eq. 16); subclasses may mask or weight it per
+        request and dimension (B-EAC's layer-wise anchors, :mod:`eac_lightning.methods.beac`)."""
+        return resid / (len(self.layers) - i)
+
     def _write(self, model: nn.Module, tok, targets: list[ResidualTarget]) -> Deltas:
         requests = [t.request for t in targets]
         zs = torch.stack([t.v0 + t.delta for t in targets])  # (n, d)
@@ -129,7 +135,7 @@ class MEMIT(EditMethod):
             name = mlp_out_name(model, layer)
             keys = compute_keys(model, tok, requests, layer, self.templates).double().T  # (d_k, n)
             cur = residual_at_subject(model, tok, requests, self.layers[-1])
-            resid = (zs - cur).double().T / (len(self.layers) - i)  # spread over the layers left (MEMIT Eq. 16)
+            resid = self._layer_residual(i, targets, (zs - cur).double().T)  # MEMIT Eq. 16
             upd = self._layer_update(i, name, keys, resid)
             w = weight_view(model, name)
             if not torch.isfinite(upd).all():

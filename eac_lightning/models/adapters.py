@@ -61,7 +61,7 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "gpt_neox": ArchSpec(
         layers="gpt_neox.layers", mlp_out="gpt_neox.layers.{}.mlp.dense_4h_to_h", mlp="gpt_neox.layers.{}.mlp",
         attn="gpt_neox.layers.{}.attention", embed="gpt_neox.embed_in", final_norm="gpt_neox.final_layer_norm",
-        lm_head="embed_out",
+        lm_head="lm_head",  # transformers >= 5 (4.x: "embed_out")
     ),
 }
 _LLAMA_LIKE = ArchSpec(

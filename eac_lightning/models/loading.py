@@ -18,7 +18,7 @@ TESTBED_PREFIX = "testbed:"
 def resolve_model_path(name: str) -> str:
     """``testbed:tiny`` → the cached testbed folder (built if missing); anything else unchanged."""
     if name.startswith(TESTBED_PREFIX):
-        from eac_lightning.testbed import ensure_testbed
+        from eac_lightning.testbed.build import ensure_testbed
 
         return str(ensure_testbed(name[len(TESTBED_PREFIX):]))
     return name

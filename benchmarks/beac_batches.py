@@ -1,0 +1,278 @@
+"""Batch-sequential CounterFact on the offline testbed: MEMIT, MEMIT-EAC, AlphaEdit, B-EAC and its ablations.
+
+For each schedule (e.g. ``10x50``: 10 batches of 50 edits, one after another on the same model) and each method,
+a fresh copy of the testbed is edited batch after batch with the method's preset (configs/methods/<name>.yaml);
+then every edit so far is evaluated on the final model (EAC App. C.3): reliability, generalisation, locality
+(EasyEdit's token accuracies, :func:`eac_lightning.evaluation.evaluate_edit_metrics`), and general ability:
+
+* fact retention: teacher-forced accuracy of the original object of ZsRE facts that were never edited
+  (:func:`eac_lightning.evaluation.fact_retention`), relative to the unedited model;
+* WikiText-2 perplexity (:func:`eac_lightning.evaluation.wikitext2_ppl`), as unedited / edited;
+* general-ability retention = the mean of those two ratios;
+
+and, after every batch, the L1 norm growth of the edited matrices, Σ_l ‖W_l − W_l⁰‖₁ / Σ_l ‖W_l⁰‖₁, and the
+anchor collisions (the most edits of a batch sharing one (layer, dimension) anchor).
+
+Results go to a JSON file (rewritten after every run; ``--resume`` skips runs already in it) and plots to
+docs/img/. Example (what docs/beac.md reports)::
+
+    nice python benchmarks/beac_batches.py --model testbed:small --schedules 10x50 20x25 --tag small
+
+Every method gets the same z optimisation and prefix contexts (``--context`` overrides the presets' contexts for
+all methods alike, to fit a CPU budget).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from eac_lightning.data.requests import validate_requests  # noqa: E402
+from eac_lightning.data.sources import load_requests  # noqa: E402
+from eac_lightning.editor import method_from_preset  # noqa: E402
+from eac_lightning.evaluation import (  # noqa: E402
+    compute_locality_reference,
+    evaluate_edit_metrics,
+    fact_retention,
+    wikitext2_ppl,
+)
+from eac_lightning.methods.beac import LayeredTarget  # noqa: E402
+from eac_lightning.methods.target import ContextTemplateParams  # noqa: E402
+from eac_lightning.models.adapters import weight_view  # noqa: E402
+from eac_lightning.models.loading import load_model  # noqa: E402
+from eac_lightning.stats.covariance import CovarianceStore  # noqa: E402
+
+METHODS = {
+    "MEMIT": "memit",
+    "MEMIT-EAC": "memit-eac",
+    "AlphaEdit": "alphaedit",
+    "B-EAC": "beac",
+    "B-EAC w/o LAS": "beac-no-las",
+    "B-EAC w/o RAR": "beac-no-rar",
+}
+
+
+def parse_schedule(s: str) -> tuple[int, int]:
+    n_batches, size = s.lower().split("x")
+    return int(n_batches), int(size)
+
+
+def l1(model, names, base) -> tuple[float, float]:
+    """(Σ‖W − W⁰‖₁, Σ‖W⁰‖₁) over the edited modules."""
+    dev = sum(float((weight_view(model, n).detach() - base[n]).abs().sum()) for n in names)
+    return dev, sum(float(base[n].abs().sum()) for n in names)
+
+
+def collisions(targets) -> int:
+    """The most edits of the batch that share one anchor dimension (per layer for B-EAC's plans)."""
+    if targets and isinstance(targets[0], LayeredTarget) and targets[0].layer_masks is not None:
+        return int(torch.stack([t.layer_masks for t in targets]).sum(0).max())
+    masks = [getattr(t, "anchors", None) for t in targets]
+    if not masks or masks[0] is None:
+        return len(targets)  # unmasked z: every edit writes every dimension
+    return int(torch.stack(masks).sum(0).max())
+
+
+def general_ability(model, tok, probes, ppl_tokens) -> dict[str, float]:
+    return {
+        "fact_retention": fact_retention(model, tok, probes),
+        "wikitext2_ppl": wikitext2_ppl(model, tok, max_tokens=ppl_tokens),
+    }
+
+
+def run_one(name, preset, base_model, tok, stats, edits, n_batches, size, reference, probes, base_ga, args):
+    model = copy.deepcopy(base_model)
+    method = method_from_preset(preset)
+    if args.context is not None:
+        method.context = ContextTemplateParams(length_count=[list(args.context)])
+    method.setup(model, tok, stats)
+    names = list(method.module_names)
+    w0 = {n: weight_view(model, n).detach().clone() for n in names}
+    trace = []
+    t_start = time.time()
+    for b in range(n_batches):
+        batch = edits[b * size:(b + 1) * size]
+        validate_requests(batch, tok)
+        t0 = time.time()
+        targets = method.compute_targets(model, tok, batch)
+        method.write(model, tok, targets)
+        dev, norm0 = l1(model, names, w0)
+        trace.append({
+            "batch": b + 1, "edits": (b + 1) * size, "seconds": round(time.time() - t0, 2),
+            "l1_growth": dev / norm0, "collisions": collisions(targets),
+        })
+        print(f"  [{name} {n_batches}x{size}] batch {b + 1}/{n_batches}: {trace[-1]}", flush=True)
+    edit_seconds = time.time() - t_start
+    done = edits[: n_batches * size]
+    metrics = evaluate_edit_metrics(model, tok, done, reference, batch_size=args.eval_batch_size)
+    ga = general_ability(model, tok, probes, args.ppl_tokens)
+    retention = 0.5 * (ga["fact_retention"] / base_ga["fact_retention"] + base_ga["wikitext2_ppl"] / ga["wikitext2_ppl"])
+    head = {k: metrics[k] for k in ("reliability", "generalization", "locality")}
+    out = {
+        **head,
+        "general_ability_retention": retention,
+        "mean4": (head["reliability"] + head["generalization"] + head["locality"] + retention) / 4,
+        **ga,
+        "l1_growth": trace[-1]["l1_growth"],
+        "edit_seconds": round(edit_seconds, 1),
+        "metrics": metrics,
+        "trace": trace,
+    }
+    if hasattr(method, "history"):
+        out["beac_history"] = method.history
+    return out
+
+
+def plot(results, base, img_dir: Path, tag: str) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    img_dir.mkdir(parents=True, exist_ok=True)
+    schedules = sorted(results, key=lambda s: parse_schedule(s)[1], reverse=True)
+    written = []
+    # Norm growth per batch.
+    fig, axes = plt.subplots(1, len(schedules), figsize=(5.2 * len(schedules), 3.8), squeeze=False)
+    for ax, sched in zip(axes[0], schedules):
+        for name, res in results[sched].items():
+            xs = [t["edits"] for t in res["trace"]]
+            ax.plot(xs, [t["l1_growth"] for t in res["trace"]], marker="o", ms=3, label=name)
+        ax.set_title(f"{sched} (batches x edits)")
+        ax.set_xlabel("edits so far")
+        ax.set_ylabel("L1 growth  Σ‖W−W⁰‖₁ / Σ‖W⁰‖₁")
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    p = img_dir / f"beac_norm_growth_{tag}.png"
+    fig.savefig(p, dpi=120)
+    plt.close(fig)
+    written.append(str(p))
+    # Final metrics.
+    keys = ["reliability", "generalization", "locality", "general_ability_retention", "mean4"]
+    labels = ["reliability", "generalisation", "locality", "GA retention", "mean of 4"]
+    fig, axes = plt.subplots(1, len(schedules), figsize=(6.5 * len(schedules), 4.0), squeeze=False)
+    for ax, sched in zip(axes[0], schedules):
+        names = list(results[sched])
+        width = 0.8 / max(1, len(names))
+        for i, name in enumerate(names):
+            vals = [results[sched][name][k] for k in keys]
+            ax.bar([x + i * width for x in range(len(keys))], vals, width, label=name)
+        ax.set_xticks([x + 0.4 - width / 2 for x in range(len(keys))])
+        ax.set_xticklabels(labels, fontsize=8)
+        ax.set_ylim(0, 1.05)
+        ax.set_title(f"{sched}: after all edits")
+        ax.grid(axis="y", alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    p = img_dir / f"beac_metrics_{tag}.png"
+    fig.savefig(p, dpi=120)
+    plt.close(fig)
+    written.append(str(p))
+    return written
+
+
+def table(results) -> str:
+    cols = ["reliability", "generalization", "locality", "general_ability_retention", "mean4", "fact_retention",
+            "wikitext2_ppl", "l1_growth", "edit_seconds"]
+    lines = []
+    for sched, runs in results.items():
+        lines.append(f"\n{sched}\n| method | rel | gen | loc | GA ret. | mean4 | fact ret. | ppl | L1 growth | max collisions | s |")
+        lines.append("|---" * 11 + "|")
+        for name, r in runs.items():
+            coll = max(t["collisions"] for t in r["trace"])
+            vals = [r[c] for c in cols]
+            lines.append(
+                f"| {name} | " + " | ".join(
+                    f"{v:.3f}" if i < 6 else (f"{v:.1f}" if i == 6 else (f"{v:.4f}" if i == 7 else f"{v:.0f}"))
+                    for i, v in enumerate(vals[:-1])
+                ) + f" | {coll} | {vals[-1]:.0f} |"
+            )
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None, help="testbed:small when built, else testbed:tiny")
+    ap.add_argument("--schedules", nargs="+", default=["10x50", "20x25"])
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    ap.add_argument("--data", default="counterfact")
+    ap.add_argument("--probes", default="zsre", help="facts never edited, for fact retention")
+    ap.add_argument("--n-probes", type=int, default=300)
+    ap.add_argument("--ppl-tokens", type=int, default=4096)
+    ap.add_argument("--stats-tokens", type=int, default=100_000)
+    ap.add_argument("--context", type=int, nargs=2, default=None, metavar=("LENGTH", "COUNT"),
+                    help="prefix contexts [[LENGTH, COUNT]] for every method (presets: [[5,10],[10,10]])")
+    ap.add_argument("--eval-batch-size", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--tag", default=None)
+    ap.add_argument("--out", default=None, help="results JSON (default benchmarks/results/beac_<tag>.json)")
+    ap.add_argument("--img-dir", default=str(REPO / "docs" / "img"))
+    ap.add_argument("--resume", action="store_true", help="skip runs already in the results JSON")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.model is None:
+        from eac_lightning.testbed.build import testbed_dir
+
+        args.model = "testbed:small" if (testbed_dir("small") / "testbed.json").exists() else "testbed:tiny"
+    tag = args.tag or args.model.split(":")[-1].replace("/", "_")
+    out = Path(args.out or REPO / "benchmarks" / "results" / f"beac_{tag}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    state = json.loads(out.read_text()) if (args.resume and out.exists()) else {}
+    results = state.get("results", {})
+
+    torch.manual_seed(0)
+    model, tok = load_model(args.model)
+    stats = CovarianceStore(model, tok, num_tokens=args.stats_tokens)
+    need = max(n * s for n, s in map(parse_schedule, args.schedules))
+    edits = validate_requests(load_requests(args.data, limit=need), tok)
+    if len(edits) < need:
+        raise SystemExit(f"{args.data} has {len(edits)} requests; the schedules need {need}")
+    probes = load_requests(args.probes, limit=args.n_probes)
+    print(f"model {args.model}: {sum(p.numel() for p in model.parameters())} parameters; {len(edits)} edits; "
+          f"{len(probes)} probe facts", flush=True)
+    t0 = time.time()
+    reference = compute_locality_reference(model, tok, edits, batch_size=args.eval_batch_size)
+    base = state.get("unedited") or {
+        **general_ability(model, tok, probes, args.ppl_tokens),
+        **{k: v for k, v in evaluate_edit_metrics(model, tok, edits, reference, batch_size=args.eval_batch_size).items()
+           if k in ("reliability", "generalization", "locality")},
+    }
+    print(f"unedited: {base} ({time.time() - t0:.0f}s)", flush=True)
+    meta = {"model": args.model, "data": args.data, "probes": args.probes, "n_probes": len(probes),
+            "ppl_tokens": args.ppl_tokens, "stats_tokens": args.stats_tokens, "context": args.context,
+            "torch_threads": torch.get_num_threads(), "command": " ".join(sys.argv)}
+
+    for sched in args.schedules:
+        n_batches, size = parse_schedule(sched)
+        for name in args.methods:
+            if name in results.get(sched, {}):
+                continue
+            print(f"{name} on {sched}", flush=True)
+            res = run_one(name, METHODS[name], model, tok, stats, edits, n_batches, size, reference, probes, base, args)
+            print(f"  -> rel {res['reliability']:.3f} gen {res['generalization']:.3f} loc {res['locality']:.3f} "
+                  f"GA {res['general_ability_retention']:.3f} mean4 {res['mean4']:.3f} L1 {res['l1_growth']:.4f} "
+                  f"({res['edit_seconds']:.0f}s)", flush=True)
+            results.setdefault(sched, {})[name] = res
+            tmp = out.with_suffix(".json.tmp")
+            tmp.write_text(json.dumps({"meta": meta, "unedited": base, "results": results}, indent=1))
+            os.replace(tmp, out)
+    print(table(results))
+    print("plots:", plot(results, base, Path(args.img_dir), tag))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,379 @@
+"""B-EAC: batch-sequential Editing Anchor Compression with Layer-wise Anchor Selection (LAS) and Rolling Anchor
+Refresh (RAR). The design is ours (only the abstract of the B-EAC paper is public); docs/beac.md states it as
+equations and pseudo-code, what each part protects against and what it costs.
+
+MEMIT-EAC compresses each edit's target z = v₀ + δ into its own anchors (EAC Eq. 1-6) but, in a batch, every edit
+picks its anchors alone: the edits of a batch pile onto the same high-score dimensions of the residual stream
+(rows of every edited MLP output projection W_l), and batch after batch onto the same rows again. B-EAC plans the
+anchors of a whole batch jointly, per edited layer:
+
+* **Layer-wise anchor placement.** Each edit i gets k = ceil((100-γ)% · d) anchor dimensions (EAC's budget), and
+  each anchor dimension j is placed in r (``layers_per_anchor``) of the L edited layers: a boolean plan
+  M_i ∈ {0,1}^{L×d}. MEMIT's residual spreading (Eq. 16) becomes per dimension:
+
+      R_l[j, i] = M_i[l, j] · (z_i − h_i^L)[j] / Σ_{l' ≥ l} M_i[l', j]
+
+  so a row of W_l that no edit of the batch anchors at layer l is never written (ΔW_l[j, :] = 0 exactly), and
+  the last layer holding an anchor writes whatever is left of it. z's own mask (EAC Eq. 3) is ∪_l M_i[l].
+* **LAS** (``las``): the plan is filled round-robin over the edits of the batch (each takes its best remaining
+  anchor in turn, the first edit rotating per batch), with at most c (``max_overlap``) edits per (layer,
+  dimension) cell and at most ceil(k·r/L) anchors per edit and layer, so concurrent edits do not collide and
+  every edit is spread over the edited layers. Within a dimension, the layer with the fewest edits so far wins.
+  Without LAS each edit takes its top-k dimensions at every layer (MEMIT-EAC's anchors).
+* **RAR** (``rar``): a rolling, decaying record U ∈ R^{L×d} of how many edits each (layer, dimension) anchor has
+  carried (U ← ρ·U + Σ_i M_i after every batch). New anchors are ranked by the penalised priority
+  |score_i[j]| / max|score_i| · π[l, j], π = 1 / (1 + β·U/mean(U)), so heavily used anchors are avoided; the
+  admission threshold is the order statistic of that priority that yields the batch's budget (n·k anchors,
+  n·k·r/L per layer) — refreshed every batch rather than fixed on the raw score, so every batch gets the same
+  anchor budget however the scores and the usage drift. U, the batch counter and a per-batch history are in
+  :meth:`state_dict`, so a resumed run behaves exactly like an uninterrupted one.
+
+The planning is a mixin over MEMIT's code (no copy of it): :class:`BEAC` edits with MEMIT's solve,
+:class:`BEACAlphaEdit` with AlphaEdit's null-space-projected solve (the per-row masking commutes with the
+projection because both solves are row-separable in ΔW_l).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from eac_lightning.data.requests import EditRequest
+from eac_lightning.methods.alphaedit import AlphaEdit
+from eac_lightning.methods.base import Deltas
+from eac_lightning.methods.eac import EACHyperParams, anchor_count, explore, retrain
+from eac_lightning.methods.memit import MEMIT, ResidualTarget
+from eac_lightning.methods.target import ContextTemplateParams, TargetHyperParams
+
+
+@dataclass
+class BEACHyperParams:
+    """Layer-wise Anchor Selection and Rolling Anchor Refresh (docs/beac.md).
+
+    Args:
+        las: plan the batch's anchors jointly per layer (bounded overlap, spread over layers); False gives every
+            edit its own top-k anchors at every layer (the "B-EAC w/o LAS" ablation).
+        rar: keep the rolling usage record and penalise heavily used anchors; False plans every batch as if it
+            were the first (the "B-EAC w/o RAR" ablation).
+        max_overlap: c, the most edits of one batch that may share a (layer, dimension) anchor; None: automatic,
+            ceil(overlap_slack · n · ceil(k·r/L) / d) for a batch of n edits (the smallest c that fits the batch,
+            times the slack).
+        overlap_slack: headroom of the automatic c (≥ 1).
+        layers_per_anchor: r, in how many of the edited layers each anchor dimension of an edit is written
+            (1: each dimension in one layer, the widest spread; L: every layer, MEMIT's spreading).
+        min_anchor_fraction: an edit that cannot get all its k anchors under the overlap bound keeps the ones it
+            got if they are at least this share of k; below it the batch is rejected (raise ``max_overlap``).
+        decay: ρ, the per-batch decay of the usage record (its memory is about 1/(1-ρ) batches).
+        penalty: β, the strength of the usage penalty π = 1/(1 + β·U/mean U).
+    """
+
+    las: bool = True
+    rar: bool = True
+    max_overlap: int | None = None
+    overlap_slack: float = 2.0
+    layers_per_anchor: int = 1
+    min_anchor_fraction: float = 0.5
+    decay: float = 0.8
+    penalty: float = 1.0
+
+
+@dataclass
+class LayeredTarget(ResidualTarget):
+    """A MEMIT target with B-EAC's per-layer anchor plan: ``layer_masks`` (L, d) bool, row l for
+    ``layers[l]``; ``anchors`` (z's mask) is their union."""
+
+    layer_masks: torch.Tensor | None = None
+
+
+@dataclass
+class AnchorPlan:
+    """The anchors of one batch: ``masks`` (n, L, d) bool, and figures of the plan.
+
+    ``threshold`` is the refreshed admission threshold: the lowest penalised priority (score share · π) of an
+    admitted anchor, median over the edits. ``overlap`` is the most edits sharing one (layer, dimension) cell;
+    ``capacity`` the bound c it was planned under (None without LAS).
+    """
+
+    masks: torch.Tensor
+    threshold: float
+    overlap: int
+    capacity: int | None
+    anchors_per_edit: list[int]
+
+    def summary(self) -> dict[str, float]:
+        m = self.masks
+        return {
+            "threshold": self.threshold,
+            "overlap": float(self.overlap),
+            "capacity": float(self.capacity) if self.capacity is not None else float("nan"),
+            "cells": float(m.any(0).sum()),
+            "min_anchors": float(min(self.anchors_per_edit)) if self.anchors_per_edit else 0.0,
+        }
+
+
+def rar_penalty(usage: torch.Tensor | None, strength: float) -> torch.Tensor | None:
+    """π = 1 / (1 + β·U/mean U) (L, d), or None when there is no usage yet (π ≡ 1)."""
+    if usage is None or strength == 0:
+        return None
+    mean = usage.mean()
+    if mean <= 0:
+        return None
+    return 1.0 / (1.0 + strength * usage / mean)
+
+
+def auto_overlap(n: int, k: int, n_layers: int, dim: int, layers_per_anchor: int, slack: float) -> int:
+    """The automatic c: the slack times the fewest edits per (layer, dimension) that fit n·ceil(k·r/L) anchors
+    per layer into d dimensions."""
+    q = math.ceil(k * layers_per_anchor / n_layers)
+    return max(1, math.ceil(slack * n * q / dim))
+
+
+def plan_anchors(
+    scores: torch.Tensor,
+    k: int,
+    n_layers: int,
+    hp: BEACHyperParams,
+    usage: torch.Tensor | None = None,
+    start: int = 0,
+) -> AnchorPlan:
+    """Plan the anchors of a batch (LAS, or per-edit top-k without it) under the RAR penalty of ``usage``.
+
+    Args:
+        scores: (n, d) EAC saliency scores (Eq. 1) of the batch's edits.
+        k: anchor dimensions per edit.
+        n_layers: L, the edited layers.
+        hp: the switches and bounds.
+        usage: (L, d) rolling usage record, or None.
+        start: which edit picks first in the round-robin (rotated per batch).
+    """
+    n, d = scores.shape
+    k = min(k, d)
+    prio = scores.detach().abs().double().cpu()
+    prio = prio / prio.amax(1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
+    pen = rar_penalty(usage.double().cpu() if (hp.rar and usage is not None) else None, hp.penalty)
+    pi = pen if pen is not None else torch.ones(n_layers, d, dtype=torch.float64)
+    masks = torch.zeros(n, n_layers, d, dtype=torch.bool)
+    if not hp.las:
+        value = prio * pi.mean(0)  # (n, d)
+        top = torch.topk(value, k, dim=1)
+        for i in range(n):
+            masks[i, :, top.indices[i]] = True
+        counts = masks.sum(0)
+        thr = float(top.values[:, -1].median()) if n else float("nan")
+        return AnchorPlan(masks, thr, int(counts.max()) if n else 0, None, [k] * n)
+
+    r = max(1, min(hp.layers_per_anchor, n_layers))
+    quota = math.ceil(k * r / n_layers)
+    cap = hp.max_overlap if hp.max_overlap is not None else auto_overlap(n, k, n_layers, d, r, hp.overlap_slack)
+    if cap < 1:
+        raise ValueError(f"B-EAC: max_overlap must be at least 1, got {cap}")
+    need = math.ceil(hp.min_anchor_fraction * k)
+    if n * need * r > n_layers * d * cap:
+        raise ValueError(
+            f"B-EAC: a batch of {n} edits needs at least {n * need * r} anchor slots ({need} anchors × {r} layers "
+            f"each) but {n_layers} layers × {d} dimensions × max_overlap {cap} hold {n_layers * d * cap}; raise "
+            "max_overlap, lower layers_per_anchor or min_anchor_fraction, or edit smaller batches"
+        )
+    count = torch.zeros(n_layers, d, dtype=torch.long)
+    per_layer = torch.zeros(n, n_layers, dtype=torch.long)
+    taken = torch.zeros(n, d, dtype=torch.bool)
+    got = [0] * n
+    stuck = [False] * n
+    floor = [math.inf] * n
+    layer_rank = torch.arange(n_layers, dtype=torch.float64)[:, None]
+    for t in range(k):
+        for s in range(n):
+            i = (start + t + s) % n
+            if stuck[i]:
+                continue
+            pick = _best_slot(prio[i], pi, count, cap, per_layer[i], quota, taken[i], r, layer_rank)
+            if pick is None:  # the quota per layer cannot be met: relax it before giving up
+                pick = _best_slot(prio[i], pi, count, cap, None, quota, taken[i], r, layer_rank)
+            if pick is None:
+                stuck[i] = True
+                continue
+            j, layers, value = pick
+            masks[i, layers, j] = True
+            count[layers, j] += 1
+            per_layer[i, layers] += 1
+            taken[i, j] = True
+            got[i] += 1
+            floor[i] = min(floor[i], value)
+    short = [i for i in range(n) if got[i] < need]
+    if short:
+        raise ValueError(
+            f"B-EAC: edits {short} of the batch got fewer than {need} anchors under max_overlap {cap}; raise "
+            "max_overlap (or lower min_anchor_fraction)"
+        )
+    thr = float(torch.tensor(floor, dtype=torch.float64).median()) if n else float("nan")
+    return AnchorPlan(masks, thr, int(count.max()) if n else 0, cap, got)
+
+
+def _best_slot(prio_i, pi, count, cap, per_layer_i, quota, taken_i, r, layer_rank):
+    """Edit i's best free anchor: the dimension j (not yet its anchor) with the highest prio·mean π over its r
+    best free layers; layers are ranked by π, then fewest edits in the cell, then index. None if none is free."""
+    free = (count < cap) & ~taken_i[None, :]
+    if per_layer_i is not None:
+        free &= (per_layer_i < quota)[:, None]
+    if not free.any():
+        return None
+    # Rank layers within each dimension: π first (RAR), then the layer where this edit has the fewest anchors
+    # (spread over layers), then the emptiest cell (fewest concurrent edits), then the index.
+    key = pi - 1e-9 * layer_rank - 1e-6 * count.double() / cap
+    if per_layer_i is not None:
+        key = key - 1e-3 * (per_layer_i.double() / quota)[:, None]
+    key = torch.where(free, key, torch.full_like(key, -math.inf))
+    top, idx = torch.topk(key, r, dim=0)  # (r, d)
+    ok = torch.isfinite(top).all(0)
+    if not ok.any():
+        return None
+    layers_pi = torch.gather(pi, 0, idx)  # π of the chosen layers
+    value = prio_i * layers_pi.mean(0)
+    value = torch.where(ok, value, torch.full_like(value, -math.inf))
+    j = int(torch.argmax(value))
+    return j, idx[:, j], float(value[j])
+
+
+class BatchAnchorMixin:
+    """B-EAC's planning, over any MEMIT-family method (MEMIT's z, keys and residual spreading; the subclass's
+    per-layer solve). Mix in before the base class: ``class X(BatchAnchorMixin, MEMIT)``."""
+
+    beac: BEACHyperParams
+    usage: torch.Tensor | None
+    batches: int
+    history: list[dict[str, float]]
+    last_plan: AnchorPlan | None
+
+    def _init_beac(self, beac: BEACHyperParams | None) -> None:
+        if self.eac is None:
+            raise ValueError("B-EAC needs EAC hyper-parameters (eac: ...) for its anchor scores and retraining")
+        if self.eac.anchors == "none":
+            raise ValueError("B-EAC selects anchors; eac.anchors='none' (elastic net only) has none to plan")
+        self.beac = beac or BEACHyperParams()
+        self.usage = None
+        self.batches = 0
+        self.history = []
+        self.last_plan = None
+
+    def compute_targets(self, model: nn.Module, tok, requests: Sequence[EditRequest]) -> list[LayeredTarget]:
+        if self.templates is None:
+            self.setup(model, tok, self.stats)
+        problems, explorations = [], []
+        for r in requests:  # phase 1 of every edit on the same (current) model, as MEMIT computes a batch
+            problem = self._problem(model, tok, r)
+            problems.append(problem)
+            explorations.append(explore(problem, self.eac))
+        scores = torch.stack([e.score.detach() for e in explorations])
+        d = scores.shape[1]
+        usage = self.usage if (self.beac.rar and self.usage is not None) else None
+        plan = plan_anchors(
+            scores, anchor_count(d, self.eac.gamma), len(self.layers), self.beac, usage,
+            start=self.batches % max(1, len(requests)),
+        )
+        self.last_plan = plan
+        out = []
+        for i, (r, problem, exploration) in enumerate(zip(requests, problems, explorations)):
+            layer_masks = plan.masks[i].to(problem.v0.device)
+            anchors = layer_masks.any(0)
+            delta = retrain(problem, exploration, anchors, self.eac)  # phase 2 on z's anchors (EAC Eq. 3-6)
+            out.append(LayeredTarget(r, problem.v0, delta, anchors, layer_masks=layer_masks))
+        return out
+
+    def _layer_residual(self, i: int, targets: list[ResidualTarget], resid: torch.Tensor) -> torch.Tensor:
+        if not all(isinstance(t, LayeredTarget) and t.layer_masks is not None for t in targets):
+            return super()._layer_residual(i, targets, resid)
+        masks = torch.stack([t.layer_masks for t in targets]).to(resid.device)  # (n, L, d)
+        here = masks[:, i].to(resid.dtype)  # (n, d)
+        left = masks[:, i:].sum(1).clamp_min(1).to(resid.dtype)  # layers from this one on that hold the anchor
+        return resid * (here / left).T
+
+    def _write(self, model: nn.Module, tok, targets: list[ResidualTarget]) -> Deltas:
+        deltas = super()._write(model, tok, targets)
+        masks = [t.layer_masks for t in targets if isinstance(t, LayeredTarget) and t.layer_masks is not None]
+        if masks:  # the record changes only once the whole batch is written (a failed write leaves no trace)
+            used = torch.stack(masks).sum(0).double().cpu()
+            if self.beac.rar:
+                self.usage = used if self.usage is None else self.beac.decay * self.usage + used
+            summary = {"batch": float(self.batches), "edits": float(len(masks))}
+            if self.last_plan is not None and self.last_plan.masks.shape[0] == len(masks):
+                summary.update(self.last_plan.summary())
+            self.history.append(summary)
+            self.batches += 1
+        return deltas
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            **super().state_dict(),
+            "beac": {
+                "layers": list(self.layers) if self.layers is not None else None,
+                "usage": None if self.usage is None else self.usage.clone(),
+                "batches": self.batches,
+                "history": [dict(h) for h in self.history],
+            },
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        b = state.get("beac")
+        if b is None:
+            return
+        if self.layers is not None and b.get("layers") is not None and list(b["layers"]) != list(self.layers):
+            raise ValueError(f"B-EAC state was recorded for layers {b['layers']}, this method edits {self.layers}")
+        if self.layers is None and b.get("layers") is not None:
+            self.layers = list(b["layers"])
+        self.usage = None if b.get("usage") is None else b["usage"].clone().double()
+        self.batches = int(b.get("batches", 0))
+        self.history = [dict(h) for h in b.get("history", [])]
+
+
+class BEAC(BatchAnchorMixin, MEMIT):
+    """B-EAC on MEMIT: EAC-compressed z, anchors planned per batch and layer (LAS) under a rolling usage record
+    (RAR), written with MEMIT's solve.
+
+    Args:
+        layers, z, context, mom2_update_weight: as :class:`~eac_lightning.methods.memit.MEMIT`.
+        eac: EAC's scoring and retraining (Eq. 1-6); the anchor count per edit is EAC's (γ).
+        beac: LAS / RAR switches and bounds.
+    """
+
+    def __init__(
+        self,
+        layers: list[int] | None = None,
+        z: TargetHyperParams | None = None,
+        context: ContextTemplateParams | None = None,
+        mom2_update_weight: float = 20000.0,
+        eac: EACHyperParams | None = None,
+        beac: BEACHyperParams | None = None,
+    ) -> None:
+        MEMIT.__init__(self, layers=layers, z=z, context=context, mom2_update_weight=mom2_update_weight,
+                       eac=eac or EACHyperParams())
+        self._init_beac(beac)
+
+
+class BEACAlphaEdit(BatchAnchorMixin, AlphaEdit):
+    """B-EAC on AlphaEdit: B-EAC's anchors written with AlphaEdit's null-space-projected solve (and its
+    accumulated keys of earlier edits).
+
+    Args:
+        layers, z, context, nullspace_threshold, l2: as :class:`~eac_lightning.methods.alphaedit.AlphaEdit`.
+        eac: EAC's scoring and retraining.
+        beac: LAS / RAR switches and bounds.
+    """
+
+    def __init__(
+        self,
+        layers: list[int] | None = None,
+        z: TargetHyperParams | None = None,
+        context: ContextTemplateParams | None = None,
+        nullspace_threshold: float = 2e-2,
+        l2: float = 10.0,
+        eac: EACHyperParams | None = None,
+        beac: BEACHyperParams | None = None,
+    ) -> None:
+        AlphaEdit.__init__(self, layers=layers, z=z, context=context, nullspace_threshold=nullspace_threshold,
+                           l2=l2, eac=eac or EACHyperParams())
+        self._init_beac(beac)

@@ -1,0 +1,240 @@
+"""B-EAC: Layer-wise Anchor Selection (bounded overlap, spread, enough anchors), Rolling Anchor Refresh (avoidance,
+checkpoint round trip, resumed == uninterrupted), exact zeros outside the anchors, composition with AlphaEdit."""
+
+from __future__ import annotations
+
+import copy
+import io
+import math
+
+import pytest
+import torch
+
+from eac_lightning.data.requests import EditRequest
+from eac_lightning.methods.beac import (
+    BEAC,
+    AnchorPlan,
+    BEACAlphaEdit,
+    BEACHyperParams,
+    LayeredTarget,
+    auto_overlap,
+    plan_anchors,
+    rar_penalty,
+)
+from eac_lightning.methods.eac import EACHyperParams
+from eac_lightning.methods.memit import MEMIT
+from eac_lightning.methods.target import ContextTemplateParams, TargetHyperParams
+from eac_lightning.models.adapters import mlp_out_name, weight_view
+from eac_lightning.stats.covariance import CovarianceStore
+from tests.conftest import make_tiny_model
+
+FACTS = [
+    ("{} is located in", "The Eiffel Tower", "Rome"),
+    ("{} speaks", "Danielle Darrieux", "English"),
+    ("{} is located in", "Angola", "Europe"),
+    ("{} plays the", "Toko Yasuda", "piano"),
+    ("{} is the capital of", "Rome", "France"),
+    ("{} was founded by", "Apple", "Paris"),
+]
+
+
+def requests(idx):
+    return [EditRequest(prompt=FACTS[i][0], subject=FACTS[i][1], target_new=FACTS[i][2]) for i in idx]
+
+
+def check_plan(plan: AnchorPlan, k: int, cap: int, r: int, n_layers: int) -> None:
+    masks = plan.masks  # (n, L, d)
+    assert int(masks.sum(0).max()) <= cap  # bounded overlap in every (layer, dimension)
+    per_dim_layers = masks.sum(1)  # (n, d): in how many layers each anchor dimension is written
+    assert set(per_dim_layers[per_dim_layers > 0].tolist()) <= {r}
+    assert (masks.any(1).sum(1) == k).all()  # every edit keeps all its anchors
+    quota = math.ceil(k * r / n_layers)
+    assert int(masks.sum(2).max()) <= quota  # spread over the layers
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The planner alone
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("cap,r", [(1, 1), (2, 1), (3, 2), (5, 3)])
+def test_las_bounded_overlap_random_scores(cap, r):
+    gen = torch.Generator().manual_seed(cap * 10 + r)
+    n, d, L, k = 12, 64, 3, 8
+    scores = torch.randn(n, d, generator=gen)
+    plan = plan_anchors(scores, k, L, BEACHyperParams(max_overlap=cap, layers_per_anchor=r))
+    check_plan(plan, k, cap, r, L)
+    assert plan.overlap <= cap and plan.capacity == cap
+
+
+def test_las_separates_colliding_edits():
+    """Edits whose scores agree (the same outlier dimensions win everywhere) collide without LAS, not with it."""
+    gen = torch.Generator().manual_seed(0)
+    n, d, L, k = 10, 48, 3, 6
+    shared = torch.zeros(d)
+    shared[:k] = 10.0
+    scores = shared + 0.1 * torch.randn(n, d, generator=gen)
+    no_las = plan_anchors(scores, k, L, BEACHyperParams(las=False))
+    assert no_las.overlap == n  # every edit on the same rows of every layer
+    assert (no_las.masks.any(1)[:, :k]).all()
+    las = plan_anchors(scores, k, L, BEACHyperParams(max_overlap=2))
+    check_plan(las, k, 2, 1, L)
+    # Each edit still gets its best dimensions first: the shared top-k are used as far as the bound allows.
+    assert int(las.masks[:, :, :k].sum()) == 2 * L * k
+
+
+def test_las_auto_overlap_and_infeasible_batch():
+    n, d, L, k = 40, 32, 2, 8
+    cap = auto_overlap(n, k, L, d, 1, 2.0)
+    plan = plan_anchors(torch.randn(n, d), k, L, BEACHyperParams())
+    assert plan.capacity == cap and plan.overlap <= cap
+    with pytest.raises(ValueError, match="max_overlap"):
+        plan_anchors(torch.randn(n, d), k, L, BEACHyperParams(max_overlap=1, min_anchor_fraction=1.0))
+
+
+def test_las_is_deterministic_and_rotates():
+    scores = torch.randn(6, 32, generator=torch.Generator().manual_seed(1))
+    hp = BEACHyperParams(max_overlap=1)
+    a = plan_anchors(scores, 4, 2, hp, start=0)
+    b = plan_anchors(scores, 4, 2, hp, start=0)
+    assert torch.equal(a.masks, b.masks)
+    check_plan(plan_anchors(scores, 4, 2, hp, start=3), 4, 1, 1, 2)
+
+
+def test_rar_penalty_avoids_used_anchors():
+    gen = torch.Generator().manual_seed(2)
+    n, d, L, k = 4, 40, 2, 5
+    scores = 1.0 + 0.05 * torch.rand(n, d, generator=gen)  # nearly flat: usage decides
+    usage = torch.zeros(L, d, dtype=torch.float64)
+    usage[:, :20] = 5.0  # the first half carried many earlier edits
+    assert rar_penalty(None, 1.0) is None and rar_penalty(torch.zeros(L, d), 1.0) is None
+    pi = rar_penalty(usage, 1.0)
+    assert pi[:, :20].max() < pi[:, 20:].min()
+    with_rar = plan_anchors(scores, k, L, BEACHyperParams(max_overlap=2), usage)
+    without = plan_anchors(scores, k, L, BEACHyperParams(max_overlap=2, rar=False), usage)
+    assert int(with_rar.masks[:, :, :20].sum()) == 0
+    assert int(without.masks[:, :, :20].sum()) > 0
+    no_las = plan_anchors(scores, k, L, BEACHyperParams(las=False), usage)
+    assert int(no_las.masks[:, :, :20].sum()) == 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The method on a tiny model
+# ---------------------------------------------------------------------------------------------------------------
+SMALL = dict(
+    layers=[0, 1, 2],
+    z=TargetHyperParams(num_steps=4, clamp_norm_factor=0.75),
+    context=ContextTemplateParams(length_count=[[2, 1]]),
+)
+EAC = EACHyperParams(gamma=75.0)
+
+
+@pytest.fixture(scope="module")
+def model_and_stats(tokenizer):
+    model = make_tiny_model("gpt2", len(tokenizer))
+    stats = CovarianceStore(model, tokenizer, num_tokens=2048, seq_len=32, batch_size=16)
+    return model, stats
+
+
+def fresh(model_and_stats, cls=BEAC, **kw):
+    model, stats = model_and_stats
+    m = copy.deepcopy(model)
+    return m, cls(**SMALL, eac=EAC, **kw), stats
+
+
+def test_beac_edit_bounded_overlap_and_zero_rows(model_and_stats, tokenizer):
+    model, method, stats = fresh(model_and_stats, beac=BEACHyperParams(max_overlap=1))
+    method.setup(model, tokenizer, stats)
+    targets = method.compute_targets(model, tokenizer, requests(range(4)))
+    assert all(isinstance(t, LayeredTarget) for t in targets)
+    masks = torch.stack([t.layer_masks for t in targets])  # (n, L, d)
+    d = model.config.n_embd
+    k = math.ceil(d * 0.25)
+    check_plan(AnchorPlan(masks, 0.0, 0, 1, [k] * 4), k, 1, 1, 3)
+    for t in targets:
+        assert torch.equal(t.anchors, t.layer_masks.any(0))
+        assert (t.delta[~t.anchors] == 0).all()  # z's non-anchors stay exactly zero (EAC Eq. 3)
+        assert t.delta.abs().sum() > 0
+    before = {n: weight_view(model, n).detach().clone() for n in method.module_names}
+    deltas = method.write(model, tokenizer, targets)
+    for li, layer in enumerate(method.layers):
+        name = mlp_out_name(model, layer)
+        used = masks[:, li].any(0)
+        assert (deltas[name][~used] == 0).all()  # rows no edit anchors at this layer are untouched
+        assert deltas[name][used].abs().sum(1).gt(0).all()
+        assert torch.equal(weight_view(model, name)[~used], before[name][~used])
+    assert method.batches == 1 and torch.equal(method.usage, masks.sum(0).double())
+
+
+def test_memit_residual_hook_is_memit_spreading():
+    m = MEMIT(layers=[3, 4, 5])
+    resid = torch.randn(8, 3, dtype=torch.float64)
+    for i in range(3):
+        assert torch.equal(m._layer_residual(i, [], resid), resid / (3 - i))
+
+
+def _run(model, method, stats, tokenizer, batches):
+    method.setup(model, tokenizer, stats)
+    out = []
+    for b in batches:
+        out.append(method.edit(model, tokenizer, requests(b)))
+    return out
+
+
+BATCHES = [[0, 1], [2, 3]]
+
+
+@pytest.mark.parametrize("cls", [BEAC, BEACAlphaEdit])
+def test_rar_checkpoint_round_trip_and_resume(model_and_stats, tokenizer, cls):
+    hp = BEACHyperParams(max_overlap=1, decay=0.5)
+    # Uninterrupted: two batches.
+    m_full, meth_full, stats = fresh(model_and_stats, cls, beac=hp)
+    _run(m_full, meth_full, stats, tokenizer, BATCHES)
+    # Interrupted after one batch: checkpoint method state and weights, restore into fresh objects, go on.
+    m_a, meth_a, _ = fresh(model_and_stats, cls, beac=hp)
+    _run(m_a, meth_a, stats, tokenizer, BATCHES[:1])
+    buf = io.BytesIO()
+    torch.save({"method": meth_a.state_dict(), "model": m_a.state_dict()}, buf)
+    buf.seek(0)
+    ckpt = torch.load(buf, weights_only=False)
+    state = ckpt["method"]
+    assert state["beac"]["batches"] == 1 and len(state["beac"]["history"]) == 1
+    assert torch.equal(state["beac"]["usage"], meth_a.usage)
+    m_b, meth_b, _ = fresh(model_and_stats, cls, beac=hp)
+    m_b.load_state_dict(ckpt["model"])
+    meth_b.load_state_dict(state)
+    assert torch.equal(meth_b.usage, meth_a.usage) and meth_b.templates == meth_a.templates
+    _run(m_b, meth_b, stats, tokenizer, BATCHES[1:])
+    for name in meth_full.module_names:
+        assert torch.equal(weight_view(m_b, name), weight_view(m_full, name)), name
+    assert torch.equal(meth_b.usage, meth_full.usage)
+    assert meth_b.history == meth_full.history and meth_b.batches == 2
+    # The record is rolling: each batch adds 2 edits × k anchors × 1 layer, and the earlier batch decays by 0.5.
+    k = math.ceil(model_and_stats[0].config.n_embd * 0.25)
+    assert math.isclose(float(meth_full.usage.sum()), 2 * k * (1 + 0.5))
+
+
+def test_rar_off_keeps_no_record(model_and_stats, tokenizer):
+    model, method, stats = fresh(model_and_stats, beac=BEACHyperParams(rar=False, max_overlap=1))
+    _run(model, method, stats, tokenizer, BATCHES[:1])
+    assert method.usage is None and method.batches == 1
+
+
+def test_load_state_rejects_other_layers(model_and_stats):
+    _, method, _ = fresh(model_and_stats)
+    state = method.state_dict()
+    state["beac"]["layers"] = [5, 6]
+    with pytest.raises(ValueError, match="layers"):
+        method.load_state_dict(state)
+
+
+def test_beac_needs_anchors():
+    with pytest.raises(ValueError, match="anchors"):
+        BEAC(eac=EACHyperParams(anchors="none"))
+
+
+def test_presets_load():
+    from eac_lightning.editor import method_from_preset
+
+    full = method_from_preset("beac")
+    assert isinstance(full, BEAC) and full.beac.las and full.beac.rar
+    assert not method_from_preset("beac-no-las").beac.las
+    assert not method_from_preset("beac-no-rar").beac.rar

@@ -1,0 +1,157 @@
+"""The Lightning system through its CLI, as a user runs it: fit, kill-and-resume, DDP, validate, export, and the
+failure cases (corrupt checkpoint, an occupied run folder)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def write_config(path: Path, root: Path, num_edits: int = 4, extra: dict | None = None) -> Path:
+    cfg = {
+        "seed_everything": 0,
+        "trainer": {"default_root_dir": str(root), "enable_progress_bar": False},
+        "model": {
+            "model": "testbed:tiny",
+            "stats_tokens": 4000,
+            "method": {"class_path": "eac_lightning.methods.ROME",
+                       "init_args": {"v": {"num_steps": 6}, "context": {"length_count": [[5, 2]]},
+                                     "eac": {"gamma": 80.0}}},
+            "evaluation": {"tasks": ["sst2"], "default_limit": 4, "probes": ["fact_retention"],
+                           "rome_scores": False},
+        },
+        "data": {"path": str(REPO.parent / "shared" / "data" / "counterfact"), "num_edits": num_edits,
+                 "num_retention": 4},
+        "eval": {"every": 2},
+    }
+    for k, v in (extra or {}).items():
+        cfg.setdefault(k, {}).update(v) if isinstance(v, dict) else cfg.__setitem__(k, v)
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def run_cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO / "tests" / "helpers")}
+    proc = subprocess.run([sys.executable, "-m", "eac_lightning.lightning.cli", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=900)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def load_deltas(root: Path) -> dict[str, torch.Tensor]:
+    return torch.load(root / "checkpoints" / "last.ckpt", weights_only=False)["eac_lightning"]["deltas"]
+
+
+def ledger(root: Path) -> list[dict]:
+    return [json.loads(l) for l in (root / "edits.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("full")
+    cfg = write_config(root / "cfg.yaml", root / "run")
+    run_cli("fit", "--config", str(cfg))
+    return root / "run"
+
+
+def test_fit_writes_every_output(full_run):
+    for name in ("config.yaml", "edits.jsonl", "metrics.csv", "norms.csv", "summary.json",
+                 "plots/norms.png", "plots/metrics.png", "checkpoints/last.ckpt"):
+        assert (full_run / name).exists(), name
+    summary = json.loads((full_run / "summary.json").read_text())
+    assert set(summary) == {"method", "model", "edits_applied", "batch_size", "edit_metrics", "general", "norms",
+                            "seconds_per_edit", "wall_seconds"}
+    assert summary["edits_applied"] == 4
+    assert set(summary["edit_metrics"]) == {"reliability", "generalization", "locality"}
+    assert set(summary["general"]["sst2"]) == {"before", "after"}
+    (norms,) = summary["norms"].values()
+    assert norms["l1_after"] != norms["l1_before"]
+    rows = ledger(full_run)
+    assert [r["edit"] for r in rows] == [0, 1, 2, 3]
+    assert all(r["case_id"] is not None and r["source_index"] is not None for r in rows)
+
+
+def test_checkpoint_holds_only_deltas(full_run):
+    ckpt = torch.load(full_run / "checkpoints" / "last.ckpt", weights_only=False)
+    assert ckpt["state_dict"] == {}
+    state = ckpt["eac_lightning"]
+    assert list(state["deltas"]) == ["transformer.h.0.mlp.c_proj"] or len(state["deltas"]) == 1
+    assert state["method_state"]["templates"][0] == "{}"
+
+
+def test_kill_and_resume_equals_uninterrupted(full_run, tmp_path):
+    root = tmp_path / "run"
+    base = write_config(tmp_path / "cfg.yaml", root)
+    killer = tmp_path / "kill.yaml"
+    killer.write_text(yaml.safe_dump({"trainer": {"callbacks": [
+        {"class_path": "run_probes.KillAfter", "init_args": {"steps": 2}}]}}))
+    proc = run_cli("fit", "--config", str(base), "--config", str(killer), check=False)
+    assert proc.returncode != 0  # SIGKILL, not a clean stop
+    assert len(load_deltas(root)) == 1
+    # A fresh fit into the same folder refuses to overwrite the checkpoints.
+    refused = run_cli("fit", "--config", str(base), check=False)
+    assert refused.returncode != 0 and "--ckpt_path last" in refused.stderr + refused.stdout
+    run_cli("fit", "--config", str(base), "--ckpt_path", "last")
+    resumed, uninterrupted = load_deltas(root), load_deltas(full_run)
+    assert resumed.keys() == uninterrupted.keys()
+    for k in resumed:
+        assert (resumed[k] - uninterrupted[k]).abs().max().item() <= 1e-6
+    rows = ledger(root)
+    assert [r["edit"] for r in rows] == [0, 1, 2, 3]  # nothing applied twice, nothing skipped
+
+
+def test_corrupt_checkpoint_is_named_and_not_overwritten(full_run, tmp_path):
+    bad = tmp_path / "bad.ckpt"
+    good = (full_run / "checkpoints" / "last.ckpt").read_bytes()
+    bad.write_bytes(good[: len(good) // 2])
+    cfg = write_config(tmp_path / "cfg.yaml", tmp_path / "run")
+    proc = run_cli("validate", "--config", str(cfg), "--ckpt_path", str(bad), check=False)
+    assert proc.returncode != 0
+    assert "bad.ckpt" in proc.stderr and "corrupt" in proc.stderr
+    assert bad.read_bytes() == good[: len(good) // 2]
+
+
+def test_validate_and_export(full_run, tmp_path):
+    cfg = write_config(tmp_path / "cfg.yaml", tmp_path / "val")
+    proc = run_cli("validate", "--config", str(cfg), "--ckpt_path", str(full_run / "checkpoints" / "last.ckpt"))
+    assert "edit/reliability" in proc.stdout
+    assert json.loads((tmp_path / "val" / "summary.json").read_text())["edits_applied"] == 4
+    out = tmp_path / "exported"
+    run_cli("export", str(full_run / "checkpoints" / "last.ckpt"), str(out))
+    from transformers import AutoModelForCausalLM
+
+    from eac_lightning.models.loading import load_model
+
+    edited = AutoModelForCausalLM.from_pretrained(out)
+    base, _ = load_model("testbed:tiny")
+    (name, delta), = load_deltas(full_run).items()
+    w_e = edited.get_submodule(name).weight.T  # GPT-2 Conv1D: (in, out) stored
+    w_b = base.get_submodule(name).weight.T
+    assert torch.allclose(w_e - w_b, delta, atol=1e-5)
+
+
+def test_ddp_two_processes_match_single_process(full_run, tmp_path):
+    probe = tmp_path / "probe.yaml"
+    probe.write_text(yaml.safe_dump({"trainer": {"callbacks": [
+        {"class_path": "run_probes.DumpWeights", "init_args": {"dir": str(tmp_path / "w")}}]}}))
+    cfg = write_config(tmp_path / "cfg.yaml", tmp_path / "ddp")
+    run_cli("fit", "--config", str(cfg), "--config", str(probe), "--trainer.strategy", "ddp",
+            "--trainer.devices", "2", "--trainer.accelerator", "cpu")
+    w0 = torch.load(tmp_path / "w" / "weights-rank0.pt")
+    w1 = torch.load(tmp_path / "w" / "weights-rank1.pt")
+    single = load_deltas(full_run)
+    ddp = load_deltas(tmp_path / "ddp")
+    for k in w0:
+        assert torch.equal(w0[k], w1[k])
+        assert (ddp[k] - single[k]).abs().max().item() <= 1e-6

@@ -1,0 +1,349 @@
+"""ROME, MEMIT, AlphaEdit, FT and EAC: the closed forms and constraints on tiny random models (fast, every family),
+and editing success on the tiny knowledge testbed (a model that really knows the facts it edits)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from conftest import FAMILIES, make_tiny_model
+from eac_lightning.data.requests import EditRequest
+from eac_lightning.methods import (
+    FT,
+    MEMIT,
+    ROME,
+    AlphaEdit,
+    ContextTemplateParams,
+    EACHyperParams,
+    EditOptimisationError,
+    FTHyperParams,
+    TargetHyperParams,
+)
+from eac_lightning.methods.alphaedit import null_space_projector
+from eac_lightning.methods.base import restore_weights, snapshot
+from eac_lightning.methods.eac import anchor_count, anchor_mask, explore
+from eac_lightning.methods.ft import FTProblem
+from eac_lightning.methods.rome import rank_one_update
+from eac_lightning.methods.target import TargetProblem, compute_keys, target_token_ids
+from eac_lightning.models.adapters import mlp_out_name, weight_view
+from eac_lightning.stats.covariance import Covariance, CovarianceStore
+
+CTX = ContextTemplateParams(length_count=[[4, 2]])  # "{}" + 2 generated prefixes: fast, still averaged
+REQ = EditRequest(prompt="{} is located in", subject="The Eiffel Tower", target_new="Rome", source="test", source_index=0)
+REQS = [
+    REQ,
+    EditRequest(prompt="{} speaks", subject="Danielle Darrieux", target_new="English", source="test", source_index=1),
+    EditRequest(prompt="{} plays the", subject="Toko Yasuda", target_new="piano", source="test", source_index=2),
+]
+
+
+@pytest.fixture(scope="module")
+def gpt2(tokenizer):
+    return make_tiny_model("gpt2", len(tokenizer), seed=1)
+
+
+@pytest.fixture(autouse=True)
+def _restore(request, gpt2):
+    """Every test starts from the same random GPT-2 weights."""
+    saved = {k: v.clone() for k, v in gpt2.state_dict().items()}
+    yield
+    gpt2.load_state_dict(saved)
+
+
+@pytest.fixture(scope="module")
+def stats(gpt2, tokenizer, wikitext_lines, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("stats")
+    corpus = folder / "corpus.txt"
+    corpus.write_text("\n".join(wikitext_lines[:300]), encoding="utf-8")
+    store = CovarianceStore(gpt2, tokenizer, corpus=str(corpus), num_tokens=2048, seq_len=64, batch_size=8,
+                            directory=folder)
+    store.prefetch([mlp_out_name(gpt2, l) for l in (1, 2)])
+    return store
+
+
+def _state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _assert_same(model, state):
+    now = model.state_dict()
+    changed = [k for k in state if not torch.equal(state[k], now[k])]
+    assert not changed, f"weights changed: {changed}"
+
+
+def _target_nll(model, tok, request) -> float:
+    ids = tok(request.prompt_text, add_special_tokens=False)["input_ids"]
+    tgt = target_token_ids(tok, request.target_new)
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([ids + tgt[:-1]])).logits[0]
+    logp = torch.log_softmax(logits[len(ids) - 1:], -1)
+    return -logp[torch.arange(len(tgt)), torch.tensor(tgt)].mean().item()
+
+
+# --------------------------------------------------------------------------------------------------------- ROME
+
+
+def test_rank_one_update_closed_form():
+    """ΔW = δ (C⁻¹k)ᵀ / (kᵀC⁻¹k) (EAC App. B Eq. 7), so (W + ΔW) k = W k + δ."""
+    torch.manual_seed(0)
+    d_out, d_in = 6, 10
+    w, k, delta = torch.randn(d_out, d_in), torch.randn(d_in), torch.randn(d_out)
+    x = torch.randn(40, d_in, dtype=torch.float64)
+    cov = Covariance(x.T @ x / 40, 40, damping=1e-3)
+    for c in (None, cov):
+        upd = rank_one_update(w, k, delta, c)
+        torch.testing.assert_close((w + upd) @ k, w @ k + delta, atol=1e-5, rtol=1e-5)
+        assert torch.linalg.matrix_rank(upd.double()) == 1
+    cinv_k = torch.linalg.solve(cov.damped, k.double())
+    torch.testing.assert_close(rank_one_update(w, k, delta, cov).double(),
+                               torch.outer(delta.double(), cinv_k) / (cinv_k @ k.double()), atol=1e-6, rtol=1e-5)
+
+
+def _rome_check(model, tok, method, stats=None, request=REQ):
+    method.setup(model, tok, stats)
+    name = method.module_names[0]
+    before = _state(model)
+    w0 = weight_view(model, name).detach().clone()
+    k = compute_keys(model, tok, [request], method.layer, method.templates)[0]  # k* on the pre-edit model
+    targets = method.compute_targets(model, tok, [request])
+    _assert_same(model, before)  # the optimisation changes no weight
+    deltas = method.write(model, tok, targets)
+    w1 = weight_view(model, name).detach()
+    delta = targets[0].delta
+    assert delta.norm() > 0
+    # W' k* = v* = W k* + δ
+    torch.testing.assert_close(w1 @ k, w0 @ k + delta, atol=1e-5 * (1 + (w0 @ k).abs().max().item()), rtol=1e-4)
+    torch.testing.assert_close(deltas[name], w1 - w0, atol=1e-6, rtol=1e-5)
+    assert torch.linalg.matrix_rank(deltas[name].double(), rtol=1e-6) == 1
+    # Only the edited module changed.
+    now = model.state_dict()
+    assert [k for k in before if not torch.equal(before[k], now[k])] == [name + ".weight"]
+    return targets[0], deltas[name]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_rome_writes_v_star_at_k_star_on_every_family(tokenizer, family):
+    model = make_tiny_model(family, len(tokenizer))
+    _rome_check(model, tokenizer, ROME(layer=1, context=CTX, mom2_adjustment=False))
+
+
+def test_rome_with_inverse_covariance(gpt2, tokenizer, stats):
+    method = ROME(layer=1, context=CTX, mom2_adjustment=True)
+    _, with_c = _rome_check(gpt2, tokenizer, method, stats)
+    k = compute_keys(gpt2, tokenizer, [REQ], 1, method.templates)[0]
+    # ΔW's row space is C⁻¹k*, not k*: the direction differs from the C = I update.
+    cinv_k = stats.get(mlp_out_name(gpt2, 1)).solve(k.double()).float()
+    row = with_c[0] / with_c[0].norm()
+    torch.testing.assert_close(row.abs(), (cinv_k / cinv_k.norm()).abs(), atol=1e-4, rtol=1e-3)
+
+
+def _templates(model, tok):
+    from eac_lightning.methods.target import generate_context_templates
+
+    return generate_context_templates(model, tok, CTX)
+
+
+def test_rome_without_statistics_asks_for_them(gpt2, tokenizer):
+    method = ROME(layer=1, context=CTX, mom2_adjustment=True)
+    method.setup(gpt2, tokenizer, None)
+    before = _state(gpt2)
+    targets = method.compute_targets(gpt2, tokenizer, [REQ])
+    with pytest.raises(RuntimeError, match="covariance statistics"):
+        method.write(gpt2, tokenizer, targets)
+    _assert_same(gpt2, before)
+
+
+# ---------------------------------------------------------------------------------------------------------- EAC
+
+
+def test_anchor_count_matches_percentile():
+    assert anchor_count(1600, 85.0) == 240  # GPT2-XL, P85
+    assert anchor_count(4096, 95.0) == 205  # LLaMA-3-8B, P95
+    assert anchor_count(64, 80.0) == 13
+    assert anchor_count(10, 99.9) == 1  # never empty
+    score = torch.randn(1000, generator=torch.Generator().manual_seed(0))
+    for gamma in (80.0, 85.0, 90.0, 95.0):
+        mask = anchor_mask(score, EACHyperParams(gamma=gamma))
+        assert int(mask.sum()) == anchor_count(1000, gamma)
+        # The anchors are the dimensions at or above the γ-th percentile of |score|.
+        assert score.abs()[mask].min() >= score.abs()[~mask].max()
+        assert abs(score.abs()[mask].min() - torch.quantile(score.abs(), gamma / 100)) < 0.05
+    assert bool(anchor_mask(score, EACHyperParams(anchors="none")).all())
+
+
+@pytest.mark.parametrize("gamma", [80.0, 90.0])
+def test_rome_eac_anchors_sparsity_and_smaller_update(gpt2, tokenizer, gamma):
+    plain = ROME(layer=1, context=CTX, mom2_adjustment=False)
+    saved = snapshot(gpt2, [mlp_out_name(gpt2, 1)])
+    plain_target, plain_dw = _rome_check(gpt2, tokenizer, plain)
+    restore_weights(gpt2, saved)
+    eac = ROME(layer=1, context=CTX, mom2_adjustment=False, eac=EACHyperParams(gamma=gamma))
+    eac.templates = plain.templates  # the same edit: same contexts
+    target, dw = _rome_check(gpt2, tokenizer, eac)
+    d = target.delta.numel()
+    assert int(target.anchors.sum()) == anchor_count(d, gamma)
+    assert torch.count_nonzero(target.delta[~target.anchors]) == 0  # exactly zero outside the anchors (Eq. 3)
+    assert torch.count_nonzero(target.delta) <= anchor_count(d, gamma)
+    assert dw.norm() < plain_dw.norm()
+    assert target.delta.norm() < plain_target.delta.norm()
+
+
+def test_eac_scores_are_value_times_mean_gradient(gpt2, tokenizer):
+    """EAC Eq. 1: score = v* ⊙ ∇L, with ∇L the mean phase-1 gradient and v* = v₀ + δ."""
+    templates = _templates(gpt2, tokenizer)
+    problem = TargetProblem(gpt2, tokenizer, REQ, 1, templates, TargetHyperParams(num_steps=6), site="mlp")
+    ex = explore(problem, EACHyperParams(phase1_fraction=0.5))
+    assert ex.steps == 3
+    torch.testing.assert_close(ex.score, (problem.v0 + ex.delta) * ex.grad)
+    ex_d = explore(problem, EACHyperParams(phase1_fraction=0.5, score_on="delta", anchors="gradient"))
+    torch.testing.assert_close(ex_d.score, ex_d.grad)
+
+
+# -------------------------------------------------------------------------------------------------------- MEMIT
+
+
+def test_memit_woodbury_equals_direct_solve(gpt2, tokenizer, stats):
+    """The update through the cached factor and Woodbury's identity equals R Kᵀ... with (λC + KKᵀ)⁻¹K solved
+    directly in float64 (C damped as in the store)."""
+    torch.manual_seed(0)
+    name = mlp_out_name(gpt2, 1)
+    c = stats.get(name)
+    d_k, d = c.matrix.shape[0], gpt2.config.hidden_size
+    for lam in (20000.0, 1.0):
+        method = MEMIT(layers=[1, 2], mom2_update_weight=lam)
+        method.stats = stats
+        for n in (1, 8):
+            keys = torch.randn(d_k, n, dtype=torch.float64)
+            resid = torch.randn(d, n, dtype=torch.float64)
+            fast = method._layer_update(0, name, keys, resid)
+            direct = resid @ torch.linalg.solve(lam * c.damped + keys @ keys.T, keys).T
+            torch.testing.assert_close(fast, direct, rtol=1e-7, atol=1e-10)
+
+
+def test_memit_write_is_atomic(gpt2, tokenizer, stats, monkeypatch):
+    """A failure while writing the second layer restores the first one."""
+    method = MEMIT(layers=[1, 2], context=CTX)
+    method.setup(gpt2, tokenizer, stats)
+    targets = method.compute_targets(gpt2, tokenizer, REQS[:2])
+    before = _state(gpt2)
+    real = MEMIT._layer_update
+
+    def nan_on_second(self, i, name, keys, resid):
+        upd = real(self, i, name, keys, resid)
+        return upd * float("nan") if i == 1 else upd
+
+    monkeypatch.setattr(MEMIT, "_layer_update", nan_on_second)
+    with pytest.raises(FloatingPointError, match="not finite"):
+        method.write(gpt2, tokenizer, targets)
+    _assert_same(gpt2, before)
+    monkeypatch.setattr(MEMIT, "_layer_update", real)
+    deltas = method.write(gpt2, tokenizer, targets)
+    assert sorted(deltas) == sorted(method.module_names) and all(d.norm() > 0 for d in deltas.values())
+
+
+# ---------------------------------------------------------------------------------------------------- AlphaEdit
+
+
+def test_alphaedit_leaves_protected_keys_unchanged(gpt2, tokenizer, stats):
+    names = [mlp_out_name(gpt2, l) for l in (1, 2)]
+    evals = [torch.linalg.eigvalsh(stats.get(n).matrix) for n in names]
+    threshold = max(e.median().item() for e in evals)  # a null space of about half the dimensions
+    assert all(threshold < e.max().item() for e in evals)
+    method = AlphaEdit(layers=[1, 2], context=CTX, nullspace_threshold=threshold)
+    method.setup(gpt2, tokenizer, stats)
+    before = {n: weight_view(gpt2, n).detach().clone() for n in names}
+    method.edit(gpt2, tokenizer, REQS[:2])
+    g = torch.Generator().manual_seed(0)
+    for n in names:
+        dw = (weight_view(gpt2, n).detach() - before[n]).double()
+        P = method.projectors[n]
+        assert 0 < torch.linalg.matrix_rank(P) < P.shape[0]
+        torch.testing.assert_close(P @ P, P, atol=1e-10, rtol=0)
+        assert dw.norm() > 0
+        r = torch.randn(P.shape[0], 16, dtype=torch.float64, generator=g)
+        protected = (torch.eye(P.shape[0], dtype=torch.float64) - P) @ r  # range of I − P
+        free = P @ r
+        assert (dw @ protected).norm() <= 1e-5 * dw.norm() * protected.norm()
+        assert (dw @ free).norm() > 1e-2 * dw.norm() * free.norm() / math.sqrt(free.shape[0])
+        # The keys of this batch are now part of the accumulated K_p K_pᵀ.
+        assert method.past_kkt[n].shape == P.shape and method.past_kkt[n].trace() > 0
+
+
+def test_alphaedit_projector_and_failed_write_leave_no_trace(gpt2, tokenizer, stats, monkeypatch):
+    c = stats.get(mlp_out_name(gpt2, 1)).matrix
+    with pytest.raises(ValueError, match="no eigenvalue.*raise the threshold"):
+        null_space_projector(c, threshold=0.0)
+    method = AlphaEdit(layers=[1, 2], context=CTX, nullspace_threshold=float(torch.linalg.eigvalsh(c).max()) * 2)
+    method.setup(gpt2, tokenizer, stats)
+    targets = method.compute_targets(gpt2, tokenizer, REQS[:1])
+    before = _state(gpt2)
+    monkeypatch.setattr("eac_lightning.methods.memit.residual_at_subject",
+                        lambda *a, **k: (_ for _ in ()).throw(RuntimeError("interrupted")))
+    with pytest.raises(RuntimeError, match="interrupted"):
+        method.write(gpt2, tokenizer, targets)
+    _assert_same(gpt2, before)
+    assert method.past_kkt == {}
+
+
+# ----------------------------------------------------------------------------------------------------------- FT
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_ft_problem_hook_equals_a_real_weight_change(tokenizer, family):
+    """FT adds Δx through a hook; that must equal editing W (Conv1D and Linear orientation)."""
+    model = make_tiny_model(family, len(tokenizer))
+    problem = FTProblem(model, tokenizer, REQS[:2], [1, 2], FTHyperParams())
+    delta = torch.randn_like(problem.v0) * 1e-2
+    with torch.no_grad():
+        hooked, _ = problem.loss(delta)
+        for name, d in zip(problem.names, problem.split(delta)):
+            weight_view(model, name).add_(d)
+        direct = FTProblem(model, tokenizer, REQS[:2], [1, 2], FTHyperParams()).loss(torch.zeros_like(delta))[0]
+    torch.testing.assert_close(hooked, direct, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("preset", ["ft", "ft-en"])
+def test_ft_and_ft_en_reduce_the_target_loss_within_the_norm_bound(gpt2, tokenizer, preset):
+    from eac_lightning.editor import method_from_preset
+
+    method = method_from_preset(preset)
+    method.layers = [1]
+    method.optim = FTHyperParams(num_steps=10, lr=1e-3, norm_constraint=2e-3)
+    method.setup(gpt2, tokenizer)
+    name = mlp_out_name(gpt2, 1)
+    w0 = weight_view(gpt2, name).detach().clone()
+    nll0 = _target_nll(gpt2, tokenizer, REQ)
+    deltas = method.edit(gpt2, tokenizer, [REQ])
+    change = weight_view(gpt2, name).detach() - w0
+    torch.testing.assert_close(deltas[name], change, atol=1e-7, rtol=0)
+    assert change.abs().max() <= 2e-3 * (1 + 1e-5)  # FT-L's L∞ constraint
+    assert change.abs().max() > 1e-4
+    assert _target_nll(gpt2, tokenizer, REQ) < nll0
+    if preset == "ft-en":
+        assert method.eac is not None and method.eac.anchors == "none"
+
+
+# -------------------------------------------------------------------------------------- failures leave no change
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: ROME(layer=1, context=CTX, mom2_adjustment=False, v=TargetHyperParams(lr=float("nan"))),
+        lambda: ROME(layer=1, context=CTX, mom2_adjustment=False, v=TargetHyperParams(lr=float("nan")),
+                     eac=EACHyperParams()),
+        lambda: MEMIT(layers=[1, 2], context=CTX, z=TargetHyperParams(lr=float("nan"))),
+        lambda: FT(layers=[1], optim=FTHyperParams(lr=float("nan"))),
+    ],
+    ids=["rome", "rome-eac", "memit", "ft"],
+)
+def test_nan_in_optimisation_raises_and_changes_nothing(gpt2, tokenizer, stats, make):
+    method = make()
+    method.setup(gpt2, tokenizer, stats)
+    before = _state(gpt2)
+    with pytest.raises(EditOptimisationError) as err:
+        method.edit(gpt2, tokenizer, REQS[:2])
+    assert "test (row 0)" in str(err.value) and "nothing was applied" in str(err.value)
+    _assert_same(gpt2, before)
