@@ -55,7 +55,7 @@ class Editor:
         self.method.setup(model, tokenizer, self.stats)
         self.requests: list[EditRequest] = []
         self._undo: list[tuple[int, dict[str, torch.Tensor]]] = []
-        self._reference = None
+        self.reference: dict[str, Any] = {}  # pre-edit locality reference (EAC Eq. 12) of every request
 
     @classmethod
     def load(cls, model: str = "testbed:small", method: str | EditMethod = "rome-eac", **stats_kwargs: Any) -> "Editor":
@@ -67,8 +67,7 @@ class Editor:
     def edit(self, requests: EditRequest | Sequence[EditRequest]) -> Deltas:
         """Apply one batch of edits; returns the weight deltas."""
         batch = [requests] if isinstance(requests, EditRequest) else list(requests)
-        if self._reference is None:
-            self._reference = self._locality_reference(batch)
+        self._add_reference(batch)
         saved = snapshot(self.model, self.method.module_names)
         deltas = self.method.edit(self.model, self.tokenizer, batch)
         self._undo.append((len(batch), saved))
@@ -83,11 +82,23 @@ class Editor:
         restore_weights(self.model, saved)
         del self.requests[-n:]
 
-    def _locality_reference(self, batch):
-        return None
+    def _add_reference(self, batch: list[EditRequest]) -> None:
+        """Record the unedited model's predictions on the batch's out-of-scope prompts (locality is measured
+        against the unedited model, as EasyEdit does), swapping the original weights in if edits were made."""
+        from eac_lightning.evaluation.edit_metrics import compute_locality_reference
+
+        current = snapshot(self.model, self.method.module_names) if self._undo else None
+        if current is not None:
+            restore_weights(self.model, self._undo[0][1])
+        try:
+            self.reference.update(compute_locality_reference(self.model, self.tokenizer, batch))
+        finally:
+            if current is not None:
+                restore_weights(self.model, current)
 
     def evaluate(self, requests: Sequence[EditRequest] | None = None) -> dict[str, float]:
-        """Reliability, generalization and locality (EasyEdit's token accuracy) of every edit so far."""
-        from eac_lightning.evaluation.edit_metrics import evaluate_edits
+        """Reliability, generalization and locality (EasyEdit's teacher-forced token accuracy, EAC Eq. 10-12)
+        and their variants, over every edit so far (or ``requests``), measured on the current model."""
+        from eac_lightning.evaluation.edit_metrics import evaluate_edit_metrics
 
-        return evaluate_edits(self.model, self.tokenizer, list(requests or self.requests))
+        return evaluate_edit_metrics(self.model, self.tokenizer, list(requests or self.requests), self.reference)

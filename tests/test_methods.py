@@ -95,7 +95,7 @@ def test_rank_one_update_closed_form():
     for c in (None, cov):
         upd = rank_one_update(w, k, delta, c)
         torch.testing.assert_close((w + upd) @ k, w @ k + delta, atol=1e-5, rtol=1e-5)
-        assert torch.linalg.matrix_rank(upd.double()) == 1
+        assert torch.linalg.matrix_rank(upd.double(), rtol=1e-5) == 1
     cinv_k = torch.linalg.solve(cov.damped, k.double())
     torch.testing.assert_close(rank_one_update(w, k, delta, cov).double(),
                                torch.outer(delta.double(), cinv_k) / (cinv_k @ k.double()), atol=1e-6, rtol=1e-5)
@@ -116,7 +116,7 @@ def _rome_check(model, tok, method, stats=None, request=REQ):
     # W' k* = v* = W k* + δ
     torch.testing.assert_close(w1 @ k, w0 @ k + delta, atol=1e-5 * (1 + (w0 @ k).abs().max().item()), rtol=1e-4)
     torch.testing.assert_close(deltas[name], w1 - w0, atol=1e-6, rtol=1e-5)
-    assert torch.linalg.matrix_rank(deltas[name].double(), rtol=1e-6) == 1
+    assert torch.linalg.matrix_rank(deltas[name].double(), rtol=1e-5) == 1
     # Only the edited module changed.
     now = model.state_dict()
     assert [k for k in before if not torch.equal(before[k], now[k])] == [name + ".weight"]

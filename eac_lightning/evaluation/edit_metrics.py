@@ -100,6 +100,15 @@ def encode_target(tok: Any, target: str) -> list[int]:
     return list(tok(" " + target.strip(), add_special_tokens=False)["input_ids"])
 
 
+def encode_targets(tok: Any, targets: Sequence[str | Sequence[int]]) -> list[list[int]]:
+    """:func:`encode_target` for many targets (token id lists pass through), one tokenizer call for the distinct
+    strings."""
+    strings = list(dict.fromkeys(t.strip() for t in targets if isinstance(t, str)))
+    ids = tok([" " + t for t in strings], add_special_tokens=False)["input_ids"] if strings else []
+    table = {t: list(i) for t, i in zip(strings, ids)}
+    return [table[t.strip()] if isinstance(t, str) else [int(x) for x in t] for t in targets]
+
+
 @contextmanager
 def inference(model: torch.nn.Module) -> Iterator[None]:
     """Eval mode and no grad for the duration, restoring the training flag afterwards."""
@@ -231,7 +240,7 @@ def score_targets(model: torch.nn.Module, tok: Any, prompts: Sequence[str],
     max_len = model_max_length(model)
     unique = list(dict.fromkeys(prompts))
     enc = dict(zip(unique, encode_prompts(tok, unique)))
-    target_ids = [encode_target(tok, t) if isinstance(t, str) else [int(x) for x in t] for t in targets]
+    target_ids = encode_targets(tok, targets)
     for i, p in enumerate(prompts):
         if not enc[p]:
             raise ValueError(f"prompt {p!r} tokenises to nothing: no position predicts the first target token")

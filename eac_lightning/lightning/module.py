@@ -23,7 +23,7 @@ from eac_lightning.evaluation.evaluator import EvaluatorConfig
 from eac_lightning.methods.base import Deltas, EditMethod, merge_deltas, snapshot
 from eac_lightning.methods.rome import ROME
 from eac_lightning.models.adapters import weight_view
-from eac_lightning.models.loading import load_model
+from eac_lightning.models.loading import load_model, resolve_model_path
 from eac_lightning.stats.covariance import DEFAULT_CORPUS, CovarianceStore
 
 CKPT_KEY = "eac_lightning"
@@ -57,6 +57,8 @@ class EditingModule(L.LightningModule):
         self.automatic_optimization = False
         self.strict_loading = False  # checkpoints carry deltas, not the base model's weights
         self.model_name = model
+        # A testbed is built here, before any Trainer runs: building it inside a running fit would nest trainers.
+        self.model_path = resolve_model_path(model)
         self.method = method or ROME()
         self.dtype_name = dtype
         self.stats_corpus, self.stats_tokens, self.stats_damping = stats_corpus, stats_tokens, stats_damping
@@ -68,6 +70,7 @@ class EditingModule(L.LightningModule):
         self.pending: Any = None  # targets of the current step, written by the WeightUpdate callback
         self.pending_requests: list[EditRequest] = []
         self.step_started = 0.0
+        self.edit_clock = torch.nn.Parameter(torch.zeros(1), requires_grad=False)
         self.base_weights: dict[str, torch.Tensor] | None = None
         self.extra_state: dict[str, Any] = {}  # callbacks' state that must survive a resume
 
@@ -75,7 +78,7 @@ class EditingModule(L.LightningModule):
     def configure_model(self) -> None:
         if self.lm is not None:
             return
-        self.lm, self.tokenizer = load_model(self.model_name, dtype=self.dtype_name)
+        self.lm, self.tokenizer = load_model(self.model_path, dtype=self.dtype_name)
         for p in self.lm.parameters():
             p.requires_grad_(False)  # targets are optimised through hooks; weights change only by closed forms
 
@@ -99,8 +102,10 @@ class EditingModule(L.LightningModule):
             w = weight_view(self.lm, name)
             w.copy_(self.base_weights[name].to(w.device) + d.to(w))
 
-    def configure_optimizers(self):
-        return None
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        # Weights change only through closed forms, but in manual optimisation ``global_step`` counts
+        # ``optimizer.step()`` calls: one no-op step per edit batch makes checkpoint/log cadence count edits.
+        return torch.optim.SGD([self.edit_clock], lr=0.0)
 
     # -- steps -----------------------------------------------------------------------------------------------
     def training_step(self, batch: list[EditRequest], batch_idx: int) -> None:
@@ -109,6 +114,7 @@ class EditingModule(L.LightningModule):
         with torch.enable_grad():
             self.pending = self.method.compute_targets(self.lm, self.tokenizer, batch)
         self.pending_requests = batch
+        self.optimizers().step()  # advances global_step by one edit batch (see configure_optimizers)
         return None
 
     def write_pending(self) -> Deltas:
