@@ -15,7 +15,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from eac_lightning.data.requests import EditRequest
+from eac_lightning.data.requests import EditRequest, validate_requests
 from eac_lightning.methods.base import Deltas, EditMethod, restore_weights, snapshot
 from eac_lightning.models.loading import load_model
 from eac_lightning.stats.covariance import CovarianceStore
@@ -54,7 +54,7 @@ class Editor:
         self.stats = stats if stats is not None else CovarianceStore(model, tokenizer)
         self.method.setup(model, tokenizer, self.stats)
         self.requests: list[EditRequest] = []
-        self._undo: list[tuple[int, dict[str, torch.Tensor]]] = []
+        self._undo: list[tuple[int, dict[str, torch.Tensor], dict[str, Any]]] = []
         self.reference: dict[str, Any] = {}  # pre-edit locality reference (EAC Eq. 12) of every request
 
     @classmethod
@@ -67,19 +67,22 @@ class Editor:
     def edit(self, requests: EditRequest | Sequence[EditRequest]) -> Deltas:
         """Apply one batch of edits; returns the weight deltas."""
         batch = [requests] if isinstance(requests, EditRequest) else list(requests)
+        validate_requests(batch, self.tokenizer)  # a malformed record fails here, naming its field
         self._add_reference(batch)
         saved = snapshot(self.model, self.method.module_names)
+        state = self.method.state_dict()  # e.g. AlphaEdit's accumulated K_p K_pᵀ: undone with the weights
         deltas = self.method.edit(self.model, self.tokenizer, batch)
-        self._undo.append((len(batch), saved))
+        self._undo.append((len(batch), saved, state))
         self.requests.extend(batch)
         return deltas
 
     def undo(self) -> None:
-        """Restore the weights exactly as they were before the last :meth:`edit`."""
+        """Restore the weights (bit-exactly) and the method's state as they were before the last :meth:`edit`."""
         if not self._undo:
             raise IndexError("nothing to undo")
-        n, saved = self._undo.pop()
+        n, saved, state = self._undo.pop()
         restore_weights(self.model, saved)
+        self.method.load_state_dict(state)
         del self.requests[-n:]
 
     def _add_reference(self, batch: list[EditRequest]) -> None:

@@ -262,6 +262,27 @@ def test_batched_equals_unbatched(tiny_gpt2, tokenizer):
     assert g1 == g4
 
 
+@pytest.mark.parametrize("family", ["gpt2", "gptj", "gpt_neox", "llama", "mistral", "qwen2"])
+def test_shared_prompt_scoring_equals_full_rows(tokenizer, family):
+    """Prompt-level KV sharing (or its full-row fallback, e.g. Mistral's sliding-window cache) gives the numbers of
+    scoring every pair on its own sequence, for every supported family."""
+    from conftest import make_tiny_model
+
+    model = make_tiny_model(family, len(tokenizer))
+    prompts = PROMPTS[:3] * 2
+    targets = TARGETS[:3] + ["the city of Rome", "Fr", "It"]
+    shared = em.score_targets(model, tokenizer, prompts, targets, batch_size=2)
+    full = em.score_targets(model, tokenizer, prompts, targets, batch_size=4, share_prompts=False)
+    for a, b in zip(shared, full):
+        assert a.pred == b.pred and a.target == b.target
+        assert a.logprobs == pytest.approx(b.logprobs, abs=1e-4)
+    for (p, t), s in zip(zip(prompts, targets), shared):  # and a plain single-sequence forward
+        p_ids = tokenizer(p)["input_ids"]
+        with torch.no_grad():
+            logits = model(torch.tensor([p_ids + s.target])).logits[0]
+        assert s.pred == logits[len(p_ids) - 1:-1].argmax(-1).tolist()
+
+
 def test_target_positions_match_a_plain_forward(tiny_gpt2, tokenizer):
     """EasyEdit's definition: prompt + target in one sequence, argmax at each target position."""
     prompt, target = PROMPTS[3], TARGETS[3]

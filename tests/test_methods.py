@@ -30,6 +30,8 @@ from eac_lightning.methods.target import TargetProblem, compute_keys, target_tok
 from eac_lightning.models.adapters import mlp_out_name, weight_view
 from eac_lightning.stats.covariance import Covariance, CovarianceStore
 
+NAN = float("nan")
+Z = TargetHyperParams(num_steps=8, clamp_norm_factor=0.75)  # MEMIT's z, fewer steps: these tests check algebra
 CTX = ContextTemplateParams(length_count=[[4, 2]])  # "{}" + 2 generated prefixes: fast, still averaged
 REQ = EditRequest(prompt="{} is located in", subject="The Eiffel Tower", target_new="Rome", source="test", source_index=0)
 REQS = [
@@ -224,7 +226,7 @@ def test_memit_woodbury_equals_direct_solve(gpt2, tokenizer, stats):
 
 def test_memit_write_is_atomic(gpt2, tokenizer, stats, monkeypatch):
     """A failure while writing the second layer restores the first one."""
-    method = MEMIT(layers=[1, 2], context=CTX)
+    method = MEMIT(layers=[1, 2], context=CTX, z=Z)
     method.setup(gpt2, tokenizer, stats)
     targets = method.compute_targets(gpt2, tokenizer, REQS[:2])
     before = _state(gpt2)
@@ -251,7 +253,7 @@ def test_alphaedit_leaves_protected_keys_unchanged(gpt2, tokenizer, stats):
     evals = [torch.linalg.eigvalsh(stats.get(n).matrix) for n in names]
     threshold = max(e.median().item() for e in evals)  # a null space of about half the dimensions
     assert all(threshold < e.max().item() for e in evals)
-    method = AlphaEdit(layers=[1, 2], context=CTX, nullspace_threshold=threshold)
+    method = AlphaEdit(layers=[1, 2], context=CTX, z=Z, nullspace_threshold=threshold)
     method.setup(gpt2, tokenizer, stats)
     before = {n: weight_view(gpt2, n).detach().clone() for n in names}
     method.edit(gpt2, tokenizer, REQS[:2])
@@ -275,7 +277,7 @@ def test_alphaedit_projector_and_failed_write_leave_no_trace(gpt2, tokenizer, st
     c = stats.get(mlp_out_name(gpt2, 1)).matrix
     with pytest.raises(ValueError, match="no eigenvalue.*raise the threshold"):
         null_space_projector(c, threshold=0.0)
-    method = AlphaEdit(layers=[1, 2], context=CTX, nullspace_threshold=float(torch.linalg.eigvalsh(c).max()) * 2)
+    method = AlphaEdit(layers=[1, 2], context=CTX, z=Z, nullspace_threshold=float(torch.linalg.eigvalsh(c).max()) * 2)
     method.setup(gpt2, tokenizer, stats)
     targets = method.compute_targets(gpt2, tokenizer, REQS[:1])
     before = _state(gpt2)
@@ -331,11 +333,11 @@ def test_ft_and_ft_en_reduce_the_target_loss_within_the_norm_bound(gpt2, tokeniz
 @pytest.mark.parametrize(
     "make",
     [
-        lambda: ROME(layer=1, context=CTX, mom2_adjustment=False, v=TargetHyperParams(lr=float("nan"))),
-        lambda: ROME(layer=1, context=CTX, mom2_adjustment=False, v=TargetHyperParams(lr=float("nan")),
+        lambda: ROME(layer=1, context=CTX, mom2_adjustment=False, v=TargetHyperParams(weight_decay=NAN)),
+        lambda: ROME(layer=1, context=CTX, mom2_adjustment=False, v=TargetHyperParams(weight_decay=NAN),
                      eac=EACHyperParams()),
-        lambda: MEMIT(layers=[1, 2], context=CTX, z=TargetHyperParams(lr=float("nan"))),
-        lambda: FT(layers=[1], optim=FTHyperParams(lr=float("nan"))),
+        lambda: MEMIT(layers=[1, 2], context=CTX, z=TargetHyperParams(weight_decay=NAN)),
+        lambda: FT(layers=[1], optim=FTHyperParams(norm_constraint=NAN)),  # Δ becomes NaN after one step
     ],
     ids=["rome", "rome-eac", "memit", "ft"],
 )

@@ -38,8 +38,10 @@ class EditDataModule(L.LightningDataModule):
         shuffle: shuffle the records (seeded) before taking ``num_edits``.
         seed: the shuffle's seed.
         split: split name when ``path`` is a hub dataset.
-        num_retention: unedited records (after the edited ones in the same order) whose original objects probe
-            fact retention during evaluation.
+        num_retention: unedited records whose original objects probe fact retention during evaluation: those
+            after the edited ones in the same order, or the first ones of ``retention_path``.
+        retention_path: another edit dataset to draw the retention probes from (e.g. ZsRE when every
+            CounterFact record is edited).
     """
 
     def __init__(
@@ -51,10 +53,12 @@ class EditDataModule(L.LightningDataModule):
         seed: int = 0,
         split: str = "train",
         num_retention: int = 100,
+        retention_path: str | None = None,
     ) -> None:
         super().__init__()
         self.path, self.num_edits, self.batch_size = path, num_edits, batch_size
         self.shuffle, self.seed, self.split, self.num_retention = shuffle, seed, split, num_retention
+        self.retention_path = retention_path
         self.requests: list[EditRequest] = []
         self.retention: list[EditRequest] = []
         self.position = 0  # requests already applied
@@ -68,7 +72,11 @@ class EditDataModule(L.LightningDataModule):
             random.Random(self.seed).shuffle(order)
         n = len(order) if self.num_edits is None else min(self.num_edits, len(order))
         self.requests = [records[i] for i in order[:n]]
-        self.retention = [r for r in (records[i] for i in order[n : n + self.num_retention]) if r.target_true]
+        if self.retention_path:
+            pool = load_requests(self.retention_path, split=self.split, limit=self.num_retention)
+        else:
+            pool = [records[i] for i in order[n : n + self.num_retention]]
+        self.retention = [r for r in pool[: self.num_retention] if r.target_true]
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(_EditStream(self), batch_size=None, collate_fn=lambda b: b, num_workers=0)

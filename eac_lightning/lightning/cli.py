@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import sys
+import warnings
 from pathlib import Path
 
 from jsonargparse import Namespace
@@ -23,6 +24,11 @@ from eac_lightning.lightning.checkpoint import AtomicCheckpointIO
 from eac_lightning.lightning.module import EditingModule
 
 EXTRA_COMMANDS = ("stats", "testbed", "trace", "export")
+
+# The edited model stays in eval mode on purpose (no dropout in target optimisations), and weights change in a
+# callback, not in ``optimizer.step()``: these two Lightning warnings describe intended behaviour here.
+warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")
+warnings.filterwarnings("ignore", message=".*ModelCheckpoint with manual optimization.*")
 
 
 class EditingCLI(LightningCLI):

@@ -18,8 +18,9 @@ anchors of a whole batch jointly, per edited layer:
 * **LAS** (``las``): the plan is filled round-robin over the edits of the batch (each takes its best remaining
   anchor in turn, the first edit rotating per batch), with at most c (``max_overlap``) edits per (layer,
   dimension) cell and at most ceil(k·r/L) anchors per edit and layer, so concurrent edits do not collide and
-  every edit is spread over the edited layers. Within a dimension, the layer with the fewest edits so far wins.
-  Without LAS each edit takes its top-k dimensions at every layer (MEMIT-EAC's anchors).
+  every edit is spread over the edited layers. Within a dimension, layers are ranked by the RAR penalty, then by
+  the edit's own anchors there, then by the edits already in the cell. Without LAS each edit takes its top-k
+  dimensions at every layer (MEMIT-EAC's anchors).
 * **RAR** (``rar``): a rolling, decaying record U ∈ R^{L×d} of how many edits each (layer, dimension) anchor has
   carried (U ← ρ·U + Σ_i M_i after every batch). New anchors are ranked by the penalised priority
   |score_i[j]| / max|score_i| · π[l, j], π = 1 / (1 + β·U/mean(U)), so heavily used anchors are avoided; the
@@ -186,11 +187,17 @@ def plan_anchors(
     floor = [math.inf] * n
     layer_rank = torch.arange(n_layers, dtype=torch.float64)[:, None]
     for t in range(k):
+        # Every edit proposes its best slot on the state at the start of the round (one vectorised pass); in turn
+        # order a proposal is taken if its cells are still under the bound, else the edit picks again on the
+        # current state. (Its quota and its own anchors only change through its own pick, once per round.)
+        proposals = _proposals(prio, pi, count, cap, per_layer, quota, taken, r, layer_rank)
         for s in range(n):
             i = (start + t + s) % n
             if stuck[i]:
                 continue
-            pick = _best_slot(prio[i], pi, count, cap, per_layer[i], quota, taken[i], r, layer_rank)
+            pick = proposals[i]
+            if pick is None or bool((count[pick[1], pick[0]] >= cap).any()):
+                pick = _best_slot(prio[i], pi, count, cap, per_layer[i], quota, taken[i], r, layer_rank)
             if pick is None:  # the quota per layer cannot be met: relax it before giving up
                 pick = _best_slot(prio[i], pi, count, cap, None, quota, taken[i], r, layer_rank)
             if pick is None:
@@ -213,6 +220,31 @@ def plan_anchors(
     return AnchorPlan(masks, thr, int(count.max()) if n else 0, cap, got)
 
 
+def _layer_key(pi, count, cap, per_layer, quota, layer_rank):
+    """Rank of the layers within each dimension: π first (RAR), then the layer where the edit has the fewest anchors
+    (spread over layers), then the emptiest cell (fewest concurrent edits), then the index. ``per_layer`` (…, L)."""
+    key = pi - 1e-9 * layer_rank - 1e-6 * count.double() / cap
+    if per_layer is not None:
+        key = key - 1e-3 * (per_layer.double() / quota)[..., None]
+    return key
+
+
+def _proposals(prio, pi, count, cap, per_layer, quota, taken, r, layer_rank):
+    """:func:`_best_slot` of every edit at once (n, L, d), under the per-layer quota; None where none is free."""
+    free = (count < cap)[None] & (per_layer < quota)[:, :, None] & ~taken[:, None, :]
+    key = _layer_key(pi[None], count[None], cap, per_layer, quota, layer_rank[None])
+    key = torch.where(free, key, torch.full_like(key, -math.inf))
+    top, idx = torch.topk(key, r, dim=1)  # (n, r, d)
+    ok = torch.isfinite(top).all(1)  # (n, d)
+    value = prio * torch.gather(pi[None].expand(len(prio), -1, -1), 1, idx).mean(1)
+    value = torch.where(ok, value, torch.full_like(value, -math.inf))
+    best = torch.argmax(value, dim=1)
+    out = []
+    for i, j in enumerate(best.tolist()):
+        out.append((j, idx[i, :, j], float(value[i, j])) if bool(ok[i, j]) else None)
+    return out
+
+
 def _best_slot(prio_i, pi, count, cap, per_layer_i, quota, taken_i, r, layer_rank):
     """Edit i's best free anchor: the dimension j (not yet its anchor) with the highest prio·mean π over its r
     best free layers; layers are ranked by π, then fewest edits in the cell, then index. None if none is free."""
@@ -221,11 +253,7 @@ def _best_slot(prio_i, pi, count, cap, per_layer_i, quota, taken_i, r, layer_ran
         free &= (per_layer_i < quota)[:, None]
     if not free.any():
         return None
-    # Rank layers within each dimension: π first (RAR), then the layer where this edit has the fewest anchors
-    # (spread over layers), then the emptiest cell (fewest concurrent edits), then the index.
-    key = pi - 1e-9 * layer_rank - 1e-6 * count.double() / cap
-    if per_layer_i is not None:
-        key = key - 1e-3 * (per_layer_i.double() / quota)[:, None]
+    key = _layer_key(pi, count, cap, per_layer_i, quota, layer_rank)
     key = torch.where(free, key, torch.full_like(key, -math.inf))
     top, idx = torch.topk(key, r, dim=0)  # (r, d)
     ok = torch.isfinite(top).all(0)
