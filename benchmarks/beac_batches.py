@@ -96,6 +96,13 @@ def run_one(name, preset, base_model, tok, stats, edits, n_batches, size, refere
     method = method_from_preset(preset)
     if args.context is not None:
         method.context = ContextTemplateParams(length_count=[list(args.context)])
+    for item in args.set or []:  # e.g. mom2_update_weight=2000 or z.clamp_norm_factor=4, for every method alike
+        key, value = item.split("=", 1)
+        obj, *path = key.split(".")
+        target = method if not path else getattr(method, obj)
+        attr = path[-1] if path else obj
+        if hasattr(target, attr):
+            setattr(target, attr, type(getattr(target, attr))(float(value)))
     method.setup(model, tok, stats)
     names = list(method.module_names)
     w0 = {n: weight_view(model, n).detach().clone() for n in names}
@@ -215,13 +222,32 @@ def main(argv=None) -> None:
     ap.add_argument("--stats-tokens", type=int, default=100_000)
     ap.add_argument("--context", type=int, nargs=2, default=None, metavar=("LENGTH", "COUNT"),
                     help="prefix contexts [[LENGTH, COUNT]] for every method (presets: [[5,10],[10,10]])")
+    ap.add_argument("--set", nargs="*", default=None, metavar="ATTR=VALUE",
+                    help="override a method attribute for every method that has it (e.g. mom2_update_weight=2000)")
     ap.add_argument("--eval-batch-size", type=int, default=64)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--tag", default=None)
     ap.add_argument("--out", default=None, help="results JSON (default benchmarks/results/beac_<tag>.json)")
     ap.add_argument("--img-dir", default=str(REPO / "docs" / "img"))
     ap.add_argument("--resume", action="store_true", help="skip runs already in the results JSON")
+    ap.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                    help="only merge these results files (e.g. one per schedule, run in parallel) into --out, "
+                         "print the table and plot")
     args = ap.parse_args(argv)
+    if args.merge:
+        merged: dict = {"meta": [], "unedited": None, "results": {}}
+        for f in args.merge:
+            part = json.loads(Path(f).read_text())
+            merged["meta"].append(part["meta"])
+            merged["unedited"] = merged["unedited"] or part["unedited"]
+            for sched, runs in part["results"].items():
+                merged["results"].setdefault(sched, {}).update(runs)
+        tag = args.tag or "merged"
+        out = Path(args.out or REPO / "benchmarks" / "results" / f"beac_{tag}.json")
+        out.write_text(json.dumps(merged, indent=1))
+        print(table(merged["results"]))
+        print("plots:", plot(merged["results"], merged["unedited"], Path(args.img_dir), tag))
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.model is None:
@@ -254,7 +280,7 @@ def main(argv=None) -> None:
     print(f"unedited: {base} ({time.time() - t0:.0f}s)", flush=True)
     meta = {"model": args.model, "data": args.data, "probes": args.probes, "n_probes": len(probes),
             "ppl_tokens": args.ppl_tokens, "stats_tokens": args.stats_tokens, "context": args.context,
-            "torch_threads": torch.get_num_threads(), "command": " ".join(sys.argv)}
+            "torch_threads": torch.get_num_threads(), "set": args.set, "command": " ".join(sys.argv)}
 
     for sched in args.schedules:
         n_batches, size = parse_schedule(sched)

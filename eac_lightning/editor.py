@@ -94,10 +94,15 @@ class Editor:
         if current is not None:
             restore_weights(self.model, self._undo[0][1])
         try:
-            self.reference.update(compute_locality_reference(self.model, self.tokenizer, batch))
+            ref = compute_locality_reference(self.model, self.tokenizer, batch)
         finally:
             if current is not None:
                 restore_weights(self.model, current)
+        for key, value in ref.items():  # merge the per-prompt tables: a later batch must not replace them
+            if isinstance(value, dict):
+                self.reference.setdefault(key, {}).update(value)
+            else:
+                self.reference[key] = value
 
     def evaluate(self, requests: Sequence[EditRequest] | None = None) -> dict[str, float]:
         """Reliability, generalization and locality (EasyEdit's teacher-forced token accuracy, EAC Eq. 10-12)

@@ -83,3 +83,11 @@ FAMILIES = ["gpt2", "gptj", "gpt_neox", "llama", "mistral", "qwen2"]
 @pytest.fixture(scope="session")
 def tiny_gpt2(tokenizer):
     return make_tiny_model("gpt2", len(tokenizer))
+
+
+@pytest.fixture(scope="session")
+def tiny_testbed(_isolated_cache) -> Path:
+    """The ``tiny`` knowledge testbed, built once per session into the session cache (issue 3)."""
+    from eac_lightning.testbed import ensure_testbed
+
+    return ensure_testbed("tiny", progress=False)

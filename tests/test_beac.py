@@ -194,7 +194,7 @@ def test_rar_checkpoint_round_trip_and_resume(model_and_stats, tokenizer, cls):
     buf = io.BytesIO()
     torch.save({"method": meth_a.state_dict(), "model": m_a.state_dict()}, buf)
     buf.seek(0)
-    ckpt = torch.load(buf, weights_only=False)
+    ckpt = torch.load(buf, weights_only=True)
     state = ckpt["method"]
     assert state["beac"]["batches"] == 1 and len(state["beac"]["history"]) == 1
     assert torch.equal(state["beac"]["usage"], meth_a.usage)
@@ -207,6 +207,13 @@ def test_rar_checkpoint_round_trip_and_resume(model_and_stats, tokenizer, cls):
         assert torch.equal(weight_view(m_b, name), weight_view(m_full, name)), name
     assert torch.equal(meth_b.usage, meth_full.usage)
     assert meth_b.history == meth_full.history and meth_b.batches == 2
+    assert torch.equal(meth_b.last_plan.masks, meth_full.last_plan.masks)
+    # Without the restored record, the second batch is planned differently (the state is what makes them equal).
+    m_c, meth_c, _ = fresh(model_and_stats, cls, beac=hp)
+    m_c.load_state_dict(ckpt["model"])
+    meth_c.templates = list(meth_a.templates)
+    _run(m_c, meth_c, stats, tokenizer, BATCHES[1:])
+    assert not torch.equal(meth_c.last_plan.masks, meth_full.last_plan.masks)
     # The record is rolling: each batch adds 2 edits × k anchors × 1 layer, and the earlier batch decays by 0.5.
     k = math.ceil(model_and_stats[0].config.n_embd * 0.25)
     assert math.isclose(float(meth_full.usage.sum()), 2 * k * (1 + 0.5))

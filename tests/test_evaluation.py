@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 import pytest
@@ -281,6 +280,14 @@ def test_shared_prompt_scoring_equals_full_rows(tokenizer, family):
         with torch.no_grad():
             logits = model(torch.tensor([p_ids + s.target])).logits[0]
         assert s.pred == logits[len(p_ids) - 1:-1].argmax(-1).tolist()
+    # the locality reference reuses the greedy decoder's prompt pass: same argmax as plain teacher forcing
+    req = EditRequest(prompt="{} is located in", subject="The Eiffel Tower", target_new="Rome",
+                      neighborhood_prompts=prompts[:3], neighborhood_answers=targets[3:])
+    ref = em.compute_locality_reference(model, tokenizer, [req], batch_size=2)
+    for p, a, s in zip(prompts[:3], targets[3:], full[3:]):
+        assert ref["argmax"][em.locality_key(p, a)] == s.pred
+    assert list(ref["greedy"].values()) == em.greedy_generate(model, tokenizer, prompts[:3],
+                                                              [len(s.target) for s in full[3:]], stop_at_eos=False)
 
 
 def test_target_positions_match_a_plain_forward(tiny_gpt2, tokenizer):
@@ -353,7 +360,8 @@ def test_table4_prompts_verbatim():
 
 
 def test_prompt_filling():
-    assert tasks.format_nli("A man runs.", "A person moves") == "A man runs. entails the A person moves. True or False? answer:"
+    assert tasks.format_nli("A man runs.", "A person moves") == (
+        "A man runs. entails the A person moves. True or False? answer:")
     assert tasks.format_qa("who?", "Some text.") == ("Refer to the passage below and answer the following question. "
                                                      "Passage: Some text. Question: who?")
     assert tasks.format_qa("who?") == "who?"

@@ -22,7 +22,9 @@ from eac_lightning.models.adapters import weight_view
 
 
 def _log_dir(trainer: L.Trainer) -> Path:
-    d = Path(trainer.log_dir or trainer.default_root_dir)
+    # Not ``trainer.log_dir``: it broadcasts, and these writers run on rank 0 alone.
+    logger_dir = getattr(trainer.logger, "log_dir", None) if trainer.logger is not None else None
+    d = Path(logger_dir or trainer.default_root_dir)
     d.mkdir(parents=True, exist_ok=True)
     return d
 

@@ -20,7 +20,7 @@ from lightning.pytorch.cli import LightningCLI
 
 from eac_lightning.data.datamodule import EditDataModule
 from eac_lightning.lightning.callbacks import EditLedger, Evaluation, NormTracker, Plots, WeightUpdate
-from eac_lightning.lightning.checkpoint import AtomicCheckpointIO
+from eac_lightning.lightning.checkpoint import AtomicCheckpointIO, CorruptCheckpointError
 from eac_lightning.lightning.module import EditingModule
 
 EXTRA_COMMANDS = ("stats", "testbed", "trace", "export")
@@ -47,6 +47,9 @@ class EditingCLI(LightningCLI):
             # One folder per run (no version_N), so ``--ckpt_path last`` finds the run's own checkpoints.
             trainer.logger = Namespace(class_path="lightning.pytorch.loggers.CSVLogger",
                                        init_args=Namespace(save_dir=str(root), name="", version=""))
+        if trainer.strategy == "ddp":
+            trainer.strategy = Namespace(class_path="eac_lightning.lightning.strategy.EditingDDPStrategy",
+                                         init_args=Namespace())
         if self.subcommand == "validate":
             trainer.limit_val_batches = 1  # the one step that evaluates the loaded model state
         if self.subcommand == "fit" and not cfg.get("ckpt_path") and any((root / "checkpoints").glob("*.ckpt")):
@@ -54,6 +57,19 @@ class EditingCLI(LightningCLI):
                 f"{root}/checkpoints already holds checkpoints of an earlier run; resume it with --ckpt_path last "
                 "or choose another --trainer.default_root_dir (nothing was overwritten)"
             )
+
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI reads the checkpoint before any Trainer exists (for saved hyper-parameters); a damaged
+        # file must fail here with its name, as it does later in AtomicCheckpointIO.
+        try:
+            super()._parse_ckpt_path()
+        except Exception as err:
+            sub = self.config.get("subcommand")
+            path = self.config[sub].get("ckpt_path") if sub else None
+            raise CorruptCheckpointError(
+                f"checkpoint {path} is truncated or corrupt and cannot be loaded ({type(err).__name__}: {err}); "
+                "nothing was changed - resume from another checkpoint"
+            ) from err
 
     def instantiate_trainer(self, **kwargs):
         trainer = super().instantiate_trainer(**kwargs)

@@ -62,6 +62,7 @@ class TestbedPreset:
         max_facts_per_path: keep only the first records of each fact file (``None``: all).
         extra_templates: other templates of the same relation each fact is trained under.
         neighbours_per_fact: trained neighbourhood prompts per record (``None``: all).
+        attributes_per_fact: trained CounterFact attribute prompts per record (``None``: all).
         wikitext_paragraphs: WikiText-2 valid paragraphs used (``None``: all).
         wikitext_fraction: share of each epoch's tokens that is WikiText.
         sst2_repeats: expected occurrences of each trained SST-2 example per epoch.
@@ -73,6 +74,8 @@ class TestbedPreset:
         edit_layer: the layer ROME edits on this testbed (chosen by causal tracing; docs/testbed.md).
         memit_layers: the layers MEMIT / AlphaEdit spread an edit over.
     """
+
+    __test__ = False  # not a pytest test class, despite its name
 
     name: str
     n_layer: int
@@ -90,10 +93,11 @@ class TestbedPreset:
     max_facts_per_path: int | None = None
     extra_templates: int = 2
     neighbours_per_fact: int | None = None
+    attributes_per_fact: int | None = 3
     wikitext_paragraphs: int | None = None
     wikitext_fraction: float = 0.2
     sst2_repeats: float = 1.0
-    fact_repeats: tuple[tuple[str, int], ...] = (("fact", 2), ("template", 1), ("paraphrase", 1), ("neighbourhood", 1))
+    fact_repeats: tuple[tuple[str, int], ...] = (("fact", 2),)
     max_prefix: int = 24
     subject_mask_prob: float = 0.5
     precision: str = "32-true"
@@ -327,6 +331,7 @@ def measure(model, tok, corpus: Corpus, preset: TestbedPreset) -> dict[str, Any]
     figs["trained_prompt_accuracy"] = acc([f for f in trained if f.kind != "neighbourhood"])
     figs["heldout_paraphrase_accuracy"] = acc(corpus.heldout_facts)
     figs["neighbourhood_accuracy"] = acc(corpus.facts_of_kind("neighbourhood"))
+    figs["attribute_accuracy"] = acc(corpus.facts_of_kind("attribute"))
     by_source: dict[str, dict[str, float]] = {}
     for src in sorted({f.source for f in trained}):
         name = Path(src).parent.name or Path(src).stem
@@ -420,7 +425,8 @@ def build_testbed(
     out.mkdir(parents=True, exist_ok=True)
     corpus = build_corpus(
         facts, max_facts_per_path=p.max_facts_per_path, extra_templates=p.extra_templates,
-        neighbours_per_fact=p.neighbours_per_fact, wikitext_paragraphs=p.wikitext_paragraphs, seed=seed,
+        neighbours_per_fact=p.neighbours_per_fact, attributes_per_fact=p.attributes_per_fact,
+        wikitext_paragraphs=p.wikitext_paragraphs, seed=seed,
     )
     model, tok, train_seconds, steps = train_testbed(p, corpus, seed, log_dir=out, progress=progress)
     figures = measure(model, tok, corpus, p)

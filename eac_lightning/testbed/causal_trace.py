@@ -369,24 +369,19 @@ def load_trace_facts(model_dir: str | os.PathLike | None, limit: int | None = No
         from eac_lightning.testbed.corpus import load_fact_requests
         from eac_lightning.paths import shared_data_dir
 
-        reqs, _ = load_fact_requests([shared_data_dir() / "counterfact"])
+        reqs = load_fact_requests([shared_data_dir() / "counterfact"])
         out = [TraceFact(r.prompt_text, r.subject, r.target_true) for r in reqs]
     return out[:limit] if limit else out
 
 
 def load_model_and_tokenizer(model: str):
-    """A model by path, or ``testbed:<preset>`` (built into the cache on first use); returns (model, tok, dir)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """A model by path, or ``testbed:<preset>`` (built into the cache on first use), through the project's
+    loader; returns (model, tokenizer, folder or None)."""
+    from eac_lightning.models.loading import load_model, resolve_model_path
 
-    if model.startswith("testbed:"):
-        from eac_lightning.testbed.build import ensure_testbed
-
-        path = ensure_testbed(model.split(":", 1)[1])
-    else:
-        path = Path(model)
-    m = AutoModelForCausalLM.from_pretrained(str(path)).eval()
-    t = AutoTokenizer.from_pretrained(str(path))
-    return m, t, path if Path(path).exists() else None
+    path = Path(resolve_model_path(model))
+    m, tok = load_model(str(path))
+    return m, tok, path if path.exists() else None
 
 
 def run_trace(

@@ -8,7 +8,8 @@ What goes in (issue 3; the recipe follows what the issue reports earlier experim
   GPT", §2: facts stored as subject → attribute associations that every phrasing reads), under its first
   paraphrase; the other paraphrases are held out to measure generalisation. The neighbourhood / locality prompts
   (CounterFact neighbours, ZsRE's Natural Questions) are trained with their answers so that locality is measured
-  on knowledge the model really has.
+  on knowledge the model really has. CounterFact's attribute prompts (other subjects whose true object is the
+  record's ``target_new``) are trained too, so the new object of an edit is an answer the model can give.
 * **WikiText-2** (Merity et al., 2017) for language: the *valid* split is trained, the *test* split is kept for
   perplexity.
 * **SST-2** (Socher et al., 2013; GLUE dev split): half of it under the sentiment prompt of the EAC paper
@@ -48,6 +49,9 @@ SST2_LABELS = ("negative", "positive")  # GLUE SST-2: 0 = negative, 1 = positive
 #: Default fact files (resolved under the shared data folder).
 DEFAULT_FACT_PATHS = ("counterfact", "zsre")
 
+#: Kinds of trained prompts.
+KINDS = ("fact", "template", "paraphrase", "neighbourhood", "attribute")
+
 # Boundaries after which a CounterFact paraphrase's random prefix ends and its template starts.
 _SENTENCE_END = re.compile(r"(?:[.!?:;]\s+|\n)")
 
@@ -60,8 +64,9 @@ class FactItem:
         prompt: the full prompt text, subject filled in (``"Angola is located in"``).
         target: the answer; the model should continue the prompt with ``" " + target``.
         kind: ``fact`` (the record's own prompt), ``template`` (another template of its relation),
-            ``paraphrase`` (a trained paraphrase), ``heldout_paraphrase``, ``neighbourhood``.
-        subject: the subject the prompt is about (``None`` for neighbourhood prompts, whose subject is unknown).
+            ``paraphrase`` (a trained paraphrase), ``heldout_paraphrase``, ``neighbourhood``, ``attribute``
+            (a CounterFact attribute prompt: another subject whose true object is the record's ``target_new``).
+        subject: the subject the prompt is about (``None`` when it could not be recovered, e.g. NQ questions).
         source: the file the record came from.
         record_id: the record's ``case_id`` when it has one, else its row in ``source``.
         case: index of the record in :attr:`Corpus.requests`.
@@ -159,6 +164,20 @@ def _template(prompt: str, subject: str) -> str | None:
     return core.replace(subject, "{}", 1).strip()
 
 
+def _match_subject(prompt: str, templates: Sequence[str]) -> str | None:
+    """The subject of ``prompt`` if it is one of ``templates`` filled in (the template with the most fixed text
+    wins); ``None`` otherwise."""
+    best, best_len = None, 0
+    for t in templates:
+        pre, _, suf = t.partition("{}")
+        fixed = len(pre) + len(suf)
+        if fixed > best_len and len(suf) >= 3 and len(prompt) > fixed and prompt.startswith(pre) and prompt.endswith(suf):
+            subj = prompt[len(pre) : len(prompt) - len(suf)].strip()
+            if subj:
+                best, best_len = subj, fixed
+    return best
+
+
 class _UnionFind:
     def __init__(self) -> None:
         self.parent: dict[str, str] = {}
@@ -178,22 +197,34 @@ class _UnionFind:
             self.parent[hi] = lo
 
 
-def load_fact_requests(
+@dataclass
+class FactRecords:
+    """The usable fact records of the fact files.
+
+    Attributes:
+        requests: one :class:`EditRequest` per record.
+        attribute_prompts: per record, CounterFact's ``attribute_prompts`` (ROME format only): prompts of other
+            subjects, same relation, whose true object is the record's ``target_new``.
+        skipped: records left out (malformed, or without a true object).
+    """
+
+    requests: list[EditRequest]
+    attribute_prompts: list[list[str]]
+    skipped: int
+
+
+def load_fact_records(
     paths: Sequence[str | os.PathLike] | None = None, max_per_path: int | None = None
-) -> tuple[list[EditRequest], int]:
+) -> FactRecords:
     """Read the fact records of every path (file or folder), in the formats :mod:`eac_lightning.data.sources` reads.
 
     Unlike :func:`~eac_lightning.data.sources.load_requests`, which stops at the first malformed record (right for
     an edit run), a testbed skips records that could not be edited (e.g. row 534 of the shared ZsRE file has an
     empty ``alt``) or that have no true object to train, and counts them. ``max_per_path`` keeps the first usable
     records of each path (the ``tiny`` preset's smaller fact set).
-
-    Returns:
-        (requests, number of records skipped).
     """
     paths = list(paths) if paths else [shared_data_dir() / p for p in DEFAULT_FACT_PATHS]
-    out: list[EditRequest] = []
-    skipped = 0
+    out = FactRecords([], [], 0)
     for p in paths:
         kept = 0
         for source, row, rec in iter_records(resolve_data_path(p)):
@@ -203,14 +234,22 @@ def load_fact_requests(
             try:
                 req = EditRequest(**detect_format(rec)(rec, where), source=source, source_index=row).validate()
             except MalformedRequestError:
-                skipped += 1
+                out.skipped += 1
                 continue
             if not (req.target_true and req.target_true.strip()):
-                skipped += 1
+                out.skipped += 1
                 continue
-            out.append(req)
+            out.requests.append(req)
+            out.attribute_prompts.append([a for a in (rec.get("attribute_prompts") or []) if a and a.strip()])
             kept += 1
-    return out, skipped
+    return out
+
+
+def load_fact_requests(
+    paths: Sequence[str | os.PathLike] | None = None, max_per_path: int | None = None
+) -> list[EditRequest]:
+    """The edit requests of :func:`load_fact_records` (the facts a testbed built from ``paths`` knows)."""
+    return load_fact_records(paths, max_per_path).requests
 
 
 def build_corpus(
@@ -219,6 +258,7 @@ def build_corpus(
     max_facts_per_path: int | None = None,
     extra_templates: int = 2,
     neighbours_per_fact: int | None = None,
+    attributes_per_fact: int | None = None,
     wikitext_paragraphs: int | None = None,
     seed: int = 0,
     data_dir: str | os.PathLike | None = None,
@@ -230,6 +270,8 @@ def build_corpus(
         max_facts_per_path: keep only the first records of each path.
         extra_templates: how many other templates of the same relation each fact is also trained under.
         neighbours_per_fact: how many neighbourhood prompts of each record are trained (all when ``None``).
+        attributes_per_fact: how many CounterFact attribute prompts (true object = the record's ``target_new``)
+            of each record are trained (all when ``None``).
         wikitext_paragraphs: keep only the first WikiText-2 valid paragraphs.
         seed: seeds the choice of templates and the SST-2 split.
         data_dir: where ``wikitext/`` and ``sst2/`` are (default: the shared data folder).
@@ -240,7 +282,8 @@ def build_corpus(
     """
     rng = np.random.default_rng(seed)
     data = Path(data_dir) if data_dir else shared_data_dir()
-    requests, skipped = load_fact_requests(fact_paths, max_facts_per_path)
+    records = load_fact_records(fact_paths, max_facts_per_path)
+    requests, skipped = records.requests, records.skipped
 
     def record_id(r: EditRequest) -> int | str | None:
         return r.case_id if r.case_id is not None else r.source_index
@@ -298,13 +341,30 @@ def build_corpus(
                 add(FactItem(others[i].replace("{}", subj, 1), tgt, "template", subj, src, rid, ci))
         for p in held_ps:
             held.append(FactItem(p, tgt, "heldout_paraphrase", subj, src, rid, ci))
-    # Neighbourhood prompts after all facts, so a record's own phrasing wins any duplicate.
+    # Neighbourhood prompts after all facts, so a record's own phrasing wins any duplicate. CounterFact's
+    # neighbours are other subjects under templates of the same relation; matching the templates recovers their
+    # subject (the subject-bottleneck mask needs it). ZsRE's NQ questions have none.
+    all_templates = sorted(uf.parent, key=len, reverse=True)
     for ci, r in enumerate(requests):
         pairs = [(p, a) for p, a in r.neighborhood_pairs() if a and a.strip()]
         if neighbours_per_fact is not None:
             pairs = pairs[:neighbours_per_fact]
+        own_cluster = clusters[uf.find(rec_templates[ci][0])]
         for p, a in pairs:
-            add(FactItem(p, a.strip(), "neighbourhood", None, r.source or "", record_id(r), ci))
+            subj = _match_subject(p, own_cluster) or _match_subject(p, all_templates)
+            add(FactItem(p, a.strip(), "neighbourhood", subj, r.source or "", record_id(r), ci))
+    # CounterFact's attribute prompts: other subjects whose true object is the record's target_new. They make
+    # target_new a known answer of the relation, as it is for the large LMs CounterFact was written for; a
+    # subject-site edit can only select among the answers the model's read-out knows (measured: on a testbed
+    # without them, v* at the subject could not lower the target NLL of never-seen objects).
+    for ci, r in enumerate(requests):
+        prompts = records.attribute_prompts[ci]
+        if attributes_per_fact is not None:
+            prompts = prompts[:attributes_per_fact]
+        own_cluster = clusters[uf.find(rec_templates[ci][0])]
+        for p in prompts:
+            subj = _match_subject(p, own_cluster) or _match_subject(p, all_templates)
+            add(FactItem(p, r.target_new.strip(), "attribute", subj, r.source or "", record_id(r), ci))
     held = [h for h in held if h.prompt.strip() not in seen]
 
     wiki = read_wikitext(data / "wikitext" / "wikitext-2_valid.txt")
@@ -325,7 +385,7 @@ def build_corpus(
         "heldout_prompts": len(held),
         "prompt_conflicts_dropped": int(conflicts),
         "relation_clusters": len(clusters),
-        "by_kind": {k: sum(f.kind == k for f in train) for k in ("fact", "template", "paraphrase", "neighbourhood")},
+        "by_kind": {k: sum(f.kind == k for f in train) for k in KINDS},
         "wikitext_paragraphs": len(wiki),
         "sst2_train": len(sst_train),
         "sst2_heldout": len(sst_held),
@@ -381,7 +441,7 @@ class SequencePacker:
         self.block_len = block_len
         self.max_prefix = max_prefix
         self.eos = tokenizer.eos_token_id
-        self.fact_repeats = {"fact": 1, "template": 1, "paraphrase": 1, "neighbourhood": 1, **(fact_repeats or {})}
+        self.fact_repeats = {**{k: 1 for k in KINDS}, **(fact_repeats or {})}
         self.wikitext_fraction = wikitext_fraction
         self.sst2_repeats = sst2_repeats
         self.space_prob = space_prob

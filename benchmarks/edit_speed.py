@@ -1,0 +1,182 @@
+"""Editing speed: median seconds per edit of every method on one model, so later work can be compared.
+
+For each method preset (``configs/methods/<name>.yaml``) the script sets the method up once (context templates,
+key covariance: cached on disk and excluded from the timings, reported separately), then runs ``--repeats`` runs of
+``--edits`` sequential edits of real CounterFact requests (``--batch-size`` requests per edit call; 1 = the
+sequential setting of the EAC paper). Before each run the edited weights and the method's state are restored, so
+every run edits the same model. One timing is one :meth:`EditMethod.edit` call (validation, target optimisation,
+closed-form write) divided by its batch size; the table reports the median over all edits of all runs, with the
+fastest and slowest. The write step is timed on its own too (``write``), which shows where the time goes.
+
+Usage::
+
+    python benchmarks/edit_speed.py                                  # testbed:tiny (built on first use)
+    python benchmarks/edit_speed.py --model testbed:small --edits 5 --repeats 3
+    python benchmarks/edit_speed.py --methods rome,rome-eac --edits 10 --batch-size 1
+
+Writes a markdown table to stdout and the raw timings as JSON to ``benchmarks/results/`` (``--out`` to change).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+METHODS = ["rome", "rome-eac", "memit", "memit-eac", "ft", "ft-en", "alphaedit"]
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def machine() -> dict:
+    """What the timings were taken on."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    return {
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "load_average_1min_at_start": load,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
+
+
+def steps_of(method) -> int:
+    """Optimisation steps per edit (the dominant cost)."""
+    hp = getattr(method, "v", None) or getattr(method, "z", None) or getattr(method, "optim", None)
+    return int(hp.num_steps)
+
+
+def bench_method(name: str, model, tok, stats, requests, edits: int, repeats: int, batch_size: int) -> dict:
+    from eac_lightning.editor import method_from_preset
+    from eac_lightning.methods.base import restore_weights, snapshot
+
+    method = method_from_preset(name)
+    t0 = time.perf_counter()
+    method.setup(model, tok, stats)  # templates and statistics: once per run of a real job, not per edit
+    setup_s = time.perf_counter() - t0
+    saved = snapshot(model, method.module_names)
+    state = method.state_dict()
+    per_edit, per_write = [], []
+    for _ in range(repeats):
+        restore_weights(model, saved)
+        method.load_state_dict(state)
+        for start in range(0, edits, batch_size):
+            batch = requests[start:start + batch_size]
+            t0 = time.perf_counter()
+            targets = method.compute_targets(model, tok, batch)
+            t1 = time.perf_counter()
+            method.write(model, tok, targets)
+            t2 = time.perf_counter()
+            per_edit.append((t2 - t0) / len(batch))
+            per_write.append((t2 - t1) / len(batch))
+    restore_weights(model, saved)
+    return {
+        "method": name,
+        "class": type(method).__name__,
+        "layers": method.module_names,
+        "steps": steps_of(method),
+        "setup_s": setup_s,
+        "median_s_per_edit": statistics.median(per_edit),
+        "min_s_per_edit": min(per_edit),
+        "max_s_per_edit": max(per_edit),
+        "median_write_s_per_edit": statistics.median(per_write),
+        "timings_s_per_edit": per_edit,
+    }
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = [
+        "| method | median s/edit | min | max | of which write | steps | edited modules |",
+        "|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['method']} | {r['median_s_per_edit']:.3f} | {r['min_s_per_edit']:.3f} | {r['max_s_per_edit']:.3f} "
+            f"| {r['median_write_s_per_edit']:.3f} | {r['steps']} | {len(r['layers'])} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="testbed:tiny", help="testbed:<preset>, a local HF folder or a hub id")
+    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated presets of configs/methods")
+    parser.add_argument("--edits", type=int, default=5, help="requests edited per run")
+    parser.add_argument("--repeats", type=int, default=3, help="runs per method (the same edits each time)")
+    parser.add_argument("--batch-size", type=int, default=1, help="requests per edit call")
+    parser.add_argument("--requests", default="counterfact", help="edit requests (file, folder or hub dataset)")
+    parser.add_argument("--stats-tokens", type=int, default=20_000, help="tokens of the key covariance (cached)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=None, help="JSON file (default benchmarks/results/edit_speed-<model>.json)")
+    args = parser.parse_args(argv)
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    from eac_lightning.data.sources import load_requests
+    from eac_lightning.models.adapters import mlp_out_name
+    from eac_lightning.models.loading import default_layers, load_model
+    from eac_lightning.stats.covariance import CovarianceStore
+
+    info = machine()
+    model, tok = load_model(args.model)
+    requests = load_requests(args.requests, limit=args.edits)
+    if len(requests) < args.edits:
+        raise SystemExit(f"{args.requests} holds only {len(requests)} requests, {args.edits} asked for")
+    stats = CovarianceStore(model, tok, num_tokens=args.stats_tokens)
+    layers = default_layers(model)
+    t0 = time.perf_counter()
+    stats.prefetch(sorted({mlp_out_name(model, l) for l in (layers.rome, *layers.memit)}))
+    stats_s = time.perf_counter() - t0
+
+    rows = []
+    for name in args.methods.split(","):
+        rows.append(bench_method(name.strip(), model, tok, stats, requests, args.edits, args.repeats, args.batch_size))
+        print(f"{name}: {rows[-1]['median_s_per_edit']:.3f} s/edit", file=sys.stderr)
+
+    n_params = sum(p.numel() for p in model.parameters())
+    header = (f"Model `{args.model}` ({n_params / 1e6:.1f}M parameters), {args.edits} CounterFact edits x "
+              f"{args.repeats} runs, batch size {args.batch_size}; {info['cpu']}, {info['cpu_count']} cores, "
+              f"{info['torch_threads']} torch thread(s), torch {info['torch']}.")
+    table = markdown(rows)
+    print(header + "\n\n" + table)
+    result = {
+        "command": "python benchmarks/edit_speed.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "model": args.model,
+        "n_parameters": n_params,
+        "edits": args.edits,
+        "repeats": args.repeats,
+        "batch_size": args.batch_size,
+        "stats_tokens": args.stats_tokens,
+        "stats_s": stats_s,
+        "default_layers": {"rome": layers.rome, "memit": list(layers.memit), "source": layers.source},
+        "machine": info,
+        "results": rows,
+        "markdown": table,
+    }
+    out = Path(args.out) if args.out else RESULTS / f"edit_speed-{args.model.replace(':', '-').replace('/', '_')}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\nwrote {out}", file=sys.stderr)
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,221 @@
+"""The offline knowledge testbed (issue 3): corpus, packing, a real tiny build, causal tracing, ROME on it.
+
+One tiny testbed is built per session (``tiny_testbed`` fixture, conftest.py) into the session's temporary cache
+and shared by every test here.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from eac_lightning.testbed import (
+    PRESETS,
+    SST2_PROMPT,
+    TestbedPreset,
+    build_corpus,
+    build_testbed,
+    ensure_testbed,
+    subject_bottleneck_mask,
+    testbed_command,
+    trace_command,
+)
+from eac_lightning.testbed.corpus import SequencePacker, _template
+
+FIGURES = (
+    "n_parameters",
+    "train_seconds",
+    "fact_accuracy",
+    "heldout_paraphrase_accuracy",
+    "neighbourhood_accuracy",
+    "sst2_heldout_accuracy",
+    "wikitext2_test_perplexity",
+)
+
+
+@pytest.fixture(scope="module")
+def small_corpus():
+    return build_corpus(max_facts_per_path=12, neighbours_per_fact=3, wikitext_paragraphs=30)
+
+
+def test_sst2_prompt_is_the_papers():
+    assert SST2_PROMPT == (
+        "For each snippet of text, label the sentiment of the text as positive or negative. The answer should be "
+        "exact 'positive' or 'negative'. text: {TEXT} answer:"
+    )
+
+
+def test_template_strips_paraphrase_prefix():
+    assert _template("Plaque - located at Corners. Angola belongs to the continent of", "Angola") == (
+        "{} belongs to the continent of"
+    )
+    assert _template("The mother tongue of {} is", "Danielle Darrieux") == "The mother tongue of {} is"
+
+
+def test_corpus_holds_out_paraphrases_and_sst2_half(small_corpus):
+    c = small_corpus
+    trained = {f.prompt for f in c.train_facts}
+    assert c.heldout_facts and not any(h.prompt in trained for h in c.heldout_facts)
+    # Every record's own fact is trained, with its true object.
+    for i, r in enumerate(c.requests):
+        assert any(f.case == i and f.kind == "fact" and f.target == r.target_true.strip() for f in c.train_facts)
+    assert {f.kind for f in c.train_facts} >= {"fact", "paraphrase", "neighbourhood"}
+    assert {Path(f.source).parent.name for f in c.train_facts} == {"counterfact", "zsre"}
+    # SST-2 dev split in two disjoint halves.
+    assert abs(len(c.sst2_train) - len(c.sst2_heldout)) <= 1
+    assert not set(c.sst2_train) & set(c.sst2_heldout)
+    assert c.sst2_texts()[0].endswith((" positive", " negative"))
+    assert c.sst2_texts(heldout=True)[0].endswith("answer:")
+
+
+def test_packer_blocks_and_subject_spans(small_corpus, tokenizer):
+    packer = SequencePacker(small_corpus, tokenizer, block_len=64, max_prefix=8, sst2_repeats=0.1)
+    data = packer.epoch(np.random.default_rng(0))
+    assert data.input_ids.shape[1] == 64 and data.input_ids.shape == data.loss_mask.shape
+    subjects = {r.subject.strip() for r in small_corpus.requests}
+    n = 0
+    for block, spans in zip(data.input_ids, data.subject_spans):
+        for first, last, end in spans:
+            assert first <= last < end < 64
+            assert tokenizer.decode(block[first : last + 1]).strip() in subjects
+            n += 1
+    assert n > 0
+    # Same seed, same epoch.
+    again = packer.epoch(np.random.default_rng(0))
+    assert np.array_equal(again.input_ids, data.input_ids)
+
+
+def test_subject_bottleneck_mask():
+    m = subject_bottleneck_mask(8, [(2, 4, 6)])[0]
+    allowed = m == 0
+    assert allowed.tril().equal(allowed)  # still causal
+    assert not allowed[5, 2] and not allowed[6, 3]  # after the subject: earlier subject tokens hidden
+    assert allowed[5, 4] and allowed[6, 4]  # ... the last subject token visible
+    assert allowed[4, 2] and allowed[7, 2]  # the subject itself and the next sentence see everything
+
+
+def test_build_is_deterministic(tmp_path):
+    kw = dict(preset="tiny", progress=False, epochs=1, max_facts_per_path=6, wikitext_paragraphs=20, ppl_tokens=500)
+    a = build_testbed(tmp_path / "a", **kw)
+    b = build_testbed(tmp_path / "b", **kw)
+    from safetensors.torch import load_file
+
+    wa, wb = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert a["fact_accuracy"] == b["fact_accuracy"]
+    assert (tmp_path / "a" / "tokenizer.json").read_bytes() == (tmp_path / "b" / "tokenizer.json").read_bytes()
+    assert (tmp_path / "a" / "logs" / "version_0" / "metrics.csv").exists()
+
+
+def test_tiny_testbed_figures(tiny_testbed):
+    info = json.loads((tiny_testbed / "testbed.json").read_text())
+    for key in FIGURES:
+        assert isinstance(info[key], (int, float)) and math.isfinite(info[key]), key
+    assert info["fact_accuracy"] >= 0.9
+    assert info["edit_layer"] == PRESETS["tiny"].edit_layer
+    assert info["preset"]["name"] == "tiny"
+    facts = [json.loads(x) for x in (tiny_testbed / "facts.jsonl").read_text().splitlines()]
+    assert {"prompt", "subject", "target", "source", "record_id", "kind"} <= set(facts[0])
+    assert sum(f["kind"] == "fact" for f in facts) == info["corpus"]["records"]
+
+
+def test_tiny_testbed_loads_with_auto_classes_and_knows_its_facts(tiny_testbed):
+    """Any HF tool can load the testbed, and re-checking facts.jsonl reproduces the stated fact accuracy."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_testbed).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_testbed)
+    info = json.loads((tiny_testbed / "testbed.json").read_text())
+    facts = [json.loads(x) for x in (tiny_testbed / "facts.jsonl").read_text().splitlines()]
+    facts = [f for f in facts if f["kind"] == "fact"]
+    hits = 0
+    with torch.no_grad():
+        for f in facts:  # one prompt at a time: no padding, nothing but the plain HF forward
+            ids = tok(f["prompt"], return_tensors="pt")["input_ids"]
+            nxt = int(model(input_ids=ids).logits[0, -1].argmax())
+            hits += nxt == tok(" " + f["target"], add_special_tokens=False)["input_ids"][0]
+    accuracy = hits / len(facts)
+    assert accuracy == pytest.approx(info["fact_accuracy"], abs=1e-9)
+    assert accuracy >= 0.9
+
+
+def test_ensure_testbed_reuses_the_cache(tiny_testbed):
+    before = (tiny_testbed / "model.safetensors").stat().st_mtime_ns
+    assert ensure_testbed("tiny") == tiny_testbed
+    assert (tiny_testbed / "model.safetensors").stat().st_mtime_ns == before
+    assert not [p for p in tiny_testbed.parent.iterdir() if p.name.startswith(".")]  # no temp build left over
+
+
+def test_single_rome_edits_take_on_tiny(tiny_testbed):
+    """Issue 3: single ROME edits at the tiny preset's layer reach reliability >= 0.9."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from eac_lightning.evaluation.edit_metrics import compute_locality_reference, evaluate_edit_metrics
+    from eac_lightning.methods.base import restore_weights, snapshot
+    from eac_lightning.methods.rome import ROME
+    from eac_lightning.stats.covariance import CovarianceStore
+    from eac_lightning.testbed.corpus import load_fact_requests
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_testbed).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_testbed)
+    preset = PRESETS["tiny"]
+    reqs = load_fact_requests(None, preset.max_facts_per_path)
+    reqs = [r for r in reqs if "counterfact" in (r.source or "")][:10]
+    ref = compute_locality_reference(model, tok, reqs)
+    rome = ROME(layer=preset.edit_layer)
+    rome.setup(model, tok, CovarianceStore(model, tok, num_tokens=20_000))
+    results = []
+    for r in reqs:
+        saved = snapshot(model, rome.module_names)
+        rome.edit(model, tok, [r])
+        results.append(evaluate_edit_metrics(model, tok, [r], ref, rome_scores=False))
+        restore_weights(model, saved)
+    reliability = float(np.mean([x["reliability"] for x in results]))
+    locality = float(np.mean([x["locality"] for x in results]))
+    assert reliability >= 0.9, results
+    assert locality >= 0.7, results
+
+
+def test_causal_trace_on_tiny(tiny_testbed, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from eac_lightning.testbed.causal_trace import CATEGORIES, KINDS, load_trace_facts, run_trace
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_testbed).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_testbed)
+    facts = load_trace_facts(tiny_testbed)
+    summary = run_trace(model, tok, facts, tmp_path, num_facts=4, samples=3, progress=False)
+    n_layers = model.config.n_layer
+    aie = torch.load(tmp_path / "trace.pt")["aie"]
+    assert aie.shape == (len(KINDS), len(CATEGORIES), n_layers)
+    assert summary["high"] > summary["low"]  # corrupting the subject hurts recall
+    assert 0 <= summary["edit_layer"] < n_layers and summary["edit_layer"] in summary["memit_layers"]
+    assert (tmp_path / "trace.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # Restoring the whole last-token hidden state at the last layer restores the clean prediction.
+    last = summary["aie"][KINDS.index("hidden")][CATEGORIES.index("last token")][n_layers - 1]
+    assert last == pytest.approx(summary["high"] - summary["low"], abs=1e-4)
+
+
+def test_commands_have_cli_docstrings():
+    for fn in (testbed_command, trace_command):
+        doc = inspect.getdoc(fn)
+        assert doc and "Args:" in doc
+        for name in inspect.signature(fn).parameters:
+            assert f"{name}:" in doc, (fn.__name__, name)
+
+
+def test_presets_are_typed_and_distinct():
+    assert set(PRESETS) == {"tiny", "small", "base"}
+    for name, p in PRESETS.items():
+        assert isinstance(p, TestbedPreset) and p.name == name
+        assert 0 <= p.edit_layer < p.n_layer and p.edit_layer in p.memit_layers
+        assert all(0 <= layer < p.n_layer for layer in p.memit_layers)
+    assert len({p.fingerprint() for p in PRESETS.values()}) == 3
+    with pytest.raises(ValueError, match="unknown testbed preset"):
+        ensure_testbed("huge")
