@@ -78,7 +78,7 @@ def test_packer_blocks_and_subject_spans(small_corpus, tokenizer):
     packer = SequencePacker(small_corpus, tokenizer, block_len=64, max_prefix=8, sst2_repeats=0.1)
     data = packer.epoch(np.random.default_rng(0))
     assert data.input_ids.shape[1] == 64 and data.input_ids.shape == data.loss_mask.shape
-    subjects = {r.subject.strip() for r in small_corpus.requests}
+    subjects = {f.subject.strip() for f in small_corpus.train_facts if f.subject}
     n = 0
     for block, spans in zip(data.input_ids, data.subject_spans):
         for first, last, end in spans:

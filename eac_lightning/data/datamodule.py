@@ -42,6 +42,7 @@ class EditDataModule(L.LightningDataModule):
             after the edited ones in the same order, or the first ones of ``retention_path``.
         retention_path: another edit dataset to draw the retention probes from (e.g. ZsRE when every
             CounterFact record is edited).
+        skip_malformed: leave malformed records out (each named in a warning) instead of failing on the first.
     """
 
     def __init__(
@@ -54,11 +55,12 @@ class EditDataModule(L.LightningDataModule):
         split: str = "train",
         num_retention: int = 100,
         retention_path: str | None = None,
+        skip_malformed: bool = False,
     ) -> None:
         super().__init__()
         self.path, self.num_edits, self.batch_size = path, num_edits, batch_size
         self.shuffle, self.seed, self.split, self.num_retention = shuffle, seed, split, num_retention
-        self.retention_path = retention_path
+        self.retention_path, self.skip_malformed = retention_path, skip_malformed
         self.requests: list[EditRequest] = []
         self.retention: list[EditRequest] = []
         self.position = 0  # requests already applied
@@ -66,14 +68,15 @@ class EditDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.requests:
             return
-        records = load_requests(self.path, split=self.split)
+        records = load_requests(self.path, split=self.split, skip_malformed=self.skip_malformed)
         order = list(range(len(records)))
         if self.shuffle:
             random.Random(self.seed).shuffle(order)
         n = len(order) if self.num_edits is None else min(self.num_edits, len(order))
         self.requests = [records[i] for i in order[:n]]
         if self.retention_path:
-            pool = load_requests(self.retention_path, split=self.split, limit=self.num_retention)
+            pool = load_requests(self.retention_path, split=self.split, limit=self.num_retention,
+                                 skip_malformed=self.skip_malformed)
         else:
             pool = [records[i] for i in order[n : n + self.num_retention]]
         self.retention = [r for r in pool[: self.num_retention] if r.target_true]

@@ -9,6 +9,7 @@ through the same code.
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -141,17 +142,26 @@ def iter_records(path: str | os.PathLike, split: str = "train") -> Iterable[tupl
             yield str(path), i, rec
 
 
-def load_requests(path: str | os.PathLike, split: str = "train", limit: int | None = None) -> list[EditRequest]:
+def load_requests(
+    path: str | os.PathLike, split: str = "train", limit: int | None = None, skip_malformed: bool = False
+) -> list[EditRequest]:
     """Load and validate edit requests from ``path`` (file, folder or hub dataset name).
 
-    Every record is validated; the first malformed one raises with its file, row and field.
+    Every record is validated; the first malformed one raises with its file, row and field, unless
+    ``skip_malformed``, which leaves it out with a warning naming it (e.g. ZsRE row 534 has an empty ``alt``).
     """
     out: list[EditRequest] = []
     for source, row, rec in iter_records(path, split):
         where = f"{source} row {row}"
-        fields = detect_format(rec)(rec, where)
-        req = EditRequest(**fields, source=source, source_index=row)
-        out.append(req.validate())
+        try:
+            fields = detect_format(rec)(rec, where)
+            req = EditRequest(**fields, source=source, source_index=row).validate()
+        except MalformedRequestError as err:
+            if not skip_malformed:
+                raise
+            warnings.warn(f"skipped malformed record: {err}", stacklevel=2)
+            continue
+        out.append(req)
         if limit is not None and len(out) >= limit:
             break
     return out

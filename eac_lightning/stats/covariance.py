@@ -95,10 +95,13 @@ class Covariance:
         return self.matrix + self.damping * scale * torch.eye(d, dtype=self.matrix.dtype, device=self.matrix.device)
 
     def solve(self, rhs: torch.Tensor) -> torch.Tensor:
-        """(C + εI)⁻¹ rhs in float64 through the cached Cholesky factor (rhs: (d,) or (d, n))."""
+        """(C + εI)⁻¹ rhs in float64 through the cached Cholesky factor (rhs: (d,) or (d, n)), on rhs's device
+        (C lives on the CPU; the factor moves once to the device the keys are on)."""
+        b = rhs.to(dtype=self.matrix.dtype)
         if self._chol is None:
-            self._chol = torch.linalg.cholesky(self.damped)
-        b = rhs.to(self.matrix)
+            self._chol = torch.linalg.cholesky(self.damped.to(b.device))
+        elif self._chol.device != b.device:
+            self._chol = self._chol.to(b.device)
         return torch.cholesky_solve(b[:, None] if b.dim() == 1 else b, self._chol).reshape(b.shape)
 
 

@@ -1,0 +1,79 @@
+"""The edit stream: seeded order, resumable position, retention probes, the three record formats."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from eac_lightning.data.datamodule import EditDataModule
+from eac_lightning.data.requests import MalformedRequestError
+from eac_lightning.paths import shared_data_dir
+
+
+def stream(dm: EditDataModule) -> list[list[str]]:
+    return [[r.subject for r in batch] for batch in dm.train_dataloader()]
+
+
+def test_seeded_order_and_batches():
+    a = EditDataModule(path=str(shared_data_dir() / "counterfact"), num_edits=7, batch_size=3, seed=1, num_retention=5)
+    b = EditDataModule(path=str(shared_data_dir() / "counterfact"), num_edits=7, batch_size=3, seed=1, num_retention=5)
+    c = EditDataModule(path=str(shared_data_dir() / "counterfact"), num_edits=7, batch_size=3, seed=2, num_retention=5)
+    for dm in (a, b, c):
+        dm.setup("fit")
+    assert stream(a) == stream(b) != stream(c)
+    assert [len(x) for x in stream(a)] == [3, 3, 1]
+    edited = {r.case_id for r in a.requests}
+    assert len(a.retention) == 5 and not edited & {r.case_id for r in a.retention}
+
+
+def test_position_resumes_at_next_edit():
+    dm = EditDataModule(path=str(shared_data_dir() / "counterfact"), num_edits=6, batch_size=2)
+    dm.setup("fit")
+    full = stream(dm)
+    resumed = EditDataModule(path=str(shared_data_dir() / "counterfact"), num_edits=6, batch_size=2)
+    resumed.setup("fit")
+    resumed.load_state_dict({"position": 4})
+    assert stream(resumed) == full[2:]
+    assert resumed.state_dict()["position"] == 4
+
+
+@pytest.mark.parametrize("folder", ["counterfact", "zsre"])
+def test_real_datasets_load(folder):
+    dm = EditDataModule(path=str(shared_data_dir() / folder), num_edits=None, num_retention=0, skip_malformed=True)
+    if folder == "zsre":  # the shared ZsRE file has one record with an empty alt (the new target)
+        with pytest.warns(UserWarning, match="row 534.*'target_new'"):
+            dm.setup("fit")
+        assert len(dm.requests) == 798  # rows with an empty field are left out, each named in a warning
+    else:
+        dm.setup("fit")
+        assert len(dm.requests) == 500
+    r = dm.requests[0]
+    assert "{}" in r.prompt and r.subject and r.target_new and r.neighborhood_prompts
+    assert r.source.endswith(".json") and r.source_index is not None
+
+
+def test_malformed_record_fails_by_default():
+    dm = EditDataModule(path=str(shared_data_dir() / "zsre"), num_edits=None, num_retention=0)
+    with pytest.raises(MalformedRequestError, match="zsre_mend_train-800.json \\(row 534\\): field 'target_new'"):
+        dm.setup("fit")
+
+
+def test_flat_easyedit_format_and_errors(tmp_path):
+    good = {"case_id": 7, "prompt": "The mother tongue of Danielle Darrieux is", "subject": "Danielle Darrieux",
+            "target_new": "English", "ground_truth": "French",
+            "rephrase_prompt": "Danielle Darrieux's mother tongue is",
+            "locality_prompt": "The mother tongue of Léon Blum is", "locality_ground_truth": "French"}
+    path = tmp_path / "flat.json"
+    path.write_text(json.dumps([good]))
+    dm = EditDataModule(path=str(path), num_edits=None, num_retention=0)
+    dm.setup("fit")
+    (r,) = dm.requests
+    assert r.prompt == "The mother tongue of {} is" and r.case_id == 7 and r.target_true == "French"
+    bad = dict(good, prompt="The mother tongue of somebody is")
+    path.write_text(json.dumps([good, bad]))
+    with pytest.raises(MalformedRequestError, match=r"flat.json row 1: field 'prompt' does not contain the subject"):
+        EditDataModule(path=str(path), num_retention=0).setup("fit")
+    path.write_text(json.dumps([dict(good, target_new="")]))
+    with pytest.raises(MalformedRequestError, match=r"row 0.*'target_new'"):
+        EditDataModule(path=str(path), num_retention=0).setup("fit")
