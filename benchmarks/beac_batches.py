@@ -196,8 +196,9 @@ def table(results) -> str:
             "wikitext2_ppl", "l1_growth", "edit_seconds"]
     lines = []
     for sched, runs in results.items():
-        lines.append(f"\n{sched}\n| method | rel | gen | loc | GA ret. | mean4 | fact ret. | ppl | L1 growth | max collisions | s |")
-        lines.append("|---" * 11 + "|")
+        lines.append(f"\n{sched}\n| method | rel | gen | loc | GA ret. | mean4 | fact ret. | ppl | L1 growth | max collisions | "
+                     "ROME efficacy | s |")
+        lines.append("|---" * 12 + "|")
         for name, r in runs.items():
             coll = max(t["collisions"] for t in r["trace"])
             vals = [r[c] for c in cols]
@@ -205,7 +206,7 @@ def table(results) -> str:
                 f"| {name} | " + " | ".join(
                     f"{v:.3f}" if i < 6 else (f"{v:.1f}" if i == 6 else (f"{v:.4f}" if i == 7 else f"{v:.0f}"))
                     for i, v in enumerate(vals[:-1])
-                ) + f" | {coll} | {vals[-1]:.0f} |"
+                ) + f" | {coll} | {r['metrics'].get('rome_efficacy_score', float('nan')):.3f} | {vals[-1]:.0f} |"
             )
     return "\n".join(lines)
 

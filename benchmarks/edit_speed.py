@@ -114,7 +114,8 @@ def markdown(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="testbed:tiny", help="testbed:<preset>, a local HF folder or a hub id")
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated presets of configs/methods")
     parser.add_argument("--edits", type=int, default=5, help="requests edited per run")

@@ -4,7 +4,6 @@ and editing success on the tiny knowledge testbed (a model that really knows the
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -34,7 +33,8 @@ from eac_lightning.stats.covariance import Covariance, CovarianceStore
 NAN = float("nan")
 Z = TargetHyperParams(num_steps=8, clamp_norm_factor=0.75)  # MEMIT's z, fewer steps: these tests check algebra
 CTX = ContextTemplateParams(length_count=[[4, 2]])  # "{}" + 2 generated prefixes: fast, still averaged
-REQ = EditRequest(prompt="{} is located in", subject="The Eiffel Tower", target_new="Rome", source="test", source_index=0)
+REQ = EditRequest(prompt="{} is located in", subject="The Eiffel Tower", target_new="Rome", source="test",
+                  source_index=0)
 REQS = [
     REQ,
     EditRequest(prompt="{} speaks", subject="Danielle Darrieux", target_new="English", source="test", source_index=1),
@@ -136,7 +136,7 @@ def test_rome_with_inverse_covariance(gpt2, tokenizer, stats):
     method = ROME(layer=1, context=CTX, mom2_adjustment=True)
     _, with_c = _rome_check(gpt2, tokenizer, method, stats)
     k = compute_keys(gpt2, tokenizer, [REQ], 1, method.templates)[0]
-    # ΔW's row space is C⁻¹k*, not k*: the direction differs from the C = I update.
+    # Every row of ΔW is a multiple of (C⁻¹k*)ᵀ (EAC Eq. 7), with C damped as in the store.
     cinv_k = stats.get(mlp_out_name(gpt2, 1)).solve(k.double()).float()
     row = with_c[0] / with_c[0].norm()
     torch.testing.assert_close(row.abs(), (cinv_k / cinv_k.norm()).abs(), atol=1e-4, rtol=1e-3)
