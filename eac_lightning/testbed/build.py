@@ -68,7 +68,11 @@ class TestbedPreset:
         sst2_repeats: expected occurrences of each trained SST-2 example per epoch.
         fact_repeats: occurrences per epoch of each fact sentence, by kind (the edited facts weigh more).
         max_prefix: longest random WikiText prefix at the start of a block.
-        subject_mask_prob: share of fact sentences trained with the subject-bottleneck mask.
+        subject_mask: the subject bottleneck: ``knockout`` (attention weights to the subject's earlier tokens are
+            zeroed after the softmax), ``mask`` (those tokens are hidden from the softmax) or ``none``.
+        subject_mask_prob: share of fact sentences trained with the subject bottleneck.
+        answer_weight: loss weight of the answer tokens of fact sentences (other tokens weigh 1): the facts are
+            the point of the testbed, and the answers are about one token in fourteen.
         precision: Lightning precision ("32-true" or "bf16-mixed").
         ppl_tokens: WikiText-2 test tokens the perplexity is measured on.
         edit_layer: the layer ROME edits on this testbed (chosen by causal tracing; docs/testbed.md).
@@ -99,7 +103,9 @@ class TestbedPreset:
     sst2_repeats: float = 1.0
     fact_repeats: tuple[tuple[str, int], ...] = (("fact", 2),)
     max_prefix: int = 24
-    subject_mask_prob: float = 0.5
+    subject_mask: str = "knockout"
+    subject_mask_prob: float = 1.0
+    answer_weight: float = 3.0
     precision: str = "32-true"
     ppl_tokens: int = 40_000
     edit_layer: int = 0
@@ -115,8 +121,10 @@ class TestbedPreset:
         return d
 
     def fingerprint(self) -> str:
-        """Short hash of everything that changes the built model (keys the cache)."""
-        blob = json.dumps({**self.to_dict(), "format": TESTBED_FORMAT}, sort_keys=True)
+        """Short hash of everything that changes the built model (keys the cache). The edit layers are left out:
+        they are chosen by tracing a built model and do not change it (:func:`ensure_testbed` syncs them)."""
+        d = {k: v for k, v in self.to_dict().items() if k not in ("edit_layer", "memit_layers")}
+        blob = json.dumps({**d, "format": TESTBED_FORMAT}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:10]
 
 
@@ -130,7 +138,9 @@ PRESETS: dict[str, TestbedPreset] = {
     ),
     # The default testbed: every shared CounterFact/ZsRE record, built on a 2-core CPU in under 30 minutes.
     "small": TestbedPreset(
-        name="small", n_layer=8, n_embd=384, n_head=6, edit_layer=0, memit_layers=(0, 1, 2),
+        name="small", n_layer=8, n_embd=256, n_head=4, batch_size=16, epochs=12, lr=1.5e-3, warmup_frac=0.03,
+        attributes_per_fact=4, wikitext_fraction=0.05, sst2_repeats=0.5,
+        fact_repeats=(("fact", 2), ("attribute", 2)), edit_layer=0, memit_layers=(0, 1, 2),
     ),
     # GPT-2-small size, for a machine with a GPU.
     "base": TestbedPreset(
@@ -155,37 +165,75 @@ def get_preset(preset: str | TestbedPreset) -> TestbedPreset:
 
 
 def subject_bottleneck_mask(
-    length: int, spans: Sequence[tuple[int, int, int]], dtype: torch.dtype = torch.float32
+    length: int, spans: Sequence[tuple[int, int, int]], dtype: torch.dtype = torch.float32, knockout: bool = False
 ) -> torch.Tensor:
-    """Additive (1, T, T) attention mask: causal, and for each ``(first, last, end)`` subject span the positions
-    ``last+1 .. end`` cannot see the subject tokens ``first .. last-1`` (only the last subject token)."""
-    allowed = torch.ones(length, length, dtype=torch.bool).tril()
+    """Attention mask of the subject bottleneck: causal, and for each ``(first, last, end)`` subject span the
+    positions ``last+1 .. end`` get nothing from the subject tokens ``first .. last-1`` (only from the last one).
+
+    ``knockout=False``: an additive (1, T, T) mask that hides those tokens (plain HF attention understands it).
+    ``knockout=True``: (2, T, T), the causal additive mask and a multiplier that zeroes those tokens' attention
+    weights *after* the softmax (:func:`knockout_attention`). They still take their share of the attention, so
+    training teaches the model not to attend to them, and the trained model, run with the ordinary causal mask,
+    behaves like the masked one (a hidden token is simply absent from the softmax; nothing teaches avoidance).
+    """
+    causal = torch.ones(length, length, dtype=torch.bool).tril()
+    cut = torch.zeros(length, length, dtype=torch.bool)
     for first, last, end in spans:
         if last > first:
-            allowed[last + 1 : end + 1, first:last] = False
+            cut[last + 1 : end + 1, first:last] = True
+    hidden = ~causal if knockout else (~causal | cut)
     mask = torch.zeros(length, length, dtype=dtype)
-    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
-    return mask[None]
+    mask.masked_fill_(hidden, torch.finfo(dtype).min)
+    if not knockout:
+        return mask[None]
+    return torch.stack([mask, (~cut).to(dtype)])
+
+
+KNOCKOUT_ATTENTION = "testbed_knockout"
+
+
+def knockout_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Attention whose mask has two channels: additive (causal) and a post-softmax multiplier (the subject
+    bottleneck's knockout, :func:`subject_bottleneck_mask`). Registered with transformers' ``AttentionInterface``
+    and used only while training; same signature and output layout as GPT-2's eager attention."""
+    scores = torch.matmul(query, key.transpose(-1, -2)) * (scaling if scaling is not None else query.shape[-1] ** -0.5)
+    additive, keep = attention_mask[:, :1], attention_mask[:, 1:2]
+    weights = torch.softmax((scores + additive).float(), dim=-1).to(value.dtype) * keep.to(value.dtype)
+    out = torch.matmul(weights, value).transpose(1, 2).contiguous()
+    return out, weights
+
+
+def _register_knockout() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(KNOCKOUT_ATTENTION, knockout_attention)
 
 
 class PackedDataset(torch.utils.data.Dataset):
     """Pre-packed blocks of all epochs, with the subject-bottleneck mask drawn per fact sentence (seeded)."""
 
-    def __init__(self, data: PackedData, subject_mask_prob: float, seed: int) -> None:
+    def __init__(
+        self, data: PackedData, subject_mask_prob: float, seed: int, answer_weight: float = 1.0, knockout: bool = False
+    ) -> None:
         self.ids = torch.from_numpy(data.input_ids.astype(np.int64))
         self.loss_mask = torch.from_numpy(data.loss_mask)
+        weights = data.loss_mask.astype(np.float32)
+        if data.answer_mask is not None:
+            weights[data.answer_mask & data.loss_mask] = answer_weight
+        self.weights = torch.from_numpy(weights)
         rng = np.random.default_rng(seed + 7)
         self.masked_spans = [[s for s in spans if rng.random() < subject_mask_prob] for spans in data.subject_spans]
         self.use_mask = subject_mask_prob > 0
+        self.knockout = knockout
 
     def __len__(self) -> int:
         return len(self.ids)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         ids = self.ids[i]
-        item = {"input_ids": ids, "labels": ids.masked_fill(~self.loss_mask[i], -100)}
+        item = {"input_ids": ids, "labels": ids.masked_fill(~self.loss_mask[i], -100), "weights": self.weights[i]}
         if self.use_mask:
-            item["attention_mask"] = subject_bottleneck_mask(len(ids), self.masked_spans[i])
+            item["attention_mask"] = subject_bottleneck_mask(len(ids), self.masked_spans[i], knockout=self.knockout)
         return item
 
 
@@ -197,6 +245,7 @@ def pack_epochs(packer: SequencePacker, epochs: int, seed: int) -> PackedData:
         np.concatenate([p.input_ids for p in parts]),
         np.concatenate([p.loss_mask for p in parts]),
         [s for p in parts for s in p.subject_spans],
+        np.concatenate([p.answer_mask for p in parts]),
     )
 
 
@@ -236,12 +285,18 @@ def build_module(preset: TestbedPreset, model, total_steps: int):
             self.save_hyperparameters(preset.to_dict())
 
         def training_step(self, batch, batch_idx):
-            out = self.model(
-                input_ids=batch["input_ids"], labels=batch["labels"], attention_mask=batch.get("attention_mask"),
-                use_cache=False,
+            logits = self.model(
+                input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False
+            ).logits
+            # Next-token cross-entropy, each target token weighted (answers of fact sentences weigh more).
+            ce = torch.nn.functional.cross_entropy(
+                logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(), ignore_index=-100,
+                reduction="none",
             )
-            self.log("train/loss", out.loss, prog_bar=True, on_step=True)
-            return out.loss
+            w = batch["weights"][:, 1:].flatten()
+            loss = (ce * w).sum() / w.sum().clamp(min=1.0)
+            self.log("train/loss", loss, prog_bar=True, on_step=True)
+            return loss
 
         def configure_optimizers(self):
             decay, no_decay = [], []
@@ -377,10 +432,16 @@ def train_testbed(
         sst2_repeats=preset.sst2_repeats,
     )
     data = pack_epochs(packer, preset.epochs, seed)
-    dataset = PackedDataset(data, preset.subject_mask_prob, seed)
+    knockout = preset.subject_mask == "knockout"
+    mask_prob = preset.subject_mask_prob if preset.subject_mask != "none" else 0.0
+    dataset = PackedDataset(data, mask_prob, seed, preset.answer_weight, knockout=knockout and mask_prob > 0)
     steps = math.ceil(len(dataset) / preset.batch_size)
     torch.manual_seed(seed)
     model = make_model(preset, len(tok), tok.eos_token_id)
+    saved_attn = model.config._attn_implementation
+    if dataset.knockout:
+        _register_knockout()
+        model.config._attn_implementation = KNOCKOUT_ATTENTION  # training only; restored before saving
     module = build_module(preset, model, steps)
     # The blocks are already in a seeded random order; a plain sequential loader keeps the run deterministic.
     loader = torch.utils.data.DataLoader(dataset, batch_size=preset.batch_size, shuffle=False, num_workers=0)
@@ -392,7 +453,10 @@ def train_testbed(
         log_every_n_steps=10, num_sanity_val_steps=0,
     )
     t0 = time.time()
-    trainer.fit(module, loader)
+    try:
+        trainer.fit(module, loader)
+    finally:
+        model.config._attn_implementation = saved_attn
     seconds = time.time() - t0
     model = module.model.cpu().float().eval()
     return model, tok, seconds, steps
@@ -431,7 +495,7 @@ def build_testbed(
     model, tok, train_seconds, steps = train_testbed(p, corpus, seed, log_dir=out, progress=progress)
     figures = measure(model, tok, corpus, p)
     model.save_pretrained(out, safe_serialization=True)
-    tok.save_pretrained(out)
+    save_tokenizer(tok, out)
     with open(out / "facts.jsonl", "w", encoding="utf-8") as fh:
         for f in corpus.train_facts:
             fh.write(json.dumps(f.to_dict(), ensure_ascii=False) + "\n")
@@ -460,6 +524,22 @@ def build_testbed(
     return info
 
 
+def save_tokenizer(tok, out: str | os.PathLike) -> None:
+    """Save the tokenizer so that any Hugging Face tool loads it as a plain fast tokenizer with left padding.
+
+    ``padding_side`` is only saved when it is an init argument, and transformers 5 names its own class
+    (``TokenizersBackend``) in ``tokenizer_config.json``; ``PreTrainedTokenizerFast`` loads in 4.x and 5.x alike.
+    """
+    tok.padding_side = "left"
+    tok.init_kwargs["padding_side"] = "left"
+    tok.save_pretrained(out)
+    path = Path(out) / "tokenizer_config.json"
+    cfg = json.loads(path.read_text(encoding="utf-8"))
+    cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+    cfg["padding_side"] = "left"
+    path.write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
+
+
 def _versions() -> dict[str, str]:
     import lightning
     import tokenizers
@@ -484,6 +564,7 @@ def ensure_testbed(preset: str | TestbedPreset, seed: int = 0, progress: bool = 
     """
     final = testbed_dir(preset, seed)
     if (final / "testbed.json").exists():
+        _sync_edit_layers(final, get_preset(preset))
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
@@ -498,6 +579,20 @@ def ensure_testbed(preset: str | TestbedPreset, seed: int = 0, progress: bool = 
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+def _sync_edit_layers(folder: Path, preset: TestbedPreset) -> None:
+    """Write the preset's current edit layers into a cached build's ``testbed.json`` if they differ (the layers are
+    chosen by causal tracing after a build; the model itself does not depend on them)."""
+    path = folder / "testbed.json"
+    info = json.loads(path.read_text(encoding="utf-8"))
+    if info.get("edit_layer") == preset.edit_layer and info.get("memit_layers") == list(preset.memit_layers):
+        return
+    info["edit_layer"], info["memit_layers"] = preset.edit_layer, list(preset.memit_layers)
+    info["preset"].update(edit_layer=preset.edit_layer, memit_layers=list(preset.memit_layers))
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def testbed_command(out: str, preset: str = "small", facts: list[str] | None = None, seed: int = 0) -> None:

@@ -405,12 +405,14 @@ class PackedData:
     """Training blocks and, per block, where the subjects of its fact sentences are.
 
     ``subject_spans[i]`` lists ``(first, last, end)`` token positions of every fact sentence's subject in block
-    ``i`` (``end`` = the sentence's last token), used by the subject-bottleneck attention mask.
+    ``i`` (``end`` = the sentence's last token), used by the subject-bottleneck attention mask; ``answer_mask``
+    marks the tokens of the answers, which the training loss may weigh more.
     """
 
     input_ids: np.ndarray  # (n_blocks, block_len) int32
     loss_mask: np.ndarray  # (n_blocks, block_len) bool — False on padding
     subject_spans: list[list[tuple[int, int, int]]]
+    answer_mask: np.ndarray | None = None  # (n_blocks, block_len) bool — the answer tokens of fact sentences
 
 
 class SequencePacker:
@@ -453,6 +455,7 @@ class SequencePacker:
         texts = [f.text for f in facts]
         self.fact_ids = {sp: _encode_all(tokenizer, [sp + t for t in texts]) for sp in ("", " ")}
         self.fact_subject = {sp: self._subject_spans(tokenizer, facts, sp) for sp in ("", " ")}
+        self.fact_answer = {sp: self._answer_spans(tokenizer, facts, sp) for sp in ("", " ")}
         sst = corpus.sst2_texts()
         self.sst_ids = {sp: _encode_all(tokenizer, [sp + t for t in sst]) for sp in ("", " ")}
         # Texts longer than a block (with its separator) are left out, and counted.
@@ -464,6 +467,20 @@ class SequencePacker:
                     self.too_long += 1
         self.newline = tokenizer("\n", add_special_tokens=False)["input_ids"]
         self.wiki_ids = [t for ids in _encode_all(tokenizer, corpus.wikitext_train) for t in ids + [self.eos]]
+
+    @staticmethod
+    def _answer_spans(tokenizer, facts: list[FactItem], lead: str) -> list[tuple[int, int]]:
+        """Token span (first, last) of each fact's answer (the target, between the prompt and the full stop)."""
+        if not facts:
+            return []
+        enc = tokenizer([lead + f.text for f in facts], add_special_tokens=False, return_offsets_mapping=True)
+        spans = []
+        for k, f in enumerate(facts):
+            start = len(lead) + len(f.prompt) + 1
+            end = start + len(f.target)
+            toks = [t for t, (s, e) in enumerate(enc["offset_mapping"][k]) if s < end and e > start]
+            spans.append((toks[0], toks[-1]) if toks else (0, -1))
+        return spans
 
     @staticmethod
     def _subject_spans(tokenizer, facts: list[FactItem], lead: str) -> list[tuple[int, int] | None]:
@@ -513,8 +530,11 @@ class SequencePacker:
             s = int(rng.integers(0, max(1, len(self.wiki_ids) - n)))
             return self.wiki_ids[s : s + n]
 
+        answers: list[list[bool]] = []
+        cur_answers: list[int] = []
+
         def flush() -> None:
-            nonlocal cur, cur_spans
+            nonlocal cur, cur_spans, cur_answers
             if not cur:
                 return
             pad = self.block_len - len(cur)
@@ -524,7 +544,11 @@ class SequencePacker:
             blocks.append(cur + [self.eos] * pad)
             masks.append([True] * len(cur) + [False] * pad)
             spans.append(cur_spans)
-            cur, cur_spans = [], []
+            row = [False] * self.block_len
+            for t in cur_answers:
+                row[t] = True
+            answers.append(row)
+            cur, cur_spans, cur_answers = [], [], []
 
         def start_block() -> None:
             nonlocal cur
@@ -563,10 +587,15 @@ class SequencePacker:
                     cur = []
                     lead, sep, ids = place(kind, i, False)
             cur += sep
+            off = len(cur)
             if kind == "fact" and self.fact_subject[lead][i] is not None:
                 a, b = self.fact_subject[lead][i]
-                off = len(cur)
                 cur_spans.append((off + a, off + b, off + len(ids) - 1))
+            if kind == "fact":
+                a, b = self.fact_answer[lead][i]
+                cur_answers.extend(range(off + a, off + b + 1))
             cur += ids
         flush()
-        return PackedData(np.asarray(blocks, dtype=np.int32), np.asarray(masks, dtype=bool), spans)
+        return PackedData(
+            np.asarray(blocks, dtype=np.int32), np.asarray(masks, dtype=bool), spans, np.asarray(answers, dtype=bool)
+        )
