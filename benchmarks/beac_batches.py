@@ -14,7 +14,7 @@ and, after every batch, the L1 norm growth of the edited matrices, Σ_l ‖W_l �
 anchor collisions (the most edits of a batch sharing one (layer, dimension) anchor).
 
 Results go to a JSON file (rewritten after every run; ``--resume`` skips runs already in it) and plots to
-docs/img/. Example (what docs/beac.md reports)::
+docs/img/. The intended run (docs/beac.md Sec. 5 says what was run instead, and why)::
 
     nice python benchmarks/beac_batches.py --model testbed:small --schedules 10x50 20x25 --tag small
 
@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import os
 import sys
 import time
