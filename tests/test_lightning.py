@@ -153,5 +153,8 @@ def test_ddp_two_processes_match_single_process(full_run, tmp_path):
     single = load_deltas(full_run)
     ddp = load_deltas(tmp_path / "ddp")
     for k in w0:
-        assert torch.equal(w0[k], w1[k])
-        assert (ddp[k] - single[k]).abs().max().item() <= 1e-6
+        assert torch.equal(w0[k], w1[k])  # computed once on rank 0 and broadcast: bit-identical
+        # Each DDP rank runs with fewer intra-op threads than the single process, so float sums round in a
+        # different order; the deltas agree to float32 precision, not bit for bit.
+        scale = single[k].abs().max().item()
+        assert (ddp[k] - single[k]).abs().max().item() <= 1e-5 * max(scale, 1.0)
