@@ -1,15 +1,26 @@
-"""Testbed build time and quality (issue 3: the ``small`` preset must build in under 30 minutes on a 2-core CPU).
+"""Testbed build time and quality (issue 3), and the checks that choose and justify its edit layers.
 
-Builds one preset from scratch and reports wall time (corpus + tokenizer + training + measurements), training
-time, the process's CPU time, the machine's load average before and after (the CPU may be shared: a load above
-the core count slows the build proportionally) and the testbed's measured figures. The result is printed and
-written to ``benchmarks/results/testbed_build_<preset>.json``.
+1. **Build** one preset from scratch and report wall time (corpus + tokenizer + training + measurements), training
+   time, the process's CPU time, the machine's load average before and after (the CPU may be shared: a load above
+   the core count slows the build proportionally) and the testbed's measured figures. The ``small`` preset must
+   build in under 30 minutes on a 2-core CPU, ``tiny`` in under a minute.
+2. **ROME check** (``--rome-edits N``): N independent single ROME edits of the testbed's own CounterFact records
+   (true object -> CounterFact's ``target_new``) at each of ``--rome-layers``, with the hyper-parameters of
+   ``configs/methods/rome.yaml`` (ROME's GPT-2 XL values: 20 v* steps, lr 0.5, clamp 4, KL 0.0625, prefix contexts
+   [[5,10],[10,10]], covariance adjustment); the weights are restored after each edit. Reports reliability,
+   generalization and locality (EAC Eqs. 10-12, ``eac_lightning.evaluation.edit_metrics``) and their exact-greedy
+   variants, per layer.
+3. **Causal trace** (``--trace-facts N``): ROME's causal tracing over N known CounterFact facts; writes
+   ``trace.json``/``trace.pt``/``trace.png`` to ``--trace-out``.
+
+The report is printed and written to ``benchmarks/results/testbed_<preset>.json``.
 
 Usage::
 
-    nice python benchmarks/testbed_build.py --preset small            # build into a temporary folder
-    nice python benchmarks/testbed_build.py --preset small --install  # ... and install it as the cached testbed
-    python benchmarks/testbed_build.py --preset tiny --out /tmp/tb
+    nice python benchmarks/testbed_build.py --preset small --install          # build, install as testbed:small
+    python benchmarks/testbed_build.py --model testbed:small --rome-edits 50 --rome-layers 0,1,2,3 \\
+        --trace-facts 50 --trace-out docs/img                                 # checks on the cached testbed
+    python benchmarks/testbed_build.py --preset tiny --out /tmp/tb --rome-edits 10
 
 ``--install`` moves the build into the cache folder that ``testbed:<preset>`` resolves to (unless one is already
 there), so the measured build is the one every later run uses.
@@ -50,15 +61,7 @@ def cpu_seconds() -> float:
     return r.ru_utime + r.ru_stime
 
 
-def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--preset", default="small")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default=None, help="build folder (default: a temporary folder)")
-    ap.add_argument("--install", action="store_true", help="install the build as the cached testbed:<preset>")
-    ap.add_argument("--results", default=str(Path(__file__).parent / "results"))
-    args = ap.parse_args(argv)
-
+def build(args) -> tuple[Path, dict]:
     import torch
 
     from eac_lightning.testbed.build import build_testbed, testbed_dir
@@ -66,13 +69,9 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix=f"testbed-{args.preset}-"))
     load_before = os.getloadavg()
     t0, c0 = time.time(), cpu_seconds()
-    info = build_testbed(out, args.preset, seed=args.seed)
+    info = build_testbed(out, args.preset, seed=args.seed, **json.loads(args.set or "{}"))
     wall, cpu = time.time() - t0, cpu_seconds() - c0
-    load_after = os.getloadavg()
-
     report = {
-        "preset": args.preset,
-        "seed": args.seed,
         "wall_seconds": round(wall, 1),
         "process_cpu_seconds": round(cpu, 1),
         "limit_seconds": LIMITS_SECONDS.get(args.preset),
@@ -80,14 +79,12 @@ def main(argv: list[str] | None = None) -> dict:
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "loadavg_1_5_15_before": [round(x, 2) for x in load_before],
-        "loadavg_1_5_15_after": [round(x, 2) for x in load_after],
+        "loadavg_1_5_15_after": [round(x, 2) for x in os.getloadavg()],
         "platform": platform.platform(),
-        "processor": platform.processor(),
         "figures": {k: info.get(k) for k in FIGURES},
         "by_source": info.get("by_source"),
         "corpus": info.get("corpus"),
         "train_tokens": info.get("train_tokens"),
-        "out": str(out),
     }
     if args.install:
         final = testbed_dir(args.preset, args.seed)
@@ -96,13 +93,107 @@ def main(argv: list[str] | None = None) -> dict:
         else:
             final.parent.mkdir(parents=True, exist_ok=True)
             shutil.move(str(out), str(final))
+            out = final
             report["installed"] = str(final)
-            report["out"] = str(final)
+    report["out"] = str(out)
+    return out, report
+
+
+def rome_check(folder: Path, n_edits: int, layers: list[int]) -> dict:
+    """N single ROME edits (restored after each) of the testbed's CounterFact records at each layer."""
+    import numpy as np
+
+    from eac_lightning.evaluation.edit_metrics import compute_locality_reference, evaluate_edit_metrics
+    from eac_lightning.methods.base import restore_weights, snapshot
+    from eac_lightning.methods.rome import ROME
+    from eac_lightning.methods.target import ContextTemplateParams, TargetHyperParams
+    from eac_lightning.models.loading import load_model
+    from eac_lightning.stats.covariance import CovarianceStore
+    from eac_lightning.testbed.corpus import load_fact_requests
+
+    model, tok = load_model(str(folder))
+    info = json.loads((folder / "testbed.json").read_text())
+    files = info.get("fact_files") or None
+    reqs = [r for r in load_fact_requests(files, info["preset"]["max_facts_per_path"]) if "counterfact" in (r.source or "")]
+    reqs = reqs[:n_edits]
+    ref = compute_locality_reference(model, tok, reqs)
+    stats = CovarianceStore(model, tok)  # the project's defaults (WikiText, 100k tokens), cached per model
+    out = {"n_edits": len(reqs), "layers": {}}
+    metrics = ("reliability", "generalization", "locality", "reliability_gen", "generalization_gen", "locality_gen")
+    for layer in layers:
+        # configs/methods/rome.yaml (ROME's GPT-2 XL hyper-parameters)
+        rome = ROME(layer=layer, v=TargetHyperParams(num_steps=20, lr=0.5, weight_decay=0.5, clamp_norm_factor=4.0,
+                                                     kl_factor=0.0625),
+                    context=ContextTemplateParams([[5, 10], [10, 10]]), mom2_adjustment=True)
+        rome.setup(model, tok, stats)
+        t0 = time.time()
+        rows = []
+        for r in reqs:
+            saved = snapshot(model, rome.module_names)
+            rome.edit(model, tok, [r])
+            rows.append(evaluate_edit_metrics(model, tok, [r], ref, rome_scores=False))
+            restore_weights(model, saved)
+        out["layers"][str(layer)] = {
+            **{k: round(float(np.mean([x[k] for x in rows])), 4) for k in metrics},
+            "seconds": round(time.time() - t0, 1),
+        }
+        print(f"ROME layer {layer}: {out['layers'][str(layer)]}", flush=True)
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--preset", default="small")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--model", default=None, help="check an existing testbed (folder or testbed:<preset>); no build")
+    ap.add_argument("--out", default=None, help="build folder (default: a temporary folder)")
+    ap.add_argument("--set", default=None, help='preset fields to change, as JSON (e.g. \'{"subject_mask": "mask"}\')')
+    ap.add_argument("--install", action="store_true", help="install the build as the cached testbed:<preset>")
+    ap.add_argument("--rome-edits", type=int, default=0, help="single ROME edits per layer (0: skip)")
+    ap.add_argument("--rome-layers", default=None, help="comma-separated layers (default: the testbed's edit_layer)")
+    ap.add_argument("--trace-facts", type=int, default=0, help="facts to causal-trace (0: skip)")
+    ap.add_argument("--trace-samples", type=int, default=10)
+    ap.add_argument("--trace-out", default=None, help="folder for trace.json/.pt/.png (default: <testbed>/trace)")
+    ap.add_argument("--tag", default=None, help="suffix of the results file (for --set variants)")
+    ap.add_argument("--results", default=str(Path(__file__).parent / "results"))
+    args = ap.parse_args(argv)
+    if args.set and args.install:
+        ap.error("--install builds the preset as defined; a --set variant is not testbed:<preset>")
+
+    report: dict = {"preset": args.preset, "seed": args.seed, "set": json.loads(args.set or "{}")}
+    if args.model:
+        from eac_lightning.models.loading import resolve_model_path
+
+        folder = Path(resolve_model_path(args.model))
+        info = json.loads((folder / "testbed.json").read_text())
+        report.update(preset=info["preset"]["name"], model=str(folder),
+                      figures={k: info.get(k) for k in FIGURES}, stored_build_seconds=info.get("build_seconds"))
+    else:
+        folder, built = build(args)
+        report["build"] = built
+
+    info = json.loads((folder / "testbed.json").read_text())
+    if args.rome_edits:
+        layers = [int(x) for x in args.rome_layers.split(",")] if args.rome_layers else [info["edit_layer"]]
+        report["rome"] = rome_check(folder, args.rome_edits, layers)
+    if args.trace_facts:
+        from eac_lightning.models.loading import load_model
+        from eac_lightning.testbed.causal_trace import load_trace_facts, run_trace
+
+        model, tok = load_model(str(folder))
+        trace_out = Path(args.trace_out) if args.trace_out else folder / "trace"
+        summary = run_trace(model, tok, load_trace_facts(folder), trace_out, num_facts=args.trace_facts,
+                            samples=args.trace_samples,
+                            title=f"testbed:{report['preset']} - average indirect effect over {{n}} CounterFact facts")
+        report["trace"] = {k: summary[k] for k in ("n_facts", "high", "low", "mlp_last_subject_token",
+                                                   "mlp_last_token", "attn_last_token", "edit_layer", "memit_layers")}
+        report["trace"]["files"] = str(trace_out)
 
     print(json.dumps(report, indent=2))
     results = Path(args.results)
     results.mkdir(parents=True, exist_ok=True)
-    (results / f"testbed_build_{args.preset}.json").write_text(json.dumps(report, indent=2) + "\n")
+    tag = f"-{args.tag}" if args.tag else ""
+    (results / f"testbed_{report['preset']}{tag}.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
 
 

@@ -55,6 +55,8 @@ class TestbedPreset:
         n_layer, n_embd, n_head: GPT-2 shape.
         n_positions: context length of the model (evaluation prompts with ROME's prefixes and SST-2 fit in it).
         vocab_size: byte-level BPE vocabulary.
+        answer_lexicon_repeats: weight of the fact answers in the tokenizer's training data (0: none), so the
+            objects are whole tokens as in a large LM's vocabulary (:meth:`Corpus.tokenizer_texts`).
         block_len: tokens per packed training block.
         batch_size: blocks per optimiser step.
         epochs: passes over the fact set (each pass is freshly packed with new prefixes and order).
@@ -69,8 +71,11 @@ class TestbedPreset:
         fact_repeats: occurrences per epoch of each fact sentence, by kind (the edited facts weigh more).
         max_prefix: longest random WikiText prefix at the start of a block.
         subject_mask: the subject bottleneck: ``knockout`` (attention weights to the subject's earlier tokens are
-            zeroed after the softmax), ``mask`` (those tokens are hidden from the softmax) or ``none``.
+            zeroed after the softmax), ``mask`` (those tokens are hidden from the softmax), ``late_read`` (below
+            ``subject_read_layer`` the rest of the sentence sees no subject token, above it only the last one:
+            :func:`register_late_read`) or ``none``.
         subject_mask_prob: share of fact sentences trained with the subject bottleneck.
+        subject_read_layer: first layer whose attention may read the subject (``late_read``; None: the last layer).
         answer_weight: loss weight of the answer tokens of fact sentences (other tokens weigh 1): the facts are
             the point of the testbed, and the answers are about one token in fourteen.
         precision: Lightning precision ("32-true" or "bf16-mixed").
@@ -87,6 +92,7 @@ class TestbedPreset:
     n_head: int
     n_positions: int = 256
     vocab_size: int = 8192
+    answer_lexicon_repeats: int = 0
     block_len: int = 128
     batch_size: int = 32
     epochs: int = 20
@@ -105,6 +111,7 @@ class TestbedPreset:
     max_prefix: int = 24
     subject_mask: str = "knockout"
     subject_mask_prob: float = 1.0
+    subject_read_layer: int | None = None
     answer_weight: float = 3.0
     precision: str = "32-true"
     ppl_tokens: int = 40_000
@@ -129,23 +136,26 @@ class TestbedPreset:
 
 
 PRESETS: dict[str, TestbedPreset] = {
-    # For tests: a fraction of the facts, builds in well under a minute on 2 CPU cores.
+    # For tests: a fraction of the facts, builds in about a minute on 2 CPU cores (no SST-2: too few examples).
     "tiny": TestbedPreset(
-        name="tiny", n_layer=4, n_embd=128, n_head=4, n_positions=256, vocab_size=2048, block_len=128,
-        batch_size=16, epochs=30, lr=3e-3, max_facts_per_path=40, extra_templates=1, neighbours_per_fact=2,
-        wikitext_paragraphs=200, wikitext_fraction=0.1, sst2_repeats=0.05, max_prefix=16, ppl_tokens=5_000,
+        name="tiny", n_layer=4, n_embd=128, n_head=4, n_positions=256, vocab_size=2048, answer_lexicon_repeats=50,
+        block_len=128, batch_size=8, epochs=60, lr=3e-3, max_facts_per_path=24, extra_templates=1,
+        neighbours_per_fact=2, wikitext_paragraphs=200, wikitext_fraction=0.1, sst2_repeats=0.0, max_prefix=8,
+        subject_mask="late_read", subject_mask_prob=0.5, answer_weight=1.0, ppl_tokens=5_000,
         edit_layer=0, memit_layers=(0, 1),
     ),
-    # The default testbed: every shared CounterFact/ZsRE record, built on a 2-core CPU in under 30 minutes.
+    # The default testbed: every shared CounterFact/ZsRE record (two trained neighbourhood prompts each).
     "small": TestbedPreset(
         name="small", n_layer=8, n_embd=256, n_head=4, batch_size=16, epochs=12, lr=1.5e-3, warmup_frac=0.03,
-        attributes_per_fact=4, wikitext_fraction=0.05, sst2_repeats=0.5,
-        fact_repeats=(("fact", 2), ("attribute", 2)), edit_layer=0, memit_layers=(0, 1, 2),
+        answer_lexicon_repeats=20, neighbours_per_fact=2, attributes_per_fact=4, wikitext_fraction=0.05,
+        sst2_repeats=0.5, fact_repeats=(("fact", 2), ("attribute", 2)), subject_mask="late_read",
+        subject_mask_prob=0.5, subject_read_layer=4, edit_layer=0, memit_layers=(0, 1, 2),
     ),
     # GPT-2-small size, for a machine with a GPU.
     "base": TestbedPreset(
         name="base", n_layer=12, n_embd=768, n_head=12, n_positions=512, vocab_size=16384, epochs=40, lr=6e-4,
-        extra_templates=4, precision="bf16-mixed", ppl_tokens=200_000, edit_layer=0, memit_layers=(0, 1, 2, 3),
+        answer_lexicon_repeats=20, extra_templates=4, subject_mask="late_read", subject_mask_prob=0.5,
+        subject_read_layer=6, precision="bf16-mixed", ppl_tokens=200_000, edit_layer=0, memit_layers=(0, 1, 2, 3),
     ),
 }
 
@@ -165,7 +175,11 @@ def get_preset(preset: str | TestbedPreset) -> TestbedPreset:
 
 
 def subject_bottleneck_mask(
-    length: int, spans: Sequence[tuple[int, int, int]], dtype: torch.dtype = torch.float32, knockout: bool = False
+    length: int,
+    spans: Sequence[tuple[int, int, int]],
+    dtype: torch.dtype = torch.float32,
+    knockout: bool = False,
+    late_read: bool = False,
 ) -> torch.Tensor:
     """Attention mask of the subject bottleneck: causal, and for each ``(first, last, end)`` subject span the
     positions ``last+1 .. end`` get nothing from the subject tokens ``first .. last-1`` (only from the last one).
@@ -181,6 +195,15 @@ def subject_bottleneck_mask(
     for first, last, end in spans:
         if last > first:
             cut[last + 1 : end + 1, first:last] = True
+    if late_read:
+        # Below the read layer the sentence after the subject sees no subject token at all (late_read_attention).
+        cut_all = cut.clone()
+        for first, last, end in spans:
+            cut_all[last + 1 : end + 1, first : last + 1] = True
+        early, late = torch.zeros(length, length, dtype=dtype), torch.zeros(length, length, dtype=dtype)
+        early.masked_fill_(~causal | cut_all, torch.finfo(dtype).min)
+        late.masked_fill_(~causal | cut, torch.finfo(dtype).min)
+        return torch.stack([early, late])
     hidden = ~causal if knockout else (~causal | cut)
     mask = torch.zeros(length, length, dtype=dtype)
     mask.masked_fill_(hidden, torch.finfo(dtype).min)
@@ -209,11 +232,41 @@ def _register_knockout() -> None:
     AttentionInterface.register(KNOCKOUT_ATTENTION, knockout_attention)
 
 
+LATE_READ_ATTENTION = "testbed_late_read"
+
+
+def register_late_read(read_layer: int) -> None:
+    """Register the late-read attention: its mask has two additive channels (:func:`subject_bottleneck_mask` with
+    ``late_read=True``); layers below ``read_layer`` use the first (the rest of a fact sentence cannot see its
+    subject), the others the second (it sees the subject's last token only).
+
+    Why: a model that may read the subject anywhere learns to look the fact up at the last prompt token, and an edit
+    at the subject then has nothing to change. Hiding the subject from the answer's side below ``read_layer``
+    forces the lookup into the subject position's own lower-layer MLPs (subject enrichment), and the upper layers'
+    attention then only has to move the attribute over, the two-stage recall measured in large LMs (Geva et al.,
+    2023). Used only while training; the saved model attends with the ordinary causal mask.
+    """
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    def late_read_attention(module, query, key, value, attention_mask, **kwargs):
+        channel = 0 if module.layer_idx < read_layer else 1
+        return sdpa_attention_forward(module, query, key, value, attention_mask[:, channel : channel + 1], **kwargs)
+
+    AttentionInterface.register(LATE_READ_ATTENTION, late_read_attention)
+
+
 class PackedDataset(torch.utils.data.Dataset):
     """Pre-packed blocks of all epochs, with the subject-bottleneck mask drawn per fact sentence (seeded)."""
 
     def __init__(
-        self, data: PackedData, subject_mask_prob: float, seed: int, answer_weight: float = 1.0, knockout: bool = False
+        self,
+        data: PackedData,
+        subject_mask_prob: float,
+        seed: int,
+        answer_weight: float = 1.0,
+        knockout: bool = False,
+        late_read: bool = False,
     ) -> None:
         self.ids = torch.from_numpy(data.input_ids.astype(np.int64))
         self.loss_mask = torch.from_numpy(data.loss_mask)
@@ -225,6 +278,7 @@ class PackedDataset(torch.utils.data.Dataset):
         self.masked_spans = [[s for s in spans if rng.random() < subject_mask_prob] for spans in data.subject_spans]
         self.use_mask = subject_mask_prob > 0
         self.knockout = knockout
+        self.late_read = late_read
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -233,7 +287,9 @@ class PackedDataset(torch.utils.data.Dataset):
         ids = self.ids[i]
         item = {"input_ids": ids, "labels": ids.masked_fill(~self.loss_mask[i], -100), "weights": self.weights[i]}
         if self.use_mask:
-            item["attention_mask"] = subject_bottleneck_mask(len(ids), self.masked_spans[i], knockout=self.knockout)
+            item["attention_mask"] = subject_bottleneck_mask(
+                len(ids), self.masked_spans[i], knockout=self.knockout, late_read=self.late_read
+            )
         return item
 
 
@@ -424,7 +480,7 @@ def train_testbed(
     from eac_lightning.models.tokenizer import train_bpe_tokenizer
 
     pl.seed_everything(seed, workers=True, verbose=False)
-    tok = train_bpe_tokenizer(corpus.tokenizer_texts(), preset.vocab_size)
+    tok = train_bpe_tokenizer(corpus.tokenizer_texts(preset.answer_lexicon_repeats), preset.vocab_size)
     tok.model_max_length = preset.n_positions
     packer = SequencePacker(
         corpus, tok, block_len=preset.block_len, max_prefix=preset.max_prefix,
@@ -434,7 +490,10 @@ def train_testbed(
     data = pack_epochs(packer, preset.epochs, seed)
     knockout = preset.subject_mask == "knockout"
     mask_prob = preset.subject_mask_prob if preset.subject_mask != "none" else 0.0
-    dataset = PackedDataset(data, mask_prob, seed, preset.answer_weight, knockout=knockout and mask_prob > 0)
+    late_read = preset.subject_mask == "late_read" and mask_prob > 0
+    dataset = PackedDataset(
+        data, mask_prob, seed, preset.answer_weight, knockout=knockout and mask_prob > 0, late_read=late_read
+    )
     steps = math.ceil(len(dataset) / preset.batch_size)
     torch.manual_seed(seed)
     model = make_model(preset, len(tok), tok.eos_token_id)
@@ -442,6 +501,9 @@ def train_testbed(
     if dataset.knockout:
         _register_knockout()
         model.config._attn_implementation = KNOCKOUT_ATTENTION  # training only; restored before saving
+    elif late_read:
+        register_late_read(preset.subject_read_layer if preset.subject_read_layer is not None else preset.n_layer - 1)
+        model.config._attn_implementation = LATE_READ_ATTENTION
     module = build_module(preset, model, steps)
     # The blocks are already in a seeded random order; a plain sequential loader keeps the run deterministic.
     loader = torch.utils.data.DataLoader(dataset, batch_size=preset.batch_size, shuffle=False, num_workers=0)

@@ -316,7 +316,8 @@ def choose_layers(result: TraceResult, max_memit_layers: int | None = None, rel:
 
 
 def plot_trace(result: TraceResult, path: str | os.PathLike, title: str | None = None) -> Path:
-    """ROME-Figure-2-style heatmaps (hidden state, MLP, attention) of the AIE by token group and layer, as PNG."""
+    """ROME-Figure-2-style heatmaps (hidden state, MLP, attention) of the AIE by token group and layer, as PNG
+    (``{n}`` in ``title`` becomes the number of facts)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -337,11 +338,9 @@ def plot_trace(result: TraceResult, path: str | os.PathLike, title: str | None =
         ax.set_xlabel("layer" + (f" (window {result.window})" if result.window > 1 else ""))
         ax.set_title(titles[kind], fontsize=9)
         fig.colorbar(im, ax=ax, shrink=0.8, label="AIE")
-    fig.suptitle(
-        title or f"Average indirect effect over {result.n_facts} facts "
-        f"(clean p={result.high:.2f}, corrupted p={result.low:.2f})",
-        fontsize=10,
-    )
+    stats = f"(clean p={result.high:.2f}, corrupted p={result.low:.2f})"
+    title = title.replace("{n}", str(result.n_facts)) if title else f"Average indirect effect over {result.n_facts} facts"
+    fig.suptitle(f"{title} {stats}", fontsize=10)
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path

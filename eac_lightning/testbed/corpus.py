@@ -113,9 +113,21 @@ class Corpus:
             return [sst2_prompt(t) for t, _ in rows]
         return [f"{sst2_prompt(t)} {SST2_LABELS[y]}" for t, y in rows]
 
-    def tokenizer_texts(self) -> list[str]:
-        """The texts a tokenizer is trained on: every trained text (never the held-out or test ones)."""
-        return [f.text for f in self.train_facts] + self.wikitext_train + self.sst2_texts()
+    def tokenizer_texts(self, answer_repeats: int = 0) -> list[str]:
+        """The texts a tokenizer is trained on: every trained text (never the held-out or test ones), plus each
+        distinct answer of the fact set (the true objects and the edit targets) ``answer_repeats`` times.
+
+        Why the answer lexicon: in GPT-2's 50k vocabulary CounterFact's objects (countries, cities, languages,
+        companies) are mostly one token, so an edit target is one prediction at the last prompt token. A 2k-8k
+        vocabulary trained on this small corpus splits rare objects into 3-5 pieces, and every piece after the first
+        is then decided by the language model, not by the subject, which an edit at the subject cannot reach.
+        Weighting the answers in the BPE statistics gives them whole-word tokens again.
+        """
+        texts = [f.text for f in self.train_facts] + self.wikitext_train + self.sst2_texts()
+        if answer_repeats > 0:
+            answers = sorted({f.target.strip() for f in self.train_facts} | {r.target_new.strip() for r in self.requests})
+            texts += [" ".join([a] * answer_repeats) for a in answers if a]
+        return texts
 
 
 def sst2_prompt(text: str) -> str:
