@@ -100,13 +100,12 @@ def build(args) -> tuple[Path, dict]:
 
 
 def rome_check(folder: Path, n_edits: int, layers: list[int]) -> dict:
-    """N single ROME edits (restored after each) of the testbed's CounterFact records at each layer."""
+    """N single ROME edits (restored after each) of the testbed's CounterFact records at each layer, with the
+    hyper-parameters of ``configs/methods/rome.yaml``."""
     import numpy as np
 
-    from eac_lightning.evaluation.edit_metrics import compute_locality_reference, evaluate_edit_metrics
-    from eac_lightning.methods.base import restore_weights, snapshot
-    from eac_lightning.methods.rome import ROME
-    from eac_lightning.methods.target import ContextTemplateParams, TargetHyperParams
+    from eac_lightning.editor import method_from_preset
+    from eac_lightning.evaluation.edit_metrics import compute_locality_reference, single_edit_metrics
     from eac_lightning.models.loading import load_model
     from eac_lightning.stats.covariance import CovarianceStore
     from eac_lightning.testbed.corpus import load_fact_requests
@@ -121,18 +120,11 @@ def rome_check(folder: Path, n_edits: int, layers: list[int]) -> dict:
     out = {"n_edits": len(reqs), "layers": {}}
     metrics = ("reliability", "generalization", "locality", "reliability_gen", "generalization_gen", "locality_gen")
     for layer in layers:
-        # configs/methods/rome.yaml (ROME's GPT-2 XL hyper-parameters)
-        rome = ROME(layer=layer, v=TargetHyperParams(num_steps=20, lr=0.5, weight_decay=0.5, clamp_norm_factor=4.0,
-                                                     kl_factor=0.0625),
-                    context=ContextTemplateParams([[5, 10], [10, 10]]), mom2_adjustment=True)
+        rome = method_from_preset("rome")
+        rome.layer = layer
         rome.setup(model, tok, stats)
         t0 = time.time()
-        rows = []
-        for r in reqs:
-            saved = snapshot(model, rome.module_names)
-            rome.edit(model, tok, [r])
-            rows.append(evaluate_edit_metrics(model, tok, [r], ref, rome_scores=False))
-            restore_weights(model, saved)
+        rows = single_edit_metrics(model, tok, rome, reqs, ref)
         out["layers"][str(layer)] = {
             **{k: round(float(np.mean([x[k] for x in rows])), 4) for k in metrics},
             "seconds": round(time.time() - t0, 1),

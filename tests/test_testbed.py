@@ -167,8 +167,7 @@ def test_single_rome_edits_take_on_tiny(tiny_testbed):
     reliability >= 0.9; the tiny testbed measures about 0.6, docs/testbed.md), and stay local."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from eac_lightning.evaluation.edit_metrics import compute_locality_reference, evaluate_edit_metrics
-    from eac_lightning.methods.base import restore_weights, snapshot
+    from eac_lightning.evaluation.edit_metrics import compute_locality_reference, single_edit_metrics
     from eac_lightning.methods.rome import ROME
     from eac_lightning.stats.covariance import CovarianceStore
     from eac_lightning.testbed.corpus import load_fact_requests
@@ -181,12 +180,7 @@ def test_single_rome_edits_take_on_tiny(tiny_testbed):
     ref = compute_locality_reference(model, tok, reqs)
     rome = ROME(layer=preset.edit_layer)
     rome.setup(model, tok, CovarianceStore(model, tok, num_tokens=20_000))
-    results = []
-    for r in reqs:
-        saved = snapshot(model, rome.module_names)
-        rome.edit(model, tok, [r])
-        results.append(evaluate_edit_metrics(model, tok, [r], ref, rome_scores=False))
-        restore_weights(model, saved)
+    results = single_edit_metrics(model, tok, rome, reqs, ref)
     reliability = float(np.mean([x["reliability"] for x in results]))
     locality = float(np.mean([x["locality"] for x in results]))
     assert reliability >= 0.5, results

@@ -824,3 +824,21 @@ def evaluate_edit_metrics(model: torch.nn.Module, tok: Any, requests: Sequence[E
     metrics = EditMetrics(rome_scores=rome_scores, length_normalized=length_normalized, device=model_device(model))
     metrics.update(model, tok, shard(requests, rank, world_size), reference, batch_size)
     return metrics.compute()
+
+
+def single_edit_metrics(model: torch.nn.Module, tok: Any, method: Any, requests: Sequence[EditRequest],
+                        reference: dict[str, Any] | None) -> list[dict[str, float]]:
+    """The single-edit setting (EAC Table 3): each request edited alone on the current weights, measured with
+    :func:`evaluate_edit_metrics` (no ROME scores), and the edited matrices restored before the next one.
+    ``method`` is a set-up :class:`eac_lightning.methods.base.EditMethod`."""
+    from eac_lightning.methods.base import restore_weights, snapshot
+
+    rows = []
+    for r in requests:
+        saved = snapshot(model, method.module_names)
+        try:
+            method.edit(model, tok, [r])
+            rows.append(evaluate_edit_metrics(model, tok, [r], reference, rome_scores=False))
+        finally:
+            restore_weights(model, saved)
+    return rows

@@ -70,10 +70,9 @@ class TestbedPreset:
         sst2_repeats: expected occurrences of each trained SST-2 example per epoch.
         fact_repeats: occurrences per epoch of each fact sentence, by kind (the edited facts weigh more).
         max_prefix: longest random WikiText prefix at the start of a block.
-        subject_mask: the subject bottleneck: ``knockout`` (attention weights to the subject's earlier tokens are
-            zeroed after the softmax), ``mask`` (those tokens are hidden from the softmax), ``late_read`` (below
-            ``subject_read_layer`` the rest of the sentence sees no subject token, above it only the last one:
-            :func:`register_late_read`) or ``none``.
+        subject_mask: the subject bottleneck: ``mask`` (the rest of the sentence sees only the subject's last
+            token), ``late_read`` (below ``subject_read_layer`` it sees no subject token, from there on only the
+            last one: :func:`register_late_read`) or ``none``.
         subject_mask_prob: share of fact sentences trained with the subject bottleneck.
         subject_read_layer: first layer whose attention may read the subject (``late_read``; None: the last layer).
         answer_weight: loss weight of the answer tokens of fact sentences (other tokens weigh 1): the facts are
@@ -109,7 +108,7 @@ class TestbedPreset:
     sst2_repeats: float = 1.0
     fact_repeats: tuple[tuple[str, int], ...] = (("fact", 2),)
     max_prefix: int = 24
-    subject_mask: str = "knockout"
+    subject_mask: str = "mask"
     subject_mask_prob: float = 1.0
     subject_read_layer: int | None = None
     answer_weight: float = 3.0
@@ -178,17 +177,13 @@ def subject_bottleneck_mask(
     length: int,
     spans: Sequence[tuple[int, int, int]],
     dtype: torch.dtype = torch.float32,
-    knockout: bool = False,
     late_read: bool = False,
 ) -> torch.Tensor:
-    """Attention mask of the subject bottleneck: causal, and for each ``(first, last, end)`` subject span the
-    positions ``last+1 .. end`` get nothing from the subject tokens ``first .. last-1`` (only from the last one).
+    """Additive attention mask of the subject bottleneck: causal, and for each ``(first, last, end)`` subject span
+    the positions ``last+1 .. end`` cannot see the subject tokens ``first .. last-1`` (only the last one).
 
-    ``knockout=False``: an additive (1, T, T) mask that hides those tokens (plain HF attention understands it).
-    ``knockout=True``: (2, T, T), the causal additive mask and a multiplier that zeroes those tokens' attention
-    weights *after* the softmax (:func:`knockout_attention`). They still take their share of the attention, so
-    training teaches the model not to attend to them, and the trained model, run with the ordinary causal mask,
-    behaves like the masked one (a hidden token is simply absent from the softmax; nothing teaches avoidance).
+    Returns (1, T, T); with ``late_read`` (2, T, T): first the mask of the layers below the read layer, where those
+    positions see no subject token at all, then the one above (:func:`register_late_read`).
     """
     causal = torch.ones(length, length, dtype=torch.bool).tril()
     cut = torch.zeros(length, length, dtype=torch.bool)
@@ -204,32 +199,9 @@ def subject_bottleneck_mask(
         early.masked_fill_(~causal | cut_all, torch.finfo(dtype).min)
         late.masked_fill_(~causal | cut, torch.finfo(dtype).min)
         return torch.stack([early, late])
-    hidden = ~causal if knockout else (~causal | cut)
     mask = torch.zeros(length, length, dtype=dtype)
-    mask.masked_fill_(hidden, torch.finfo(dtype).min)
-    if not knockout:
-        return mask[None]
-    return torch.stack([mask, (~cut).to(dtype)])
-
-
-KNOCKOUT_ATTENTION = "testbed_knockout"
-
-
-def knockout_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """Attention whose mask has two channels: additive (causal) and a post-softmax multiplier (the subject
-    bottleneck's knockout, :func:`subject_bottleneck_mask`). Registered with transformers' ``AttentionInterface``
-    and used only while training; same signature and output layout as GPT-2's eager attention."""
-    scores = torch.matmul(query, key.transpose(-1, -2)) * (scaling if scaling is not None else query.shape[-1] ** -0.5)
-    additive, keep = attention_mask[:, :1], attention_mask[:, 1:2]
-    weights = torch.softmax((scores + additive).float(), dim=-1).to(value.dtype) * keep.to(value.dtype)
-    out = torch.matmul(weights, value).transpose(1, 2).contiguous()
-    return out, weights
-
-
-def _register_knockout() -> None:
-    from transformers import AttentionInterface
-
-    AttentionInterface.register(KNOCKOUT_ATTENTION, knockout_attention)
+    mask.masked_fill_(~causal | cut, torch.finfo(dtype).min)
+    return mask[None]
 
 
 LATE_READ_ATTENTION = "testbed_late_read"
@@ -265,7 +237,6 @@ class PackedDataset(torch.utils.data.Dataset):
         subject_mask_prob: float,
         seed: int,
         answer_weight: float = 1.0,
-        knockout: bool = False,
         late_read: bool = False,
     ) -> None:
         self.ids = torch.from_numpy(data.input_ids.astype(np.int64))
@@ -277,7 +248,6 @@ class PackedDataset(torch.utils.data.Dataset):
         rng = np.random.default_rng(seed + 7)
         self.masked_spans = [[s for s in spans if rng.random() < subject_mask_prob] for spans in data.subject_spans]
         self.use_mask = subject_mask_prob > 0
-        self.knockout = knockout
         self.late_read = late_read
 
     def __len__(self) -> int:
@@ -287,9 +257,7 @@ class PackedDataset(torch.utils.data.Dataset):
         ids = self.ids[i]
         item = {"input_ids": ids, "labels": ids.masked_fill(~self.loss_mask[i], -100), "weights": self.weights[i]}
         if self.use_mask:
-            item["attention_mask"] = subject_bottleneck_mask(
-                len(ids), self.masked_spans[i], knockout=self.knockout, late_read=self.late_read
-            )
+            item["attention_mask"] = subject_bottleneck_mask(len(ids), self.masked_spans[i], late_read=self.late_read)
         return item
 
 
@@ -488,20 +456,14 @@ def train_testbed(
         sst2_repeats=preset.sst2_repeats,
     )
     data = pack_epochs(packer, preset.epochs, seed)
-    knockout = preset.subject_mask == "knockout"
     mask_prob = preset.subject_mask_prob if preset.subject_mask != "none" else 0.0
     late_read = preset.subject_mask == "late_read" and mask_prob > 0
-    dataset = PackedDataset(
-        data, mask_prob, seed, preset.answer_weight, knockout=knockout and mask_prob > 0, late_read=late_read
-    )
+    dataset = PackedDataset(data, mask_prob, seed, preset.answer_weight, late_read=late_read)
     steps = math.ceil(len(dataset) / preset.batch_size)
     torch.manual_seed(seed)
     model = make_model(preset, len(tok), tok.eos_token_id)
     saved_attn = model.config._attn_implementation
-    if dataset.knockout:
-        _register_knockout()
-        model.config._attn_implementation = KNOCKOUT_ATTENTION  # training only; restored before saving
-    elif late_read:
+    if late_read:  # training only; restored before saving
         register_late_read(preset.subject_read_layer if preset.subject_read_layer is not None else preset.n_layer - 1)
         model.config._attn_implementation = LATE_READ_ATTENTION
     module = build_module(preset, model, steps)
