@@ -88,7 +88,7 @@ def measure(model, tok, method, requests, batches: list[list]) -> dict:
     from eac_lightning.models.adapters import weight_view
 
     if len(method.module_names) > 1:  # the replay applies one matrix's ΔW
-        raise ValueError("give a single edited layer (--memit-layers N) to replay MEMIT's update")
+        raise ValueError("give a single edited layer (--memit-layer N) to replay MEMIT's update")
     name = method.module_names[0]
     module = dict(model.named_modules())[name]
     counts = {m: 0 for m in MODES}
@@ -109,9 +109,9 @@ def measure(model, tok, method, requests, batches: list[list]) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="testbed:tiny")
-    ap.add_argument("--edits", type=int, default=16, help="single ROME edits (known facts)")
+    ap.add_argument("--edits", type=int, default=16, help="single ROME edits (known facts; 0: skip ROME)")
     ap.add_argument("--batch", type=int, default=8, help="MEMIT batch size (0: skip MEMIT)")
-    ap.add_argument("--memit-layers", default=None, help="one MEMIT layer (default: the model's ROME layer)")
+    ap.add_argument("--memit-layer", type=int, default=None, help="the MEMIT layer (default: the model's ROME layer)")
     ap.add_argument("--memit-lambda", type=float, default=10.0,
                     help="λ of (λC + KKᵀ); the published 20000 writes no edit on the testbed (docs/testbed.md)")
     ap.add_argument("--memit-clamp", type=float, default=4.0, help="z norm clamp (ROME's 4; MEMIT publishes 0.75)")
@@ -122,7 +122,6 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(args.threads)
 
     from eac_lightning.editor import method_from_preset
-    from eac_lightning.methods import MEMIT
     from eac_lightning.methods.target import compute_keys
     from eac_lightning.models.loading import default_layers, load_model
     from eac_lightning.stats.covariance import CovarianceStore
@@ -134,20 +133,21 @@ def main(argv: list[str] | None = None) -> dict:
     result: dict = {"command": "python benchmarks/edit_leakage.py " + " ".join(argv or __import__("sys").argv[1:]),
                     "model": args.model, "known_facts": len(known)}
 
-    rome = method_from_preset("rome")
-    if args.steps:
-        rome.v.num_steps = args.steps
-    rome.setup(model, tok, stats)
-    reqs = known[: args.edits]
-    result["rome"] = {"layer": rome.layer, **measure(model, tok, rome, reqs, [[r] for r in reqs])}
-    cov = stats.get(rome.module_names[0])
-    keys = compute_keys(model, tok, reqs, rome.layer, rome.templates)
-    pairs = [last_token_leakage(model, tok, cov, rome.module_names[0], k, r) for k, r in zip(keys, reqs)]
-    result["rome"]["last_token_leakage_median"] = statistics.median(p[0] for p in pairs)
-    result["rome"]["unrelated_key_leakage_median"] = statistics.median(p[1] for p in pairs)
+    if args.edits:
+        rome = method_from_preset("rome")
+        if args.steps:
+            rome.v.num_steps = args.steps
+        rome.setup(model, tok, stats)
+        reqs = known[: args.edits]
+        result["rome"] = {"layer": rome.layer, **measure(model, tok, rome, reqs, [[r] for r in reqs])}
+        cov = stats.get(rome.module_names[0])
+        keys = compute_keys(model, tok, reqs, rome.layer, rome.templates)
+        pairs = [last_token_leakage(model, tok, cov, rome.module_names[0], k, r) for k, r in zip(keys, reqs)]
+        result["rome"]["last_token_leakage_median"] = statistics.median(p[0] for p in pairs)
+        result["rome"]["unrelated_key_leakage_median"] = statistics.median(p[1] for p in pairs)
 
     if args.batch:
-        layer = int(args.memit_layers) if args.memit_layers else default_layers(model).rome
+        layer = args.memit_layer if args.memit_layer is not None else default_layers(model).rome
         memit = method_from_preset("memit")
         memit.layers = [layer]
         memit.mom2_update_weight = args.memit_lambda
@@ -167,8 +167,9 @@ def main(argv: list[str] | None = None) -> dict:
         if key in result:
             row = result[key]
             print(f"{key:<14} {row['n']:>3} " + " ".join(f"{row[m]:>14}" for m in MODES))
-    print(f"ROME last-token leakage (median) {result['rome']['last_token_leakage_median']:.3f} vs "
-          f"{result['rome']['unrelated_key_leakage_median']:.3f} for an unrelated key")
+    if "rome" in result:
+        print(f"ROME last-token leakage (median) {result['rome']['last_token_leakage_median']:.3f} vs "
+              f"{result['rome']['unrelated_key_leakage_median']:.3f} for an unrelated key")
     out = Path(args.out or REPO / "benchmarks" / "results" / f"edit_leakage-{args.model.replace(':', '-')}.json")
     out.write_text(json.dumps(result, indent=1))
     return result
