@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -29,18 +30,6 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 MODES = ("subject_only", "all_but_last", "all_positions")
-
-
-def known_facts(model, tok, limit: int):
-    """CounterFact and ZsRE records whose true object is the greedy continuation and whose new object differs."""
-    from eac_lightning.data.sources import load_requests
-    from eac_lightning.evaluation.edit_metrics import score_targets
-    from eac_lightning.paths import shared_data_dir
-
-    requests = [r for name in ("counterfact", "zsre") for r in load_requests(shared_data_dir() / name, limit=limit)]
-    scores = score_targets(model, tok, [r.prompt_text for r in requests], [r.target_true for r in requests])
-    return [r for r, s in zip(requests, scores)
-            if s.pred == s.target and r.target_new.strip().lower() != r.target_true.strip().lower()]
 
 
 def hits_with_delta(model, tok, module, delta_w: torch.Tensor, request, mode: str) -> bool:
@@ -82,28 +71,24 @@ def last_token_leakage(model, tok, cov, name: str, key: torch.Tensor, request) -
     return abs(float(cinv_k @ x_last)) / s, s ** -0.5
 
 
-def measure(model, tok, method, requests, batches: list[list]) -> dict:
-    """Apply each batch (restoring the weights after it) and count hits per mode."""
+def measure(model, tok, method, batches: list[list]) -> dict:
+    """Apply each batch with ``method`` (one edited matrix), restore the weights, and count hits per mode of
+    replaying the returned ΔW."""
     from eac_lightning.methods.base import restore_weights, snapshot
-    from eac_lightning.models.adapters import weight_view
 
-    if len(method.module_names) > 1:  # the replay applies one matrix's ΔW
-        raise ValueError("give a single edited layer (--memit-layer N) to replay MEMIT's update")
     name = method.module_names[0]
     module = dict(model.named_modules())[name]
     counts = {m: 0 for m in MODES}
     for batch in batches:
         saved = snapshot(model, method.module_names)
-        before = weight_view(model, name).detach().clone()
         try:
-            method.edit(model, tok, batch)
-            delta_w = weight_view(model, name).detach() - before
+            delta_w = method.edit(model, tok, batch)[name]
         finally:
             restore_weights(model, saved)
         for r in batch:
             for m in MODES:
                 counts[m] += hits_with_delta(model, tok, module, delta_w, r, m)
-    return {"n": len(requests), **counts}
+    return {"n": sum(len(b) for b in batches), **counts}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -121,16 +106,20 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
+    from eac_lightning.data.sources import load_requests
     from eac_lightning.editor import method_from_preset
+    from eac_lightning.evaluation.probes import known_facts
     from eac_lightning.methods.target import compute_keys
     from eac_lightning.models.loading import default_layers, load_model
+    from eac_lightning.paths import shared_data_dir
     from eac_lightning.stats.covariance import CovarianceStore
 
     t0 = time.time()
     model, tok = load_model(args.model)
-    known = known_facts(model, tok, limit=120)
+    requests = [r for name in ("counterfact", "zsre") for r in load_requests(shared_data_dir() / name, limit=120)]
+    known = known_facts(model, tok, requests)
     stats = CovarianceStore(model, tok)  # project defaults: WikiText-2, 100k tokens, cached per model
-    result: dict = {"command": "python benchmarks/edit_leakage.py " + " ".join(argv or __import__("sys").argv[1:]),
+    result: dict = {"command": "python benchmarks/edit_leakage.py " + " ".join(argv or sys.argv[1:]),
                     "model": args.model, "known_facts": len(known)}
 
     if args.edits:
@@ -139,7 +128,7 @@ def main(argv: list[str] | None = None) -> dict:
             rome.v.num_steps = args.steps
         rome.setup(model, tok, stats)
         reqs = known[: args.edits]
-        result["rome"] = {"layer": rome.layer, **measure(model, tok, rome, reqs, [[r] for r in reqs])}
+        result["rome"] = {"layer": rome.layer, **measure(model, tok, rome, [[r] for r in reqs])}
         cov = stats.get(rome.module_names[0])
         keys = compute_keys(model, tok, reqs, rome.layer, rome.templates)
         pairs = [last_token_leakage(model, tok, cov, rome.module_names[0], k, r) for k, r in zip(keys, reqs)]
@@ -157,9 +146,9 @@ def main(argv: list[str] | None = None) -> dict:
         memit.setup(model, tok, stats)
         batch = known[: args.batch]
         result["memit_single"] = {"layer": layer, "lambda": args.memit_lambda, "clamp": args.memit_clamp,
-                                  **measure(model, tok, memit, batch, [[r] for r in batch])}
+                                  **measure(model, tok, memit, [[r] for r in batch])}
         result["memit_batch"] = {"layer": layer, "lambda": args.memit_lambda, "clamp": args.memit_clamp,
-                                 **measure(model, tok, memit, batch, [batch])}
+                                 **measure(model, tok, memit, [batch])}
     result["seconds"] = round(time.time() - t0, 1)
 
     print(f"{'setting':<14} {'n':>3} " + " ".join(f"{m:>14}" for m in MODES))

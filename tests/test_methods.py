@@ -376,16 +376,14 @@ def test_nan_in_optimisation_raises_and_changes_nothing(gpt2, tokenizer, stats, 
 def testbed(tiny_testbed):
     """(model, tokenizer, default layers, covariance store, known facts) of the tiny testbed."""
     from eac_lightning.data.sources import load_requests
-    from eac_lightning.evaluation.edit_metrics import score_targets
+    from eac_lightning.evaluation.probes import known_facts
     from eac_lightning.models.loading import default_layers, load_model
     from eac_lightning.paths import shared_data_dir
 
     model, tok = load_model(str(tiny_testbed))
     # The first records of each shared fact file (the tiny preset trains on a prefix of each).
     requests = [r for name in ("counterfact", "zsre") for r in load_requests(shared_data_dir() / name, limit=60)]
-    scores = score_targets(model, tok, [r.prompt_text for r in requests], [r.target_true for r in requests])
-    known = [r for r, s in zip(requests, scores)
-             if s.pred == s.target and r.target_new.strip().lower() != r.target_true.strip().lower()]
+    known = known_facts(model, tok, requests)
     assert len(known) >= 8, (
         f"the tiny testbed knows only {len(known)} of {len(requests)} shared facts (greedy continuation = "
         "target_true); editing success cannot be measured on it - the testbed needs rebuilding (eac_lightning/testbed)"

@@ -16,7 +16,7 @@ from eac_lightning.evaluation.edit_metrics import (
     score_targets,
 )
 from eac_lightning.evaluation.evaluator import Evaluator, EvaluatorConfig, format_table, summary_sections
-from eac_lightning.evaluation.probes import Perplexity, fact_retention, wikitext2_ppl
+from eac_lightning.evaluation.probes import Perplexity, fact_retention, known_facts, wikitext2_ppl
 from eac_lightning.evaluation.tasks import (
     TABLE4_PROMPTS,
     TASK_KEYS,
@@ -33,6 +33,6 @@ __all__ = [
     "EditMetrics", "Generalization", "Locality", "ProbabilityComparison", "Reliability", "SumCountMetric",
     "TargetScore", "TokenAgreement", "compute_locality_reference", "evaluate_edit_metrics", "greedy_generate",
     "score_targets", "Evaluator", "EvaluatorConfig", "format_table", "summary_sections", "Perplexity",
-    "fact_retention", "wikitext2_ppl", "TABLE4_PROMPTS", "TASK_KEYS", "TaskDataError", "TaskExample",
+    "fact_retention", "known_facts", "wikitext2_ppl", "TABLE4_PROMPTS", "TASK_KEYS", "TaskDataError", "TaskExample",
     "evaluate_task", "exact_match", "load_task", "normalize_answer", "rouge_mean",
 ]

@@ -48,6 +48,16 @@ def fact_retention(model: torch.nn.Module, tok: Any, requests: Sequence[EditRequ
     return float(metric.compute())
 
 
+
+def known_facts(model: torch.nn.Module, tok: Any, requests: Sequence[EditRequest],
+                batch_size: int = 32) -> list[EditRequest]:
+    """The requests whose true object is the model's greedy continuation and whose new object differs from it:
+    facts the model demonstrably knows, so that an edit of them has something to change."""
+    scores = score_targets(model, tok, [r.prompt_text for r in requests], [r.target_true for r in requests],
+                           batch_size)
+    return [r for r, s in zip(requests, scores)
+            if s.pred == s.target and r.target_new.strip().lower() != r.target_true.strip().lower()]
+
 class Perplexity(Metric):
     """exp(summed token NLL / token count), with both sums reduced across ranks under DDP."""
 
