@@ -5,11 +5,12 @@
    the core count slows the build proportionally) and the testbed's measured figures. The ``small`` preset must
    build in under 30 minutes on a 2-core CPU, ``tiny`` in under a minute.
 2. **ROME check** (``--rome-edits N``): N independent single ROME edits of the testbed's own CounterFact records
-   (true object -> CounterFact's ``target_new``) at each of ``--rome-layers``, with the hyper-parameters of
-   ``configs/methods/rome.yaml`` (ROME's GPT-2 XL values: 20 v* steps, lr 0.5, clamp 4, KL 0.0625, prefix contexts
-   [[5,10],[10,10]], covariance adjustment); the weights are restored after each edit. Reports reliability,
-   generalization and locality (EAC Eqs. 10-12, ``eac_lightning.evaluation.edit_metrics``) and their exact-greedy
-   variants, per layer.
+   (true object -> CounterFact's ``target_new``) at each of ``--rome-layers``, with each of ``--rome-presets``
+   (default ``configs/methods/rome.yaml``: ROME's GPT-2 XL values, 20 v* steps, lr 0.5, clamp 4, KL 0.0625, prefix
+   contexts [[5,10],[10,10]], covariance adjustment), as published and, with ``--testbed-overlay``, also composed
+   with ``configs/testbed/<preset>.yaml`` (write-aware v*); the weights are restored after each edit. Reports
+   reliability, generalization and locality (EAC Eqs. 10-12, ``eac_lightning.evaluation.edit_metrics``) and their
+   exact-greedy variants, per preset and layer.
 3. **Causal trace** (``--trace-facts N``): ROME's causal tracing over N known CounterFact facts; writes
    ``trace.json``/``trace.pt``/``trace.png`` to ``--trace-out``.
 
@@ -21,6 +22,8 @@ Usage::
     python benchmarks/testbed_build.py --model testbed:small --rome-edits 50 --rome-layers 0,1,2,3 \\
         --trace-facts 50 --trace-out docs/img                                 # checks on the cached testbed
     python benchmarks/testbed_build.py --preset tiny --out /tmp/tb --rome-edits 10
+    python benchmarks/testbed_build.py --model testbed:tiny --rome-edits 20 --rome-presets rome rome-eac \
+        --testbed-overlay --tag edits                                         # published vs testbed overlay
 
 ``--install`` moves the build into the cache folder that ``testbed:<preset>`` resolves to (unless one is already
 there), so the measured build is the one every later run uses.
@@ -38,6 +41,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
 
 LIMITS_SECONDS = {"tiny": 60, "small": 30 * 60}
 FIGURES = (
@@ -99,9 +104,10 @@ def build(args) -> tuple[Path, dict]:
     return out, report
 
 
-def rome_check(folder: Path, n_edits: int, layers: list[int]) -> dict:
-    """N single ROME edits (restored after each) of the testbed's CounterFact records at each layer, with the
-    hyper-parameters of ``configs/methods/rome.yaml``."""
+def rome_check(folder: Path, n_edits: int, layers: list[int], presets: list[str] = ("rome",),
+               testbed_overlay: bool = False) -> dict:
+    """N single edits (restored after each) of the testbed's CounterFact records at each layer, with each method
+    preset as published and (``testbed_overlay``) composed with ``configs/testbed/<preset>.yaml``."""
     import numpy as np
 
     from eac_lightning.editor import method_from_preset
@@ -117,19 +123,24 @@ def rome_check(folder: Path, n_edits: int, layers: list[int]) -> dict:
     reqs = reqs[:n_edits]
     ref = compute_locality_reference(model, tok, reqs)
     stats = CovarianceStore(model, tok)  # the project's defaults (WikiText, 100k tokens), cached per model
-    out = {"n_edits": len(reqs), "layers": {}}
+    out = {"n_edits": len(reqs), "presets": {}}
     metrics = ("reliability", "generalization", "locality", "reliability_gen", "generalization_gen", "locality_gen")
-    for layer in layers:
-        rome = method_from_preset("rome")
-        rome.layer = layer
-        rome.setup(model, tok, stats)
-        t0 = time.time()
-        rows = single_edit_metrics(model, tok, rome, reqs, ref)
-        out["layers"][str(layer)] = {
-            **{k: round(float(np.mean([x[k] for x in rows])), 4) for k in metrics},
-            "seconds": round(time.time() - t0, 1),
-        }
-        print(f"ROME layer {layer}: {out['layers'][str(layer)]}", flush=True)
+    variants = [(p, ()) for p in presets]
+    if testbed_overlay:
+        variants += [(f"{p}+testbed", (REPO / "configs" / "testbed" / f"{p}.yaml",)) for p in presets]
+    for name, overlays in variants:
+        out["presets"][name] = {}
+        for layer in layers:
+            method = method_from_preset(name.split("+")[0], *overlays)
+            method.layer = layer
+            method.setup(model, tok, stats)
+            t0 = time.time()
+            rows = single_edit_metrics(model, tok, method, reqs, ref)
+            out["presets"][name][str(layer)] = {
+                **{k: round(float(np.mean([x[k] for x in rows])), 4) for k in metrics},
+                "seconds": round(time.time() - t0, 1),
+            }
+            print(f"{name} layer {layer}: {out['presets'][name][str(layer)]}", flush=True)
     return out
 
 
@@ -143,6 +154,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--install", action="store_true", help="install the build as the cached testbed:<preset>")
     ap.add_argument("--rome-edits", type=int, default=0, help="single ROME edits per layer (0: skip)")
     ap.add_argument("--rome-layers", default=None, help="comma-separated layers (default: the testbed's edit_layer)")
+    ap.add_argument("--rome-presets", nargs="+", default=["rome"], help="method presets of the check (rome, rome-eac)")
+    ap.add_argument("--testbed-overlay", action="store_true",
+                    help="also run each preset composed with configs/testbed/<preset>.yaml")
     ap.add_argument("--trace-facts", type=int, default=0, help="facts to causal-trace (0: skip)")
     ap.add_argument("--trace-samples", type=int, default=10)
     ap.add_argument("--trace-out", default=None, help="folder for trace.json/.pt/.png (default: <testbed>/trace)")
@@ -167,7 +181,7 @@ def main(argv: list[str] | None = None) -> dict:
     info = json.loads((folder / "testbed.json").read_text())
     if args.rome_edits:
         layers = [int(x) for x in args.rome_layers.split(",")] if args.rome_layers else [info["edit_layer"]]
-        report["rome"] = rome_check(folder, args.rome_edits, layers)
+        report["rome"] = rome_check(folder, args.rome_edits, layers, args.rome_presets, args.testbed_overlay)
     if args.trace_facts:
         from eac_lightning.models.loading import load_model
         from eac_lightning.testbed.causal_trace import load_trace_facts, run_trace

@@ -23,8 +23,17 @@ from eac_lightning.stats.covariance import CovarianceStore
 METHOD_PRESETS = Path(__file__).resolve().parents[1] / "configs" / "methods"
 
 
-def method_from_preset(name_or_path: str) -> EditMethod:
-    """Instantiate the method of ``configs/methods/<name>.yaml`` (or of a YAML file's ``model.method``)."""
+def _merged(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merged(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def method_from_preset(name_or_path: str, *overlays: str | Path) -> EditMethod:
+    """Instantiate the method of ``configs/methods/<name>.yaml`` (or of a YAML file's ``model.method``), with the
+    ``model.method`` of each overlay file (e.g. ``configs/testbed/rome.yaml``) merged over it in order, as a second
+    ``--config`` does on the command line."""
     import yaml
     from jsonargparse import ArgumentParser
 
@@ -35,6 +44,8 @@ def method_from_preset(name_or_path: str) -> EditMethod:
         known = ", ".join(sorted(p.stem for p in METHOD_PRESETS.glob("*.yaml")))
         raise FileNotFoundError(f"no method preset {name_or_path!r} (known: {known})")
     spec = yaml.safe_load(path.read_text())["model"]["method"]
+    for overlay in overlays:
+        spec = _merged(spec, yaml.safe_load(Path(overlay).read_text())["model"]["method"])
     parser = ArgumentParser(exit_on_error=False)
     parser.add_argument("--method", type=EditMethod)
     return parser.instantiate_classes(parser.parse_object({"method": spec})).method

@@ -55,13 +55,14 @@ def check_plan(plan: AnchorPlan, k: int, cap: int, r: int, n_layers: int) -> Non
 # ---------------------------------------------------------------------------------------------------------------
 # The planner alone
 # ---------------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("cap,r", [(1, 1), (2, 1), (3, 2), (5, 3)])
+@pytest.mark.parametrize("cap,r", [(1, 1), (2, 1), (3, 2), (5, 3), (4, None)])
 def test_las_bounded_overlap_random_scores(cap, r):
-    gen = torch.Generator().manual_seed(cap * 10 + r)
+    """r = None (the preset) writes every anchor dimension in all L layers."""
+    gen = torch.Generator().manual_seed(cap * 10 + (r or 0))
     n, d, L, k = 12, 64, 3, 8
     scores = torch.randn(n, d, generator=gen)
     plan = plan_anchors(scores, k, L, BEACHyperParams(max_overlap=cap, layers_per_anchor=r))
-    check_plan(plan, k, cap, r, L)
+    check_plan(plan, k, cap, r or L, L)
     assert plan.overlap <= cap and plan.capacity == cap
 
 
@@ -76,14 +77,14 @@ def test_las_separates_colliding_edits():
     assert no_las.overlap == n  # every edit on the same rows of every layer
     assert (no_las.masks.any(1)[:, :k]).all()
     las = plan_anchors(scores, k, L, BEACHyperParams(max_overlap=2))
-    check_plan(las, k, 2, 1, L)
+    check_plan(las, k, 2, L, L)
     # Each edit still gets its best dimensions first: the shared top-k are used as far as the bound allows.
     assert int(las.masks[:, :, :k].sum()) == 2 * L * k
 
 
 def test_las_auto_overlap_and_infeasible_batch():
     n, d, L, k = 40, 32, 2, 8
-    cap = auto_overlap(n, k, L, d, 1, 2.0)
+    cap = auto_overlap(n, k, L, d, L, 2.0)  # the preset writes every anchor dimension in all L layers
     plan = plan_anchors(torch.randn(n, d), k, L, BEACHyperParams())
     assert plan.capacity == cap and plan.overlap <= cap
     with pytest.raises(ValueError, match="max_overlap"):
@@ -96,7 +97,7 @@ def test_las_is_deterministic_and_rotates():
     a = plan_anchors(scores, 4, 2, hp, start=0)
     b = plan_anchors(scores, 4, 2, hp, start=0)
     assert torch.equal(a.masks, b.masks)
-    check_plan(plan_anchors(scores, 4, 2, hp, start=3), 4, 1, 1, 2)
+    check_plan(plan_anchors(scores, 4, 2, hp, start=3), 4, 1, 2, 2)
 
 
 def test_rar_penalty_avoids_used_anchors():
@@ -148,7 +149,7 @@ def test_beac_edit_bounded_overlap_and_zero_rows(model_and_stats, tokenizer):
     masks = torch.stack([t.layer_masks for t in targets])  # (n, L, d)
     d = model.config.n_embd
     k = math.ceil(d * 0.25)
-    check_plan(AnchorPlan(masks, 0.0, 0, 1, [k] * 4), k, 1, 1, 3)
+    check_plan(AnchorPlan(masks, 0.0, 0, 1, [k] * 4), k, 1, 3, 3)
     for t in targets:
         assert torch.equal(t.anchors, t.layer_masks.any(0))
         assert (t.delta[~t.anchors] == 0).all()  # z's non-anchors stay exactly zero (EAC Eq. 3)
@@ -214,9 +215,9 @@ def test_rar_checkpoint_round_trip_and_resume(model_and_stats, tokenizer, cls):
     meth_c.templates = list(meth_a.templates)
     _run(m_c, meth_c, stats, tokenizer, BATCHES[1:])
     assert not torch.equal(meth_c.last_plan.masks, meth_full.last_plan.masks)
-    # The record is rolling: each batch adds 2 edits × k anchors × 1 layer, and the earlier batch decays by 0.5.
+    # The record is rolling: each batch adds 2 edits × k anchors × 3 layers, and the earlier batch decays by 0.5.
     k = math.ceil(model_and_stats[0].config.n_embd * 0.25)
-    assert math.isclose(float(meth_full.usage.sum()), 2 * k * (1 + 0.5))
+    assert math.isclose(float(meth_full.usage.sum()), 2 * k * 3 * (1 + 0.5))
 
 
 def test_rar_off_keeps_no_record(model_and_stats, tokenizer):

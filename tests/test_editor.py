@@ -197,3 +197,24 @@ def test_published_preset_composes_after_its_method_preset(compose, path, base):
         _subset_matches(method.eac, base_eac, f"{path} <- {base}")
     if "eac" in published["method"]["init_args"]:
         assert {"lam": 5.0e-7, "penalty_scale": "absolute"}.items() <= asdict(method.eac).items()
+
+
+TESTBED_OVERLAYS = sorted((REPO / "configs" / "testbed").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", TESTBED_OVERLAYS, ids=[p.stem for p in TESTBED_OVERLAYS])
+def test_testbed_overlay_composes_after_its_method_preset(compose, path, tmp_path):
+    """configs/testbed/<m>.yaml changes only the values it names (write-aware targets, MEMIT's λ and clamp) over
+    configs/methods/<m>.yaml, through the real CLI and through method_from_preset alike."""
+    assert "measured here" in path.read_text(), path
+    overlay = yaml.safe_load(path.read_text())["model"]["method"]["init_args"]
+    assert overlay["write_aware"] is True
+    hub_name = tmp_path / "model.yaml"  # a hub name is not resolved at parse time; testbed:small would be built
+    hub_name.write_text("model:\n  model: gpt2\n")
+    composed = compose(METHOD_PRESETS / path.name, path, hub_name).method
+    for method in (composed, method_from_preset(path.stem, path)):
+        _subset_matches(method, overlay, str(path))
+        base = yaml.safe_load((METHOD_PRESETS / path.name).read_text())["model"]["method"]["init_args"]
+        if base.get("eac"):
+            _subset_matches(method.eac, base["eac"], f"{path} <- {path.name}")
+        assert method.context.length_count == base["context"]["length_count"]

@@ -46,6 +46,7 @@ class AlphaEdit(MEMIT):
         nullspace_threshold: eigenvalues of C below this span the null space (AlphaEdit code: 2e-2).
         l2: α, the ridge term of the solve (AlphaEdit code: 10).
         eac: Editing Anchor Compression of z (AlphaEdit-EAC); None for plain AlphaEdit.
+        write_aware: optimise z under the update that will be written (as MEMIT's ``write_aware``).
     """
 
     def __init__(
@@ -56,8 +57,9 @@ class AlphaEdit(MEMIT):
         nullspace_threshold: float = 2e-2,
         l2: float = 10.0,
         eac: EACHyperParams | None = None,
+        write_aware: bool = False,
     ) -> None:
-        super().__init__(layers=layers, z=z, context=context, eac=eac)
+        super().__init__(layers=layers, z=z, context=context, eac=eac, write_aware=write_aware)
         self.nullspace_threshold = nullspace_threshold
         self.l2 = l2
         self.projectors: dict[str, torch.Tensor] = {}
@@ -70,7 +72,8 @@ class AlphaEdit(MEMIT):
                 if name not in self.projectors:
                     self.projectors[name] = null_space_projector(stats.get(name).matrix, self.nullspace_threshold)
 
-    def _layer_update(self, i: int, name: str, keys: torch.Tensor, resid: torch.Tensor) -> torch.Tensor:
+    def _key_adjoint(self, i: int, name: str, keys: torch.Tensor) -> torch.Tensor:
+        """A = (P(KKᵀ + K_pK_pᵀ) + αI)⁻¹ P K (AlphaEdit Eq. 15), so that ΔW_l = R Aᵀ."""
         P = self.projectors.get(name)
         if P is None:
             raise RuntimeError("AlphaEdit needs covariance statistics: call setup(model, tok, stats)")
@@ -78,8 +81,7 @@ class AlphaEdit(MEMIT):
         d = keys.shape[0]
         past = self.past_kkt.get(name, torch.zeros(d, d, dtype=torch.float64)).to(keys.device)
         lhs = P @ (keys @ keys.T + past) + self.l2 * torch.eye(d, dtype=torch.float64, device=keys.device)
-        upd_t = torch.linalg.solve(lhs, P @ keys @ resid.T)  # (d_k, d_out)
-        return upd_t.T
+        return torch.linalg.solve(lhs, P @ keys)
 
     def _write(self, model: nn.Module, tok, targets: list[ResidualTarget]) -> Deltas:
         deltas = super()._write(model, tok, targets)

@@ -65,7 +65,8 @@ class BEACHyperParams:
             times the slack).
         overlap_slack: headroom of the automatic c (≥ 1).
         layers_per_anchor: r, in how many of the edited layers each anchor dimension of an edit is written
-            (1: each dimension in one layer, the widest spread; L: every layer, MEMIT's spreading).
+            (None: all L, MEMIT's spreading, the measured best: docs/beac.md § 5; 1: each dimension in one
+            layer, the widest spread).
         min_anchor_fraction: an edit that cannot get all its k anchors under the overlap bound keeps the ones it
             got if they are at least this share of k; below it the batch is rejected (raise ``max_overlap``).
         decay: ρ, the per-batch decay of the usage record (its memory is about 1/(1-ρ) batches).
@@ -76,7 +77,7 @@ class BEACHyperParams:
     rar: bool = True
     max_overlap: int | None = None
     overlap_slack: float = 2.0
-    layers_per_anchor: int = 1
+    layers_per_anchor: int | None = None
     min_anchor_fraction: float = 0.5
     decay: float = 0.8
     penalty: float = 1.0
@@ -167,7 +168,7 @@ def plan_anchors(
         thr = float(top.values[:, -1].median()) if n else float("nan")
         return AnchorPlan(masks, thr, int(counts.max()) if n else 0, None, [k] * n)
 
-    r = max(1, min(hp.layers_per_anchor, n_layers))
+    r = n_layers if hp.layers_per_anchor is None else max(1, min(hp.layers_per_anchor, n_layers))
     quota = math.ceil(k * r / n_layers)
     cap = hp.max_overlap if hp.max_overlap is not None else auto_overlap(n, k, n_layers, d, r, hp.overlap_slack)
     if cap < 1:

@@ -32,7 +32,7 @@ from eac_lightning.methods.target import TargetProblem, optimise_plain
 
 # Any object with ``v0`` (the vector or flattened weights being changed), ``hparams`` (num_steps, lr,
 # early_stop_nll), ``loss(delta) -> (total, nll)``, ``clamp(delta)`` and ``check(loss, step)`` can be
-# compressed: :class:`TargetProblem` (ROME's v*, MEMIT's z) and :class:`eac_lightning.methods.ft.FTProblem`.
+# compressed: :class:`TargetProblem` (ROME's v*, MEMIT's z), :class:`BatchTargetProblem` (a batch's (n, d) δ, anchors per row) and :class:`eac_lightning.methods.ft.FTProblem`.
 
 
 @dataclass
@@ -122,13 +122,14 @@ def saliency(v0: torch.Tensor, delta: torch.Tensor, grad: torch.Tensor, hp: EACH
 def anchor_mask(score: torch.Tensor, hp: EACHyperParams) -> torch.Tensor:
     """EAC Eq. 2: m_S = 1(|score| ≥ P_γ(|score|)), as a bool mask; all-true for the elastic-net-only ablation.
 
-    Exactly ``ceil((100-γ)% · d)`` anchors are kept (ties broken by index), so the count matches the percentile.
+    Exactly ``round((100-γ)% · d)`` anchors are kept (ties broken by index), so the count matches the percentile;
+    a (n, d) score (a batch optimised together) gets that many per row.
     """
     if hp.anchors == "none":
         return torch.ones_like(score, dtype=torch.bool)
-    k = anchor_count(score.numel(), hp.gamma)
+    k = anchor_count(score.shape[-1], hp.gamma)
     mask = torch.zeros_like(score, dtype=torch.bool)
-    mask[torch.topk(score.abs(), k).indices] = True
+    mask.scatter_(-1, torch.topk(score.abs(), k, dim=-1).indices, True)
     return mask
 
 
@@ -151,16 +152,17 @@ def retrain(
     score = exploration.score.abs()
     eps = hp.eps * (score[mask].mean() if mask.any() else 1.0)
     alpha = 1.0 / (score + eps)  # EAC Eq. 5
-    if hp.penalty_scale == "relative":
-        l1_scale = 1.0 / (problem.v0.abs().sum() * alpha[mask].mean())
-        l2_scale = 1.0 / problem.v0.norm() ** 2
+    if hp.penalty_scale == "relative":  # per request (row) when a batch is optimised together
+        mean_alpha = (alpha * m).sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp_min(1)
+        l1_scale = 1.0 / (problem.v0.abs().sum(-1, keepdim=True) * mean_alpha)
+        l2_scale = 1.0 / problem.v0.pow(2).sum(-1, keepdim=True)
     else:
         l1_scale = l2_scale = 1.0
     for step in range(steps):
         z = free * m  # EAC Eq. 3: non-anchors stay exactly zero
         loss, nll = problem.loss(z)
         if hp.elastic_net:
-            loss = loss + hp.lam * l1_scale * (alpha * z.abs()).sum() + hp.mu * l2_scale * z.pow(2).sum()  # Eq. 4-6
+            loss = loss + hp.lam * (l1_scale * alpha * z.abs()).sum() + hp.mu * (l2_scale * z.pow(2)).sum()  # Eq. 4-6
         problem.check(loss, exploration.steps + step)
         if nll.item() < base.early_stop_nll:
             break

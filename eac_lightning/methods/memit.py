@@ -24,6 +24,7 @@ from eac_lightning.data.requests import EditRequest
 from eac_lightning.methods.base import Deltas, EditMethod
 from eac_lightning.methods.eac import EACHyperParams, compress
 from eac_lightning.methods.target import (
+    BatchTargetProblem,
     ContextTemplateParams,
     TargetHyperParams,
     TargetProblem,
@@ -45,6 +46,9 @@ class ResidualTarget:
     v0: torch.Tensor
     delta: torch.Tensor
     anchors: torch.Tensor | None
+    # Write-aware targets: per critical layer, this request's column of A_l / len(layers) (:meth:`MEMIT.
+    # _write_directions`); layer l then receives δ·columnᵀ, exactly the update the target was optimised under.
+    write_columns: dict[int, torch.Tensor] | None = None
 
 
 def residual_at_subject(model: nn.Module, tok, requests: Sequence[EditRequest], layer: int) -> torch.Tensor:
@@ -68,6 +72,12 @@ class MEMIT(EditMethod):
         context: prefix contexts for keys and z.
         mom2_update_weight: λ of (λC + KKᵀ) (GPT2-XL 20000, GPT-J and LLaMA-3-8B 15000).
         eac: Editing Anchor Compression of z; None for plain MEMIT.
+        write_aware: False optimises z with δ at the last subject token of layer L only (as published). True
+            inserts δ at every critical layer's MLP output in the share that layer's update will write at each
+            token (A_l = (λC_l + K_lK_lᵀ)⁻¹K_l over the number of layers, keys of the unedited model), and
+            writes exactly that update, ΔW_l = δᵀA_lᵀ/len(layers), so the optimised loss is the edited model's
+            own (docs/methods.md, "Write-aware target"). Since A_l couples the batch, its δs are optimised
+            together.
     """
 
     def __init__(
@@ -77,8 +87,10 @@ class MEMIT(EditMethod):
         context: ContextTemplateParams | None = None,
         mom2_update_weight: float = 20000.0,
         eac: EACHyperParams | None = None,
+        write_aware: bool = False,
     ) -> None:
         self.layers = sorted(layers) if layers is not None else None
+        self.write_aware = write_aware
         self.z = z or TargetHyperParams(clamp_norm_factor=0.75)
         self.context = context or ContextTemplateParams()
         self.mom2_update_weight = mom2_update_weight
@@ -100,9 +112,30 @@ class MEMIT(EditMethod):
     def _problem(self, model: nn.Module, tok, request: EditRequest) -> TargetProblem:
         return TargetProblem(model, tok, request, self.layers[-1], self.templates, self.z, site="residual")
 
+    def _write_directions(self, model: nn.Module, tok, requests: Sequence[EditRequest]) -> dict[int, torch.Tensor]:
+        """{layer l: A_l / len(layers)} with A_l (d_k, n) the solve of :meth:`_key_adjoint` for this batch's keys:
+        when every layer writes its even share of the residual δ, ΔW_l = δᵀA_lᵀ/len(layers) adds
+        δᵀA_lᵀk/len(layers) at a token with key k (write-aware targets)."""
+        out = {}
+        for i, layer in enumerate(self.layers):
+            keys = compute_keys(model, tok, requests, layer, self.templates).double().T
+            out[layer] = self._key_adjoint(i, mlp_out_name(model, layer), keys).float() / len(self.layers)
+        return out
+
     def compute_targets(self, model: nn.Module, tok, requests: Sequence[EditRequest]) -> list[ResidualTarget]:
         if self.templates is None:
             self.setup(model, tok, self.stats)
+        if self.write_aware:
+            directions = self._write_directions(model, tok, requests)
+            problems = [
+                TargetProblem(model, tok, r, self.layers[-1], self.templates, self.z, site="residual",
+                              write_directions=directions, row=i)
+                for i, r in enumerate(requests)
+            ]
+            deltas, anchors = compress(BatchTargetProblem(problems), self.eac)
+            return [ResidualTarget(r, p.v0, deltas[i], None if anchors is None else anchors[i],
+                                   {l: a[:, i] for l, a in directions.items()})
+                    for i, (r, p) in enumerate(zip(requests, problems))]
         out = []
         for r in requests:
             problem = self._problem(model, tok, r)
@@ -110,16 +143,15 @@ class MEMIT(EditMethod):
             out.append(ResidualTarget(r, problem.v0, delta, anchors))
         return out
 
-    def _layer_update(self, i: int, name: str, keys: torch.Tensor, resid: torch.Tensor) -> torch.Tensor:
-        """ΔW_l = R Kᵀ (λC + KKᵀ)⁻¹ (MEMIT Eq. 14), keys (d_k, n), resid (d, n); float64."""
+    def _key_adjoint(self, i: int, name: str, keys: torch.Tensor) -> torch.Tensor:
+        """A_l = (λC + KKᵀ)⁻¹K (d_k, n; float64) of MEMIT Eq. 14, so that ΔW_l = R Aᵀ. Keys (d_k, n)."""
         if self.stats is None:
             raise RuntimeError("MEMIT needs covariance statistics: call setup(model, tok, stats)")
         cov = self.stats.get(name)
         ck = cov.solve(keys)  # C⁻¹K through the cached factor
         n = keys.shape[1]
         small = self.mom2_update_weight * torch.eye(n, dtype=torch.float64, device=keys.device) + keys.T @ ck
-        adj = torch.linalg.solve(small, ck.T).T  # (λC + KKᵀ)⁻¹K, Woodbury
-        return resid @ adj.T
+        return torch.linalg.solve(small, ck.T).T  # Woodbury: C⁻¹K (λI + KᵀC⁻¹K)⁻¹
 
     def _layer_residual(self, i: int, targets: list[ResidualTarget], resid: torch.Tensor) -> torch.Tensor:
         """The share of the remaining residual ``resid`` = z − h^L (d, n; float64) that layer ``self.layers[i]``
@@ -128,6 +160,8 @@ class MEMIT(EditMethod):
         return resid / (len(self.layers) - i)
 
     def _write(self, model: nn.Module, tok, targets: list[ResidualTarget]) -> Deltas:
+        if all(t.write_columns is not None for t in targets):
+            return self._write_planned(model, targets)
         requests = [t.request for t in targets]
         zs = torch.stack([t.v0 + t.delta for t in targets])  # (n, d)
         deltas: Deltas = {}
@@ -136,7 +170,23 @@ class MEMIT(EditMethod):
             keys = compute_keys(model, tok, requests, layer, self.templates).double().T  # (d_k, n)
             cur = residual_at_subject(model, tok, requests, self.layers[-1])
             resid = self._layer_residual(i, targets, (zs - cur).double().T)  # MEMIT Eq. 16
-            upd = self._layer_update(i, name, keys, resid)
+            upd = resid @ self._key_adjoint(i, name, keys).T  # ΔW_l = R Kᵀ(λC + KKᵀ)⁻¹ (MEMIT Eq. 14)
+            w = weight_view(model, name)
+            if not torch.isfinite(upd).all():
+                raise FloatingPointError(f"MEMIT update of {name} is not finite; the batch was not applied")
+            with torch.no_grad():
+                w.add_(upd.to(w.dtype))
+            deltas[name] = upd.to(w.dtype)
+        return deltas
+
+    def _write_planned(self, model: nn.Module, targets: list[ResidualTarget]) -> Deltas:
+        """Write-aware write: ΔW_l = Σ_i δ_i a_{l,i}ᵀ with the columns the targets were optimised under."""
+        deltas: Deltas = {}
+        delta = torch.stack([t.delta for t in targets]).double()  # (n, d)
+        for layer in self.layers:
+            name = mlp_out_name(model, layer)
+            cols = torch.stack([t.write_columns[layer] for t in targets]).double().to(delta.device)  # (n, d_k)
+            upd = delta.T @ cols
             w = weight_view(model, name)
             if not torch.isfinite(upd).all():
                 raise FloatingPointError(f"MEMIT update of {name} is not finite; the batch was not applied")

@@ -60,6 +60,11 @@ class ROME(EditMethod):
         context: the prefix contexts of Eq. 8-9.
         mom2_adjustment: use C⁻¹ (True, as published) or C = I.
         eac: Editing Anchor Compression of v*; None for plain ROME.
+        write_aware: False optimises v* with δ at the last subject token only (as published). True optimises it
+            with δ added at every token in the share the rank-one update will write there (c_t = uᵀk_t, u =
+            C⁻¹k*/(k*ᵀC⁻¹k*)), so the optimised loss is that of the edited model. Same closed form, same cost;
+            it matters where keys other than k* overlap k* in the C⁻¹ metric (small models, layer 0:
+            docs/methods.md, "Write-aware target").
     """
 
     def __init__(
@@ -69,8 +74,10 @@ class ROME(EditMethod):
         context: ContextTemplateParams | None = None,
         mom2_adjustment: bool = True,
         eac: EACHyperParams | None = None,
+        write_aware: bool = False,
     ) -> None:
         self.layer = layer
+        self.write_aware = write_aware
         self.v = v or TargetHyperParams()
         self.context = context or ContextTemplateParams()
         self.mom2_adjustment = mom2_adjustment
@@ -94,16 +101,29 @@ class ROME(EditMethod):
             self.setup(model, tok, self.stats)
         out = []
         for r in requests:
-            problem = TargetProblem(model, tok, r, self.layer, self.templates, self.v, site="mlp")
+            directions = {self.layer: self._key_direction(model, tok, r)} if self.write_aware else None
+            problem = TargetProblem(model, tok, r, self.layer, self.templates, self.v, site="mlp",
+                                    write_directions=directions)
             delta, anchors = compress(problem, self.eac)
             out.append(RankOneTarget(r, delta, anchors))
         return out
 
-    def _write(self, model: nn.Module, tok, targets: list[RankOneTarget]) -> Deltas:
-        name = self.module_names[0]
-        cov = self.stats.get(name) if (self.mom2_adjustment and self.stats is not None) else None
+    def _covariance(self):
+        cov = self.stats.get(self.module_names[0]) if (self.mom2_adjustment and self.stats is not None) else None
         if self.mom2_adjustment and cov is None:
             raise RuntimeError("ROME with mom2_adjustment needs covariance statistics: call setup(model, tok, stats)")
+        return cov
+
+    def _key_direction(self, model: nn.Module, tok, request: EditRequest) -> torch.Tensor:
+        """u = C⁻¹k*/(k*ᵀC⁻¹k*): the rank-one update writes (uᵀk)·δ at a token whose key is k."""
+        key = compute_keys(model, tok, [request], self.layer, self.templates)[0].double()
+        cov = self._covariance()
+        u = cov.solve(key) if cov is not None else key
+        return (u / (u @ key)).float()
+
+    def _write(self, model: nn.Module, tok, targets: list[RankOneTarget]) -> Deltas:
+        name = self.module_names[0]
+        cov = self._covariance()
         w = weight_view(model, name)
         total = torch.zeros_like(w)
         for t in targets:  # several requests in one step are written one after another, as sequential ROME

@@ -26,7 +26,9 @@ from torch import nn
 
 from eac_lightning.data.requests import EditRequest
 from eac_lightning.models.adapters import get_spec, mlp_out_name
-from eac_lightning.models.tracing import add_at_positions, capture, layers_from
+from contextlib import ExitStack
+
+from eac_lightning.models.tracing import add_along_keys, add_at_positions, capture, layers_from
 
 
 class EditOptimisationError(RuntimeError):
@@ -136,6 +138,13 @@ class TargetProblem:
             ROME's v*) receives δ at the last subject token.
         templates: prefix contexts (first is "{}").
         hparams: optimisation hyper-parameters.
+        write_directions: ``None`` adds δ at the last subject token only (as published). Otherwise
+            ``{layer l: u_l}``: δ is added at the MLP output of every such layer at every token t, scaled by
+            u_lᵀk_t for that token's key k_t, which is what the closed-form update ΔW_l = δu_lᵀ will add there
+            (ROME: u = C⁻¹k*/(k*ᵀC⁻¹k*)), so the optimised loss is the edited model's own (docs/methods.md,
+            "Write-aware target"). A matrix U_l (d_k, n) couples the n requests of a batch: δ is then the (n, d)
+            matrix of all their shifts and this request's is row ``row`` (:class:`BatchTargetProblem`).
+        row: this request's row of a batch δ (with matrix ``write_directions``).
     """
 
     def __init__(
@@ -147,9 +156,13 @@ class TargetProblem:
         templates: Sequence[str],
         hparams: TargetHyperParams,
         site: str = "mlp",
+        write_directions: dict[int, torch.Tensor] | None = None,
+        row: int | None = None,
     ) -> None:
-        self.model, self.request, self.hparams, self.layer = model, request, hparams, layer
+        self.model, self.request, self.hparams, self.layer, self.row = model, request, hparams, layer, row
         spec = get_spec(model)
+        self.write_directions = {mlp_out_name(model, l): u for l, u in (write_directions or {}).items()}
+        self.start = min([layer, *(write_directions or {})])
         self.hook_name = mlp_out_name(model, layer) if site == "mlp" else spec.layer(layer)
         device = next(model.parameters()).device
         target = target_token_ids(tok, request.target_new)
@@ -170,25 +183,32 @@ class TargetProblem:
         self.target_ids = torch.tensor(target, device=device).repeat(n)
         self.n_target = len(target)
         # One forward below the edited layer: its input and the value v₀ at the subject are fixed from now on.
-        with torch.no_grad(), capture(model, [spec.layer(layer), self.hook_name]) as rec:
+        with torch.no_grad(), capture(model, [spec.layer(self.start), self.hook_name]) as rec:
             logits = model(input_ids=self.input_ids, attention_mask=self.mask, use_cache=False).logits
-        self.hidden_in = rec[spec.layer(layer)].input
+        self.hidden_in = rec[spec.layer(self.start)].input
         self.v0 = rec[self.hook_name].output[0, lookup[0]].detach().clone()
         self.kl_rows = torch.arange(n, len(texts), device=device)
         self.kl_ref = torch.log_softmax(logits[self.kl_rows, self.cols[n:]], dim=-1).detach()
 
     def loss(self, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(total loss of Eq. 9 + ROME weight decay, target NLL) for ``delta``."""
-        with add_at_positions(self.model, self.hook_name, delta, self.rows, self.cols), layers_from(
-            self.model, self.layer
-        ) as run:
+        with self._inserted(delta), layers_from(self.model, self.start) as run:
             logits = run(self.hidden_in, self.mask)
         logp = torch.log_softmax(logits[self.pred_rows, self.pred_cols].float(), dim=-1)
         nll = -logp.gather(1, self.target_ids[:, None]).sum() / (self.n_prompts * self.n_target)
         kl_logp = torch.log_softmax(logits[self.kl_rows, self.cols[self.n_prompts :]].float(), dim=-1)
         kl = torch.nn.functional.kl_div(self.kl_ref, kl_logp, log_target=True, reduction="batchmean")
-        decay = self.hparams.weight_decay * delta.norm() / self.v0.norm() ** 2
+        own = delta if self.row is None else delta[self.row]
+        decay = self.hparams.weight_decay * own.norm() / self.v0.norm() ** 2
         return nll + self.hparams.kl_factor * kl + decay, nll
+
+    def _inserted(self, delta: torch.Tensor) -> ExitStack:
+        stack = ExitStack()
+        if not self.write_directions:
+            stack.enter_context(add_at_positions(self.model, self.hook_name, delta, self.rows, self.cols))
+        for name, u in self.write_directions.items():
+            stack.enter_context(add_along_keys(self.model, name, u, delta))
+        return stack
 
     def clamp(self, delta: torch.Tensor) -> None:
         """Project δ in place onto ‖δ‖ ≤ clamp_norm_factor·‖v₀‖."""
@@ -202,6 +222,37 @@ class TargetProblem:
             raise EditOptimisationError(
                 f"{self.request.name}: target optimisation produced a non-finite loss ({loss.item()}) at step "
                 f"{step} (subject {self.request.subject!r}, target {self.request.target_new!r}); nothing was applied"
+            )
+
+
+class BatchTargetProblem:
+    """The requests of a batch optimised together, for updates that couple them: δ is (n, d), row i request i's
+    shift, and the loss is the sum of the requests' losses (each sees every row through the write directions).
+
+    Offers what :func:`optimise_plain` and EAC (:func:`eac_lightning.methods.eac.compress`) use, row-wise:
+    ``v0`` (n, d), ``loss``, ``clamp`` (each row onto its own ball), ``check``.
+    """
+
+    def __init__(self, problems: Sequence[TargetProblem]) -> None:
+        self.problems = list(problems)
+        self.hparams = self.problems[0].hparams
+        self.v0 = torch.stack([p.v0 for p in self.problems])
+
+    def loss(self, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sum of the requests' losses, their largest target NLL: early stopping waits for every request)."""
+        totals, nlls = zip(*(p.loss(delta) for p in self.problems))
+        return torch.stack(totals).sum(), torch.stack(nlls).max()
+
+    def clamp(self, delta: torch.Tensor) -> None:
+        for i, p in enumerate(self.problems):
+            p.clamp(delta[i])
+
+    def check(self, loss: torch.Tensor, step: int) -> None:
+        if not torch.isfinite(loss):
+            names = ", ".join(p.request.name for p in self.problems)
+            raise EditOptimisationError(
+                f"the batch target optimisation of [{names}] produced a non-finite loss ({loss.item()}) at step "
+                f"{step}; nothing was applied"
             )
 
 

@@ -90,6 +90,25 @@ def add_at_positions(
 
 
 @contextmanager
+def add_along_keys(model: nn.Module, name: str, direction: torch.Tensor, delta: torch.Tensor) -> Iterator[None]:
+    """Add (uᵀk_t)·δ to the output of the linear map ``name`` at every token t, k_t its input there: what the
+    weight change ΔW = δuᵀ does to that map. With ``direction`` U (d_k, n) and ``delta`` Δ (n, d) it adds
+    Δᵀ(Uᵀk_t), the effect of ΔW = ΔᵀUᵀ. Used to optimise targets under the update that will write them."""
+
+    def hook(mod, args, output):
+        out = first_tensor(output)
+        coef = args[0] @ direction.to(args[0].dtype)
+        added = coef[..., None] * delta.to(out.dtype) if direction.dim() == 1 else coef @ delta.to(out.dtype)
+        return _replace_first(output, out + added)
+
+    handle = model.get_submodule(name).register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@contextmanager
 def layers_from(model: nn.Module, start: int) -> Iterator[Callable[..., torch.Tensor]]:
     """Run the model from decoder layer ``start`` on, given that layer's cached input hidden states.
 
