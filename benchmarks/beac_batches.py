@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -101,7 +102,8 @@ def run_one(name, preset, base_model, tok, stats, edits, n_batches, size, refere
         target = method if not path else getattr(method, obj)
         attr = path[-1] if path else obj
         if hasattr(target, attr):
-            setattr(target, attr, type(getattr(target, attr))(float(value)))
+            current, parsed = getattr(target, attr), yaml.safe_load(value)  # numbers, null, true/false
+            setattr(target, attr, float(parsed) if isinstance(current, float) else parsed)
     method.setup(model, tok, stats)
     names = list(method.module_names)
     w0 = {n: weight_view(model, n).detach().clone() for n in names}
