@@ -13,11 +13,14 @@ so its input is computed once per edit (one batched forward over all prefix cont
 only the layers from the edited one on (:func:`eac_lightning.models.tracing.layers_from`).
 
 :class:`TargetProblem` owns that batch and the loss; :func:`optimise_plain` is the base methods' optimiser.
-EAC (:mod:`eac_lightning.methods.eac`) wraps the same problem with its two-phase optimisation.
+EAC (:mod:`eac_lightning.methods.eac`) wraps the same problem with its two-phase optimisation. Write-aware targets
+(``write_directions``) add δ wherever the closed-form update will act instead of at the subject only, and
+:class:`BatchTargetProblem` optimises the requests that such an update couples together (docs/methods.md).
 """
 
 from __future__ import annotations
 
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -26,8 +29,6 @@ from torch import nn
 
 from eac_lightning.data.requests import EditRequest
 from eac_lightning.models.adapters import get_spec, mlp_out_name
-from contextlib import ExitStack
-
 from eac_lightning.models.tracing import add_along_keys, add_at_positions, capture, layers_from
 
 
