@@ -8,6 +8,8 @@ a JSON file and PNG plots:
         --out benchmarks/results/sequential
 
 Unedited-fact retention probes 200 ZsRE facts the testbed was trained on (configs/bench/sequential.yaml).
+``--testbed-overlay`` composes ``configs/testbed/<m>.yaml`` after each method preset (write-aware targets); such
+runs are named ``<m>+testbed``.
 """
 
 from __future__ import annotations
@@ -23,13 +25,15 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def run_method(method: str, args, out: Path) -> Path:
+    preset, _, overlay = method.partition("+")
     root = out / method
     if (root / "summary.json").exists() and not args.force:
         return root
     cmd = [
         sys.executable, "-m", "eac_lightning.lightning.cli", "fit",
         "--config", str(REPO / "configs" / "bench" / "sequential.yaml"),
-        "--config", str(REPO / "configs" / "methods" / f"{method}.yaml"),
+        "--config", str(REPO / "configs" / "methods" / f"{preset}.yaml"),
+        *(["--config", str(REPO / "configs" / overlay / f"{preset}.yaml")] if overlay else []),
         "--model.model", args.model, "--data.num_edits", str(args.num_edits),
         "--data.batch_size", str(args.batch_size),
         "--eval.every", str(args.eval_every), "--trainer.default_root_dir", str(root),
@@ -135,7 +139,11 @@ def main() -> None:
     p.add_argument("--eval-every", type=int, default=50)
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "sequential")
     p.add_argument("--force", action="store_true", help="rerun methods that already have a summary")
+    p.add_argument("--testbed-overlay", action="store_true",
+                   help="also run each method with configs/testbed/<m>.yaml (as <m>+testbed)")
     args = p.parse_args()
+    if args.testbed_overlay:
+        args.methods = args.methods + [f"{m}+testbed" for m in args.methods]
     args.out.mkdir(parents=True, exist_ok=True)
     results = {m: collect(run_method(m, args, args.out)) for m in args.methods}
     md = table(results)
