@@ -48,7 +48,6 @@ def fact_retention(model: torch.nn.Module, tok: Any, requests: Sequence[EditRequ
     return float(metric.compute())
 
 
-
 def known_facts(model: torch.nn.Module, tok: Any, requests: Sequence[EditRequest],
                 batch_size: int = 32) -> list[EditRequest]:
     """The requests whose true object is the model's greedy continuation and whose new object differs from it:
@@ -57,6 +56,7 @@ def known_facts(model: torch.nn.Module, tok: Any, requests: Sequence[EditRequest
                            batch_size)
     return [r for r, s in zip(requests, scores)
             if s.pred == s.target and r.target_new.strip().lower() != r.target_true.strip().lower()]
+
 
 class Perplexity(Metric):
     """exp(summed token NLL / token count), with both sums reduced across ranks under DDP."""

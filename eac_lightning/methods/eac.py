@@ -32,7 +32,8 @@ from eac_lightning.methods.target import TargetProblem, optimise_plain
 
 # Any object with ``v0`` (the vector or flattened weights being changed), ``hparams`` (num_steps, lr,
 # early_stop_nll), ``loss(delta) -> (total, nll)``, ``clamp(delta)`` and ``check(loss, step)`` can be
-# compressed: :class:`TargetProblem` (ROME's v*, MEMIT's z), :class:`BatchTargetProblem` (a batch's (n, d) δ, anchors per row) and :class:`eac_lightning.methods.ft.FTProblem`.
+# compressed: :class:`TargetProblem` (ROME's v*, MEMIT's z), :class:`BatchTargetProblem` (a batch's (n, d) δ,
+# anchors per row) and :class:`eac_lightning.methods.ft.FTProblem`.
 
 
 @dataclass

@@ -63,6 +63,17 @@ def residual_at_subject(model: nn.Module, tok, requests: Sequence[EditRequest], 
     return rec[name].output[torch.arange(len(texts), device=device), idx]
 
 
+def _apply_update(model: nn.Module, name: str, upd: torch.Tensor) -> torch.Tensor:
+    """W += ΔW in place for one layer; a non-finite ΔW raises before anything of this layer changes."""
+    if not torch.isfinite(upd).all():
+        raise FloatingPointError(f"MEMIT update of {name} is not finite; the batch was not applied")
+    w = weight_view(model, name)
+    upd = upd.to(w.dtype)
+    with torch.no_grad():
+        w.add_(upd)
+    return upd
+
+
 class MEMIT(EditMethod):
     """MEMIT, optionally with EAC on its z optimisation.
 
@@ -171,12 +182,7 @@ class MEMIT(EditMethod):
             cur = residual_at_subject(model, tok, requests, self.layers[-1])
             resid = self._layer_residual(i, targets, (zs - cur).double().T)  # MEMIT Eq. 16
             upd = resid @ self._key_adjoint(i, name, keys).T  # ΔW_l = R Kᵀ(λC + KKᵀ)⁻¹ (MEMIT Eq. 14)
-            w = weight_view(model, name)
-            if not torch.isfinite(upd).all():
-                raise FloatingPointError(f"MEMIT update of {name} is not finite; the batch was not applied")
-            with torch.no_grad():
-                w.add_(upd.to(w.dtype))
-            deltas[name] = upd.to(w.dtype)
+            deltas[name] = _apply_update(model, name, upd)
         return deltas
 
     def _write_planned(self, model: nn.Module, targets: list[ResidualTarget]) -> Deltas:
@@ -187,12 +193,7 @@ class MEMIT(EditMethod):
             name = mlp_out_name(model, layer)
             cols = torch.stack([t.write_columns[layer] for t in targets]).double().to(delta.device)  # (n, d_k)
             upd = delta.T @ cols
-            w = weight_view(model, name)
-            if not torch.isfinite(upd).all():
-                raise FloatingPointError(f"MEMIT update of {name} is not finite; the batch was not applied")
-            with torch.no_grad():
-                w.add_(upd.to(w.dtype))
-            deltas[name] = upd.to(w.dtype)
+            deltas[name] = _apply_update(model, name, upd)
         return deltas
 
     def state_dict(self) -> dict[str, Any]:

@@ -38,16 +38,22 @@ class RankOneTarget:
     anchors: torch.Tensor | None
 
 
-def rank_one_update(weight: torch.Tensor, key: torch.Tensor, delta: torch.Tensor, cov=None) -> torch.Tensor:
-    """ΔW = Λ uᵀ with u = C⁻¹k*, Λ = δ / (uᵀk*) (EAC App. B Eq. 7), so that (W + ΔW) k* = W k* + δ.
+def key_direction(key: torch.Tensor, cov=None) -> torch.Tensor:
+    """C⁻¹k* / (k*ᵀC⁻¹k*) in float64: the rank-one update δ·(this)ᵀ writes (thisᵀk)·δ at a token whose key is k.
 
     ``cov`` is a :class:`eac_lightning.stats.covariance.Covariance` (damped Cholesky solve) or None for C = I.
-    Computed in float64, returned in the weight's dtype.
     """
     k = key.double()
     u = cov.solve(k) if cov is not None else k
-    lam = delta.double() / (u @ k)
-    return torch.outer(lam, u).to(weight.dtype)
+    return u / (u @ k)
+
+
+def rank_one_update(weight: torch.Tensor, key: torch.Tensor, delta: torch.Tensor, cov=None) -> torch.Tensor:
+    """ΔW = Λ uᵀ with u = C⁻¹k*, Λ = δ / (uᵀk*) (EAC App. B Eq. 7), so that (W + ΔW) k* = W k* + δ.
+
+    Computed in float64 (:func:`key_direction`), returned in the weight's dtype.
+    """
+    return torch.outer(delta.double(), key_direction(key, cov)).to(weight.dtype)
 
 
 class ROME(EditMethod):
@@ -115,11 +121,9 @@ class ROME(EditMethod):
         return cov
 
     def _key_direction(self, model: nn.Module, tok, request: EditRequest) -> torch.Tensor:
-        """u = C⁻¹k*/(k*ᵀC⁻¹k*): the rank-one update writes (uᵀk)·δ at a token whose key is k."""
-        key = compute_keys(model, tok, [request], self.layer, self.templates)[0].double()
-        cov = self._covariance()
-        u = cov.solve(key) if cov is not None else key
-        return (u / (u @ key)).float()
+        """:func:`key_direction` of the request's k* on the current weights (write-aware targets)."""
+        key = compute_keys(model, tok, [request], self.layer, self.templates)[0]
+        return key_direction(key, self._covariance()).float()
 
     def _write(self, model: nn.Module, tok, targets: list[RankOneTarget]) -> Deltas:
         name = self.module_names[0]
