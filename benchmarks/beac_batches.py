@@ -60,6 +60,7 @@ METHODS = {
     "B-EAC": "beac",
     "B-EAC w/o LAS": "beac-no-las",
     "B-EAC w/o RAR": "beac-no-rar",
+    "B-EAC w/o LAS, w/o RAR": "beac-no-las beac.rar=false",  # the masked per-layer plan alone (docs/beac.md § 2.1)
 }
 
 
@@ -93,15 +94,17 @@ def general_ability(model, tok, probes, ppl_tokens) -> dict[str, float]:
 
 def run_one(name, preset, base_model, tok, stats, edits, n_batches, size, reference, probes, base_ga, args):
     model = copy.deepcopy(base_model)
+    preset, *own_sets = preset.split()
     method = method_from_preset(preset)
     if args.context is not None:
         method.context = ContextTemplateParams(length_count=[list(args.context)])
-    for item in args.set or []:  # e.g. mom2_update_weight=2000 or z.clamp_norm_factor=4, for every method alike
+    # The method's own settings, then e.g. mom2_update_weight=2000 or z.clamp_norm_factor=4 for every method alike.
+    for item in own_sets + (args.set or []):
         key, value = item.split("=", 1)
         obj, *path = key.split(".")
-        target = method if not path else getattr(method, obj)
+        target = method if not path else getattr(method, obj, None)
         attr = path[-1] if path else obj
-        if hasattr(target, attr):
+        if target is not None and hasattr(target, attr):
             current, parsed = getattr(target, attr), yaml.safe_load(value)  # numbers, null, true/false
             setattr(target, attr, float(parsed) if isinstance(current, float) else parsed)
     method.setup(model, tok, stats)
@@ -212,12 +215,44 @@ def table(results) -> str:
     return "\n".join(lines)
 
 
+def seed_table(files: list[str]) -> str:
+    """Per schedule and method: each results file's figures (one file per ``--order-seed``), their mean and sample
+    standard deviation, and each method's mean4 difference to the first method and to B-EAC, paired by seed."""
+    import statistics
+
+    parts = [json.loads(Path(f).read_text()) for f in files]
+    seeds = [part["meta"]["order_seed"] if isinstance(part["meta"], dict) else part["meta"][0].get("order_seed", 0)
+             for part in parts]
+    lines = []
+    cols = ["reliability", "general_ability_retention", "mean4", "l1_growth"]
+    for sched in [s for s in parts[0]["results"] if all(s in p["results"] for p in parts)]:
+        methods = [m for m in parts[0]["results"][sched] if all(m in p["results"][sched] for p in parts)]
+        lines.append(f"\n{sched}, order seeds {seeds}\n| method | " + " | ".join(
+            f"{c} (per seed)" for c in ("rel", "GA ret.", "mean4", "L1 growth")) + " | mean4 mean ± sd | "
+            f"Δmean4 vs {methods[0]} (per seed) | Δmean4 vs B-EAC (per seed) |")
+        lines.append("|---" * 8 + "|")
+        ref = [p["results"][sched][methods[0]]["mean4"] for p in parts]
+        full = [p["results"][sched]["B-EAC"]["mean4"] for p in parts] if "B-EAC" in methods else None
+        for m in methods:
+            rows = [p["results"][sched][m] for p in parts]
+            cells = [" / ".join(f"{r[c]:.3f}" if c != "l1_growth" else f"{r[c]:.2f}" for r in rows) for c in cols]
+            m4 = [r["mean4"] for r in rows]
+            sd = statistics.stdev(m4) if len(m4) > 1 else float("nan")
+            diff = " / ".join(f"{a - b:+.3f}" for a, b in zip(m4, ref))
+            diff_full = " / ".join(f"{a - b:+.3f}" for a, b in zip(m4, full)) if full else "-"
+            lines.append(f"| {m} | " + " | ".join(cells) + f" | {statistics.mean(m4):.3f} ± {sd:.3f} | {diff} | "
+                         f"{diff_full} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="testbed:small when built, else testbed:tiny")
     ap.add_argument("--schedules", nargs="+", default=["10x50", "20x25"])
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     ap.add_argument("--data", default="counterfact")
+    ap.add_argument("--order-seed", type=int, default=0,
+                    help="shuffle the edits with this seed before batching (0: file order)")
     ap.add_argument("--probes", default="zsre", help="facts never edited, for fact retention")
     ap.add_argument("--n-probes", type=int, default=300)
     ap.add_argument("--ppl-tokens", type=int, default=4096)
@@ -235,7 +270,12 @@ def main(argv=None) -> None:
     ap.add_argument("--merge", nargs="+", default=None, metavar="JSON",
                     help="only merge these results files (e.g. one per schedule, run in parallel) into --out, "
                          "print the table and plot")
+    ap.add_argument("--seed-table", nargs="+", default=None, metavar="JSON",
+                    help="only print the spread over order seeds of these results files (one per --order-seed)")
     args = ap.parse_args(argv)
+    if args.seed_table:
+        print(seed_table(args.seed_table))
+        return
     if args.merge:
         merged: dict = {"meta": [], "unedited": None, "results": {}}
         for f in args.merge:
@@ -269,6 +309,9 @@ def main(argv=None) -> None:
     edits = validate_requests(load_requests(args.data, limit=need), tok)
     if len(edits) < need:
         raise SystemExit(f"{args.data} has {len(edits)} requests; the schedules need {need}")
+    if args.order_seed:  # the same edits in another order: other batches, for a spread over seeds
+        order = torch.randperm(len(edits), generator=torch.Generator().manual_seed(args.order_seed)).tolist()
+        edits = [edits[i] for i in order]
     probes = load_requests(args.probes, limit=args.n_probes)
     print(f"model {args.model}: {sum(p.numel() for p in model.parameters())} parameters; {len(edits)} edits; "
           f"{len(probes)} probe facts", flush=True)
@@ -280,8 +323,8 @@ def main(argv=None) -> None:
            if k in ("reliability", "generalization", "locality")},
     }
     print(f"unedited: {base} ({time.time() - t0:.0f}s)", flush=True)
-    meta = {"model": args.model, "data": args.data, "probes": args.probes, "n_probes": len(probes),
-            "ppl_tokens": args.ppl_tokens, "stats_tokens": args.stats_tokens, "context": args.context,
+    meta = {"model": args.model, "data": args.data, "order_seed": args.order_seed, "probes": args.probes,
+            "n_probes": len(probes), "ppl_tokens": args.ppl_tokens, "stats_tokens": args.stats_tokens, "context": args.context,
             "torch_threads": torch.get_num_threads(), "set": args.set, "command": " ".join(sys.argv)}
 
     for sched in args.schedules:

@@ -185,7 +185,7 @@ BATCHES = [[0, 1], [2, 3]]
 
 @pytest.mark.parametrize("cls", [BEAC, BEACAlphaEdit])
 def test_rar_checkpoint_round_trip_and_resume(model_and_stats, tokenizer, cls):
-    hp = BEACHyperParams(max_overlap=1, decay=0.5)
+    hp = BEACHyperParams(max_overlap=1, decay=0.5, key_memory=1.0 if cls is BEAC else 0.0)
     # Uninterrupted: two batches.
     m_full, meth_full, stats = fresh(model_and_stats, cls, beac=hp)
     _run(m_full, meth_full, stats, tokenizer, BATCHES)
@@ -207,6 +207,10 @@ def test_rar_checkpoint_round_trip_and_resume(model_and_stats, tokenizer, cls):
     for name in meth_full.module_names:
         assert torch.equal(weight_view(m_b, name), weight_view(m_full, name)), name
     assert torch.equal(meth_b.usage, meth_full.usage)
+    if cls is BEAC:  # RAR's key record (B5) travels with the checkpoint too
+        assert set(state["beac"]["key_memory"]) == set(meth_full.module_names)
+        for name in meth_full.module_names:
+            assert torch.equal(meth_b.key_memory[name], meth_full.key_memory[name])
     assert meth_b.history == meth_full.history and meth_b.batches == 2
     assert torch.equal(meth_b.last_plan.masks, meth_full.last_plan.masks)
     # Without the restored record, the second batch is planned differently (the state is what makes them equal).
@@ -221,9 +225,42 @@ def test_rar_checkpoint_round_trip_and_resume(model_and_stats, tokenizer, cls):
 
 
 def test_rar_off_keeps_no_record(model_and_stats, tokenizer):
-    model, method, stats = fresh(model_and_stats, beac=BEACHyperParams(rar=False, max_overlap=1))
+    model, method, stats = fresh(model_and_stats, beac=BEACHyperParams(rar=False, max_overlap=1, key_memory=1.0))
     _run(model, method, stats, tokenizer, BATCHES[:1])
-    assert method.usage is None and method.batches == 1
+    assert method.usage is None and method.batches == 1 and method.key_memory == {}
+
+
+def test_rar_key_memory_is_the_decayed_gram_of_written_keys(model_and_stats, tokenizer):
+    """M_l ← ρM_l + KKᵀ (B3') with K the batch's keys on the weights after its write."""
+    from eac_lightning.methods.target import compute_keys
+
+    model, method, stats = fresh(model_and_stats, beac=BEACHyperParams(max_overlap=1, decay=0.5, key_memory=1.0))
+    _run(model, method, stats, tokenizer, BATCHES[:1])
+    first = {l: compute_keys(model, tokenizer, requests(BATCHES[0]), l, method.templates).double().T
+             for l in method.layers}
+    _run(model, method, stats, tokenizer, BATCHES[1:])
+    for l in method.layers:
+        k2 = compute_keys(model, tokenizer, requests(BATCHES[1]), l, method.templates).double().T
+        expected = 0.5 * first[l] @ first[l].T + k2 @ k2.T
+        torch.testing.assert_close(method.key_memory[mlp_out_name(model, l)], expected)
+
+
+def test_rar_key_memory_preserves_earlier_edits(model_and_stats, tokenizer):
+    """The second batch's update changes what the first batch's keys read less with RAR's key record (B5)."""
+    from eac_lightning.methods.target import compute_keys
+
+    changes = {}
+    for eta in (0.0, 1.0):
+        model, method, stats = fresh(model_and_stats, beac=BEACHyperParams(max_overlap=1, key_memory=eta))
+        method.mom2_update_weight = 0.1  # weak prior: the solve is free to overwrite what it does not remember
+        _run(model, method, stats, tokenizer, BATCHES[:1])
+        keys = {l: compute_keys(model, tokenizer, requests(BATCHES[0]), l, method.templates).double().T
+                for l in method.layers}
+        deltas = _run(model, method, stats, tokenizer, BATCHES[1:])[0]
+        changes[eta] = sum(
+            float((deltas[mlp_out_name(model, l)].double() @ keys[l]).norm()) for l in method.layers
+        )
+    assert changes[1.0] < 0.5 * changes[0.0], changes
 
 
 def test_load_state_rejects_other_layers(model_and_stats):
@@ -232,6 +269,11 @@ def test_load_state_rejects_other_layers(model_and_stats):
     state["beac"]["layers"] = [5, 6]
     with pytest.raises(ValueError, match="layers"):
         method.load_state_dict(state)
+
+
+def test_key_memory_is_for_memits_solve_only():
+    with pytest.raises(ValueError, match="key_memory"):
+        BEACAlphaEdit(beac=BEACHyperParams(key_memory=1.0))
 
 
 def test_beac_needs_anchors():

@@ -20,8 +20,7 @@ from torch import nn
 from eac_lightning.methods.base import Deltas
 from eac_lightning.methods.eac import EACHyperParams
 from eac_lightning.methods.memit import MEMIT, ResidualTarget
-from eac_lightning.methods.target import ContextTemplateParams, TargetHyperParams, compute_keys
-from eac_lightning.models.adapters import mlp_out_name
+from eac_lightning.methods.target import ContextTemplateParams, TargetHyperParams
 
 
 def null_space_projector(cov: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -85,13 +84,9 @@ class AlphaEdit(MEMIT):
 
     def _write(self, model: nn.Module, tok, targets: list[ResidualTarget]) -> Deltas:
         deltas = super()._write(model, tok, targets)
-        requests = [t.request for t in targets]
-        updated = {}
-        for layer in self.layers:  # AlphaEdit accumulates the keys after the whole batch is written
-            name = mlp_out_name(model, layer)
-            k = compute_keys(model, tok, requests, layer, self.templates).double().T.cpu()
-            updated[name] = self.past_kkt.get(name, 0) + k @ k.T
-        self.past_kkt.update(updated)  # only once everything succeeded: a failed write leaves no trace
+        # AlphaEdit accumulates the keys after the whole batch is written: a failed write leaves no trace.
+        grams = self._key_grams(model, tok, [t.request for t in targets])
+        self.past_kkt.update({name: self.past_kkt.get(name, 0) + g for name, g in grams.items()})
         return deltas
 
     def state_dict(self) -> dict[str, Any]:

@@ -27,7 +27,9 @@ anchors of a whole batch jointly, per edited layer:
   admission threshold is the order statistic of that priority that yields the batch's budget (n·k anchors,
   n·k·r/L per layer) — refreshed every batch rather than fixed on the raw score, so every batch gets the same
   anchor budget however the scores and the usage drift. U, the batch counter and a per-batch history are in
-  :meth:`state_dict`, so a resumed run behaves exactly like an uninterrupted one.
+  :meth:`state_dict`, so a resumed run behaves exactly like an uninterrupted one. Optionally (``key_memory`` η > 0,
+  :class:`BEAC` only) RAR also keeps a rolling record of the keys recent batches wrote, M_l ← ρM_l + KKᵀ, and
+  MEMIT's solve keeps what they read: ΔW_l = R Kᵀ(λC + ηM_l + KKᵀ)⁻¹.
 
 The planning is a mixin over MEMIT's code (no copy of it): :class:`BEAC` edits with MEMIT's solve,
 :class:`BEACAlphaEdit` with AlphaEdit's null-space-projected solve (the per-row masking commutes with the
@@ -71,6 +73,10 @@ class BEACHyperParams:
             got if they are at least this share of k; below it the batch is rejected (raise ``max_overlap``).
         decay: ρ, the per-batch decay of the usage record (its memory is about 1/(1-ρ) batches).
         penalty: β, the strength of the usage penalty π = 1/(1 + β·U/mean U).
+        key_memory: η, the weight of RAR's rolling record of the keys earlier batches wrote, in the solve of
+            :class:`BEAC` (ΔW_l = R Kᵀ(λC + ηM_l + KKᵀ)⁻¹, M_l ← ρM_l + K Kᵀ after each batch): a new batch's
+            update then keeps what recent edits' keys read (docs/beac.md § 2.3). 0: no key record (usage only).
+            :class:`BEACAlphaEdit` keeps AlphaEdit's own record of earlier keys instead.
     """
 
     las: bool = True
@@ -81,6 +87,7 @@ class BEACHyperParams:
     min_anchor_fraction: float = 0.5
     decay: float = 0.8
     penalty: float = 1.0
+    key_memory: float = 0.0
 
 
 @dataclass
@@ -381,6 +388,39 @@ class BEAC(BatchAnchorMixin, MEMIT):
         MEMIT.__init__(self, layers=layers, z=z, context=context, mom2_update_weight=mom2_update_weight,
                        eac=eac or EACHyperParams())
         self._init_beac(beac)
+        self.key_memory: dict[str, torch.Tensor] = {}  # M_l per edited module (RAR), float64 (d_k, d_k)
+
+    def _remembers_keys(self) -> bool:
+        return self.beac.rar and self.beac.key_memory > 0
+
+    def _key_adjoint(self, i: int, name: str, keys: torch.Tensor) -> torch.Tensor:
+        """A_l = (λC + ηM_l + KKᵀ)⁻¹K (B5): MEMIT's solve (Eq. 14) that also keeps the outputs of the keys in
+        RAR's rolling record; MEMIT's own (Woodbury) solve while the record is empty or RAR is off."""
+        memory = self.key_memory.get(name) if self._remembers_keys() else None
+        if memory is None:
+            return super()._key_adjoint(i, name, keys)
+        cov = self.stats.get(name)
+        lhs = (self.mom2_update_weight * cov.damped + self.beac.key_memory * memory).to(keys.device)
+        return torch.linalg.solve(lhs + keys @ keys.T, keys)
+
+    def _write(self, model: nn.Module, tok, targets: list[ResidualTarget]) -> Deltas:
+        deltas = super()._write(model, tok, targets)
+        if self._remembers_keys():  # after the whole batch is written: a failed write leaves no trace (B3')
+            grams = self._key_grams(model, tok, [t.request for t in targets])
+            self.key_memory = {
+                name: g if name not in self.key_memory else self.beac.decay * self.key_memory[name] + g
+                for name, g in grams.items()
+            }
+        return deltas
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state["beac"]["key_memory"] = {n: m.clone() for n, m in self.key_memory.items()}
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.key_memory = {n: m.clone().double() for n, m in state.get("beac", {}).get("key_memory", {}).items()}
 
 
 class BEACAlphaEdit(BatchAnchorMixin, AlphaEdit):
@@ -406,3 +446,8 @@ class BEACAlphaEdit(BatchAnchorMixin, AlphaEdit):
         AlphaEdit.__init__(self, layers=layers, z=z, context=context, nullspace_threshold=nullspace_threshold,
                            l2=l2, eac=eac or EACHyperParams())
         self._init_beac(beac)
+        if self.beac.key_memory > 0:
+            raise ValueError(
+                "BEACAlphaEdit keeps AlphaEdit's own record of earlier keys (past_kkt); beac.key_memory applies to "
+                "BEAC (MEMIT's solve) only: set it to 0"
+            )

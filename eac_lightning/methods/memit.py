@@ -196,6 +196,15 @@ class MEMIT(EditMethod):
             deltas[name] = _apply_update(model, name, upd)
         return deltas
 
+    def _key_grams(self, model: nn.Module, tok, requests: Sequence[EditRequest]) -> dict[str, torch.Tensor]:
+        """K Kᵀ (float64, CPU) of the requests' keys at every critical layer, on the current weights: what
+        AlphaEdit's and B-EAC's records of earlier edits add once a batch is written."""
+        grams = {}
+        for layer in self.layers:
+            k = compute_keys(model, tok, requests, layer, self.templates).double().T.cpu()
+            grams[mlp_out_name(model, layer)] = k @ k.T
+        return grams
+
     def state_dict(self) -> dict[str, Any]:
         return {"templates": self.templates}
 
