@@ -19,7 +19,8 @@ docs/img/. The intended run (docs/beac.md Sec. 5 says what was run instead, and 
     nice python benchmarks/beac_batches.py --model testbed:small --schedules 10x50 20x25 --tag small
 
 Every method gets the same z optimisation and prefix contexts (``--context`` overrides the presets' contexts for
-all methods alike, to fit a CPU budget).
+all methods alike, to fit a CPU budget). ``--order-seed N`` edits the same requests in another order (other
+batches); ``--seed-table`` prints the spread of one results file per order (docs/beac.md § 5.6).
 """
 
 from __future__ import annotations
