@@ -20,7 +20,8 @@ docs/img/. The intended run (docs/beac.md Sec. 5 says what was run instead, and 
 
 Every method gets the same z optimisation and prefix contexts (``--context`` overrides the presets' contexts for
 all methods alike, to fit a CPU budget). ``--order-seed N`` edits the same requests in another order (other
-batches); ``--seed-table`` prints the spread of one results file per order (docs/beac.md § 5.6).
+batches); ``--seed-table`` prints the spread of one results file per order (docs/beac.md § 5.6); ``--pairs``
+edits two corrections about each subject (docs/beac.md § 5.8).
 """
 
 from __future__ import annotations
@@ -39,8 +40,8 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from eac_lightning.data.requests import validate_requests  # noqa: E402
-from eac_lightning.data.sources import load_requests  # noqa: E402
+from eac_lightning.data.requests import EditRequest, validate_requests  # noqa: E402
+from eac_lightning.data.sources import iter_records, load_requests  # noqa: E402
 from eac_lightning.editor import method_from_preset  # noqa: E402
 from eac_lightning.evaluation import (  # noqa: E402
     compute_locality_reference,
@@ -62,7 +63,32 @@ METHODS = {
     "B-EAC w/o LAS": "beac-no-las",
     "B-EAC w/o RAR": "beac-no-rar",
     "B-EAC w/o LAS, w/o RAR": "beac-no-las beac.rar=false",  # the masked per-layer plan alone (docs/beac.md § 2.1)
+    "B-EAC (AlphaEdit)": "beac-alphaedit",
 }
+
+
+def second_corrections(edits: list[EditRequest], size: int, data: str) -> list[EditRequest]:
+    """Two corrections about each subject in every batch (docs/beac.md § 5.8): the first half of ``edits`` keeps its
+    own records; each of them gets a second request about the same subject made from a record of the second half
+    with another relation (CounterFact's relation_id): its prompt, new object, paraphrases with the subject swapped
+    in, and neighbourhood prompts. Each batch of ``size`` holds size/2 subjects with both of their corrections."""
+    relation = {(src, row): (rec.get("requested_rewrite") or {}).get("relation_id")
+                for src, row, rec in iter_records(data)}
+    half = len(edits) // 2
+    firsts, donors = edits[:half], list(edits[half:])
+    seconds = []
+    for a in firsts:
+        rel = relation[(a.source, a.source_index)]
+        b = next(d for d in donors if relation[(d.source, d.source_index)] != rel)
+        donors.remove(b)
+        seconds.append(EditRequest(
+            prompt=b.prompt, subject=a.subject, target_new=b.target_new,
+            paraphrase_prompts=[q.replace(b.subject, a.subject) for q in b.paraphrase_prompts if b.subject in q],
+            neighborhood_prompts=list(b.neighborhood_prompts), neighborhood_answers=list(b.neighborhood_answers),
+            case_id=f"{a.case_id}+{b.case_id}", source=b.source, source_index=b.source_index,
+        ))
+    g = size // 2
+    return [r for i in range(0, half, g) for r in firsts[i:i + g] + seconds[i:i + g]]
 
 
 def parse_schedule(s: str) -> tuple[int, int]:
@@ -254,6 +280,8 @@ def main(argv=None) -> None:
     ap.add_argument("--data", default="counterfact")
     ap.add_argument("--order-seed", type=int, default=0,
                     help="shuffle the edits with this seed before batching (0: file order)")
+    ap.add_argument("--pairs", choices=["batch"], default=None,
+                    help="two corrections about each subject in every batch (docs/beac.md § 5.8)")
     ap.add_argument("--probes", default="zsre", help="facts never edited, for fact retention")
     ap.add_argument("--n-probes", type=int, default=300)
     ap.add_argument("--ppl-tokens", type=int, default=4096)
@@ -313,6 +341,11 @@ def main(argv=None) -> None:
     if args.order_seed:  # the same edits in another order: other batches, for a spread over seeds
         order = torch.randperm(len(edits), generator=torch.Generator().manual_seed(args.order_seed)).tolist()
         edits = [edits[i] for i in order]
+    if args.pairs:
+        sizes = {parse_schedule(x)[1] for x in args.schedules}
+        if len(sizes) != 1:
+            raise SystemExit("--pairs builds the batches for one batch size: give schedules of one size")
+        edits = validate_requests(second_corrections(edits, sizes.pop(), args.data), tok)
     probes = load_requests(args.probes, limit=args.n_probes)
     print(f"model {args.model}: {sum(p.numel() for p in model.parameters())} parameters; {len(edits)} edits; "
           f"{len(probes)} probe facts", flush=True)
@@ -324,7 +357,8 @@ def main(argv=None) -> None:
            if k in ("reliability", "generalization", "locality")},
     }
     print(f"unedited: {base} ({time.time() - t0:.0f}s)", flush=True)
-    meta = {"model": args.model, "data": args.data, "order_seed": args.order_seed, "probes": args.probes,
+    meta = {"model": args.model, "data": args.data, "order_seed": args.order_seed, "pairs": args.pairs,
+            "probes": args.probes,
             "n_probes": len(probes), "ppl_tokens": args.ppl_tokens, "stats_tokens": args.stats_tokens, "context": args.context,
             "torch_threads": torch.get_num_threads(), "set": args.set, "command": " ".join(sys.argv)}
 

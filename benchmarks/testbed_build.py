@@ -42,6 +42,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import yaml
+
 REPO = Path(__file__).resolve().parents[1]
 
 LIMITS_SECONDS = {"tiny": 60, "small": 30 * 60}
@@ -105,7 +107,8 @@ def build(args) -> tuple[Path, dict]:
 
 
 def rome_check(folder: Path, n_edits: int, layers: list[int], presets: list[str] = ("rome",),
-               testbed_overlay: bool = False) -> dict:
+               testbed_overlay: bool = False, stats_corpus: str | None = None,
+               method_set: dict | None = None) -> dict:
     """N single edits (restored after each) of the testbed's CounterFact records at each layer, with each method
     preset as published and (``testbed_overlay``) composed with ``configs/testbed/<preset>.yaml``."""
     import numpy as np
@@ -122,12 +125,15 @@ def rome_check(folder: Path, n_edits: int, layers: list[int], presets: list[str]
     reqs = [r for r in load_fact_requests(files, info["preset"]["max_facts_per_path"]) if "counterfact" in (r.source or "")]
     reqs = reqs[:n_edits]
     ref = compute_locality_reference(model, tok, reqs)
-    stats = CovarianceStore(model, tok)  # the project's defaults (WikiText, 100k tokens), cached per model
-    out = {"n_edits": len(reqs), "presets": {}}
+    # the project's defaults (the testbed's stats_corpus.jsonl, 100k tokens) unless another corpus is named
+    stats = CovarianceStore(model, tok, **({"corpus": stats_corpus} if stats_corpus else {}))
+    out = {"n_edits": len(reqs), "stats_corpus": stats.corpus, "presets": {}}
     metrics = ("reliability", "generalization", "locality", "reliability_gen", "generalization_gen", "locality_gen")
     variants = [(p, ()) for p in presets]
     if testbed_overlay:
         variants += [(f"{p}+testbed", (REPO / "configs" / "testbed" / f"{p}.yaml",)) for p in presets]
+    if method_set:  # e.g. {"init_args": {"eac": {"gamma": 50.0}}}, merged last into every variant
+        variants = [(name + "+set", (*overlays, method_set)) for name, overlays in variants]
     for name, overlays in variants:
         out["presets"][name] = {}
         for layer in layers:
@@ -157,6 +163,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--rome-presets", nargs="+", default=["rome"], help="method presets of the check (rome, rome-eac)")
     ap.add_argument("--testbed-overlay", action="store_true",
                     help="also run each preset composed with configs/testbed/<preset>.yaml")
+    ap.add_argument("--stats-corpus", default=None,
+                    help="corpus of the key statistics C (default: the testbed's own training-stream sample)")
+    ap.add_argument("--method-set", nargs="*", default=None, metavar="ATTR=VALUE",
+                    help="method settings merged over every preset of the edit check (e.g. eac.gamma=50)")
     ap.add_argument("--trace-facts", type=int, default=0, help="facts to causal-trace (0: skip)")
     ap.add_argument("--trace-samples", type=int, default=10)
     ap.add_argument("--trace-out", default=None, help="folder for trace.json/.pt/.png (default: <testbed>/trace)")
@@ -181,7 +191,17 @@ def main(argv: list[str] | None = None) -> dict:
     info = json.loads((folder / "testbed.json").read_text())
     if args.rome_edits:
         layers = [int(x) for x in args.rome_layers.split(",")] if args.rome_layers else [info["edit_layer"]]
-        report["rome"] = rome_check(folder, args.rome_edits, layers, args.rome_presets, args.testbed_overlay)
+        method_set: dict = {}
+        for item in args.method_set or []:
+            key, value = item.split("=", 1)
+            node = method_set.setdefault("init_args", {})
+            *parents, leaf = key.split(".")
+            for k in parents:
+                node = node.setdefault(k, {})
+            node[leaf] = yaml.safe_load(value)
+        report["rome"] = rome_check(folder, args.rome_edits, layers, args.rome_presets, args.testbed_overlay,
+                                    args.stats_corpus, method_set)
+        report["rome"]["method_set"] = args.method_set
     if args.trace_facts:
         from eac_lightning.models.loading import load_model
         from eac_lightning.testbed.causal_trace import load_trace_facts, run_trace

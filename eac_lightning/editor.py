@@ -30,10 +30,10 @@ def _merged(base: dict, over: dict) -> dict:
     return out
 
 
-def method_from_preset(name_or_path: str, *overlays: str | Path) -> EditMethod:
+def method_from_preset(name_or_path: str, *overlays: str | Path | dict) -> EditMethod:
     """Instantiate the method of ``configs/methods/<name>.yaml`` (or of a YAML file's ``model.method``), with the
     ``model.method`` of each overlay file (e.g. ``configs/testbed/rome.yaml``) merged over it in order, as a second
-    ``--config`` does on the command line."""
+    ``--config`` does on the command line; a dict overlay is such a ``model.method`` itself (``{"init_args": ...}``)."""
     import yaml
     from jsonargparse import ArgumentParser
 
@@ -45,7 +45,8 @@ def method_from_preset(name_or_path: str, *overlays: str | Path) -> EditMethod:
         raise FileNotFoundError(f"no method preset {name_or_path!r} (known: {known})")
     spec = yaml.safe_load(path.read_text())["model"]["method"]
     for overlay in overlays:
-        spec = _merged(spec, yaml.safe_load(Path(overlay).read_text())["model"]["method"])
+        over = overlay if isinstance(overlay, dict) else yaml.safe_load(Path(overlay).read_text())["model"]["method"]
+        spec = _merged(spec, over)
     parser = ArgumentParser(exit_on_error=False)
     parser.add_argument("--method", type=EditMethod)
     return parser.instantiate_classes(parser.parse_object({"method": spec})).method
@@ -57,7 +58,7 @@ class Editor:
     Args:
         model, tokenizer: the model to edit (in place).
         method: an :class:`EditMethod` instance.
-        stats: key statistics; built from the offline WikiText-2 corpus when omitted.
+        stats: key statistics; when omitted, over a testbed's own training-stream sample, else WikiText-2.
     """
 
     def __init__(self, model: nn.Module, tokenizer, method: EditMethod, stats: CovarianceStore | None = None):

@@ -288,3 +288,5 @@ def test_presets_load():
     assert isinstance(full, BEAC) and full.beac.las and full.beac.rar
     assert not method_from_preset("beac-no-las").beac.las
     assert not method_from_preset("beac-no-rar").beac.rar
+    over_alphaedit = method_from_preset("beac-alphaedit")
+    assert isinstance(over_alphaedit, BEACAlphaEdit) and over_alphaedit.beac.las and over_alphaedit.l2 == 10.0

@@ -135,6 +135,9 @@ def test_tiny_testbed_figures(tiny_testbed):
     facts = [json.loads(x) for x in (tiny_testbed / "facts.jsonl").read_text().splitlines()]
     assert {"prompt", "subject", "target", "source", "record_id", "kind"} <= set(facts[0])
     assert sum(f["kind"] == "fact" for f in facts) == info["corpus"]["records"]
+    # the corpus of its key statistics: a sample of its own training stream, which the store uses by default
+    sample = [json.loads(x)["text"] for x in (tiny_testbed / info["stats_corpus"]).read_text().splitlines()]
+    assert len(sample) > 1000 and any(f["prompt"] in " ".join(sample) for f in facts[:50])
 
 
 def test_tiny_testbed_loads_with_auto_classes_and_knows_its_facts(tiny_testbed):
@@ -164,10 +167,31 @@ def test_ensure_testbed_reuses_the_cache(tiny_testbed):
     assert not [p for p in tiny_testbed.parent.iterdir() if p.name.startswith(".")]  # no temp build left over
 
 
-def test_single_rome_edits_take_on_tiny(tiny_testbed):
-    """Single ROME edits at the tiny preset's layer, with the testbed overlay (write-aware v*,
-    configs/testbed/rome.yaml), take on at least 9 of 10 CounterFact facts (issue 3: reliability >= 0.9), and stay
-    more local than with the published v* (0.66 measured over 20 edits, docs/testbed.md)."""
+def test_a_cached_build_without_stats_corpus_gets_the_same_one(tiny_testbed):
+    """Builds made before testbeds shipped their stats corpus get it on next use, identical to a fresh build's."""
+    from transformers import AutoModelForCausalLM
+
+    from eac_lightning.stats.covariance import CovarianceStore
+
+    meta = tiny_testbed / "testbed.json"
+    sample = tiny_testbed / "stats_corpus.jsonl"
+    built = sample.read_bytes()
+    info = json.loads(meta.read_text())
+    del info["stats_corpus"]
+    meta.write_text(json.dumps(info))
+    sample.unlink()
+    model = AutoModelForCausalLM.from_pretrained(tiny_testbed)
+    assert CovarianceStore(model, None).corpus == "wikitext"  # an old build read as it is: WikiText
+    assert ensure_testbed("tiny") == tiny_testbed
+    assert sample.read_bytes() == built
+    assert CovarianceStore(model, None).corpus == str(sample)
+
+
+@pytest.mark.parametrize(("preset", "n_edits"), [("rome", 10), ("rome-eac", 20)])
+def test_single_edits_take_on_tiny(tiny_testbed, preset, n_edits):
+    """Single ROME and ROME-EAC edits at the tiny preset's layer, with the testbed overlays (write-aware v*;
+    configs/testbed/<preset>.yaml), take on at least 0.9 of the CounterFact facts (issue 3: ROME over 10, issue 4:
+    ROME-EAC over 20; measured 1.00 and 0.95 over 20, docs/testbed.md) and stay local (0.865 / 0.865 measured)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from eac_lightning.editor import method_from_preset
@@ -177,19 +201,19 @@ def test_single_rome_edits_take_on_tiny(tiny_testbed):
 
     model = AutoModelForCausalLM.from_pretrained(tiny_testbed).eval()
     tok = AutoTokenizer.from_pretrained(tiny_testbed)
-    preset = PRESETS["tiny"]
-    reqs = load_fact_requests(None, preset.max_facts_per_path)
-    reqs = [r for r in reqs if "counterfact" in (r.source or "")][:10]
+    tiny = PRESETS["tiny"]
+    reqs = load_fact_requests(None, tiny.max_facts_per_path)
+    reqs = [r for r in reqs if "counterfact" in (r.source or "")][:n_edits]
     ref = compute_locality_reference(model, tok, reqs)
-    rome = method_from_preset("rome", REPO / "configs" / "testbed" / "rome.yaml")
-    assert rome.write_aware and rome.layer is None  # the layer comes from the testbed (testbed.json)
-    rome.setup(model, tok, CovarianceStore(model, tok))
-    assert rome.layer == preset.edit_layer
-    results = single_edit_metrics(model, tok, rome, reqs, ref)
+    method = method_from_preset(preset, REPO / "configs" / "testbed" / f"{preset}.yaml")
+    assert method.write_aware and method.layer is None  # the layer comes from the testbed (testbed.json)
+    method.setup(model, tok, CovarianceStore(model, tok))
+    assert method.layer == tiny.edit_layer
+    results = single_edit_metrics(model, tok, method, reqs, ref)
     reliability = float(np.mean([x["reliability"] for x in results]))
     locality = float(np.mean([x["locality"] for x in results]))
     assert reliability >= 0.9, results
-    assert locality >= 0.6, results
+    assert locality >= 0.75, results
 
 
 def test_causal_trace_on_tiny(tiny_testbed, tmp_path):

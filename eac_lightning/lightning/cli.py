@@ -102,14 +102,15 @@ def export_command(checkpoint: str, out_dir: str) -> None:
     print(f"exported {state['model']} with {len(state['deltas'])} edited matrices to {out_dir}")
 
 
-def stats_command(model: str = "testbed:small", layers: list[int] | None = None, corpus: str = "wikitext",
+def stats_command(model: str = "testbed:small", layers: list[int] | None = None, corpus: str | None = None,
                   num_tokens: int = 100_000) -> None:
     """Precompute (and cache) the key covariance C = E[kkᵀ] of the edited layers.
 
     Args:
         model: ``testbed:<preset>``, a local folder or a hub id.
         layers: layers whose MLP output projection will be edited; default: the model's MEMIT layers and ROME layer.
-        corpus: text corpus (local path or hub dataset name).
+        corpus: text corpus (local path or hub dataset name); default: a testbed's own training-stream sample,
+            else WikiText-2.
         num_tokens: tokens averaged into C.
     """
     from eac_lightning.models.adapters import mlp_out_name

@@ -24,7 +24,7 @@ from eac_lightning.methods.base import Deltas, EditMethod, merge_deltas, snapsho
 from eac_lightning.methods.rome import ROME
 from eac_lightning.models.adapters import weight_view
 from eac_lightning.models.loading import load_model, resolve_model_path
-from eac_lightning.stats.covariance import DEFAULT_CORPUS, CovarianceStore
+from eac_lightning.stats.covariance import CovarianceStore
 
 CKPT_KEY = "eac_lightning"
 
@@ -37,7 +37,8 @@ class EditingModule(L.LightningModule):
             hub id.
         method: the editing method (``configs/methods/*.yaml``); default ROME on the model's default layer.
         dtype: weights' dtype.
-        stats_corpus: corpus of the key covariance C (local path or hub dataset name).
+        stats_corpus: corpus of the key covariance C (local path or hub dataset name); default: a testbed's own
+            training-stream sample, else WikiText-2.
         stats_tokens: tokens of that corpus averaged into C.
         stats_damping: ε of the damped solve (C + ε·tr(C)/d·I).
         evaluation: what the evaluation callback and ``validate`` measure.
@@ -48,7 +49,7 @@ class EditingModule(L.LightningModule):
         model: str = "testbed:small",
         method: EditMethod | None = None,
         dtype: str = "float32",
-        stats_corpus: str = DEFAULT_CORPUS,
+        stats_corpus: str | None = None,
         stats_tokens: int = 100_000,
         stats_damping: float = 1e-2,
         evaluation: EvaluatorConfig | None = None,

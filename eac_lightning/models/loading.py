@@ -57,6 +57,17 @@ PUBLISHED_LAYERS: dict[str, DefaultLayers] = {
 }
 
 
+def default_stats_corpus(model: nn.Module, fallback: str) -> str:
+    """The corpus of the key statistics C for ``model``: a testbed's own training-stream sample (``testbed.json``
+    names it; ROME/MEMIT take C over the model's pre-training text), else ``fallback`` (WikiText)."""
+    meta = Path(str(getattr(model.config, "_name_or_path", "") or "")) / "testbed.json"
+    if meta.exists():
+        name = json.loads(meta.read_text()).get("stats_corpus")
+        if name and (meta.parent / name).exists():
+            return str(meta.parent / name)
+    return fallback
+
+
 def default_layers(model: nn.Module) -> DefaultLayers:
     """Edit layers for ``model``: a testbed's ``testbed.json`` (chosen by causal tracing), the published layers
     of a known model, else ROME's rule of thumb (an early-middle layer: a quarter of the depth)."""

@@ -111,7 +111,8 @@ class CovarianceStore:
     Args:
         model: the unedited model (its fingerprint keys the disk cache).
         tokenizer: its tokenizer.
-        corpus: text corpus (local path or hub name); default ``../shared/data/wikitext``.
+        corpus: text corpus (local path or hub name); default: a testbed's own training-stream sample
+            (``stats_corpus.jsonl``), else ``../shared/data/wikitext``.
         num_tokens: how many tokens of the corpus to average over.
         seq_len: window length fed to the model.
         batch_size: windows per forward pass.
@@ -124,7 +125,7 @@ class CovarianceStore:
         self,
         model: nn.Module,
         tokenizer,
-        corpus: str = DEFAULT_CORPUS,
+        corpus: str | None = None,
         num_tokens: int = 100_000,
         seq_len: int = 128,
         batch_size: int = 16,
@@ -133,6 +134,10 @@ class CovarianceStore:
         directory: str | os.PathLike | None = None,
     ) -> None:
         self.model, self.tokenizer = model, tokenizer
+        if corpus is None:
+            from eac_lightning.models.loading import default_stats_corpus
+
+            corpus = default_stats_corpus(model, DEFAULT_CORPUS)
         self.corpus, self.num_tokens, self.seq_len, self.batch_size = corpus, num_tokens, seq_len, batch_size
         self.dtype, self.damping = dtype, damping
         self.directory = Path(directory) if directory else cache_dir() / "stats"

@@ -8,6 +8,7 @@ seed, measures it and saves it in plain Hugging Face format::
     out/testbed.json                                          # preset, measured figures, corpus statistics
     out/facts.jsonl                                           # every trained fact (prompt, subject, target, source)
     out/heldout.jsonl                                         # the held-out paraphrases the figures are measured on
+    out/stats_corpus.jsonl                                    # a sample of the training stream: the corpus of C
     out/logs/                                                 # Lightning CSVLogger
 
 :func:`ensure_testbed` builds a preset into the cache on first use (``testbed:small`` in a config) and reuses it.
@@ -44,6 +45,8 @@ from eac_lightning.paths import cache_dir
 from eac_lightning.testbed.corpus import SST2_LABELS, Corpus, PackedData, SequencePacker, build_corpus
 
 TESTBED_FORMAT = 1
+STATS_CORPUS = "stats_corpus.jsonl"
+STATS_CORPUS_TOKENS = 200_000  # twice the key statistics' default average (CovarianceStore.num_tokens)
 
 
 @dataclass(frozen=True)
@@ -79,7 +82,7 @@ class TestbedPreset:
             the point of the testbed, and the answers are about one token in fourteen.
         precision: Lightning precision ("32-true" or "bf16-mixed").
         ppl_tokens: WikiText-2 test tokens the perplexity is measured on.
-        edit_layer: the layer ROME edits on this testbed (chosen by causal tracing; docs/testbed.md).
+        edit_layer: the layer ROME edits on this testbed (causal tracing and single-edit checks; docs/testbed.md).
         memit_layers: the layers MEMIT / AlphaEdit spread an edit over.
     """
 
@@ -145,11 +148,13 @@ PRESETS: dict[str, TestbedPreset] = {
     ),
     # The default testbed: every shared CounterFact/ZsRE record (two trained neighbourhood prompts each); 20 epochs
     # build in about 25 minutes on 2 CPU cores and learn the facts (docs/testbed.md; 12 knew two thirds of them).
+    # ROME edits layer 1: tracing puts the subject-position MLP effect at layer 0, but 50 single edits there keep
+    # locality 0.892, at layer 1 0.926 with reliability 0.96 (docs/testbed.md, "... and the edit layer").
     "small": TestbedPreset(
         name="small", n_layer=8, n_embd=256, n_head=4, batch_size=16, epochs=20, lr=1.5e-3, warmup_frac=0.03,
         answer_lexicon_repeats=20, neighbours_per_fact=2, attributes_per_fact=4, wikitext_fraction=0.05,
         sst2_repeats=0.5, fact_repeats=(("fact", 2), ("attribute", 2)), subject_mask="late_read",
-        subject_mask_prob=0.5, subject_read_layer=4, edit_layer=0, memit_layers=(0, 1, 2),
+        subject_mask_prob=0.5, subject_read_layer=4, edit_layer=1, memit_layers=(0, 1, 2),
     ),
     # GPT-2-small size, for a machine with a GPU.
     "base": TestbedPreset(
@@ -260,6 +265,42 @@ class PackedDataset(torch.utils.data.Dataset):
         if self.use_mask:
             item["attention_mask"] = subject_bottleneck_mask(len(ids), self.masked_spans[i], late_read=self.late_read)
         return item
+
+
+def make_packer(preset: TestbedPreset, corpus: Corpus, tok) -> SequencePacker:
+    return SequencePacker(
+        corpus, tok, block_len=preset.block_len, max_prefix=preset.max_prefix,
+        fact_repeats=dict(preset.fact_repeats), wikitext_fraction=preset.wikitext_fraction,
+        sst2_repeats=preset.sst2_repeats,
+    )
+
+
+def write_stats_corpus(out: str | os.PathLike, preset: TestbedPreset, corpus: Corpus, tok, seed: int,
+                       num_tokens: int = STATS_CORPUS_TOKENS) -> Path:
+    """Write ``out/stats_corpus.jsonl``: fresh packed epochs of the training stream, decoded, one block per line.
+
+    ROME and MEMIT take C = E[kkᵀ] over the edited model's pre-training text (Wikipedia for GPT-2; ROME Sec. 3.1);
+    the testbed's pre-training text is this stream of fact sentences, WikiText and SST-2, so its C comes from here,
+    not from WikiText alone. Measured on ``testbed:small`` (docs/testbed.md): with C over WikiText alone an edit's
+    update also moves the neighbourhood prompts, whose keys are fact-sentence keys C has not seen.
+    """
+    packer = make_packer(preset, corpus, tok)
+    rng = np.random.default_rng([seed, 1])  # another draw of the training distribution than the one trained on
+    path = Path(out) / STATS_CORPUS
+    tmp = path.with_suffix(".jsonl.tmp")
+    n = 0
+    with open(tmp, "w", encoding="utf-8") as fh:
+        while n < num_tokens:
+            data = packer.epoch(rng)
+            for ids, keep in zip(data.input_ids, data.loss_mask):
+                if n >= num_tokens:
+                    break
+                ids = ids[keep]
+                fh.write(json.dumps({"text": tok.decode(ids.tolist(), skip_special_tokens=True)},
+                                    ensure_ascii=False) + "\n")
+                n += len(ids)
+    os.replace(tmp, path)
+    return path
 
 
 def pack_epochs(packer: SequencePacker, epochs: int, seed: int) -> PackedData:
@@ -451,12 +492,7 @@ def train_testbed(
     pl.seed_everything(seed, workers=True, verbose=False)
     tok = train_bpe_tokenizer(corpus.tokenizer_texts(preset.answer_lexicon_repeats), preset.vocab_size)
     tok.model_max_length = preset.n_positions
-    packer = SequencePacker(
-        corpus, tok, block_len=preset.block_len, max_prefix=preset.max_prefix,
-        fact_repeats=dict(preset.fact_repeats), wikitext_fraction=preset.wikitext_fraction,
-        sst2_repeats=preset.sst2_repeats,
-    )
-    data = pack_epochs(packer, preset.epochs, seed)
+    data = pack_epochs(make_packer(preset, corpus, tok), preset.epochs, seed)
     mask_prob = preset.subject_mask_prob if preset.subject_mask != "none" else 0.0
     late_read = preset.subject_mask == "late_read" and mask_prob > 0
     dataset = PackedDataset(data, mask_prob, seed, preset.answer_weight, late_read=late_read)
@@ -527,6 +563,7 @@ def build_testbed(
     with open(out / "heldout.jsonl", "w", encoding="utf-8") as fh:
         for f in corpus.heldout_facts:
             fh.write(json.dumps(f.to_dict(), ensure_ascii=False) + "\n")
+    write_stats_corpus(out, p, corpus, tok, seed)
     info = {
         "format": TESTBED_FORMAT,
         "preset": p.to_dict(),
@@ -541,6 +578,7 @@ def build_testbed(
         "build_seconds": round(time.time() - t_start, 1),
         "edit_layer": p.edit_layer,
         "memit_layers": list(p.memit_layers),
+        "stats_corpus": STATS_CORPUS,
         "corpus": corpus.stats,
         "torch_threads": torch.get_num_threads(),
         "versions": _versions(),
@@ -590,6 +628,7 @@ def ensure_testbed(preset: str | TestbedPreset, seed: int = 0, progress: bool = 
     final = testbed_dir(preset, seed)
     if (final / "testbed.json").exists():
         _sync_edit_layers(final, get_preset(preset))
+        _add_stats_corpus(final)
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
@@ -615,6 +654,29 @@ def _sync_edit_layers(folder: Path, preset: TestbedPreset) -> None:
         return
     info["edit_layer"], info["memit_layers"] = preset.edit_layer, list(preset.memit_layers)
     info["preset"].update(edit_layer=preset.edit_layer, memit_layers=list(preset.memit_layers))
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _add_stats_corpus(folder: Path) -> None:
+    """Give a build made before testbeds shipped ``stats_corpus.jsonl`` its sample of the training stream, from the
+    saved tokenizer and the recorded preset, seed and fact files (the model does not depend on it)."""
+    path = folder / "testbed.json"
+    info = json.loads(path.read_text(encoding="utf-8"))
+    if info.get("stats_corpus") and (folder / info["stats_corpus"]).exists():
+        return
+    from transformers import AutoTokenizer
+
+    p = TestbedPreset(**{**info["preset"], "fact_repeats": tuple(info["preset"]["fact_repeats"].items()),
+                         "memit_layers": tuple(info["preset"]["memit_layers"])})
+    corpus = build_corpus(
+        info["fact_files"], max_facts_per_path=p.max_facts_per_path, extra_templates=p.extra_templates,
+        neighbours_per_fact=p.neighbours_per_fact, attributes_per_fact=p.attributes_per_fact,
+        wikitext_paragraphs=p.wikitext_paragraphs, seed=info["seed"],
+    )
+    write_stats_corpus(folder, p, corpus, AutoTokenizer.from_pretrained(folder), info["seed"])
+    info["stats_corpus"] = STATS_CORPUS
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
     os.replace(tmp, path)
