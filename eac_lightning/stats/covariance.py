@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from eac_lightning.models.loading import default_stats_corpus
 from eac_lightning.models.tracing import capture
 from eac_lightning.paths import cache_dir, resolve_data_path
 
@@ -135,8 +136,6 @@ class CovarianceStore:
     ) -> None:
         self.model, self.tokenizer = model, tokenizer
         if corpus is None:
-            from eac_lightning.models.loading import default_stats_corpus
-
             corpus = default_stats_corpus(model, DEFAULT_CORPUS)
         self.corpus, self.num_tokens, self.seq_len, self.batch_size = corpus, num_tokens, seq_len, batch_size
         self.dtype, self.damping = dtype, damping

@@ -129,6 +129,11 @@ class TestbedPreset:
         d["memit_layers"] = list(self.memit_layers)
         return d
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TestbedPreset":
+        """The inverse of :meth:`to_dict` (a build's ``testbed.json["preset"]``)."""
+        return cls(**{**d, "fact_repeats": tuple(d["fact_repeats"].items()), "memit_layers": tuple(d["memit_layers"])})
+
     def fingerprint(self) -> str:
         """Short hash of everything that changes the built model (keys the cache). The edit layers are left out:
         they are chosen by tracing a built model and do not change it (:func:`ensure_testbed` syncs them)."""
@@ -267,6 +272,15 @@ class PackedDataset(torch.utils.data.Dataset):
         return item
 
 
+def preset_corpus(preset: TestbedPreset, facts: Sequence[str | os.PathLike] | None, seed: int) -> Corpus:
+    """The training corpus of ``preset`` from the fact files ``facts`` (None: the shared ones)."""
+    return build_corpus(
+        facts, max_facts_per_path=preset.max_facts_per_path, extra_templates=preset.extra_templates,
+        neighbours_per_fact=preset.neighbours_per_fact, attributes_per_fact=preset.attributes_per_fact,
+        wikitext_paragraphs=preset.wikitext_paragraphs, seed=seed,
+    )
+
+
 def make_packer(preset: TestbedPreset, corpus: Corpus, tok) -> SequencePacker:
     return SequencePacker(
         corpus, tok, block_len=preset.block_len, max_prefix=preset.max_prefix,
@@ -275,16 +289,16 @@ def make_packer(preset: TestbedPreset, corpus: Corpus, tok) -> SequencePacker:
     )
 
 
-def write_stats_corpus(out: str | os.PathLike, preset: TestbedPreset, corpus: Corpus, tok, seed: int,
+def write_stats_corpus(out: str | os.PathLike, packer: SequencePacker, tok, seed: int,
                        num_tokens: int = STATS_CORPUS_TOKENS) -> Path:
-    """Write ``out/stats_corpus.jsonl``: fresh packed epochs of the training stream, decoded, one block per line.
+    """Write ``out/stats_corpus.jsonl``: fresh packed epochs of the training stream (``packer``, the one the model
+    was trained with), decoded, one block per line.
 
     ROME and MEMIT take C = E[kkᵀ] over the edited model's pre-training text (Wikipedia for GPT-2; ROME Sec. 3.1);
     the testbed's pre-training text is this stream of fact sentences, WikiText and SST-2, so its C comes from here,
     not from WikiText alone. Measured on ``testbed:small`` (docs/testbed.md): with C over WikiText alone an edit's
     update also moves the neighbourhood prompts, whose keys are fact-sentence keys C has not seen.
     """
-    packer = make_packer(preset, corpus, tok)
     rng = np.random.default_rng([seed, 1])  # another draw of the training distribution than the one trained on
     path = Path(out) / STATS_CORPUS
     tmp = path.with_suffix(".jsonl.tmp")
@@ -483,7 +497,7 @@ def train_testbed(
     preset: TestbedPreset, corpus: Corpus, seed: int = 0, log_dir: str | os.PathLike | None = None,
     progress: bool = True,
 ):
-    """Train tokenizer and model on ``corpus``; returns (model, tokenizer, train_seconds, steps)."""
+    """Train tokenizer and model on ``corpus``; returns (model, tokenizer, packer, train_seconds, steps)."""
     pl = _lightning()
     from lightning.pytorch.loggers import CSVLogger
 
@@ -492,7 +506,8 @@ def train_testbed(
     pl.seed_everything(seed, workers=True, verbose=False)
     tok = train_bpe_tokenizer(corpus.tokenizer_texts(preset.answer_lexicon_repeats), preset.vocab_size)
     tok.model_max_length = preset.n_positions
-    data = pack_epochs(make_packer(preset, corpus, tok), preset.epochs, seed)
+    packer = make_packer(preset, corpus, tok)
+    data = pack_epochs(packer, preset.epochs, seed)
     mask_prob = preset.subject_mask_prob if preset.subject_mask != "none" else 0.0
     late_read = preset.subject_mask == "late_read" and mask_prob > 0
     dataset = PackedDataset(data, mask_prob, seed, preset.answer_weight, late_read=late_read)
@@ -520,7 +535,7 @@ def train_testbed(
         model.config._attn_implementation = saved_attn
     seconds = time.time() - t0
     model = module.model.cpu().float().eval()
-    return model, tok, seconds, steps
+    return model, tok, packer, seconds, steps
 
 
 def build_testbed(
@@ -548,12 +563,8 @@ def build_testbed(
         p = p.replace(**overrides)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    corpus = build_corpus(
-        facts, max_facts_per_path=p.max_facts_per_path, extra_templates=p.extra_templates,
-        neighbours_per_fact=p.neighbours_per_fact, attributes_per_fact=p.attributes_per_fact,
-        wikitext_paragraphs=p.wikitext_paragraphs, seed=seed,
-    )
-    model, tok, train_seconds, steps = train_testbed(p, corpus, seed, log_dir=out, progress=progress)
+    corpus = preset_corpus(p, facts, seed)
+    model, tok, packer, train_seconds, steps = train_testbed(p, corpus, seed, log_dir=out, progress=progress)
     figures = measure(model, tok, corpus, p)
     model.save_pretrained(out, safe_serialization=True)
     save_tokenizer(tok, out)
@@ -563,7 +574,7 @@ def build_testbed(
     with open(out / "heldout.jsonl", "w", encoding="utf-8") as fh:
         for f in corpus.heldout_facts:
             fh.write(json.dumps(f.to_dict(), ensure_ascii=False) + "\n")
-    write_stats_corpus(out, p, corpus, tok, seed)
+    write_stats_corpus(out, packer, tok, seed)
     info = {
         "format": TESTBED_FORMAT,
         "preset": p.to_dict(),
@@ -627,8 +638,7 @@ def ensure_testbed(preset: str | TestbedPreset, seed: int = 0, progress: bool = 
     """
     final = testbed_dir(preset, seed)
     if (final / "testbed.json").exists():
-        _sync_edit_layers(final, get_preset(preset))
-        _add_stats_corpus(final)
+        _sync_cached_build(final, get_preset(preset))
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
@@ -645,41 +655,30 @@ def ensure_testbed(preset: str | TestbedPreset, seed: int = 0, progress: bool = 
     return final
 
 
-def _sync_edit_layers(folder: Path, preset: TestbedPreset) -> None:
-    """Write the preset's current edit layers into a cached build's ``testbed.json`` if they differ (the layers are
-    chosen by causal tracing after a build; the model itself does not depend on them)."""
+def _sync_cached_build(folder: Path, preset: TestbedPreset) -> None:
+    """Bring a cached build's ``testbed.json`` up to date without retraining: the preset's current edit layers
+    (chosen by tracing and edit checks after a build; the model does not depend on them), and, for builds made
+    before testbeds shipped one, ``stats_corpus.jsonl`` from the saved tokenizer and the recorded preset, seed and
+    fact files (the same file a fresh build writes)."""
     path = folder / "testbed.json"
     info = json.loads(path.read_text(encoding="utf-8"))
-    if info.get("edit_layer") == preset.edit_layer and info.get("memit_layers") == list(preset.memit_layers):
-        return
-    info["edit_layer"], info["memit_layers"] = preset.edit_layer, list(preset.memit_layers)
-    info["preset"].update(edit_layer=preset.edit_layer, memit_layers=list(preset.memit_layers))
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    changed = info.get("edit_layer") != preset.edit_layer or info.get("memit_layers") != list(preset.memit_layers)
+    if changed:
+        info["edit_layer"], info["memit_layers"] = preset.edit_layer, list(preset.memit_layers)
+        info["preset"].update(edit_layer=preset.edit_layer, memit_layers=list(preset.memit_layers))
+    if not (info.get("stats_corpus") and (folder / info["stats_corpus"]).exists()):
+        from transformers import AutoTokenizer
 
-
-def _add_stats_corpus(folder: Path) -> None:
-    """Give a build made before testbeds shipped ``stats_corpus.jsonl`` its sample of the training stream, from the
-    saved tokenizer and the recorded preset, seed and fact files (the model does not depend on it)."""
-    path = folder / "testbed.json"
-    info = json.loads(path.read_text(encoding="utf-8"))
-    if info.get("stats_corpus") and (folder / info["stats_corpus"]).exists():
-        return
-    from transformers import AutoTokenizer
-
-    p = TestbedPreset(**{**info["preset"], "fact_repeats": tuple(info["preset"]["fact_repeats"].items()),
-                         "memit_layers": tuple(info["preset"]["memit_layers"])})
-    corpus = build_corpus(
-        info["fact_files"], max_facts_per_path=p.max_facts_per_path, extra_templates=p.extra_templates,
-        neighbours_per_fact=p.neighbours_per_fact, attributes_per_fact=p.attributes_per_fact,
-        wikitext_paragraphs=p.wikitext_paragraphs, seed=info["seed"],
-    )
-    write_stats_corpus(folder, p, corpus, AutoTokenizer.from_pretrained(folder), info["seed"])
-    info["stats_corpus"] = STATS_CORPUS
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+        built = TestbedPreset.from_dict(info["preset"])
+        tok = AutoTokenizer.from_pretrained(folder)
+        packer = make_packer(built, preset_corpus(built, info["fact_files"], info["seed"]), tok)
+        write_stats_corpus(folder, packer, tok, info["seed"])
+        info["stats_corpus"] = STATS_CORPUS
+        changed = True
+    if changed:
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
 
 
 def testbed_command(out: str, preset: str = "small", facts: list[str] | None = None, seed: int = 0) -> None:
