@@ -309,7 +309,7 @@ def main(argv=None) -> None:
         merged: dict = {"meta": [], "unedited": None, "results": {}}
         for f in args.merge:
             part = json.loads(Path(f).read_text())
-            merged["meta"].append(part["meta"])
+            merged["meta"].extend(part["meta"] if isinstance(part["meta"], list) else [part["meta"]])
             merged["unedited"] = merged["unedited"] or part["unedited"]
             for sched, runs in part["results"].items():
                 merged["results"].setdefault(sched, {}).update(runs)

@@ -13,6 +13,7 @@ import torch
 from eac_lightning.data.requests import EditRequest
 from eac_lightning.methods.beac import (
     BEAC,
+    AnchorKeyRecord,
     AnchorPlan,
     BEACAlphaEdit,
     BEACHyperParams,
@@ -207,10 +208,12 @@ def test_rar_checkpoint_round_trip_and_resume(model_and_stats, tokenizer, cls):
     for name in meth_full.module_names:
         assert torch.equal(weight_view(m_b, name), weight_view(m_full, name)), name
     assert torch.equal(meth_b.usage, meth_full.usage)
-    if cls is BEAC:  # RAR's key record (B5) travels with the checkpoint too
-        assert set(state["beac"]["key_memory"]) == set(meth_full.module_names)
+    if cls is BEAC:  # RAR's anchor key record (B5) travels with the checkpoint too
+        assert set(state["beac"]["key_record"]) == set(meth_full.module_names)
         for name in meth_full.module_names:
-            assert torch.equal(meth_b.key_memory[name], meth_full.key_memory[name])
+            b, full = meth_b.key_record[name], meth_full.key_record[name]
+            assert torch.equal(b.keys, full.keys) and torch.equal(b.weight, full.weight)
+            assert torch.equal(b.cells, full.cells)
     assert meth_b.history == meth_full.history and meth_b.batches == 2
     assert torch.equal(meth_b.last_plan.masks, meth_full.last_plan.masks)
     # Without the restored record, the second batch is planned differently (the state is what makes them equal).
@@ -227,26 +230,63 @@ def test_rar_checkpoint_round_trip_and_resume(model_and_stats, tokenizer, cls):
 def test_rar_off_keeps_no_record(model_and_stats, tokenizer):
     model, method, stats = fresh(model_and_stats, beac=BEACHyperParams(rar=False, max_overlap=1, key_memory=1.0))
     _run(model, method, stats, tokenizer, BATCHES[:1])
-    assert method.usage is None and method.batches == 1 and method.key_memory == {}
+    assert method.usage is None and method.batches == 1 and method.key_record == {}
 
 
-def test_rar_key_memory_is_the_decayed_gram_of_written_keys(model_and_stats, tokenizer):
-    """M_l ← ρM_l + KKᵀ (B3') with K the batch's keys on the weights after its write."""
+def test_rar_key_record_rolls_the_written_keys_and_their_anchor_rows(model_and_stats, tokenizer):
+    """(B3'): after each batch the record holds its keys on the weights after its write, weight 1, with each edit's
+    anchor dimensions; earlier entries decay by ρ."""
     from eac_lightning.methods.target import compute_keys
 
     model, method, stats = fresh(model_and_stats, beac=BEACHyperParams(max_overlap=1, decay=0.5, key_memory=1.0))
-    _run(model, method, stats, tokenizer, BATCHES[:1])
-    first = {l: compute_keys(model, tokenizer, requests(BATCHES[0]), l, method.templates).double().T
-             for l in method.layers}
-    _run(model, method, stats, tokenizer, BATCHES[1:])
+    keys, masks = [], []
+    for b in BATCHES:
+        _run(model, method, stats, tokenizer, [b])
+        keys.append({l: compute_keys(model, tokenizer, requests(b), l, method.templates).double()
+                     for l in method.layers})
+        masks.append(method.last_plan.masks.any(1))
     for l in method.layers:
-        k2 = compute_keys(model, tokenizer, requests(BATCHES[1]), l, method.templates).double().T
-        expected = 0.5 * first[l] @ first[l].T + k2 @ k2.T
-        torch.testing.assert_close(method.key_memory[mlp_out_name(model, l)], expected)
+        record = method.key_record[mlp_out_name(model, l)]
+        torch.testing.assert_close(record.keys, torch.cat([keys[0][l], keys[1][l]]))
+        assert record.weight.tolist() == [0.5, 0.5, 1.0, 1.0]
+        assert torch.equal(record.cells, torch.cat(masks))
 
 
-def test_rar_key_memory_preserves_earlier_edits(model_and_stats, tokenizer):
-    """The second batch's update changes what the first batch's keys read less with RAR's key record (B5)."""
+def test_anchor_key_record_drops_faded_entries():
+    record = AnchorKeyRecord(torch.ones(2, 3, dtype=torch.float64), torch.tensor([1.0, 0.02], dtype=torch.float64),
+                             torch.ones(2, 4, dtype=torch.bool))
+    rolled = record.rolled(0.4, torch.zeros(1, 3, dtype=torch.float64), torch.zeros(1, 4, dtype=torch.bool))
+    assert rolled.weight.tolist() == [0.4, 1.0]  # 0.02 · 0.4 fell under the floor
+    assert torch.equal(rolled.keys, torch.tensor([[1.0] * 3, [0.0] * 3], dtype=torch.float64))
+
+
+def test_anchor_key_record_solve_is_the_per_row_problem(model_and_stats, tokenizer):
+    """The Woodbury rows of :meth:`BEAC._layer_update` equal the direct solve of (B5) row by row:
+    Δw_j = r_j Kᵀ(λC + KKᵀ + η Σ_{o anchors j} w_o k_o k_oᵀ)⁻¹."""
+    model, method, stats = fresh(model_and_stats, beac=BEACHyperParams(key_memory=2.0))
+    method.setup(model, tokenizer, stats)
+    name = method.module_names[0]
+    cov = stats.get(name)
+    gen = torch.Generator().manual_seed(0)
+    d_k, d, n, n_old = cov.matrix.shape[0], model.config.n_embd, 3, 7
+    keys = torch.randn(d_k, n, generator=gen, dtype=torch.float64)
+    resid = torch.randn(d, n, generator=gen, dtype=torch.float64)
+    resid[::3] = 0  # rows no edit anchors here stay unwritten
+    old = torch.randn(n_old, d_k, generator=gen, dtype=torch.float64)
+    weight = torch.rand(n_old, generator=gen, dtype=torch.float64)
+    cells = torch.rand(n_old, d, generator=gen) < 0.4
+    method.key_record = {name: AnchorKeyRecord(old, weight, cells)}
+    upd = method._layer_update(0, name, keys, resid)
+    base = method.mom2_update_weight * cov.damped + keys @ keys.T
+    for j in range(d):
+        lhs = base + sum((2.0 * weight[o] * torch.outer(old[o], old[o]) for o in range(n_old) if cells[o, j]),
+                         torch.zeros_like(base))
+        torch.testing.assert_close(upd[j], resid[j] @ torch.linalg.solve(lhs, keys).T)
+
+
+def test_rar_key_record_keeps_earlier_edits_in_their_anchor_rows(model_and_stats, tokenizer):
+    """With RAR's anchor key record (B5) the second batch changes what the first batch's keys read in their own
+    anchor rows far less than without it."""
     from eac_lightning.methods.target import compute_keys
 
     changes = {}
@@ -254,11 +294,12 @@ def test_rar_key_memory_preserves_earlier_edits(model_and_stats, tokenizer):
         model, method, stats = fresh(model_and_stats, beac=BEACHyperParams(max_overlap=1, key_memory=eta))
         method.mom2_update_weight = 0.1  # weak prior: the solve is free to overwrite what it does not remember
         _run(model, method, stats, tokenizer, BATCHES[:1])
+        first = method.last_plan.masks.any(1)  # (n, d): the first batch's anchor dimensions
         keys = {l: compute_keys(model, tokenizer, requests(BATCHES[0]), l, method.templates).double().T
                 for l in method.layers}
         deltas = _run(model, method, stats, tokenizer, BATCHES[1:])[0]
         changes[eta] = sum(
-            float((deltas[mlp_out_name(model, l)].double() @ keys[l]).norm()) for l in method.layers
+            float(((deltas[mlp_out_name(model, l)].double() @ keys[l]) * first.T).norm()) for l in method.layers
         )
     assert changes[1.0] < 0.5 * changes[0.0], changes
 

@@ -85,8 +85,8 @@ class AlphaEdit(MEMIT):
     def _write(self, model: nn.Module, tok, targets: list[ResidualTarget]) -> Deltas:
         deltas = super()._write(model, tok, targets)
         # AlphaEdit accumulates the keys after the whole batch is written: a failed write leaves no trace.
-        grams = self._key_grams(model, tok, [t.request for t in targets])
-        self.past_kkt.update({name: self.past_kkt.get(name, 0) + g for name, g in grams.items()})
+        keys = self._written_keys(model, tok, [t.request for t in targets])
+        self.past_kkt.update({name: self.past_kkt.get(name, 0) + k @ k.T for name, k in keys.items()})
         return deltas
 
     def state_dict(self) -> dict[str, Any]:

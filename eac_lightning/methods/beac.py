@@ -21,15 +21,16 @@ anchors of a whole batch jointly, per edited layer:
   every edit is spread over the edited layers. Within a dimension, layers are ranked by the RAR penalty, then by
   the edit's own anchors there, then by the edits already in the cell. Without LAS each edit takes its top-k
   dimensions at every layer (MEMIT-EAC's anchors).
-* **RAR** (``rar``): a rolling, decaying record U ∈ R^{L×d} of how many edits each (layer, dimension) anchor has
-  carried (U ← ρ·U + Σ_i M_i after every batch). New anchors are ranked by the penalised priority
-  |score_i[j]| / max|score_i| · π[l, j], π = 1 / (1 + β·U/mean(U)), so heavily used anchors are avoided; the
-  admission threshold is the order statistic of that priority that yields the batch's budget (n·k anchors,
-  n·k·r/L per layer) — refreshed every batch rather than fixed on the raw score, so every batch gets the same
-  anchor budget however the scores and the usage drift. U, the batch counter and a per-batch history are in
-  :meth:`state_dict`, so a resumed run behaves exactly like an uninterrupted one. Optionally (``key_memory`` η > 0,
-  :class:`BEAC` only) RAR also keeps a rolling record of the keys recent batches wrote, M_l ← ρM_l + KKᵀ, and
-  MEMIT's solve keeps what they read: ΔW_l = R Kᵀ(λC + ηM_l + KKᵀ)⁻¹.
+* **RAR** (``rar``): a rolling, decaying record of the earlier batches' anchors. Its usage part U ∈ R^{L×d} counts
+  the edits each (layer, dimension) anchor has carried (U ← ρ·U + Σ_i M_i after every batch); new anchors are
+  ranked by the penalised priority |score_i[j]| / max|score_i| · π[l, j], π = 1 / (1 + β·U/mean(U)), so heavily
+  used anchors are avoided, and the admission threshold is the order statistic of that priority that yields the
+  batch's budget (n·k anchors, n·k·r/L per layer), refreshed every batch rather than fixed on the raw score. Its
+  key part (``key_memory`` η > 0, :class:`BEAC`) keeps each earlier edit's keys with its anchor dimensions, and
+  MEMIT's solve keeps what those keys read in those rows (row j of ΔW_l solves
+  λC + KKᵀ + η Σ_{o anchors j} w_o k_o k_oᵀ, w_o = ρ^age): a new batch does not overwrite earlier edits where
+  they were written. The record, the batch counter and a per-batch history are in :meth:`state_dict`, so a
+  resumed run behaves exactly like an uninterrupted one.
 
 The planning is a mixin over MEMIT's code (no copy of it): :class:`BEAC` edits with MEMIT's solve,
 :class:`BEACAlphaEdit` with AlphaEdit's null-space-projected solve (the per-row masking commutes with the
@@ -73,10 +74,10 @@ class BEACHyperParams:
             got if they are at least this share of k; below it the batch is rejected (raise ``max_overlap``).
         decay: ρ, the per-batch decay of the usage record (its memory is about 1/(1-ρ) batches).
         penalty: β, the strength of the usage penalty π = 1/(1 + β·U/mean U).
-        key_memory: η, the weight of RAR's rolling record of the keys earlier batches wrote, in the solve of
-            :class:`BEAC` (ΔW_l = R Kᵀ(λC + ηM_l + KKᵀ)⁻¹, M_l ← ρM_l + K Kᵀ after each batch): a new batch's
-            update then keeps what recent edits' keys read (docs/beac.md § 2.3). 0: no key record (usage only).
-            :class:`BEACAlphaEdit` keeps AlphaEdit's own record of earlier keys instead.
+        key_memory: η, the weight of RAR's anchor key record in the solve of :class:`BEAC` (docs/beac.md § 2.3,
+            B5): row j of ΔW_l keeps what each earlier edit o with an anchor at dimension j reads, with weight
+            η·ρ^age(o). 0: the usage record and penalty only. :class:`BEACAlphaEdit` keeps AlphaEdit's own record
+            of earlier keys instead (needs 0).
     """
 
     las: bool = True
@@ -87,7 +88,7 @@ class BEACHyperParams:
     min_anchor_fraction: float = 0.5
     decay: float = 0.8
     penalty: float = 1.0
-    key_memory: float = 0.0
+    key_memory: float = 1.0
 
 
 @dataclass
@@ -366,9 +367,36 @@ class BatchAnchorMixin:
         self.history = [dict(h) for h in b.get("history", [])]
 
 
+@dataclass
+class AnchorKeyRecord:
+    """RAR's record of earlier edits at one edited layer (docs/beac.md § 2.3): the keys the edits of recent batches
+    were written with, their decayed weights (1 for the last batch, ρ for the one before, …) and each one's anchor
+    dimensions (z's mask), the rows of W_l where it is kept."""
+
+    keys: torch.Tensor  # (N, d_k) float64
+    weight: torch.Tensor  # (N,) float64
+    cells: torch.Tensor  # (N, d) bool
+
+    # Entries whose weight decays below this are dropped (ρ = 0.8: after 21 batches).
+    FLOOR = 0.01
+
+    def rolled(self, decay: float, keys: torch.Tensor, cells: torch.Tensor) -> "AnchorKeyRecord":
+        """The record after a batch: old weights × ρ, faded entries dropped, the batch's keys appended at 1 (B3')."""
+        weight = self.weight * decay
+        keep = weight >= self.FLOOR
+        return AnchorKeyRecord(
+            torch.cat([self.keys[keep], keys]),
+            torch.cat([weight[keep], torch.ones(len(keys), dtype=torch.float64)]),
+            torch.cat([self.cells[keep], cells]),
+        )
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {"keys": self.keys.clone(), "weight": self.weight.clone(), "cells": self.cells.clone()}
+
+
 class BEAC(BatchAnchorMixin, MEMIT):
-    """B-EAC on MEMIT: EAC-compressed z, anchors planned per batch and layer (LAS) under a rolling usage record
-    (RAR), written with MEMIT's solve.
+    """B-EAC on MEMIT: EAC-compressed z, anchors planned per batch and layer (LAS) under a rolling record of earlier
+    edits (RAR), written with MEMIT's solve (row by row where the record holds earlier edits' anchors).
 
     Args:
         layers, z, context, mom2_update_weight: as :class:`~eac_lightning.methods.memit.MEMIT`.
@@ -388,39 +416,68 @@ class BEAC(BatchAnchorMixin, MEMIT):
         MEMIT.__init__(self, layers=layers, z=z, context=context, mom2_update_weight=mom2_update_weight,
                        eac=eac or EACHyperParams())
         self._init_beac(beac)
-        self.key_memory: dict[str, torch.Tensor] = {}  # M_l per edited module (RAR), float64 (d_k, d_k)
+        self.key_record: dict[str, AnchorKeyRecord] = {}  # per edited module (RAR)
 
     def _remembers_keys(self) -> bool:
         return self.beac.rar and self.beac.key_memory > 0
 
-    def _key_adjoint(self, i: int, name: str, keys: torch.Tensor) -> torch.Tensor:
-        """A_l = (λC + ηM_l + KKᵀ)⁻¹K (B5): MEMIT's solve (Eq. 14) that also keeps the outputs of the keys in
-        RAR's rolling record; MEMIT's own (Woodbury) solve while the record is empty or RAR is off."""
-        memory = self.key_memory.get(name) if self._remembers_keys() else None
-        if memory is None:
-            return super()._key_adjoint(i, name, keys)
+    def _layer_update(self, i: int, name: str, keys: torch.Tensor, resid: torch.Tensor) -> torch.Tensor:
+        """Row j of ΔW_l solves MEMIT's problem plus, for every earlier edit o with an anchor at dimension j,
+        η·w_o·(Δw_j·k_o)²: the new batch keeps what o's key reads in o's own anchor rows (B5),
+
+            Δw_j = r_j Kᵀ (λC + KKᵀ + η Σ_{o: m_o[j]} w_o k_o k_oᵀ)⁻¹   (m_o: o's anchor dimensions),
+
+        computed from MEMIT's Woodbury solve with one small (|o in row j|)² system per row. Rows no earlier edit
+        anchors get MEMIT's update unchanged."""
+        record = self.key_record.get(name) if self._remembers_keys() else None
+        if record is None or not len(record.weight):
+            return super()._layer_update(i, name, keys, resid)
+        dev, n = keys.device, keys.shape[1]
+        old = record.keys.to(dev).T  # (d_k, N)
+        lam = self.mom2_update_weight
         cov = self.stats.get(name)
-        lhs = (self.mom2_update_weight * cov.damped + self.beac.key_memory * memory).to(keys.device)
-        return torch.linalg.solve(lhs + keys @ keys.T, keys)
+        cx = cov.solve(torch.cat([keys, old], 1))
+        ck = cx[:, :n]
+        small = lam * torch.eye(n, dtype=torch.float64, device=dev) + keys.T @ ck
+        binv = (cx - ck @ torch.linalg.solve(small, keys.T @ cx)) / lam  # (λC + KKᵀ)⁻¹[K, K_old] (Woodbury)
+        adjoint, y = binv[:, :n], binv[:, n:]
+        upd = resid @ adjoint.T  # MEMIT's update (Eq. 14); corrected below in the rows earlier edits anchor
+        g, h = old.T @ y, old.T @ adjoint  # K_oldᵀ B⁻¹ K_old (N, N), K_oldᵀ B⁻¹ K (N, n)
+        scale = (self.beac.key_memory * record.weight.to(dev)).sqrt()
+        cells = record.cells.to(dev)
+        rows = torch.nonzero(cells.any(0) & (resid != 0).any(1)).flatten().tolist()
+        for j in rows:  # Woodbury per row: B_j⁻¹ = B⁻¹ − B⁻¹U(I + UᵀB⁻¹U)⁻¹UᵀB⁻¹, U = scaled K_old[:, S_j]
+            sel = torch.nonzero(cells[:, j]).flatten()
+            sc = scale[sel]
+            inner = torch.eye(len(sel), dtype=torch.float64, device=dev) + sc[:, None] * g[sel][:, sel] * sc[None]
+            t = torch.linalg.solve(inner, sc * (h[sel] @ resid[j]))
+            upd[j] -= (t * sc) @ y[:, sel].T
+        return upd
 
     def _write(self, model: nn.Module, tok, targets: list[ResidualTarget]) -> Deltas:
         deltas = super()._write(model, tok, targets)
         if self._remembers_keys():  # after the whole batch is written: a failed write leaves no trace (B3')
-            grams = self._key_grams(model, tok, [t.request for t in targets])
-            self.key_memory = {
-                name: g if name not in self.key_memory else self.beac.decay * self.key_memory[name] + g
-                for name, g in grams.items()
-            }
+            # Row j of every edited layer writes residual dimension j, so an edit is kept in the rows of all its
+            # anchors (z's mask) at every layer, whichever layers wrote them.
+            cells = torch.stack([t.anchors for t in targets]).cpu()  # (n, d)
+            keys = self._written_keys(model, tok, [t.request for t in targets])
+            for name in self.module_names:
+                k = keys[name].T
+                record = self.key_record.get(name)
+                self.key_record[name] = (AnchorKeyRecord(k, torch.ones(len(k), dtype=torch.float64), cells)
+                                         if record is None else record.rolled(self.beac.decay, k, cells))
         return deltas
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
-        state["beac"]["key_memory"] = {n: m.clone() for n, m in self.key_memory.items()}
+        state["beac"]["key_record"] = {n: r.state() for n, r in self.key_record.items()}
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
-        self.key_memory = {n: m.clone().double() for n, m in state.get("beac", {}).get("key_memory", {}).items()}
+        records = state.get("beac", {}).get("key_record", {})
+        self.key_record = {n: AnchorKeyRecord(r["keys"].clone().double(), r["weight"].clone().double(),
+                                              r["cells"].clone().bool()) for n, r in records.items()}
 
 
 class BEACAlphaEdit(BatchAnchorMixin, AlphaEdit):
@@ -445,7 +502,7 @@ class BEACAlphaEdit(BatchAnchorMixin, AlphaEdit):
     ) -> None:
         AlphaEdit.__init__(self, layers=layers, z=z, context=context, nullspace_threshold=nullspace_threshold,
                            l2=l2, eac=eac or EACHyperParams())
-        self._init_beac(beac)
+        self._init_beac(beac or BEACHyperParams(key_memory=0.0))
         if self.beac.key_memory > 0:
             raise ValueError(
                 "BEACAlphaEdit keeps AlphaEdit's own record of earlier keys (past_kkt); beac.key_memory applies to "

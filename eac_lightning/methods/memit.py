@@ -181,9 +181,13 @@ class MEMIT(EditMethod):
             keys = compute_keys(model, tok, requests, layer, self.templates).double().T  # (d_k, n)
             cur = residual_at_subject(model, tok, requests, self.layers[-1])
             resid = self._layer_residual(i, targets, (zs - cur).double().T)  # MEMIT Eq. 16
-            upd = resid @ self._key_adjoint(i, name, keys).T  # ΔW_l = R Kᵀ(λC + KKᵀ)⁻¹ (MEMIT Eq. 14)
-            deltas[name] = _apply_update(model, name, upd)
+            deltas[name] = _apply_update(model, name, self._layer_update(i, name, keys, resid))
         return deltas
+
+    def _layer_update(self, i: int, name: str, keys: torch.Tensor, resid: torch.Tensor) -> torch.Tensor:
+        """ΔW_l = R Kᵀ(λC + KKᵀ)⁻¹ (MEMIT Eq. 14) = R Aᵀ, for keys (d_k, n) and the layer's residual share R (d, n).
+        Subclasses may solve per row (B-EAC's anchor key record, :mod:`eac_lightning.methods.beac`)."""
+        return resid @ self._key_adjoint(i, name, keys).T
 
     def _write_planned(self, model: nn.Module, targets: list[ResidualTarget]) -> Deltas:
         """Write-aware write: ΔW_l = Σ_i δ_i a_{l,i}ᵀ with the columns the targets were optimised under."""
@@ -196,14 +200,11 @@ class MEMIT(EditMethod):
             deltas[name] = _apply_update(model, name, upd)
         return deltas
 
-    def _key_grams(self, model: nn.Module, tok, requests: Sequence[EditRequest]) -> dict[str, torch.Tensor]:
-        """K Kᵀ (float64, CPU) of the requests' keys at every critical layer, on the current weights: what
-        AlphaEdit's and B-EAC's records of earlier edits add once a batch is written."""
-        grams = {}
-        for layer in self.layers:
-            k = compute_keys(model, tok, requests, layer, self.templates).double().T.cpu()
-            grams[mlp_out_name(model, layer)] = k @ k.T
-        return grams
+    def _written_keys(self, model: nn.Module, tok, requests: Sequence[EditRequest]) -> dict[str, torch.Tensor]:
+        """{module: K (d_k, n), float64, CPU}: the requests' keys at every critical layer on the current weights,
+        what AlphaEdit's and B-EAC's records of earlier edits keep once a batch is written."""
+        return {mlp_out_name(model, layer): compute_keys(model, tok, requests, layer, self.templates).double().T.cpu()
+                for layer in self.layers}
 
     def state_dict(self) -> dict[str, Any]:
         return {"templates": self.templates}
