@@ -304,6 +304,21 @@ def test_rar_key_record_keeps_earlier_edits_in_their_anchor_rows(model_and_stats
     assert changes[1.0] < 0.5 * changes[0.0], changes
 
 
+def test_load_state_rejects_a_malformed_key_record(model_and_stats):
+    _, method, _ = fresh(model_and_stats)
+    state = method.state_dict()
+    name = "transformer.h.0.mlp.c_proj"
+    state["beac"]["key_record"] = {name: {"keys": torch.zeros(3, 8), "weight": torch.ones(2),
+                                          "cells": torch.zeros(3, 4, dtype=torch.bool)}}
+    method.templates = ["{}"]
+    with pytest.raises(ValueError, match=f"key_record of {name}.*inconsistent"):
+        method.load_state_dict(state)
+    assert method.templates == ["{}"] and method.key_record == {}  # nothing of the bad state was applied
+    state["beac"]["key_record"] = {name: {"keys": torch.zeros(3, 8)}}
+    with pytest.raises(ValueError, match=f"key_record of {name} is malformed"):
+        method.load_state_dict(state)
+
+
 def test_load_state_rejects_other_layers(model_and_stats):
     _, method, _ = fresh(model_and_stats)
     state = method.state_dict()

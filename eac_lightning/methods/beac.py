@@ -393,6 +393,19 @@ class AnchorKeyRecord:
     def state(self) -> dict[str, torch.Tensor]:
         return {"keys": self.keys.clone(), "weight": self.weight.clone(), "cells": self.cells.clone()}
 
+    @classmethod
+    def from_state(cls, name: str, state: dict[str, torch.Tensor]) -> "AnchorKeyRecord":
+        """The record of module ``name`` from :meth:`state`; a malformed one raises naming the module."""
+        try:
+            keys, weight, cells = state["keys"], state["weight"], state["cells"]
+            ok = keys.dim() == 2 and weight.shape == (len(keys),) and cells.dim() == 2 and len(cells) == len(keys)
+        except (KeyError, AttributeError, TypeError) as e:
+            raise ValueError(f"B-EAC checkpoint: key_record of {name} is malformed ({e!r})") from e
+        if not ok:
+            raise ValueError(f"B-EAC checkpoint: key_record of {name} has inconsistent shapes: keys "
+                             f"{tuple(keys.shape)}, weight {tuple(weight.shape)}, cells {tuple(cells.shape)}")
+        return cls(keys.clone().double(), weight.clone().double(), cells.clone().bool())
+
 
 class BEAC(BatchAnchorMixin, MEMIT):
     """B-EAC on MEMIT: EAC-compressed z, anchors planned per batch and layer (LAS) under a rolling record of earlier
@@ -474,10 +487,11 @@ class BEAC(BatchAnchorMixin, MEMIT):
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        # Parsed first: a malformed record raises before any of the method's state changes.
+        records = {n: AnchorKeyRecord.from_state(n, r)
+                   for n, r in state.get("beac", {}).get("key_record", {}).items()}
         super().load_state_dict(state)
-        records = state.get("beac", {}).get("key_record", {})
-        self.key_record = {n: AnchorKeyRecord(r["keys"].clone().double(), r["weight"].clone().double(),
-                                              r["cells"].clone().bool()) for n, r in records.items()}
+        self.key_record = records
 
 
 class BEACAlphaEdit(BatchAnchorMixin, AlphaEdit):
