@@ -158,3 +158,34 @@ def test_ddp_two_processes_match_single_process(full_run, tmp_path):
         # different order; the deltas agree to float32 precision, not bit for bit.
         scale = single[k].abs().max().item()
         assert (ddp[k] - single[k]).abs().max().item() <= 1e-5 * max(scale, 1.0)
+
+
+def test_beac_kill_and_resume_equals_uninterrupted(tmp_path):
+    """Batch-sequential B-EAC through the CLI: RAR's usage and key records travel in Lightning's checkpoint, so a run
+    killed after two batches and resumed writes what an uninterrupted run writes."""
+    method = {"class_path": "eac_lightning.methods.beac.BEAC",
+              "init_args": {"z": {"num_steps": 4, "clamp_norm_factor": 4.0}, "context": {"length_count": [[5, 2]]},
+                            "mom2_update_weight": 10.0, "eac": {"gamma": 80.0}}}
+    extra = {"model": {"method": method}, "data": {"batch_size": 2}}
+    runs = {}
+    for name in ("full", "killed"):
+        runs[name] = tmp_path / name
+        write_config(tmp_path / f"{name}.yaml", runs[name], num_edits=6, extra=extra)
+    run_cli("fit", "--config", str(tmp_path / "full.yaml"))
+    killer = tmp_path / "kill.yaml"
+    killer.write_text(yaml.safe_dump({"trainer": {"callbacks": [
+        {"class_path": "run_probes.KillAfter", "init_args": {"steps": 2}}]}}))
+    assert run_cli("fit", "--config", str(tmp_path / "killed.yaml"), "--config", str(killer), check=False).returncode
+    run_cli("fit", "--config", str(tmp_path / "killed.yaml"), "--ckpt_path", "last")
+    resumed, uninterrupted = (torch.load(runs[n] / "checkpoints" / "last.ckpt", weights_only=False)["eac_lightning"]
+                              for n in ("killed", "full"))
+    for k, delta in uninterrupted["deltas"].items():
+        assert (resumed["deltas"][k] - delta).abs().max().item() <= 1e-6, k
+    rec, rec_full = resumed["method_state"]["beac"], uninterrupted["method_state"]["beac"]
+    assert rec["batches"] == rec_full["batches"] == 3
+    torch.testing.assert_close(rec["usage"], rec_full["usage"])
+    for k, r in rec_full["key_record"].items():
+        assert r["weight"].tolist() == [0.8 ** 2] * 2 + [0.8] * 2 + [1.0] * 2
+        assert torch.equal(rec["key_record"][k]["cells"], r["cells"])
+        torch.testing.assert_close(rec["key_record"][k]["keys"], r["keys"], rtol=1e-5, atol=1e-6)
+    assert [r["edit"] for r in ledger(runs["killed"])] == list(range(6))
