@@ -203,7 +203,7 @@ class Evaluation(L.Callback):
             norms[name] = {k: n[k] for k in ("l1_before", "l1", "l1_rel_change", "fro_rel_change")}
             norms[name]["l1_after"] = norms[name].pop("l1")
         summary = {
-            "method": type(pl_module.method).__name__ + ("-EAC" if getattr(pl_module.method, "eac", None) else ""),
+            "method": pl_module.method.label,
             "model": pl_module.model_name,
             "edits_applied": trainer.datamodule.position,
             "batch_size": trainer.datamodule.batch_size,

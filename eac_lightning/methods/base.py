@@ -60,6 +60,11 @@ class EditMethod:
     #: the modules this method edits, known after :meth:`setup`
     module_names: list[str]
 
+    @property
+    def label(self) -> str:
+        """The method's name in summaries: the class name, "-EAC" when it compresses with EAC ("ROME-EAC")."""
+        return type(self).__name__ + ("-EAC" if getattr(self, "eac", None) else "")
+
     def setup(self, model: nn.Module, tok, stats) -> None:
         """Prepare per-run state (context templates, statistics) before the first edit."""
 

@@ -431,6 +431,8 @@ class BEAC(BatchAnchorMixin, MEMIT):
         self._init_beac(beac)
         self.key_record: dict[str, AnchorKeyRecord] = {}  # per edited module (RAR)
 
+    label = "B-EAC"
+
     def _remembers_keys(self) -> bool:
         return self.beac.rar and self.beac.key_memory > 0
 
@@ -503,6 +505,8 @@ class BEACAlphaEdit(BatchAnchorMixin, AlphaEdit):
         eac: EAC's scoring and retraining.
         beac: LAS / RAR switches and bounds.
     """
+
+    label = "B-EAC (AlphaEdit)"
 
     def __init__(
         self,
