@@ -11,7 +11,6 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any
 
 import lightning as L
 import torch

@@ -17,7 +17,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from eac_lightning.methods.base import Deltas
 from eac_lightning.methods.eac import EACHyperParams
 from eac_lightning.methods.memit import MEMIT, ResidualTarget
 from eac_lightning.methods.target import ContextTemplateParams, TargetHyperParams
@@ -82,12 +81,12 @@ class AlphaEdit(MEMIT):
         lhs = P @ (keys @ keys.T + past) + self.l2 * torch.eye(d, dtype=torch.float64, device=keys.device)
         return torch.linalg.solve(lhs, P @ keys)
 
-    def _write(self, model: nn.Module, tok, targets: list[ResidualTarget]) -> Deltas:
-        deltas = super()._write(model, tok, targets)
+    def _after_write(self, model: nn.Module, tok, targets: list[ResidualTarget],
+                     keys: dict[str, torch.Tensor] | None) -> None:
         # AlphaEdit accumulates the keys after the whole batch is written: a failed write leaves no trace.
-        keys = self._written_keys(model, tok, [t.request for t in targets])
-        self.past_kkt.update({name: self.past_kkt.get(name, 0) + k @ k.T for name, k in keys.items()})
-        return deltas
+        super()._after_write(model, tok, targets, keys)
+        written = self._written_keys(model, tok, targets, keys)
+        self.past_kkt.update({name: self.past_kkt.get(name, 0) + k @ k.T for name, k in written.items()})
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "past_kkt": dict(self.past_kkt)}

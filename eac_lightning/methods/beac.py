@@ -447,15 +447,9 @@ class BEAC(BatchAnchorMixin, MEMIT):
         record = self.key_record.get(name) if self._remembers_keys() else None
         if record is None or not len(record.weight):
             return super()._layer_update(i, name, keys, resid)
-        dev, n = keys.device, keys.shape[1]
+        dev = keys.device
         old = record.keys.to(dev).T  # (d_k, N)
-        lam = self.mom2_update_weight
-        cov = self.stats.get(name)
-        cx = cov.solve(torch.cat([keys, old], 1))
-        ck = cx[:, :n]
-        small = lam * torch.eye(n, dtype=torch.float64, device=dev) + keys.T @ ck
-        binv = (cx - ck @ torch.linalg.solve(small, keys.T @ cx)) / lam  # (λC + KKᵀ)⁻¹[K, K_old] (Woodbury)
-        adjoint, y = binv[:, :n], binv[:, n:]
+        adjoint, y = self._metric_solve(name, keys, old)  # B⁻¹K, B⁻¹K_old with B = λC + KKᵀ
         upd = resid @ adjoint.T  # MEMIT's update (Eq. 14); corrected below in the rows earlier edits anchor
         g, h = old.T @ y, old.T @ adjoint  # K_oldᵀ B⁻¹ K_old (N, N), K_oldᵀ B⁻¹ K (N, n)
         scale = (self.beac.key_memory * record.weight.to(dev)).sqrt()
@@ -469,19 +463,18 @@ class BEAC(BatchAnchorMixin, MEMIT):
             upd[j] -= (t * sc) @ y[:, sel].T
         return upd
 
-    def _write(self, model: nn.Module, tok, targets: list[ResidualTarget]) -> Deltas:
-        deltas = super()._write(model, tok, targets)
-        if self._remembers_keys():  # after the whole batch is written: a failed write leaves no trace (B3')
-            # Row j of every edited layer writes residual dimension j, so an edit is kept in the rows of all its
-            # anchors (z's mask) at every layer, whichever layers wrote them.
-            cells = torch.stack([t.anchors for t in targets]).cpu()  # (n, d)
-            keys = self._written_keys(model, tok, [t.request for t in targets])
-            for name in self.module_names:
-                k = keys[name].T
-                record = self.key_record.get(name)
-                self.key_record[name] = (AnchorKeyRecord(k, torch.ones(len(k), dtype=torch.float64), cells)
-                                         if record is None else record.rolled(self.beac.decay, k, cells))
-        return deltas
+    def _after_write(self, model: nn.Module, tok, targets: list[ResidualTarget],
+                     keys: dict[str, torch.Tensor] | None) -> None:
+        super()._after_write(model, tok, targets, keys)
+        if not self._remembers_keys():
+            return
+        # After the whole batch is written: a failed write leaves no trace (B3'). Row j of every edited layer
+        # writes residual dimension j, so an edit is kept in the rows of all its anchors (z's mask) at every layer.
+        cells = torch.stack([t.anchors for t in targets]).cpu()  # (n, d)
+        for name, k in self._written_keys(model, tok, targets, keys).items():
+            record = self.key_record.get(name)
+            self.key_record[name] = (AnchorKeyRecord(k.T, torch.ones(k.shape[1], dtype=torch.float64), cells)
+                                     if record is None else record.rolled(self.beac.decay, k.T, cells))
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()

@@ -156,13 +156,23 @@ class MEMIT(EditMethod):
 
     def _key_adjoint(self, i: int, name: str, keys: torch.Tensor) -> torch.Tensor:
         """A_l = (λC + KKᵀ)⁻¹K (d_k, n; float64) of MEMIT Eq. 14, so that ΔW_l = R Aᵀ. Keys (d_k, n)."""
+        return self._metric_solve(name, keys)[0]
+
+    def _metric_solve(self, name: str, keys: torch.Tensor, other: torch.Tensor | None = None):
+        """(λC + KKᵀ)⁻¹K and, given ``other`` (d_k, m), (λC + KKᵀ)⁻¹·other, float64. With the cached Cholesky
+        factor of C and Woodbury's identity, (λC + KKᵀ)⁻¹ = (C⁻¹ − C⁻¹K(λI + KᵀC⁻¹K)⁻¹KᵀC⁻¹)/λ: a triangular
+        solve and an n×n solve instead of a fresh d_k×d_k inverse."""
         if self.stats is None:
             raise RuntimeError("MEMIT needs covariance statistics: call setup(model, tok, stats)")
         cov = self.stats.get(name)
         ck = cov.solve(keys)  # C⁻¹K through the cached factor
         n = keys.shape[1]
         small = self.mom2_update_weight * torch.eye(n, dtype=torch.float64, device=keys.device) + keys.T @ ck
-        return torch.linalg.solve(small, ck.T).T  # Woodbury: C⁻¹K (λI + KᵀC⁻¹K)⁻¹
+        adjoint = torch.linalg.solve(small, ck.T).T  # C⁻¹K (λI + KᵀC⁻¹K)⁻¹
+        if other is None:
+            return adjoint, None
+        co = cov.solve(other)
+        return adjoint, (co - ck @ torch.linalg.solve(small, keys.T @ co)) / self.mom2_update_weight
 
     def _layer_residual(self, i: int, targets: list[ResidualTarget], resid: torch.Tensor) -> torch.Tensor:
         """The share of the remaining residual ``resid`` = z − h^L (d, n; float64) that layer ``self.layers[i]``
@@ -172,17 +182,30 @@ class MEMIT(EditMethod):
 
     def _write(self, model: nn.Module, tok, targets: list[ResidualTarget]) -> Deltas:
         if all(t.write_columns is not None for t in targets):
-            return self._write_planned(model, targets)
+            deltas = self._write_planned(model, targets)
+            self._after_write(model, tok, targets, None)
+            return deltas
         requests = [t.request for t in targets]
         zs = torch.stack([t.v0 + t.delta for t in targets])  # (n, d)
         deltas: Deltas = {}
+        solved_with: dict[str, torch.Tensor] = {}
         for i, layer in enumerate(self.layers):
             name = mlp_out_name(model, layer)
             keys = compute_keys(model, tok, requests, layer, self.templates).double().T  # (d_k, n)
             cur = residual_at_subject(model, tok, requests, self.layers[-1])
             resid = self._layer_residual(i, targets, (zs - cur).double().T)  # MEMIT Eq. 16
             deltas[name] = _apply_update(model, name, self._layer_update(i, name, keys, resid))
+            solved_with[name] = keys
+        # A layer's keys depend only on the layers below it, so the keys each layer was solved with are the batch's
+        # keys on the edited model.
+        self._after_write(model, tok, targets, solved_with)
         return deltas
+
+    def _after_write(self, model: nn.Module, tok, targets: list[ResidualTarget],
+                     keys: dict[str, torch.Tensor] | None) -> None:
+        """Called once the whole batch is written (a failed write never gets here), with the batch's keys on the
+        edited weights {module: K (d_k, n)}, or None after a write-aware write (see :meth:`_written_keys`). The
+        records of earlier edits (AlphaEdit's, B-EAC's) grow here."""
 
     def _layer_update(self, i: int, name: str, keys: torch.Tensor, resid: torch.Tensor) -> torch.Tensor:
         """ΔW_l = R Kᵀ(λC + KKᵀ)⁻¹ (MEMIT Eq. 14) = R Aᵀ, for keys (d_k, n) and the layer's residual share R (d, n).
@@ -200,9 +223,14 @@ class MEMIT(EditMethod):
             deltas[name] = _apply_update(model, name, upd)
         return deltas
 
-    def _written_keys(self, model: nn.Module, tok, requests: Sequence[EditRequest]) -> dict[str, torch.Tensor]:
-        """{module: K (d_k, n), float64, CPU}: the requests' keys at every critical layer on the current weights,
-        what AlphaEdit's and B-EAC's records of earlier edits keep once a batch is written."""
+    def _written_keys(self, model: nn.Module, tok, targets: list[ResidualTarget],
+                      keys: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+        """{module: K (d_k, n), float64, CPU}: the batch's keys at every critical layer on the edited weights, those
+        :meth:`_write` solved with when it has them (a write-aware write writes every layer at once, so they are
+        computed afresh)."""
+        if keys is not None:
+            return {name: k.cpu() for name, k in keys.items()}
+        requests = [t.request for t in targets]
         return {mlp_out_name(model, layer): compute_keys(model, tok, requests, layer, self.templates).double().T.cpu()
                 for layer in self.layers}
 

@@ -115,7 +115,7 @@ def compute_keys(
 ) -> torch.Tensor:
     """k* of each request at ``layer``: the MLP-output-projection input at the last subject token, averaged
     over the prefix contexts (EAC App. B Eq. 8). Returns (n_requests, d_key). One batched forward."""
-    texts, rows = [], []
+    texts = []
     for r in requests:
         for t in templates:
             texts.append(t.replace("{}", r.prompt_text))

@@ -14,7 +14,6 @@ orders of magnitude were measured on a small model), and an undamped C⁻¹ then
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import time
 from dataclasses import dataclass
