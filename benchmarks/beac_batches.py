@@ -62,7 +62,9 @@ METHODS = {
     "B-EAC": "beac",
     "B-EAC w/o LAS": "beac-no-las",
     "B-EAC w/o RAR": "beac-no-rar",
-    "B-EAC w/o LAS, w/o RAR": "beac-no-las beac.rar=false",  # the masked per-layer plan alone (docs/beac.md § 2.1)
+    # LAS's per-layer anchors without its overlap bound (a bound no cell reaches: each edit takes its top-k);
+    # until session 8 this was "B-EAC w/o LAS" (docs/beac.md § 5.10).
+    "B-EAC w/o overlap bound": "beac beac.max_overlap=1000000",
     "B-EAC (AlphaEdit)": "beac-alphaedit",
 }
 
@@ -172,6 +174,15 @@ def run_one(name, preset, base_model, tok, stats, edits, n_batches, size, refere
     return out
 
 
+def _legend(axes, fontsize: int) -> None:
+    """One legend of every method of every panel, outside the last panel (the curves and bars stay visible)."""
+    handles = {}
+    for ax in axes:
+        for h, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, h)
+    axes[-1].legend(handles.values(), handles.keys(), fontsize=fontsize, loc="upper left", bbox_to_anchor=(1.01, 1))
+
+
 def plot(results, base, img_dir: Path, tag: str) -> list[str]:
     import matplotlib
 
@@ -180,19 +191,22 @@ def plot(results, base, img_dir: Path, tag: str) -> list[str]:
 
     img_dir.mkdir(parents=True, exist_ok=True)
     schedules = sorted(results, key=lambda s: parse_schedule(s)[1], reverse=True)
+    names = list(dict.fromkeys(name for sched in schedules for name in results[sched]))
+    palette = plt.get_cmap("tab10" if len(names) <= 10 else "tab20")
+    color = {name: palette(i % palette.N) for i, name in enumerate(names)}  # one colour per method, both plots
     written = []
     # Norm growth per batch.
-    fig, axes = plt.subplots(1, len(schedules), figsize=(5.2 * len(schedules), 3.8), squeeze=False)
+    fig, axes = plt.subplots(1, len(schedules), figsize=(5.2 * len(schedules) + 2.6, 3.8), squeeze=False)
     for ax, sched in zip(axes[0], schedules):
         for name, res in results[sched].items():
             xs = [t["edits"] for t in res["trace"]]
-            ax.plot(xs, [t["l1_growth"] for t in res["trace"]], marker="o", ms=3, label=name)
+            ax.plot(xs, [t["l1_growth"] for t in res["trace"]], marker="o", ms=3, label=name, color=color[name])
         ax.set_title(f"{sched} (batches x edits)")
         ax.set_xlabel("edits so far")
         ax.set_ylabel("L1 growth  Σ‖W−W⁰‖₁ / Σ‖W⁰‖₁")
         ax.set_yscale("log")
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8)
+    _legend(axes[0], fontsize=8)
     fig.tight_layout()
     p = img_dir / f"beac_norm_growth_{tag}.png"
     fig.savefig(p, dpi=120)
@@ -201,19 +215,19 @@ def plot(results, base, img_dir: Path, tag: str) -> list[str]:
     # Final metrics.
     keys = ["reliability", "generalization", "locality", "general_ability_retention", "mean4"]
     labels = ["reliability", "generalisation", "locality", "GA retention", "mean of 4"]
-    fig, axes = plt.subplots(1, len(schedules), figsize=(6.5 * len(schedules), 4.0), squeeze=False)
+    fig, axes = plt.subplots(1, len(schedules), figsize=(6.5 * len(schedules) + 2.6, 4.0), squeeze=False)
     for ax, sched in zip(axes[0], schedules):
         names = list(results[sched])
         width = 0.8 / max(1, len(names))
         for i, name in enumerate(names):
             vals = [results[sched][name][k] for k in keys]
-            ax.bar([x + i * width for x in range(len(keys))], vals, width, label=name)
+            ax.bar([x + i * width for x in range(len(keys))], vals, width, label=name, color=color[name])
         ax.set_xticks([x + 0.4 - width / 2 for x in range(len(keys))])
         ax.set_xticklabels(labels, fontsize=8)
         ax.set_ylim(0, 1.05)
         ax.set_title(f"{sched}: after all edits")
         ax.grid(axis="y", alpha=0.3)
-    axes[0][0].legend(fontsize=7)
+    _legend(axes[0], fontsize=7)
     fig.tight_layout()
     p = img_dir / f"beac_metrics_{tag}.png"
     fig.savefig(p, dpi=120)
@@ -299,6 +313,9 @@ def main(argv=None) -> None:
     ap.add_argument("--merge", nargs="+", default=None, metavar="JSON",
                     help="only merge these results files (e.g. one per schedule, run in parallel) into --out, "
                          "print the table and plot")
+    ap.add_argument("--rename", nargs="+", default=[], metavar="OLD=NEW",
+                    help="with --merge: rename these methods of the merged files (a preset whose meaning changed, "
+                         "e.g. \"B-EAC w/o LAS=B-EAC w/o overlap bound\" for runs before session 8)")
     ap.add_argument("--seed-table", nargs="+", default=None, metavar="JSON",
                     help="only print the spread over order seeds of these results files (one per --order-seed)")
     args = ap.parse_args(argv)
@@ -311,8 +328,9 @@ def main(argv=None) -> None:
             part = json.loads(Path(f).read_text())
             merged["meta"].extend(part["meta"] if isinstance(part["meta"], list) else [part["meta"]])
             merged["unedited"] = merged["unedited"] or part["unedited"]
+            renames = dict(item.split("=", 1) for item in args.rename)
             for sched, runs in part["results"].items():
-                merged["results"].setdefault(sched, {}).update(runs)
+                merged["results"].setdefault(sched, {}).update({renames.get(m, m): r for m, r in runs.items()})
         tag = args.tag or "merged"
         out = Path(args.out or REPO / "benchmarks" / "results" / f"beac_{tag}.json")
         out.write_text(json.dumps(merged, indent=1))

@@ -101,6 +101,14 @@ def test_las_is_deterministic_and_rotates():
     check_plan(plan_anchors(scores, 4, 2, hp, start=3), 4, 1, 2, 2)
 
 
+def test_las_without_a_bound_takes_each_edits_top_k():
+    """A bound no cell reaches (c ≥ n) leaves each edit its own top-k, in every layer: the plan of the ablation
+    "B-EAC w/o overlap bound" (docs/beac.md § 5.10) is w/o LAS's, still written per layer."""
+    scores = torch.randn(8, 40, generator=torch.Generator().manual_seed(3))
+    unbounded = plan_anchors(scores, 6, 3, BEACHyperParams(max_overlap=8))
+    assert torch.equal(unbounded.masks, plan_anchors(scores, 6, 3, BEACHyperParams(las=False)).masks)
+
+
 def test_rar_penalty_avoids_used_anchors():
     gen = torch.Generator().manual_seed(2)
     n, d, L, k = 4, 40, 2, 5
@@ -164,6 +172,22 @@ def test_beac_edit_bounded_overlap_and_zero_rows(model_and_stats, tokenizer):
         assert deltas[name][used].abs().sum(1).gt(0).all()
         assert torch.equal(weight_view(model, name)[~used], before[name][~used])
     assert method.batches == 1 and torch.equal(method.usage, masks.sum(0).double())
+
+
+def test_without_las_and_rar_beac_is_memit_eac(model_and_stats, tokenizer):
+    """The ablation grid closes: without LAS every layer writes the whole remaining residual, and without RAR
+    nothing is remembered, so B-EAC writes exactly MEMIT-EAC's update (same z, same anchors, same solve)."""
+    model_b, beac, stats = fresh(model_and_stats, beac=BEACHyperParams(las=False, rar=False))
+    model_m = copy.deepcopy(model_and_stats[0])
+    memit_eac = MEMIT(**SMALL, eac=EAC)
+    deltas_b = _run(model_b, beac, stats, tokenizer, [[0, 1, 2]])[0]
+    deltas_m = _run(model_m, memit_eac, stats, tokenizer, [[0, 1, 2]])[0]
+    for name in memit_eac.module_names:
+        torch.testing.assert_close(deltas_b[name], deltas_m[name])
+    # Above the first layer the residual is dense again (the first write moved h^L in every dimension): every row
+    # is written, not only the anchors.
+    for name in memit_eac.module_names[1:]:
+        assert (deltas_b[name] != 0).any(1).all()
 
 
 def test_memit_residual_hook_is_memit_spreading():

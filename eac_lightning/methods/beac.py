@@ -2,25 +2,26 @@
 Refresh (RAR). The design is ours (only the abstract of the B-EAC paper is public); docs/beac.md states it as
 equations and pseudo-code, what each part protects against and what it costs.
 
-MEMIT-EAC compresses each edit's target z = v₀ + δ into its own anchors (EAC Eq. 1-6) but, in a batch, every edit
-picks its anchors alone: the edits of a batch pile onto the same high-score dimensions of the residual stream
-(rows of every edited MLP output projection W_l), and batch after batch onto the same rows again. B-EAC plans the
-anchors of a whole batch jointly, per edited layer:
+MEMIT-EAC compresses each edit's target z = v₀ + δ into its own anchors (EAC Eq. 1-6) but then writes it as MEMIT
+does: after the first edited layer is written, the residual z − h^L is dense again (the change passes through the
+layers above it), so the later layers write every row of W_l for every edit of the batch, and the edits of a batch
+pile onto the same rows, batch after batch. B-EAC selects the anchors of a whole batch jointly, per edited layer:
 
-* **Layer-wise anchor placement.** Each edit i gets k = ceil((100-γ)% · d) anchor dimensions (EAC's budget), and
-  each anchor dimension j is placed in r (``layers_per_anchor``) of the L edited layers: a boolean plan
-  M_i ∈ {0,1}^{L×d}. MEMIT's residual spreading (Eq. 16) becomes per dimension:
+* **LAS** (``las``), Layer-wise Anchor Selection. Each edit i gets k = ceil((100-γ)% · d) anchor dimensions (EAC's
+  budget), and each anchor dimension j is placed in r (``layers_per_anchor``) of the L edited layers: a boolean plan
+  M_i ∈ {0,1}^{L×d}, whose union over the layers is z's mask (EAC Eq. 3). Every layer writes only its anchors;
+  MEMIT's residual spreading (Eq. 16) becomes per dimension:
 
       R_l[j, i] = M_i[l, j] · (z_i − h_i^L)[j] / Σ_{l' ≥ l} M_i[l', j]
 
-  so a row of W_l that no edit of the batch anchors at layer l is never written (ΔW_l[j, :] = 0 exactly), and
-  the last layer holding an anchor writes whatever is left of it. z's own mask (EAC Eq. 3) is ∪_l M_i[l].
-* **LAS** (``las``): the plan is filled round-robin over the edits of the batch (each takes its best remaining
-  anchor in turn, the first edit rotating per batch), with at most c (``max_overlap``) edits per (layer,
-  dimension) cell and at most ceil(k·r/L) anchors per edit and layer, so concurrent edits do not collide and
-  every edit is spread over the edited layers. Within a dimension, layers are ranked by the RAR penalty, then by
-  the edit's own anchors there, then by the edits already in the cell. Without LAS each edit takes its top-k
-  dimensions at every layer (MEMIT-EAC's anchors).
+  so a row of W_l that no edit of the batch anchors at layer l is never written (ΔW_l[j, :] = 0 exactly), and the
+  last layer holding an anchor writes whatever is left of it. The plan is filled round-robin over the edits of the
+  batch (each takes its best remaining anchor in turn, the first edit rotating per batch), with at most c
+  (``max_overlap``) edits per (layer, dimension) cell and at most ceil(k·r/L) anchors per edit and layer, so
+  concurrent edits do not collide and every edit is spread over the edited layers. Within a dimension, layers are
+  ranked by the RAR penalty, then by the edit's own anchors there, then by the edits already in the cell. Without
+  LAS each edit takes its top-k anchors for z and every layer writes the whole remaining residual (MEMIT-EAC's
+  write; without RAR too, B-EAC is MEMIT-EAC).
 * **RAR** (``rar``): a rolling, decaying record of the earlier batches' anchors. Its usage part U ∈ R^{L×d} counts
   the edits each (layer, dimension) anchor has carried (U ← ρ·U + Σ_i M_i after every batch); new anchors are
   ranked by the penalised priority |score_i[j]| / max|score_i| · π[l, j], π = 1 / (1 + β·U/mean(U)), so heavily
@@ -59,13 +60,14 @@ class BEACHyperParams:
     """Layer-wise Anchor Selection and Rolling Anchor Refresh (docs/beac.md).
 
     Args:
-        las: plan the batch's anchors jointly per layer (bounded overlap, spread over layers); False gives every
-            edit its own top-k anchors at every layer (the "B-EAC w/o LAS" ablation).
+        las: select the batch's anchors jointly per layer (bounded overlap, spread over layers) and let every layer
+            write only its anchors; False: each edit's own top-k anchors compress z and every layer writes the
+            whole remaining residual, as MEMIT-EAC (the "B-EAC w/o LAS" ablation).
         rar: keep the rolling usage record and penalise heavily used anchors; False plans every batch as if it
             were the first (the "B-EAC w/o RAR" ablation).
         max_overlap: c, the most edits of one batch that may share a (layer, dimension) anchor; None: automatic,
             ceil(overlap_slack · n · ceil(k·r/L) / d) for a batch of n edits (the smallest c that fits the batch,
-            times the slack).
+            times the slack); c ≥ the batch size: no bound (each edit takes its top-k, still written per layer).
         overlap_slack: headroom of the automatic c (≥ 1).
         layers_per_anchor: r, in how many of the edited layers each anchor dimension of an edit is written
             (None: all L, MEMIT's spreading, the measured best: docs/beac.md § 5; 1: each dimension in one
@@ -321,7 +323,9 @@ class BatchAnchorMixin:
         return out
 
     def _layer_residual(self, i: int, targets: list[ResidualTarget], resid: torch.Tensor) -> torch.Tensor:
-        if not all(isinstance(t, LayeredTarget) and t.layer_masks is not None for t in targets):
+        """With LAS, layer i writes only the batch's anchors planned there (the per-dimension spreading above);
+        without it, MEMIT's spreading of the whole remaining residual (Eq. 16)."""
+        if not self.beac.las or not all(isinstance(t, LayeredTarget) and t.layer_masks is not None for t in targets):
             return super()._layer_residual(i, targets, resid)
         masks = torch.stack([t.layer_masks for t in targets]).to(resid.device)  # (n, L, d)
         here = masks[:, i].to(resid.dtype)  # (n, d)
