@@ -104,9 +104,11 @@ def test_las_is_deterministic_and_rotates():
 def test_las_without_a_bound_takes_each_edits_top_k():
     """A bound no cell reaches (c ≥ n) leaves each edit its own top-k, in every layer: the plan of the ablation
     "B-EAC w/o overlap bound" (docs/beac.md § 5.10) is w/o LAS's, still written per layer."""
-    scores = torch.randn(8, 40, generator=torch.Generator().manual_seed(3))
-    unbounded = plan_anchors(scores, 6, 3, BEACHyperParams(max_overlap=8))
-    assert torch.equal(unbounded.masks, plan_anchors(scores, 6, 3, BEACHyperParams(las=False)).masks)
+    gen = torch.Generator().manual_seed(3)
+    scores = torch.randn(8, 40, generator=gen)
+    for usage in (None, torch.rand(3, 40, generator=gen, dtype=torch.float64) * 5):  # with RAR's penalty too
+        unbounded = plan_anchors(scores, 6, 3, BEACHyperParams(max_overlap=8), usage)
+        assert torch.equal(unbounded.masks, plan_anchors(scores, 6, 3, BEACHyperParams(las=False), usage).masks)
 
 
 def test_rar_penalty_avoids_used_anchors():
