@@ -367,8 +367,9 @@ def test_presets_load():
     from eac_lightning.editor import method_from_preset
 
     full = method_from_preset("beac")
-    assert isinstance(full, BEAC) and full.beac.las and full.beac.rar
+    assert isinstance(full, BEAC) and full.beac.las and full.beac.rar and full.label == "B-EAC"
     assert not method_from_preset("beac-no-las").beac.las
     assert not method_from_preset("beac-no-rar").beac.rar
+    assert [method_from_preset(p).label for p in ("beac-no-las", "beac-no-rar")] == ["B-EAC w/o LAS", "B-EAC w/o RAR"]
     over_alphaedit = method_from_preset("beac-alphaedit")
     assert isinstance(over_alphaedit, BEACAlphaEdit) and over_alphaedit.beac.las and over_alphaedit.l2 == 10.0

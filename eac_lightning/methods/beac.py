@@ -287,6 +287,14 @@ class BatchAnchorMixin:
     history: list[dict[str, float]]
     last_plan: AnchorPlan | None
 
+    base_label: str
+
+    @property
+    def label(self) -> str:
+        """The name in summaries, with the components switched off ("B-EAC w/o LAS"), as the benchmark names them."""
+        off = [name for name, on in (("LAS", self.beac.las), ("RAR", self.beac.rar)) if not on]
+        return self.base_label + "".join(f" w/o {name}" for name in off)
+
     def _init_beac(self, beac: BEACHyperParams | None) -> None:
         if self.eac is None:
             raise ValueError("B-EAC needs EAC hyper-parameters (eac: ...) for its anchor scores and retraining")
@@ -435,7 +443,7 @@ class BEAC(BatchAnchorMixin, MEMIT):
         self._init_beac(beac)
         self.key_record: dict[str, AnchorKeyRecord] = {}  # per edited module (RAR)
 
-    label = "B-EAC"
+    base_label = "B-EAC"
 
     def _remembers_keys(self) -> bool:
         return self.beac.rar and self.beac.key_memory > 0
@@ -503,7 +511,7 @@ class BEACAlphaEdit(BatchAnchorMixin, AlphaEdit):
         beac: LAS / RAR switches and bounds.
     """
 
-    label = "B-EAC (AlphaEdit)"
+    base_label = "B-EAC (AlphaEdit)"
 
     def __init__(
         self,
