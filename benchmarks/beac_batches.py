@@ -324,11 +324,11 @@ def main(argv=None) -> None:
         return
     if args.merge:
         merged: dict = {"meta": [], "unedited": None, "results": {}}
+        renames = dict(item.split("=", 1) for item in args.rename)
         for f in args.merge:
             part = json.loads(Path(f).read_text())
             merged["meta"].extend(part["meta"] if isinstance(part["meta"], list) else [part["meta"]])
             merged["unedited"] = merged["unedited"] or part["unedited"]
-            renames = dict(item.split("=", 1) for item in args.rename)
             for sched, runs in part["results"].items():
                 merged["results"].setdefault(sched, {}).update({renames.get(m, m): r for m, r in runs.items()})
         tag = args.tag or "merged"
