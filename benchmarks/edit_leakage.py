@@ -118,12 +118,12 @@ def main(argv: list[str] | None = None) -> dict:
     from eac_lightning.evaluation.probes import known_facts
     from eac_lightning.methods.target import compute_keys
     from eac_lightning.models.loading import default_layers, load_model
-    from eac_lightning.paths import shared_data_dir
+    from eac_lightning.paths import data_dir
     from eac_lightning.stats.covariance import CovarianceStore
 
     t0 = time.time()
     model, tok = load_model(args.model)
-    requests = [r for name in ("counterfact", "zsre") for r in load_requests(shared_data_dir() / name, limit=120)]
+    requests = [r for name in ("counterfact", "zsre") for r in load_requests(data_dir() / name, limit=120)]
     known = known_facts(model, tok, requests)
     stats = CovarianceStore(model, tok)  # project defaults: WikiText-2, 100k tokens, cached per model
     result: dict = {"command": "python benchmarks/edit_leakage.py " + " ".join(argv or sys.argv[1:]),

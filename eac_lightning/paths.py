@@ -1,8 +1,9 @@
-"""Where the project finds the shared offline data and keeps its caches.
+"""Where the project finds its offline data and keeps its caches.
 
-The real datasets live beside the checkout in ``../shared/data`` (never copied into the repository);
-``EAC_DATA_DIR`` points elsewhere. Built testbeds and covariance statistics go to ``EAC_CACHE_DIR``
-(default ``~/.cache/eac_lightning``).
+The offline data the defaults read (CounterFact and ZsRE samples, the four downstream tasks, WikiText-2) ships inside
+the package, in ``eac_lightning/assets/data`` (``PROVENANCE.md`` there names each file's source and licence);
+``EAC_DATA_DIR`` points elsewhere. Rebuilt testbeds and covariance statistics go to ``EAC_CACHE_DIR`` (default
+``~/.cache/eac_lightning``).
 """
 
 from __future__ import annotations
@@ -10,13 +11,13 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-_REPO_ROOT = Path(__file__).resolve().parents[1]
+ASSETS_DIR = Path(__file__).resolve().parent / "assets"
 
 
-def shared_data_dir() -> Path:
-    """The offline data folder: ``$EAC_DATA_DIR`` or ``<repo>/../shared/data``."""
+def data_dir() -> Path:
+    """The offline data folder: ``$EAC_DATA_DIR`` or the package's own ``assets/data``."""
     env = os.environ.get("EAC_DATA_DIR")
-    return Path(env) if env else (_REPO_ROOT.parent / "shared" / "data")
+    return Path(env) if env else ASSETS_DIR / "data"
 
 
 def cache_dir() -> Path:
@@ -28,13 +29,20 @@ def cache_dir() -> Path:
 
 
 def resolve_data_path(path: str | os.PathLike) -> Path:
-    """Resolve a data path; a relative path that does not exist is tried under the shared data folder.
-
-    Configs name ``../shared/data/counterfact``; that works from the repo root and, through this fallback,
-    ``counterfact`` alone works from anywhere.
-    """
+    """Resolve a data path: an existing path as it is, else a relative name under the data folder
+    (``counterfact``, ``zsre/zsre_mend_train-800.json``), else unchanged (a hub dataset name)."""
     p = Path(path).expanduser()
     if p.exists() or p.is_absolute():
         return p
-    alt = shared_data_dir() / p
+    alt = data_dir() / p
     return alt if alt.exists() else p
+
+
+def data_source_name(file: str | os.PathLike) -> str:
+    """How a data file is named in ledgers and testbed records: relative to the data folder when it lies there
+    (the same on every machine), else as given."""
+    p = Path(file)
+    try:
+        return p.resolve().relative_to(data_dir().resolve()).as_posix()
+    except ValueError:
+        return str(file)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from eac_lightning.paths import shared_data_dir
+from eac_lightning.paths import data_dir
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -23,7 +23,7 @@ def _isolated_cache(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def wikitext_lines() -> list[str]:
-    path = shared_data_dir() / "wikitext" / "wikitext-2_valid.txt"
+    path = data_dir() / "wikitext" / "wikitext-2_valid.txt"
     lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if len(ln.strip()) > 40]
     return lines[:1500]
 

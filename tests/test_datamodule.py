@@ -8,7 +8,7 @@ import pytest
 
 from eac_lightning.data.datamodule import EditDataModule
 from eac_lightning.data.requests import MalformedRequestError
-from eac_lightning.paths import shared_data_dir
+from eac_lightning.paths import data_dir
 
 
 def stream(dm: EditDataModule) -> list[list[str]]:
@@ -16,9 +16,9 @@ def stream(dm: EditDataModule) -> list[list[str]]:
 
 
 def test_seeded_order_and_batches():
-    a = EditDataModule(path=str(shared_data_dir() / "counterfact"), num_edits=7, batch_size=3, seed=1, num_retention=5)
-    b = EditDataModule(path=str(shared_data_dir() / "counterfact"), num_edits=7, batch_size=3, seed=1, num_retention=5)
-    c = EditDataModule(path=str(shared_data_dir() / "counterfact"), num_edits=7, batch_size=3, seed=2, num_retention=5)
+    a = EditDataModule(path=str(data_dir() / "counterfact"), num_edits=7, batch_size=3, seed=1, num_retention=5)
+    b = EditDataModule(path=str(data_dir() / "counterfact"), num_edits=7, batch_size=3, seed=1, num_retention=5)
+    c = EditDataModule(path=str(data_dir() / "counterfact"), num_edits=7, batch_size=3, seed=2, num_retention=5)
     for dm in (a, b, c):
         dm.setup("fit")
     assert stream(a) == stream(b) != stream(c)
@@ -28,10 +28,10 @@ def test_seeded_order_and_batches():
 
 
 def test_position_resumes_at_next_edit():
-    dm = EditDataModule(path=str(shared_data_dir() / "counterfact"), num_edits=6, batch_size=2)
+    dm = EditDataModule(path=str(data_dir() / "counterfact"), num_edits=6, batch_size=2)
     dm.setup("fit")
     full = stream(dm)
-    resumed = EditDataModule(path=str(shared_data_dir() / "counterfact"), num_edits=6, batch_size=2)
+    resumed = EditDataModule(path=str(data_dir() / "counterfact"), num_edits=6, batch_size=2)
     resumed.setup("fit")
     resumed.load_state_dict({"position": 4})
     assert stream(resumed) == full[2:]
@@ -40,7 +40,7 @@ def test_position_resumes_at_next_edit():
 
 @pytest.mark.parametrize("folder", ["counterfact", "zsre"])
 def test_real_datasets_load(folder):
-    dm = EditDataModule(path=str(shared_data_dir() / folder), num_edits=None, num_retention=0, skip_malformed=True)
+    dm = EditDataModule(path=str(data_dir() / folder), num_edits=None, num_retention=0, skip_malformed=True)
     if folder == "zsre":  # the shared ZsRE file has one record with an empty alt (the new target)
         with pytest.warns(UserWarning, match="row 534.*'target_new'"):
             dm.setup("fit")
@@ -54,7 +54,7 @@ def test_real_datasets_load(folder):
 
 
 def test_malformed_record_fails_by_default():
-    dm = EditDataModule(path=str(shared_data_dir() / "zsre"), num_edits=None, num_retention=0)
+    dm = EditDataModule(path=str(data_dir() / "zsre"), num_edits=None, num_retention=0)
     with pytest.raises(MalformedRequestError, match="zsre_mend_train-800.json \\(row 534\\): field 'target_new'"):
         dm.setup("fit")
 

@@ -14,7 +14,7 @@ from eac_lightning.data.requests import EditRequest
 from eac_lightning.evaluation import edit_metrics as em
 from eac_lightning.evaluation import probes, tasks
 from eac_lightning.evaluation.evaluator import Evaluator, EvaluatorConfig, format_table, summary_sections
-from eac_lightning.paths import shared_data_dir
+from eac_lightning.paths import data_dir
 
 
 
@@ -320,7 +320,7 @@ def test_exact_variant_equals_real_greedy_generation(tiny_gpt2, tokenizer):
 def test_edit_metrics_batched_equals_unbatched(tiny_gpt2, tokenizer):
     from eac_lightning.data.sources import load_requests
 
-    reqs = load_requests(shared_data_dir() / "counterfact" / "counterfact_500.json", limit=4)
+    reqs = load_requests(data_dir() / "counterfact" / "counterfact_500.json", limit=4)
     for r in reqs:  # keep it fast: 3 neighbours each
         r.neighborhood_prompts = r.neighborhood_prompts[:3]
     ref1 = em.compute_locality_reference(tiny_gpt2, tokenizer, reqs, batch_size=1)
@@ -516,7 +516,7 @@ def test_fact_retention_by_hand():
 def test_evaluator_end_to_end(tiny_gpt2, tokenizer):
     from eac_lightning.data.sources import load_requests
 
-    reqs = load_requests(shared_data_dir() / "counterfact" / "counterfact_500.json", limit=6)
+    reqs = load_requests(data_dir() / "counterfact" / "counterfact_500.json", limit=6)
     for r in reqs:
         r.neighborhood_prompts = r.neighborhood_prompts[:2]
     cfg = EvaluatorConfig(limits={"rte": 4, "sst2": 4, "nq_open": 2, "samsum": 2},

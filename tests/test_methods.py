@@ -431,11 +431,11 @@ def testbed(tiny_testbed):
     from eac_lightning.data.sources import load_requests
     from eac_lightning.evaluation.probes import known_facts
     from eac_lightning.models.loading import default_layers, load_model
-    from eac_lightning.paths import shared_data_dir
+    from eac_lightning.paths import data_dir
 
     model, tok = load_model(str(tiny_testbed))
     # The first records of each shared fact file (the tiny preset trains on a prefix of each).
-    requests = [r for name in ("counterfact", "zsre") for r in load_requests(shared_data_dir() / name, limit=60)]
+    requests = [r for name in ("counterfact", "zsre") for r in load_requests(data_dir() / name, limit=60)]
     known = known_facts(model, tok, requests)
     assert len(known) >= 8, (
         f"the tiny testbed knows only {len(known)} of {len(requests)} shared facts (greedy continuation = "

@@ -9,7 +9,7 @@ import torch
 
 from eac_lightning.data.requests import EditRequest, MalformedRequestError, validate_requests
 from eac_lightning.data.sources import detect_format, load_requests
-from eac_lightning.paths import shared_data_dir
+from eac_lightning.paths import data_dir
 
 
 def _req(**kw) -> EditRequest:
@@ -126,12 +126,12 @@ def test_rome_counterfact_and_missing_fields(tmp_path):
 
 
 def test_shared_datasets_load_and_a_bad_shared_row_is_named():
-    cf = load_requests(shared_data_dir() / "counterfact", limit=5)
+    cf = load_requests(data_dir() / "counterfact", limit=5)
     assert len(cf) == 5 and cf[0].subject == "Angola" and cf[0].target_new == "Antarctica"
     assert all(len(r.neighborhood_pairs()) == len(r.neighborhood_prompts) for r in cf)
     # Row 534 of the shared ZsRE file has an empty 'alt' (target_new): the load stops there, naming it.
     with pytest.raises(MalformedRequestError, match=r"zsre_mend_train-800.json \(row 534\): field 'target_new'"):
-        load_requests(shared_data_dir() / "zsre")
+        load_requests(data_dir() / "zsre")
 
 
 def test_malformed_request_changes_no_weight(tokenizer, tiny_gpt2):

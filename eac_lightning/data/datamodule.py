@@ -47,7 +47,7 @@ class EditDataModule(L.LightningDataModule):
 
     def __init__(
         self,
-        path: str = "../shared/data/counterfact",
+        path: str = "counterfact",
         num_edits: int | None = 100,
         batch_size: int = 1,
         shuffle: bool = True,

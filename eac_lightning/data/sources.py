@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from eac_lightning.data.requests import EditRequest, MalformedRequestError
-from eac_lightning.paths import resolve_data_path
+from eac_lightning.paths import data_source_name, resolve_data_path
 
 
 def _need(record: dict[str, Any], key: str, where: str) -> Any:
@@ -134,8 +134,9 @@ def iter_records(path: str | os.PathLike, split: str = "train") -> Iterable[tupl
                 ds = datasets.load_dataset("json", data_files=str(file), split="train")
             except Exception as err:  # datasets wraps parse errors in several exception types
                 raise MalformedRequestError(f"{file}: cannot be read as JSON/JSONL ({err})") from err
+            source = data_source_name(file)
             for i, rec in enumerate(ds):
-                yield str(file), i, rec
+                yield source, i, rec
     else:
         ds = datasets.load_dataset(str(path), split=split)
         for i, rec in enumerate(ds):

@@ -52,7 +52,7 @@ class EvaluatorConfig:
         start: per-task number of rows to skip before the limit applies (e.g. the half of SST-2 dev a testbed was
             trained on).
         sources: per-task data source: a file, a folder or a hub dataset name (``name`` or ``name:config``).
-            Default: the offline file in the shared data folder.
+            Default: the offline file in the offline data folder.
         batch_size: prompts per forward pass for every batched scoring and generation call.
         max_new_tokens: per-task greedy generation budget; defaults: rte 3, sst2 3, nq_open 16, samsum 64.
         classification_mode: ``logits`` (compare the log-probabilities of the two answer words) or ``generate``
@@ -62,7 +62,7 @@ class EvaluatorConfig:
         ppl_window: tokens per perplexity window (default: the model's maximum length, at most 1024).
         ppl_stride: step between perplexity windows (default: half the window).
         ppl_batch_size: perplexity windows per forward pass (windows are long, so fewer than ``batch_size``).
-        wikitext_path: WikiText-2 test file (default: ``wikitext/wikitext-2_test.txt`` in the shared data folder).
+        wikitext_path: WikiText-2 test file (default: ``wikitext/wikitext-2_test.txt`` in the offline data folder).
         edit_metrics: compute the edit metrics when requests are given.
         rome_scores: also compute ROME's CounterFact efficacy / paraphrase / neighbourhood scores and magnitudes.
         rome_length_normalized: ROME's P(target) is exp(mean token log-prob), as in ROME's code (True), or the

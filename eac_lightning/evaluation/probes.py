@@ -32,7 +32,7 @@ from eac_lightning.evaluation.edit_metrics import (
     score_targets,
     shard,
 )
-from eac_lightning.paths import resolve_data_path, shared_data_dir
+from eac_lightning.paths import data_dir, resolve_data_path
 
 
 def fact_retention(model: torch.nn.Module, tok: Any, requests: Sequence[EditRequest], batch_size: int = 32,
@@ -81,9 +81,9 @@ class Perplexity(Metric):
 
 
 def wikitext2_tokens(tok: Any, path: str | os.PathLike | None = None, max_tokens: int = 4096) -> list[int]:
-    """The first ``max_tokens`` tokens of the WikiText-2 test file (``wikitext/wikitext-2_test.txt`` in the shared
+    """The first ``max_tokens`` tokens of the WikiText-2 test file (``wikitext/wikitext-2_test.txt`` in the offline
     data folder by default), read as raw text. Only a prefix of the text is tokenised (doubling until enough)."""
-    file = resolve_data_path(path) if path is not None else shared_data_dir() / "wikitext" / "wikitext-2_test.txt"
+    file = resolve_data_path(path) if path is not None else data_dir() / "wikitext" / "wikitext-2_test.txt"
     if not file.exists():
         raise FileNotFoundError(f"{file}: WikiText-2 test file not found")
     text = file.read_text(encoding="utf-8")

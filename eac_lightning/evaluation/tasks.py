@@ -6,7 +6,7 @@
   normalisation, maximum over the gold answers.
 * ``samsum`` — SAMSum, prompt ``SUMMARIZATION_PROMPT``; mean of ROUGE-1, ROUGE-2 and ROUGE-L F.
 
-Data is read with ``datasets`` from the shared offline folder (:func:`eac_lightning.paths.shared_data_dir`) by
+Data is read with ``datasets`` from the offline data folder (:func:`eac_lightning.paths.data_dir`) by
 default, or from any local file/folder, or from a hub dataset name (``"glue:rte"`` = name ``glue``, config
 ``rte``). Every row is validated before any model call: a missing column, an empty field or a label outside the
 task's values raises :class:`TaskDataError` naming the file, the row and the field.
@@ -43,7 +43,7 @@ from eac_lightning.evaluation.edit_metrics import (
     score_targets,
     shard,
 )
-from eac_lightning.paths import resolve_data_path, shared_data_dir
+from eac_lightning.paths import data_dir, resolve_data_path
 
 # --- Table 4 of the EAC paper, character for character -------------------------------------------------------
 NLI_PROMPT = "{SENTENCE1} entails the {SENTENCE2}. True or False? answer:"
@@ -157,7 +157,7 @@ class TaskSpec:
 
     Attributes:
         key: task key (``rte``, ``sst2``, ``nq_open``, ``samsum``).
-        local_path: default file under the shared data folder.
+        local_path: default file under the offline data folder.
         hub: (name, config, split) used when a hub name is given without its own config.
         kind: ``classification`` or ``generation``.
         max_new_tokens: default generation budget.
@@ -278,8 +278,8 @@ def load_task(task: str, source: str | os.PathLike | None = None, limit: int | N
 
     Args:
         task: one of :data:`TASK_KEYS`.
-        source: a file or folder (relative paths are also tried under the shared data folder) or a hub dataset
-            name, optionally ``name:config``; default: the offline file under ``shared_data_dir()``.
+        source: a file or folder (relative paths are also tried under the offline data folder) or a hub dataset
+            name, optionally ``name:config``; default: the offline file under ``data_dir()``.
         limit: keep at most this many examples (the first ones after ``start``); ``None`` keeps all.
         start: skip this many rows first (e.g. the rows a testbed was trained on).
         split: hub split (default: the task's evaluation split).
@@ -289,7 +289,7 @@ def load_task(task: str, source: str | os.PathLike | None = None, limit: int | N
     if task not in TASKS:
         raise KeyError(f"unknown task {task!r}; known: {', '.join(TASK_KEYS)}")
     spec = TASKS[task]
-    src = source if source is not None else shared_data_dir() / spec.local_path
+    src = source if source is not None else data_dir() / spec.local_path
     where, rows = _read_rows(src, spec, split)
     if not rows:
         raise TaskDataError(f"{where}: no rows")

@@ -28,7 +28,7 @@ from eac_lightning.models.loading import default_stats_corpus
 from eac_lightning.models.tracing import capture
 from eac_lightning.paths import cache_dir, resolve_data_path
 
-DEFAULT_CORPUS = "wikitext"  # resolves to ../shared/data/wikitext
+DEFAULT_CORPUS = "wikitext"  # resolves to the shipped assets/data/wikitext
 
 
 def model_fingerprint(model: nn.Module) -> str:
@@ -112,7 +112,7 @@ class CovarianceStore:
         model: the unedited model (its fingerprint keys the disk cache).
         tokenizer: its tokenizer.
         corpus: text corpus (local path or hub name); default: a testbed's own training-stream sample
-            (``stats_corpus.jsonl``), else ``../shared/data/wikitext``.
+            (``stats_corpus.jsonl``), else the shipped ``wikitext``.
         num_tokens: how many tokens of the corpus to average over.
         seq_len: window length fed to the model.
         batch_size: windows per forward pass.

@@ -151,7 +151,7 @@ PRESETS: dict[str, TestbedPreset] = {
         subject_mask="late_read", subject_mask_prob=0.5, answer_weight=1.0, ppl_tokens=5_000,
         edit_layer=0, memit_layers=(0, 1),
     ),
-    # The default testbed: every shared CounterFact/ZsRE record (two trained neighbourhood prompts each); 20 epochs
+    # The default testbed: every shipped CounterFact/ZsRE record (two trained neighbourhood prompts each); 20 epochs
     # build in about 25 minutes on 2 CPU cores and learn the facts (docs/testbed.md; 12 knew two thirds of them).
     # ROME edits layer 1: tracing puts the subject-position MLP effect at layer 0, but 50 single edits there keep
     # locality 0.892, at layer 1 0.926 with reliability 0.96 (docs/testbed.md, "... and the edit layer").
@@ -273,7 +273,7 @@ class PackedDataset(torch.utils.data.Dataset):
 
 
 def preset_corpus(preset: TestbedPreset, facts: Sequence[str | os.PathLike] | None, seed: int) -> Corpus:
-    """The training corpus of ``preset`` from the fact files ``facts`` (None: the shared ones)."""
+    """The training corpus of ``preset`` from the fact files ``facts`` (None: the shipped ones)."""
     return build_corpus(
         facts, max_facts_per_path=preset.max_facts_per_path, extra_templates=preset.extra_templates,
         neighbours_per_fact=preset.neighbours_per_fact, attributes_per_fact=preset.attributes_per_fact,
@@ -551,7 +551,7 @@ def build_testbed(
     Args:
         out: output folder (created; existing files of the same name are overwritten).
         preset: ``tiny``, ``small``, ``base`` or a :class:`TestbedPreset`.
-        facts: fact files/folders (CounterFact ROME or flat format, ZsRE MEND format); default the shared
+        facts: fact files/folders (CounterFact ROME or flat format, ZsRE MEND format); default the shipped
             ``counterfact`` and ``zsre`` folders.
         seed: seeds tokenizer data order, packing, initialisation and training (same seed, same model).
         progress: show Lightning's progress bar.
@@ -691,7 +691,7 @@ def testbed_command(out: str, preset: str = "small", facts: list[str] | None = N
         out: output folder.
         preset: model size and recipe: ``tiny`` (tests, < 1 minute), ``small`` (default, < 30 minutes on a
             2-core CPU) or ``base`` (GPT-2-small size, for a GPU).
-        facts: fact files or folders (CounterFact ROME/flat format, ZsRE MEND format); default the shared
+        facts: fact files or folders (CounterFact ROME/flat format, ZsRE MEND format); default the shipped
             ``counterfact`` and ``zsre`` folders.
         seed: random seed; the same seed gives the same model.
     """

@@ -366,9 +366,9 @@ def load_trace_facts(model_dir: str | os.PathLike | None, limit: int | None = No
                 out.append(TraceFact(f["prompt"], f["subject"], f["target"]))
     else:
         from eac_lightning.testbed.corpus import load_fact_requests
-        from eac_lightning.paths import shared_data_dir
+        from eac_lightning.paths import data_dir
 
-        reqs = load_fact_requests([shared_data_dir() / "counterfact"])
+        reqs = load_fact_requests([data_dir() / "counterfact"])
         out = [TraceFact(r.prompt_text, r.subject, r.target_true) for r in reqs]
     return out[:limit] if limit else out
 

@@ -37,7 +37,7 @@ import numpy as np
 
 from eac_lightning.data.requests import EditRequest, MalformedRequestError
 from eac_lightning.data.sources import detect_format, iter_records
-from eac_lightning.paths import resolve_data_path, shared_data_dir
+from eac_lightning.paths import data_dir, resolve_data_path
 
 #: Sentiment prompt of the EAC paper (Xu et al., 2025, Table 4, SST-2), verbatim.
 SST2_PROMPT = (
@@ -46,7 +46,7 @@ SST2_PROMPT = (
 )
 SST2_LABELS = ("negative", "positive")  # GLUE SST-2: 0 = negative, 1 = positive
 
-#: Default fact files (resolved under the shared data folder).
+#: Default fact files (resolved under the offline data folder).
 DEFAULT_FACT_PATHS = ("counterfact", "zsre")
 
 #: Kinds of trained prompts.
@@ -231,11 +231,11 @@ def load_fact_records(
     """Read the fact records of every path (file or folder), in the formats :mod:`eac_lightning.data.sources` reads.
 
     Unlike :func:`~eac_lightning.data.sources.load_requests`, which stops at the first malformed record (right for
-    an edit run), a testbed skips records that could not be edited (e.g. row 534 of the shared ZsRE file has an
+    an edit run), a testbed skips records that could not be edited (e.g. row 534 of the shipped ZsRE file has an
     empty ``alt``) or that have no true object to train, and counts them. ``max_per_path`` keeps the first usable
     records of each path (the ``tiny`` preset's smaller fact set).
     """
-    paths = list(paths) if paths else [shared_data_dir() / p for p in DEFAULT_FACT_PATHS]
+    paths = list(paths) if paths else [data_dir() / p for p in DEFAULT_FACT_PATHS]
     out = FactRecords([], [], 0)
     for p in paths:
         kept = 0
@@ -273,12 +273,12 @@ def build_corpus(
     attributes_per_fact: int | None = None,
     wikitext_paragraphs: int | None = None,
     seed: int = 0,
-    data_dir: str | os.PathLike | None = None,
+    data_folder: str | os.PathLike | None = None,
 ) -> Corpus:
     """Assemble the corpus from real records.
 
     Args:
-        fact_paths: CounterFact / ZsRE files or folders; default the shared ``counterfact`` and ``zsre`` folders.
+        fact_paths: CounterFact / ZsRE files or folders; default the shipped ``counterfact`` and ``zsre`` folders.
         max_facts_per_path: keep only the first records of each path.
         extra_templates: how many other templates of the same relation each fact is also trained under.
         neighbours_per_fact: how many neighbourhood prompts of each record are trained (all when ``None``).
@@ -286,14 +286,14 @@ def build_corpus(
             of each record are trained (all when ``None``).
         wikitext_paragraphs: keep only the first WikiText-2 valid paragraphs.
         seed: seeds the choice of templates and the SST-2 split.
-        data_dir: where ``wikitext/`` and ``sst2/`` are (default: the shared data folder).
+        data_folder: where ``wikitext/`` and ``sst2/`` are (default: the package's offline data folder).
 
     Returns:
         The :class:`Corpus`; facts are deduplicated by prompt (the first answer wins, conflicts are counted in
         ``stats``), and a held-out prompt that also occurs among trained prompts is dropped from the held-out set.
     """
     rng = np.random.default_rng(seed)
-    data = Path(data_dir) if data_dir else shared_data_dir()
+    data = Path(data_folder) if data_folder else data_dir()
     records = load_fact_records(fact_paths, max_facts_per_path)
     requests, skipped = records.requests, records.skipped
 
