@@ -18,9 +18,10 @@ from torch import nn
 from eac_lightning.data.requests import EditRequest, validate_requests
 from eac_lightning.methods.base import Deltas, EditMethod, restore_weights, snapshot
 from eac_lightning.models.loading import load_model
+from eac_lightning.paths import CONFIGS_DIR
 from eac_lightning.stats.covariance import CovarianceStore
 
-METHOD_PRESETS = Path(__file__).resolve().parents[1] / "configs" / "methods"
+METHOD_PRESETS = CONFIGS_DIR / "methods"
 
 
 def _merged(base: dict, over: dict) -> dict:

@@ -12,6 +12,8 @@ import os
 from pathlib import Path
 
 ASSETS_DIR = Path(__file__).resolve().parent / "assets"
+#: Run configs and method presets, shipped as package data (``configs/`` in a clone links here).
+CONFIGS_DIR = Path(__file__).resolve().parent / "configs"
 
 
 def data_dir() -> Path:
