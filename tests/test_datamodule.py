@@ -40,23 +40,27 @@ def test_position_resumes_at_next_edit():
 
 @pytest.mark.parametrize("folder", ["counterfact", "zsre"])
 def test_real_datasets_load(folder):
-    dm = EditDataModule(path=str(data_dir() / folder), num_edits=None, num_retention=0, skip_malformed=True)
-    if folder == "zsre":  # the shared ZsRE file has one record with an empty alt (the new target)
-        with pytest.warns(UserWarning, match="row 534.*'target_new'"):
+    dm = EditDataModule(path=folder, num_edits=None, num_retention=0)
+    if folder == "zsre":  # two shipped ZsRE rows have an empty alt: no new target, so nothing to edit
+        with pytest.warns(UserWarning, match="zsre/zsre_mend_train-800.json row 534: field 'alt' is empty"):
             dm.setup("fit")
-        assert len(dm.requests) == 798  # rows with an empty field are left out, each named in a warning
+        assert len(dm.requests) == 798  # left out by default, each named in a warning
     else:
         dm.setup("fit")
         assert len(dm.requests) == 500
     r = dm.requests[0]
     assert "{}" in r.prompt and r.subject and r.target_new and r.neighborhood_prompts
-    assert r.source.endswith(".json") and r.source_index is not None
+    assert r.source == f"{folder}/{folder}_500.json" if folder == "counterfact" else r.source.startswith("zsre/")
+    assert r.source_index is not None
 
 
-def test_malformed_record_fails_by_default():
-    dm = EditDataModule(path=str(data_dir() / "zsre"), num_edits=None, num_retention=0)
-    with pytest.raises(MalformedRequestError, match="zsre_mend_train-800.json \\(row 534\\): field 'target_new'"):
-        dm.setup("fit")
+def test_zsre_empty_alt_is_not_an_edit_but_other_faults_fail(tmp_path):
+    rows = json.loads((data_dir() / "zsre" / "zsre_mend_train-800.json").read_text())
+    path = tmp_path / "zsre.json"
+    path.write_text(json.dumps([rows[0], rows[534], dict(rows[1], subject="Nobody In The Question")]))
+    with pytest.warns(UserWarning, match="row 1: field 'alt' is empty"), \
+            pytest.raises(MalformedRequestError, match="zsre.json row 2: field 'src' does not contain the subject"):
+        EditDataModule(path=str(path), num_edits=None, num_retention=0).setup("fit")
 
 
 def test_flat_easyedit_format_and_errors(tmp_path):

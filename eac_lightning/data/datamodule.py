@@ -27,6 +27,10 @@ class _EditStream(IterableDataset):
         for start in range(dm.position, len(reqs), dm.batch_size):
             yield reqs[start : start + dm.batch_size]
 
+    def __len__(self) -> int:
+        # The batches still to apply: the progress bar's total and ETA.
+        return -(-(len(self.dm.requests) - self.dm.position) // self.dm.batch_size)
+
 
 class EditDataModule(L.LightningDataModule):
     """Edit requests from CounterFact (ROME or flat EasyEdit format), ZsRE (MEND format) or your JSON/JSONL.

@@ -71,9 +71,17 @@ def from_flat_counterfact(r: dict[str, Any], where: str) -> dict[str, Any]:
     )
 
 
+class NoEditTargetError(MalformedRequestError):
+    """A record that is well-formed but has no new target to write: ZsRE's ``alt`` is empty where MEND's
+    generator found no alternative answer (2 of the 800 shipped rows, e.g. row 534). There is nothing to edit, so
+    loaders skip it with a notice instead of failing."""
+
+
 def from_zsre(r: dict[str, Any], where: str) -> dict[str, Any]:
     subject = _need(r, "subject", where)
     answers = _as_list(r.get("answers"))
+    if isinstance(r.get("alt"), str) and not r["alt"].strip():
+        raise NoEditTargetError(f"{where}: field 'alt' is empty (ZsRE has no new target for this question)")
     return dict(
         prompt=_subject_template(_need(r, "src", where), subject, where, "src"),
         subject=subject,
@@ -149,7 +157,8 @@ def load_requests(
     """Load and validate edit requests from ``path`` (file, folder or hub dataset name).
 
     Every record is validated; the first malformed one raises with its file, row and field, unless
-    ``skip_malformed``, which leaves it out with a warning naming it (e.g. ZsRE row 534 has an empty ``alt``).
+    ``skip_malformed``, which leaves it out with a warning naming it. A record with nothing to edit
+    (:class:`NoEditTargetError`: ZsRE's empty ``alt``) is always left out with such a warning.
     """
     out: list[EditRequest] = []
     for source, row, rec in iter_records(path, split):
@@ -158,9 +167,9 @@ def load_requests(
             fields = detect_format(rec)(rec, where)
             req = EditRequest(**fields, source=source, source_index=row).validate()
         except MalformedRequestError as err:
-            if not skip_malformed:
+            if not (skip_malformed or isinstance(err, NoEditTargetError)):
                 raise
-            warnings.warn(f"skipped malformed record: {err}", stacklevel=2)
+            warnings.warn(f"skipped record: {err}", stacklevel=2)
             continue
         out.append(req)
         if limit is not None and len(out) >= limit:

@@ -203,6 +203,7 @@ class Evaluation(L.Callback):
             norms[name]["l1_after"] = norms[name].pop("l1")
         summary = {
             "method": pl_module.method.label,
+            "method_settings": pl_module.method_settings_applied or pl_module.method_settings,
             "model": pl_module.model_name,
             "edits_applied": trainer.datamodule.position,
             "batch_size": trainer.datamodule.batch_size,

@@ -14,7 +14,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from jsonargparse import Namespace
+from jsonargparse import Namespace, dict_to_namespace
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
@@ -50,6 +50,7 @@ class EditingCLI(LightningCLI):
         if trainer.strategy == "ddp":
             trainer.strategy = Namespace(class_path="eac_lightning.lightning.strategy.EditingDDPStrategy",
                                          init_args=Namespace())
+        self.method_settings_applied = _apply_model_settings(cfg.model)
         if self.subcommand == "validate":
             trainer.limit_val_batches = 1  # the one step that evaluates the loaded model state
         if self.subcommand == "fit" and not cfg.get("ckpt_path") and any((root / "checkpoints").glob("*.ckpt")):
@@ -72,12 +73,29 @@ class EditingCLI(LightningCLI):
             ) from err
 
     def instantiate_trainer(self, **kwargs):
+        self.model.method_settings_applied = self.method_settings_applied
         trainer = super().instantiate_trainer(**kwargs)
         trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         # The write must precede every observer of the new weights; checkpoints come last (Lightning's rule).
         rank = {WeightUpdate: 0, ModelCheckpoint: 2}
         trainer.callbacks.sort(key=lambda c: next((v for k, v in rank.items() if isinstance(c, k)), 1))
         return trainer
+
+
+def _apply_model_settings(model_cfg: Namespace) -> dict:
+    """Put the model's measured method settings in the config (``--model.method_settings auto``, the default;
+    :mod:`eac_lightning.methods.settings`); returns what changed, which summary.json records."""
+    from eac_lightning.methods.settings import apply_model_settings
+
+    if model_cfg.get("method_settings", "auto") != "auto" or model_cfg.get("method") is None:
+        return {}
+    spec, applied = apply_model_settings(model_cfg.model, model_cfg.method.as_dict())
+    if applied:
+        model_cfg.method = dict_to_namespace(spec)
+        print(f"method settings for {model_cfg.model} from {applied['file']}: " + ", ".join(
+            f"{k} {a} -> {b}" for k, (a, b) in applied["changed"].items()) + " (--model.method_settings as_given "
+            "keeps the configured values)", file=sys.stderr)
+    return applied
 
 
 def export_command(checkpoint: str, out_dir: str) -> None:

@@ -42,6 +42,9 @@ class EditingModule(L.LightningModule):
         stats_tokens: tokens of that corpus averaged into C.
         stats_damping: ε of the damped solve (C + ε·tr(C)/d·I).
         evaluation: what the evaluation callback and ``validate`` measure.
+        method_settings: ``auto``: on a testbed, the method's measured testbed settings
+            (``configs/testbed/<method>.yaml``) replace the published preset values it still holds (values you set
+            yourself are kept; summary.json lists what changed); ``as_given``: the method exactly as configured.
     """
 
     def __init__(
@@ -53,6 +56,7 @@ class EditingModule(L.LightningModule):
         stats_tokens: int = 100_000,
         stats_damping: float = 1e-2,
         evaluation: EvaluatorConfig | None = None,
+        method_settings: str = "auto",
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
@@ -64,6 +68,11 @@ class EditingModule(L.LightningModule):
         self.dtype_name = dtype
         self.stats_corpus, self.stats_tokens, self.stats_damping = stats_corpus, stats_tokens, stats_damping
         self.evaluation = evaluation or EvaluatorConfig()
+        if method_settings not in ("auto", "as_given"):
+            raise ValueError(f"--model.method_settings must be 'auto' or 'as_given', not {method_settings!r}")
+        self.method_settings = method_settings
+        #: what ``method_settings: auto`` changed (set by the CLI, which applies it before the method is built)
+        self.method_settings_applied: dict[str, Any] = {}
         self.lm = None
         self.tokenizer = None
         self.stats: CovarianceStore | None = None

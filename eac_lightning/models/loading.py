@@ -1,26 +1,36 @@
-"""Loading a model and tokenizer by name: ``testbed:<preset>`` (built offline on first use), a local folder in
-Hugging Face format, or a hub id (when a hub is reachable)."""
+"""Loading a model and tokenizer by name: a registered source such as ``testbed:<preset>`` (the offline testbed,
+registered by :mod:`eac_lightning.testbed`), a local folder in Hugging Face format, or a hub id (when a hub is
+reachable)."""
 
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
 
 from eac_lightning.models.adapters import get_spec
 
-TESTBED_PREFIX = "testbed:"
+#: ``prefix -> resolver``: a resolver turns ``prefix:name`` into a local model folder (see
+#: :func:`register_model_source`; the offline testbed registers ``testbed:``).
+MODEL_SOURCES: dict[str, Callable[[str], str | os.PathLike]] = {}
+
+
+def register_model_source(prefix: str, resolver: Callable[[str], str | os.PathLike]) -> None:
+    """Let ``load_model("<prefix>:<name>")`` load the folder ``resolver(name)`` returns (it may build it)."""
+    MODEL_SOURCES[prefix] = resolver
 
 
 def resolve_model_path(name: str) -> str:
-    """``testbed:tiny`` → the cached testbed folder (built if missing); anything else unchanged."""
-    if name.startswith(TESTBED_PREFIX):
-        from eac_lightning.testbed.build import ensure_testbed
-
-        return str(ensure_testbed(name[len(TESTBED_PREFIX):]))
+    """``<prefix>:<name>`` of a registered source -> its local folder; anything else (a folder, a hub id)
+    unchanged."""
+    prefix, sep, rest = name.partition(":")
+    if sep and prefix in MODEL_SOURCES:
+        return str(MODEL_SOURCES[prefix](rest))
     return name
 
 

@@ -1,0 +1,101 @@
+"""Method settings measured for a model, applied over the published ones.
+
+The method presets (``configs/methods/*.yaml``) hold the published hyper-parameters, set for GPT2-XL-sized models.
+On the offline testbed some of them write nothing (MEMIT's λ = 20000 and clamp 0.75: the testbed's keys are ~1e3
+times smaller than GPT2-XL's); the values measured there live in ``configs/testbed/<method>.yaml`` (each file
+says where its values come from). When the model is a testbed, :func:`apply_model_settings` puts those values in
+place of the published ones, leaf by leaf, and leaves alone every value that differs from the published preset (a
+value the user chose). ``--model.method_settings as_given`` turns this off.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from eac_lightning.paths import CONFIGS_DIR
+
+#: the model-name prefixes with measured settings, and the folder holding them
+SETTINGS_DIRS = {"testbed:": CONFIGS_DIR / "testbed"}
+PUBLISHED_DIR = CONFIGS_DIR / "methods"
+_EAC_SUFFIX = {"rome": "-eac", "memit": "-eac", "alphaedit": "-eac", "ft": "-en"}
+
+
+def method_key(spec: dict[str, Any]) -> str:
+    """The preset name of a method spec (``{"class_path": ..., "init_args": ...}``): ``rome``, ``rome-eac``,
+    ``memit-eac``, ``ft-en``, ``beac``, ``beac-alphaedit``, ..."""
+    cls = spec["class_path"].rsplit(".", 1)[-1]
+    key = {"BEACAlphaEdit": "beac-alphaedit"}.get(cls, cls.lower())
+    if spec.get("init_args", {}).get("eac") is not None:
+        key += _EAC_SUFFIX.get(key, "")
+    return key
+
+
+def settings_file(model: str, spec: dict[str, Any]) -> Path | None:
+    """The measured settings for ``spec``'s method on ``model``, if there are any."""
+    for prefix, folder in SETTINGS_DIRS.items():
+        if model.startswith(prefix):
+            path = folder / f"{method_key(spec)}.yaml"
+            return path if path.exists() else None
+    return None
+
+
+def _leaves(tree: dict[str, Any], prefix: tuple[str, ...] = ()):
+    for k, v in tree.items():
+        if isinstance(v, dict) and v:
+            yield from _leaves(v, prefix + (k,))
+        else:
+            yield prefix + (k,), v
+
+
+def _get(tree: dict[str, Any] | None, path: tuple[str, ...]) -> Any:
+    for k in path:
+        if not isinstance(tree, dict) or k not in tree:
+            return _MISSING
+        tree = tree[k]
+    return tree
+
+
+_MISSING = object()
+
+
+def apply_model_settings(model: str, spec: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``spec`` with the measured settings for ``model`` in place of the published values.
+
+    Returns the new spec and a record of what changed: ``{"file": ..., "changed": {"v.num_steps": [20, 40], ...}}``
+    (empty when nothing applies). A leaf is replaced only where the spec still holds the published preset's value
+    (or, where the preset does not name it, any value: the class default).
+    """
+    path = settings_file(model, spec)
+    if path is None:
+        return spec, {}
+    overlay = (yaml.safe_load(path.read_text(encoding="utf-8")) or {})["model"]["method"].get("init_args", {})
+    published_file = PUBLISHED_DIR / path.name
+    published = (yaml.safe_load(published_file.read_text(encoding="utf-8"))["model"]["method"].get("init_args", {})
+                 if published_file.exists() else {})
+    args = _copy(spec.get("init_args") or {})
+    changed: dict[str, list[Any]] = {}
+    for leaf, value in _leaves(overlay):
+        current = _get(args, leaf)
+        reference = _get(published, leaf)
+        if reference is not _MISSING and current is not _MISSING and current != reference:
+            continue  # the user's own value
+        node = args
+        for k in leaf[:-1]:
+            if not isinstance(node.get(k), dict):
+                node[k] = {}
+            node = node[k]
+        if current != value:
+            changed[".".join(leaf)] = [None if current is _MISSING else current, value]
+        node[leaf[-1]] = value
+    return {**spec, "init_args": args}, ({"file": f"configs/testbed/{path.name}", "changed": changed} if changed else {})
+
+
+def _copy(tree: Any) -> Any:
+    if isinstance(tree, dict):
+        return {k: _copy(v) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [_copy(v) for v in tree]
+    return tree
