@@ -21,7 +21,7 @@ import math
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -33,6 +33,7 @@ from eac_lightning.evaluation.edit_metrics import (
 )
 from eac_lightning.evaluation.probes import fact_retention, wikitext2_ppl
 from eac_lightning.evaluation.tasks import TASK_KEYS, TASKS, TaskExample, evaluate_task, load_task
+from eac_lightning.progress import progress
 
 PROBE_KEYS = ("fact_retention", "wikitext2_ppl")
 HEADLINE_EDIT_KEYS = ("reliability", "generalization", "locality")
@@ -152,36 +153,6 @@ class Evaluator:
         out["edit/num_edits"] = float(len(requests))
         return out
 
-    def evaluate_tasks(self, model: torch.nn.Module, tok: Any) -> dict[str, float]:
-        """``general/<task>`` for each configured Table 4 task."""
-        c = self.config
-        out = {}
-        for task in c.tasks:
-            t0 = time.perf_counter()
-            out[f"general/{task}"] = evaluate_task(
-                task, model, tok, self.examples(task), c.batch_size, c.max_new_tokens.get(task),
-                c.classification_mode, self.rank, self.world_size,
-            )
-            self.timings[task] = time.perf_counter() - t0
-        return out
-
-    def evaluate_probes(self, model: torch.nn.Module, tok: Any,
-                        retention_requests: Sequence[EditRequest] | None = None) -> dict[str, float]:
-        """``general/fact_retention`` (when ``retention_requests`` are given) and ``general/wikitext2_ppl``."""
-        c = self.config
-        out = {}
-        if "fact_retention" in c.probes and retention_requests:
-            t0 = time.perf_counter()
-            out["general/fact_retention"] = fact_retention(model, tok, retention_requests, c.batch_size, self.rank,
-                                                           self.world_size)
-            self.timings["fact_retention"] = time.perf_counter() - t0
-        if "wikitext2_ppl" in c.probes:
-            t0 = time.perf_counter()
-            out["general/wikitext2_ppl"] = wikitext2_ppl(model, tok, c.wikitext_path, c.ppl_max_tokens, c.ppl_window,
-                                                         c.ppl_stride, c.ppl_batch_size, self.rank, self.world_size)
-            self.timings["wikitext2_ppl"] = time.perf_counter() - t0
-        return out
-
     def evaluate(self, model: torch.nn.Module, tok: Any, requests: Sequence[EditRequest] = (),
                  reference: dict[str, Any] | None = None,
                  retention_requests: Sequence[EditRequest] | None = None) -> dict[str, float]:
@@ -199,13 +170,30 @@ class Evaluator:
         if self.world_size > 1 and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
             warnings.warn(f"world_size={self.world_size} without an initialised torch.distributed process group: "
                           f"the results cover rank {self.rank}'s shard only", stacklevel=2)
+        c = self.config
+        parts: list[tuple[str, Callable[[], dict[str, float]]]] = []
+        if c.edit_metrics and requests:
+            parts.append(("edit_metrics", lambda: self.evaluate_edits(model, tok, requests, reference)))
+        for task in c.tasks:
+            parts.append((task, lambda task=task: {f"general/{task}": evaluate_task(
+                task, model, tok, self.examples(task), c.batch_size, c.max_new_tokens.get(task),
+                c.classification_mode, self.rank, self.world_size)}))
+        if "fact_retention" in c.probes and retention_requests:
+            parts.append(("fact_retention", lambda: {"general/fact_retention": fact_retention(
+                model, tok, retention_requests, c.batch_size, self.rank, self.world_size)}))
+        if "wikitext2_ppl" in c.probes:
+            parts.append(("wikitext2_ppl", lambda: {"general/wikitext2_ppl": wikitext2_ppl(
+                model, tok, c.wikitext_path, c.ppl_max_tokens, c.ppl_window, c.ppl_stride, c.ppl_batch_size,
+                self.rank, self.world_size)}))
         out: dict[str, float] = {}
-        if self.config.edit_metrics and requests:
-            t0 = time.perf_counter()
-            out.update(self.evaluate_edits(model, tok, requests, reference))
-            self.timings["edit_metrics"] = time.perf_counter() - t0
-        out.update(self.evaluate_tasks(model, tok))
-        out.update(self.evaluate_probes(model, tok, retention_requests))
+        with progress(total=len(parts), desc="evaluation", unit="part", leave=False,
+                      disable=self.rank != 0) as bar:
+            for name, run in parts:
+                bar.set_postfix_str(name)
+                t0 = time.perf_counter()
+                out.update(run())
+                self.timings[name] = time.perf_counter() - t0
+                bar.update()
         return out
 
 

@@ -3,9 +3,10 @@
     eac-lightning fit --config configs/quickstart.yaml [--config configs/methods/memit-eac.yaml] [--data.num_edits 50]
     eac-lightning validate --config configs/quickstart.yaml --ckpt_path runs/quickstart/checkpoints/last.ckpt
     eac-lightning stats --model testbed:small --layers [0,1,2]
-    eac-lightning testbed --out DIR --preset small
+    eac-lightning testbed DIR --preset small
     eac-lightning trace --model testbed:small --out DIR
     eac-lightning export CHECKPOINT OUT_DIR
+    eac-lightning ask RUN_OR_CHECKPOINT ["The Eiffel Tower is located in"]
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ from eac_lightning.data.datamodule import EditDataModule
 from eac_lightning.lightning.callbacks import EditLedger, Evaluation, NormTracker, Plots, WeightUpdate
 from eac_lightning.lightning.checkpoint import AtomicCheckpointIO, CorruptCheckpointError
 from eac_lightning.lightning.module import EditingModule
+from eac_lightning.progress import LineProgressBar, stop_on_sigterm
 
-EXTRA_COMMANDS = ("stats", "testbed", "trace", "export")
+EXTRA_COMMANDS = ("stats", "testbed", "trace", "export", "ask")
 
 # The edited model stays in eval mode on purpose (no dropout in target optimisations), and weights change in a
 # callback, not in ``optimizer.step()``: these two Lightning warnings describe intended behaviour here.
@@ -147,6 +149,10 @@ def stats_command(model: str = "testbed:small", layers: list[int] | None = None,
 
 
 def _extra_command(name: str):
+    if name == "ask":
+        from eac_lightning.lightning.ask import ask_command
+
+        return ask_command
     if name == "export":
         return export_command
     if name == "stats":
@@ -163,6 +169,7 @@ def _extra_command(name: str):
 def main(args: list[str] | None = None) -> None:
     """Entry point of ``eac-lightning`` (``args``: for calling from Python/tests; default ``sys.argv``)."""
     argv = sys.argv[1:] if args is None else list(args)
+    stop_on_sigterm()
     if argv and argv[0] in EXTRA_COMMANDS:
         from jsonargparse import CLI
 
@@ -182,6 +189,7 @@ def main(args: list[str] | None = None) -> None:
             "enable_model_summary": False,
             "callbacks": [
                 WeightUpdate(),
+                LineProgressBar(),
                 EditLedger(),
                 Plots(),
                 ModelCheckpoint(filename="edit-{step}", save_last=True, save_top_k=0, every_n_train_steps=1),

@@ -22,7 +22,7 @@ from typing import Iterator, Sequence
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+from eac_lightning.progress import progress
 
 from eac_lightning.models.loading import default_stats_corpus
 from eac_lightning.models.tracing import capture
@@ -185,8 +185,8 @@ class CovarianceStore:
         windows = _token_windows(self.tokenizer, self.corpus, self.seq_len)
         for _ in range(state["windows"]):  # skip what the partial sums already hold
             next(windows, None)
-        bar = tqdm(total=self.num_tokens, initial=state["count"], desc=f"key covariance ({len(names)} layers)",
-                   unit="tok", unit_scale=True, dynamic_ncols=True)
+        bar = progress(total=self.num_tokens, initial=state["count"], desc=f"key covariance ({len(names)} layers)",
+                       unit="tok", unit_scale=True)
         t0, tokens0, last_save = time.time(), state["count"], time.time()
         was_training = self.model.training
         self.model.eval()
