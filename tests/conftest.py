@@ -87,7 +87,9 @@ def tiny_gpt2(tokenizer):
 
 @pytest.fixture(scope="session")
 def tiny_testbed(_isolated_cache) -> Path:
-    """The ``tiny`` knowledge testbed, built once per session into the session cache (issue 3)."""
-    from eac_lightning.testbed import ensure_testbed
+    """The ``tiny`` knowledge testbed as it ships in the package (read it, never write to it)."""
+    from eac_lightning.testbed import shipped_testbed
 
-    return ensure_testbed("tiny", progress=False)
+    folder = shipped_testbed("tiny")
+    assert folder is not None, "the package ships testbed:tiny (eac_lightning/assets/testbeds/tiny)"
+    return folder

@@ -1,7 +1,7 @@
 """The offline knowledge testbed (issue 3): corpus, packing, a real tiny build, causal tracing, ROME on it.
 
-One tiny testbed is built per session (``tiny_testbed`` fixture, conftest.py) into the session's temporary cache
-and shared by every test here.
+The reference ``tiny`` testbed ships in the package (``tiny_testbed`` fixture, conftest.py) and is shared by every
+test here; the build tests train quick variants of it into the session's temporary cache.
 """
 
 from __future__ import annotations
@@ -22,8 +22,11 @@ from eac_lightning.testbed import (
     build_corpus,
     build_testbed,
     ensure_testbed,
+    get_preset,
+    shipped_testbed,
     subject_bottleneck_mask,
     trace_command,
+    verify_shipped,
 )
 from eac_lightning.testbed import testbed_command as build_command  # not test_*-named: pytest would collect it
 from eac_lightning.testbed.corpus import SequencePacker, _template
@@ -160,31 +163,55 @@ def test_tiny_testbed_loads_with_auto_classes_and_knows_its_facts(tiny_testbed):
     assert accuracy >= 0.9
 
 
-def test_ensure_testbed_reuses_the_cache(tiny_testbed):
-    before = (tiny_testbed / "model.safetensors").stat().st_mtime_ns
-    assert ensure_testbed("tiny") == tiny_testbed
-    assert (tiny_testbed / "model.safetensors").stat().st_mtime_ns == before
-    assert not [p for p in tiny_testbed.parent.iterdir() if p.name.startswith(".")]  # no temp build left over
+def test_ensure_testbed_builds_once_into_the_cache():
+    quick = get_preset("tiny").replace(epochs=1, max_facts_per_path=6, wikitext_paragraphs=20, ppl_tokens=500)
+    folder = ensure_testbed(quick, progress=False)
+    before = (folder / "model.safetensors").stat().st_mtime_ns
+    assert ensure_testbed(quick) == folder
+    assert (folder / "model.safetensors").stat().st_mtime_ns == before
+    assert not [p for p in folder.parent.iterdir() if p.name.startswith(".")]  # no temp build left over
 
 
-def test_a_cached_build_without_stats_corpus_gets_the_same_one(tiny_testbed):
-    """Builds made before testbeds shipped their stats corpus get it on next use, identical to a fresh build's."""
-    from transformers import AutoModelForCausalLM
+@pytest.mark.parametrize("preset", ["tiny", "small"])
+def test_shipped_testbeds_match_their_fingerprint_and_know_their_facts(preset):
+    """The reference builds load by name with no build, their files match the sha256 recorded when they were
+    shipped, they were built from the preset's current recipe, and their weights still know the facts."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from eac_lightning.stats.covariance import CovarianceStore
+    from eac_lightning.models.loading import resolve_model_path
+    from eac_lightning.testbed.build import SHIPPED_CHECK_FACTS, SHIPPED_DIR
 
-    meta = tiny_testbed / "testbed.json"
-    sample = tiny_testbed / "stats_corpus.jsonl"
-    built = sample.read_bytes()
-    info = json.loads(meta.read_text())
-    del info["stats_corpus"]
-    meta.write_text(json.dumps(info))
-    sample.unlink()
-    model = AutoModelForCausalLM.from_pretrained(tiny_testbed)
-    assert CovarianceStore(model, None).corpus == "wikitext"  # an old build read as it is: WikiText
-    assert ensure_testbed("tiny") == tiny_testbed
-    assert sample.read_bytes() == built
-    assert CovarianceStore(model, None).corpus == str(sample)
+    folder = SHIPPED_DIR / preset
+    assert shipped_testbed(preset) == folder, f"the package ships testbed:{preset}, built from the current recipe"
+    assert resolve_model_path(f"testbed:{preset}") == str(folder)
+    info = verify_shipped(folder)
+    assert info["preset_fingerprint"] == get_preset(preset).fingerprint()
+    assert (info["edit_layer"], info["memit_layers"]) == (get_preset(preset).edit_layer,
+                                                         list(get_preset(preset).memit_layers))
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(folder)
+    facts = [json.loads(x) for x in (folder / "facts.jsonl").read_text().splitlines()]
+    sample = [f for f in facts if f["kind"] == "fact"][:SHIPPED_CHECK_FACTS]
+    hits = 0
+    with torch.no_grad():
+        for f in sample:  # one prompt at a time: nothing but the plain HF forward
+            ids = tok(f["prompt"], return_tensors="pt")["input_ids"]
+            hits += int(model(input_ids=ids).logits[0, -1].argmax()) == tok(" " + f["target"])["input_ids"][0]
+    assert hits / len(sample) == pytest.approx(info["shipped"]["sample_fact_accuracy"], abs=1e-9)
+    assert hits / len(sample) >= 0.9
+
+
+def test_a_corrupt_shipped_file_is_named(tmp_path):
+    import shutil
+
+    from eac_lightning.testbed.build import SHIPPED_DIR, ShippedTestbedError
+
+    copy = tmp_path / "tiny"
+    shutil.copytree(SHIPPED_DIR / "tiny", copy)
+    with open(copy / "facts.jsonl", "ab") as fh:
+        fh.write(b"\n")
+    with pytest.raises(ShippedTestbedError, match="facts.jsonl does not match the sha256"):
+        verify_shipped(copy)
 
 
 @pytest.mark.parametrize(("preset", "n_edits"), [("rome", 10), ("rome-eac", 20)])

@@ -324,9 +324,30 @@ def ship_testbed(build: str | os.PathLike, weights_dtype: str = "float32", dest:
         save_file({k: v.to(getattr(torch, weights_dtype)).contiguous() for k, v in tensors.items()},
                   dest / "model.safetensors", metadata={"format": "pt"})
     files = {name: _sha256(dest / name) for name in SHIPPED_FILES if (dest / name).exists()}
-    info["shipped"] = {"weights_dtype": weights_dtype, "sha256": files}
+    info["shipped"] = {"weights_dtype": weights_dtype, "sha256": files, **_shipped_accuracy(dest)}
     _write_json(dest / "testbed.json", info)
     return dest
+
+
+#: facts whose accuracy a shipped testbed records, for a quick re-check of its weights (tests/test_testbed.py)
+SHIPPED_CHECK_FACTS = 200
+
+
+def _shipped_accuracy(folder: Path) -> dict[str, float]:
+    """Fact accuracy of the shipped weights as loaded (float32): over all facts, and over the first
+    :data:`SHIPPED_CHECK_FACTS`, the sample a test re-measures."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(folder)
+    facts = [json.loads(line) for line in (folder / "facts.jsonl").read_text(encoding="utf-8").splitlines()]
+    facts = [f for f in facts if f["kind"] == "fact"]
+    sample = facts[:SHIPPED_CHECK_FACTS]
+    return {
+        "fact_accuracy": first_token_accuracy(model, tok, [f["prompt"] for f in facts], [f["target"] for f in facts]),
+        "sample_fact_accuracy": first_token_accuracy(model, tok, [f["prompt"] for f in sample],
+                                                     [f["target"] for f in sample]),
+    }
 
 
 class ShippedTestbedError(RuntimeError):
