@@ -22,7 +22,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from eac_lightning.methods.beac import BEAC, AnchorKeyRecord, BEACHyperParams  # noqa: E402
+from eac_lightning.methods.beac import BEAC  # noqa: E402
+from eac_lightning.methods.beac_plan import AnchorKeyRecord, BEACHyperParams  # noqa: E402
 from eac_lightning.models.loading import default_layers, load_model  # noqa: E402
 from eac_lightning.stats.covariance import CovarianceStore  # noqa: E402
 

@@ -194,8 +194,8 @@ def test_single_edits_take_on_tiny(tiny_testbed, preset, n_edits):
     ROME-EAC over 20; measured 1.00 and 0.95 over 20, docs/testbed.md) and stay local (0.865 / 0.865 measured)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from eac_lightning.editor import method_from_preset
-    from eac_lightning.evaluation.edit_metrics import compute_locality_reference, single_edit_metrics
+    from eac_lightning.editor import method_from_preset, single_edit_metrics
+    from eac_lightning.evaluation.edit_metrics import compute_locality_reference
     from eac_lightning.stats.covariance import CovarianceStore
     from eac_lightning.testbed.corpus import load_fact_requests
 

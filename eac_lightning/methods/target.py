@@ -29,6 +29,7 @@ from torch import nn
 
 from eac_lightning.data.requests import EditRequest
 from eac_lightning.models.adapters import get_spec, mlp_out_name
+from eac_lightning.models.encoding import encode_right_padded, encode_target
 from eac_lightning.models.tracing import add_along_keys, add_at_positions, capture, layers_from
 
 
@@ -93,23 +94,6 @@ def subject_last_index(tok, text: str, subject: str) -> int:
     return len(tok(text[:end], add_special_tokens=False)["input_ids"]) - 1
 
 
-def _encode_right_padded(tok, texts: Sequence[str], device) -> tuple[torch.Tensor, torch.Tensor]:
-    ids = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
-    width = max(len(x) for x in ids)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    input_ids = torch.full((len(ids), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(ids), width), dtype=torch.long)
-    for i, x in enumerate(ids):
-        input_ids[i, : len(x)] = torch.tensor(x)
-        mask[i, : len(x)] = 1
-    return input_ids.to(device), mask.to(device)
-
-
-def target_token_ids(tok, target: str) -> list[int]:
-    """Target tokens with a leading space (ROME/EasyEdit convention)."""
-    return tok(" " + target.strip(), add_special_tokens=False)["input_ids"]
-
-
 def compute_keys(
     model: nn.Module, tok, requests: Sequence[EditRequest], layer: int, templates: Sequence[str]
 ) -> torch.Tensor:
@@ -120,7 +104,7 @@ def compute_keys(
         for t in templates:
             texts.append(t.replace("{}", r.prompt_text))
     device = next(model.parameters()).device
-    ids, mask = _encode_right_padded(tok, texts, device)
+    ids, mask = encode_right_padded(tok, texts, device)
     idx = [subject_last_index(tok, t.replace("{}", r.prompt_text), r.subject) for r in requests for t in templates]
     name = mlp_out_name(model, layer)
     with torch.no_grad(), capture(model, [name]) as rec:
@@ -166,12 +150,12 @@ class TargetProblem:
         self.start = min([layer, *(write_directions or {})])
         self.hook_name = mlp_out_name(model, layer) if site == "mlp" else spec.layer(layer)
         device = next(model.parameters()).device
-        target = target_token_ids(tok, request.target_new)
+        target = encode_target(tok, request.target_new)
         prefix = tok.decode(target[:-1]) if len(target) > 1 else ""
         prompts = [t.replace("{}", request.prompt_text) + prefix for t in templates]
         kl_prompts = [hparams.kl_prompt.replace("{}", request.subject)]
         texts = prompts + kl_prompts
-        self.input_ids, self.mask = _encode_right_padded(tok, texts, device)
+        self.input_ids, self.mask = encode_right_padded(tok, texts, device)
         n = len(prompts)
         self.n_prompts = n
         lookup = [subject_last_index(tok, t, request.subject) for t in texts]

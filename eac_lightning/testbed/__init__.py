@@ -25,11 +25,10 @@ from eac_lightning.testbed.causal_trace import (
     trace_command,
     trace_fact,
 )
-from eac_lightning.testbed.corpus import SST2_PROMPT, Corpus, FactItem, SequencePacker, build_corpus
+from eac_lightning.testbed.corpus import Corpus, FactItem, SequencePacker, build_corpus
 
 __all__ = [
     "PRESETS",
-    "SST2_PROMPT",
     "Corpus",
     "FactItem",
     "SequencePacker",

@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 from eac_lightning.paths import cache_dir
-from eac_lightning.testbed.corpus import SST2_LABELS, Corpus, PackedData, SequencePacker, build_corpus
+from eac_lightning.testbed.corpus import Corpus, PackedData, SequencePacker, build_corpus
 
 TESTBED_FORMAT = 1
 STATS_CORPUS = "stats_corpus.jsonl"
@@ -408,52 +408,30 @@ def build_module(preset: TestbedPreset, model, total_steps: int):
 
 def first_token_accuracy(model, tok, prompts: Sequence[str], targets: Sequence[str], batch_size: int = 64) -> float:
     """Share of prompts whose greedy next token is the first token of ``" " + target`` (issue 3's fact accuracy)."""
-    from eac_lightning.evaluation.edit_metrics import score_targets
+    from eac_lightning.evaluation.probes import greedy_matches
 
     if not prompts:
         return float("nan")
-    scores = score_targets(model, tok, list(prompts), list(targets), batch_size)
-    return float(np.mean([s.pred[0] == s.target[0] for s in scores]))
+    return float(np.mean(greedy_matches(model, tok, prompts, targets, first_token_only=True, batch_size=batch_size)))
 
 
-def sst2_accuracy(model, tok, prompts: Sequence[str], labels: Sequence[int], batch_size: int = 32) -> float:
-    """Share of SST-2 prompts where the right label word is more likely than the other (summed token log-prob)."""
-    from eac_lightning.evaluation.edit_metrics import score_targets
+def sst2_accuracy(model, tok, rows: Sequence[tuple[str, int]], batch_size: int = 32) -> float:
+    """Share of SST-2 (text, label) rows whose label word is the more likely one after the EAC sentiment prompt
+    (the general-ability task's scoring, :func:`eac_lightning.evaluation.tasks.classify`)."""
+    from eac_lightning.evaluation.tasks import LABEL_WORDS, TASKS, TaskExample, example_scores, format_sentiment
 
-    if not prompts:
+    if not rows:
         return float("nan")
-    both = [(p, w) for p in prompts for w in SST2_LABELS]
-    scores = score_targets(model, tok, [p for p, _ in both], [w for _, w in both], batch_size)
-    lp = np.array([s.sum_logprob for s in scores]).reshape(len(prompts), 2)
-    return float(np.mean(lp.argmax(1) == np.asarray(labels)))
-
-
-@torch.no_grad()
-def perplexity(model, tok, text: str, max_tokens: int, stride: int | None = None) -> tuple[float, int]:
-    """Token perplexity of ``text`` (first ``max_tokens`` tokens) with a sliding window of the model's context;
-    each token is scored once, with at least half a window of context (HF's strided perplexity recipe)."""
-    ids = tok(text, add_special_tokens=False)["input_ids"][:max_tokens]
-    ctx = model.config.n_positions
-    stride = stride or ctx // 2
-    nll, count, prev_end = 0.0, 0, 0
-    model.eval()
-    for begin in range(0, len(ids), stride):
-        end = min(begin + ctx, len(ids))
-        x = torch.tensor(ids[begin:end])[None]
-        labels = x.clone()
-        labels[:, : -(end - prev_end)] = -100  # score only the new tokens of this window
-        n = int((labels[:, 1:] != -100).sum())
-        if n:
-            nll += float(model(input_ids=x, labels=labels, use_cache=False).loss) * n
-            count += n
-        prev_end = end
-        if end == len(ids):
-            break
-    return (math.exp(nll / count) if count else float("nan")), count
+    examples = [TaskExample(format_sentiment(t), [LABEL_WORDS["sst2"][y]], list(TASKS["sst2"].choices))
+                for t, y in rows]
+    return float(np.mean(example_scores("sst2", model, tok, examples, batch_size)))
 
 
 def measure(model, tok, corpus: Corpus, preset: TestbedPreset) -> dict[str, Any]:
     """The figures of ``testbed.json``, overall and by source file."""
+    from eac_lightning.evaluation.probes import perplexity
+    from eac_lightning.evaluation.scoring import model_max_length
+
     model.eval()
     figs: dict[str, Any] = {}
 
@@ -476,15 +454,12 @@ def measure(model, tok, corpus: Corpus, preset: TestbedPreset) -> dict[str, Any]
             "neighbourhood_accuracy": acc([f for f in corpus.facts_of_kind("neighbourhood") if f.source == src]),
         }
     figs["by_source"] = by_source
-    figs["sst2_heldout_accuracy"] = sst2_accuracy(
-        model, tok, corpus.sst2_texts(heldout=True), [y for _, y in corpus.sst2_heldout]
-    )
-    figs["sst2_train_accuracy"] = sst2_accuracy(
-        model, tok, [t.rsplit(" ", 1)[0] for t in corpus.sst2_texts()], [y for _, y in corpus.sst2_train]
-    )
-    ppl, n = perplexity(model, tok, corpus.wikitext_test, preset.ppl_tokens)
-    figs["wikitext2_test_perplexity"] = ppl
-    figs["wikitext2_test_tokens"] = n
+    figs["sst2_heldout_accuracy"] = sst2_accuracy(model, tok, corpus.sst2_heldout)
+    figs["sst2_train_accuracy"] = sst2_accuracy(model, tok, corpus.sst2_train)
+    # Windows of the model's context, each token scored once with at least half a window of context.
+    ids = tok(corpus.wikitext_test, add_special_tokens=False)["input_ids"][:preset.ppl_tokens]
+    figs["wikitext2_test_perplexity"] = perplexity(model, tok, ids, window=model_max_length(model))
+    figs["wikitext2_test_tokens"] = max(0, len(ids) - 1)
     return figs
 
 

@@ -37,14 +37,8 @@ import numpy as np
 
 from eac_lightning.data.requests import EditRequest, MalformedRequestError
 from eac_lightning.data.sources import detect_format, iter_records
+from eac_lightning.evaluation.tasks import LABEL_WORDS, format_sentiment
 from eac_lightning.paths import data_dir, resolve_data_path
-
-#: Sentiment prompt of the EAC paper (Xu et al., 2025, Table 4, SST-2), verbatim.
-SST2_PROMPT = (
-    "For each snippet of text, label the sentiment of the text as positive or negative. "
-    "The answer should be exact 'positive' or 'negative'. text: {TEXT} answer:"
-)
-SST2_LABELS = ("negative", "positive")  # GLUE SST-2: 0 = negative, 1 = positive
 
 #: Default fact files (resolved under the offline data folder).
 DEFAULT_FACT_PATHS = ("counterfact", "zsre")
@@ -107,11 +101,12 @@ class Corpus:
         return [f for f in pool if f.kind in kinds]
 
     def sst2_texts(self, heldout: bool = False) -> list[str]:
-        """SST-2 examples as training texts (prompt + label) or, held out, as prompts only."""
+        """SST-2 examples under the evaluated sentiment prompt (EAC Table 4): as training texts (prompt + label
+        word) or, held out, as prompts only."""
         rows = self.sst2_heldout if heldout else self.sst2_train
         if heldout:
-            return [sst2_prompt(t) for t, _ in rows]
-        return [f"{sst2_prompt(t)} {SST2_LABELS[y]}" for t, y in rows]
+            return [format_sentiment(t) for t, _ in rows]
+        return [f"{format_sentiment(t)} {LABEL_WORDS['sst2'][y]}" for t, y in rows]
 
     def tokenizer_texts(self, answer_repeats: int = 0) -> list[str]:
         """The texts a tokenizer is trained on: every trained text (never the held-out or test ones), plus each
@@ -128,11 +123,6 @@ class Corpus:
             answers = sorted({f.target.strip() for f in self.train_facts} | {r.target_new.strip() for r in self.requests})
             texts += [" ".join([a] * answer_repeats) for a in answers if a]
         return texts
-
-
-def sst2_prompt(text: str) -> str:
-    """The EAC paper's SST-2 prompt (Table 4) around ``text``."""
-    return SST2_PROMPT.replace("{TEXT}", text.strip())
 
 
 def read_sst2(path: str | os.PathLike) -> list[tuple[str, int]]:
