@@ -37,23 +37,22 @@ from pathlib import Path
 import torch
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from eac_lightning.data.requests import EditRequest, validate_requests  # noqa: E402
-from eac_lightning.data.sources import iter_records, load_requests  # noqa: E402
-from eac_lightning.editor import method_from_preset  # noqa: E402
-from eac_lightning.evaluation import (  # noqa: E402
+from eac_lightning.data.requests import EditRequest, validate_requests
+from eac_lightning.data.sources import iter_records, load_requests
+from eac_lightning.editor import method_from_preset
+from eac_lightning.evaluation import (
     compute_locality_reference,
     evaluate_edit_metrics,
     fact_retention,
     wikitext2_ppl,
 )
-from eac_lightning.methods.beac import LayeredTarget  # noqa: E402
-from eac_lightning.methods.target import ContextTemplateParams  # noqa: E402
-from eac_lightning.models.adapters import weight_view  # noqa: E402
-from eac_lightning.models.loading import load_model  # noqa: E402
-from eac_lightning.stats.covariance import CovarianceStore  # noqa: E402
+from eac_lightning.methods.beac import LayeredTarget
+from eac_lightning.methods.target import ContextTemplateParams
+from eac_lightning.models.adapters import weight_view
+from eac_lightning.models.loading import load_model
+from eac_lightning.stats.covariance import CovarianceStore
+
+REPO = Path(__file__).resolve().parents[1]
 
 METHODS = {
     "MEMIT": "memit",

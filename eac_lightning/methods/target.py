@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from contextlib import ExitStack
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -241,19 +241,34 @@ class BatchTargetProblem:
             )
 
 
-def optimise_plain(problem: TargetProblem, num_steps: int | None = None) -> torch.Tensor:
-    """ROME/MEMIT's optimiser: Adam on δ with norm clamping and early stopping (EAC App. B Eq. 9)."""
+def adam_descent(problem: TargetProblem | BatchTargetProblem, param: torch.Tensor, steps: int,
+                 objective: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
+                 first_step: int = 0, early_stop: bool = True,
+                 on_grad: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
+    """The optimiser of ROME's v*, MEMIT's z and EAC's two phases (EAC App. B Eq. 9): Adam on ``param`` (the
+    problem's learning rate) for at most ``steps`` steps of ``objective(param) -> (loss, target NLL)`` (default: the
+    problem's loss), stopping once the NLL is below ``early_stop_nll`` (with ``early_stop``) and projecting
+    ``param`` back into the norm ball after every step. ``on_grad`` sees each step's gradient (EAC's phase 1 scores
+    with them); a non-finite loss raises naming step ``first_step + step``. Returns ``param`` detached."""
     hp = problem.hparams
-    delta = torch.zeros_like(problem.v0, requires_grad=True)
-    opt = torch.optim.Adam([delta], lr=hp.lr)
-    for step in range(hp.num_steps if num_steps is None else num_steps):
-        loss, nll = problem.loss(delta)
-        problem.check(loss, step)
-        if nll.item() < hp.early_stop_nll:
+    objective = objective or problem.loss
+    opt = torch.optim.Adam([param], lr=hp.lr)
+    for step in range(steps):
+        loss, nll = objective(param)
+        problem.check(loss, first_step + step)
+        if early_stop and nll.item() < hp.early_stop_nll:
             break
         opt.zero_grad()
-        (delta.grad,) = torch.autograd.grad(loss, delta)
+        (param.grad,) = torch.autograd.grad(loss, param)
+        if on_grad is not None:
+            on_grad(param.grad)
         opt.step()
         with torch.no_grad():
-            problem.clamp(delta)
-    return delta.detach()
+            problem.clamp(param)
+    return param.detach()
+
+
+def optimise_plain(problem: TargetProblem, num_steps: int | None = None) -> torch.Tensor:
+    """ROME/MEMIT's optimiser: Adam on δ from zero with norm clamping and early stopping (EAC App. B Eq. 9)."""
+    steps = problem.hparams.num_steps if num_steps is None else num_steps
+    return adam_descent(problem, torch.zeros_like(problem.v0, requires_grad=True), steps)
