@@ -17,7 +17,6 @@ import torch
 
 from eac_lightning.testbed import (
     PRESETS,
-    SST2_PROMPT,
     TestbedPreset,
     build_corpus,
     build_testbed,
@@ -46,11 +45,17 @@ def small_corpus():
     return build_corpus(max_facts_per_path=12, neighbours_per_fact=3, wikitext_paragraphs=30)
 
 
-def test_sst2_prompt_is_the_papers():
-    assert SST2_PROMPT == (
+def test_sst2_is_trained_under_the_evaluated_prompt(small_corpus):
+    """The testbed's SST-2 texts use the general-ability task's prompt (the EAC paper's, Table 4) and label words."""
+    from eac_lightning.evaluation.tasks import SENTIMENT_PROMPT, format_sentiment
+
+    assert SENTIMENT_PROMPT == (
         "For each snippet of text, label the sentiment of the text as positive or negative. The answer should be "
         "exact 'positive' or 'negative'. text: {TEXT} answer:"
     )
+    (text, label), = small_corpus.sst2_train[:1]
+    assert small_corpus.sst2_texts()[0] == format_sentiment(text) + (" positive" if label == 1 else " negative")
+    assert small_corpus.sst2_texts(heldout=True)[0] == format_sentiment(small_corpus.sst2_heldout[0][0])
 
 
 def test_template_strips_paraphrase_prefix():
@@ -131,6 +136,9 @@ def test_tiny_testbed_figures(tiny_testbed):
         assert isinstance(info[key], (int, float)) and math.isfinite(info[key]), key
     assert info["fact_accuracy"] >= 0.9
     assert info["edit_layer"] == PRESETS["tiny"].edit_layer
+    # what model loading reads (models/ knows no testbed): the preset's layers and the stats corpus
+    assert json.loads((tiny_testbed / "editing.json").read_text()) == {
+        "edit_layer": info["edit_layer"], "memit_layers": info["memit_layers"], "stats_corpus": info["stats_corpus"]}
     assert info["preset"]["name"] == "tiny"
     facts = [json.loads(x) for x in (tiny_testbed / "facts.jsonl").read_text().splitlines()]
     assert {"prompt", "subject", "target", "source", "record_id", "kind"} <= set(facts[0])
@@ -175,15 +183,18 @@ def test_a_cached_build_without_stats_corpus_gets_the_same_one(tiny_testbed):
 
     meta = tiny_testbed / "testbed.json"
     sample = tiny_testbed / "stats_corpus.jsonl"
-    built = sample.read_bytes()
+    defaults = tiny_testbed / "editing.json"
+    built, built_defaults = sample.read_bytes(), json.loads(defaults.read_text())
     info = json.loads(meta.read_text())
     del info["stats_corpus"]
     meta.write_text(json.dumps(info))
     sample.unlink()
+    defaults.unlink()
     model = AutoModelForCausalLM.from_pretrained(tiny_testbed)
     assert CovarianceStore(model, None).corpus == "wikitext"  # an old build read as it is: WikiText
     assert ensure_testbed("tiny") == tiny_testbed
     assert sample.read_bytes() == built
+    assert json.loads(defaults.read_text()) == built_defaults
     assert CovarianceStore(model, None).corpus == str(sample)
 
 

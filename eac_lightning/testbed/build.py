@@ -6,6 +6,7 @@ seed, measures it and saves it in plain Hugging Face format::
 
     out/config.json, model.safetensors, tokenizer.json, ...   # AutoModelForCausalLM / AutoTokenizer.from_pretrained
     out/testbed.json                                          # preset, measured figures, corpus statistics
+    out/editing.json                                          # edit layers and stats corpus, read by model loading
     out/facts.jsonl                                           # every trained fact (prompt, subject, target, source)
     out/heldout.jsonl                                         # the held-out paraphrases the figures are measured on
     out/stats_corpus.jsonl                                    # a sample of the training stream: the corpus of C
@@ -41,6 +42,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from eac_lightning.models.loading import write_editing_defaults
 from eac_lightning.paths import cache_dir
 from eac_lightning.testbed.corpus import Corpus, PackedData, SequencePacker, build_corpus
 
@@ -570,6 +572,7 @@ def build_testbed(
         "versions": _versions(),
     }
     (out / "testbed.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    write_editing_defaults(out, p.edit_layer, p.memit_layers, STATS_CORPUS)  # what model loading reads
     return info
 
 
@@ -631,10 +634,10 @@ def ensure_testbed(preset: str | TestbedPreset, seed: int = 0, progress: bool = 
 
 
 def _sync_cached_build(folder: Path, preset: TestbedPreset) -> None:
-    """Bring a cached build's ``testbed.json`` up to date without retraining: the preset's current edit layers
-    (chosen by tracing and edit checks after a build; the model does not depend on them), and, for builds made
-    before testbeds shipped one, ``stats_corpus.jsonl`` from the saved tokenizer and the recorded preset, seed and
-    fact files (the same file a fresh build writes)."""
+    """Bring a cached build's ``testbed.json`` and ``editing.json`` up to date without retraining: the preset's
+    current edit layers (chosen by tracing and edit checks after a build; the model does not depend on them), and,
+    for builds made before testbeds shipped one, ``stats_corpus.jsonl`` from the saved tokenizer and the recorded
+    preset, seed and fact files (the same file a fresh build writes)."""
     path = folder / "testbed.json"
     info = json.loads(path.read_text(encoding="utf-8"))
     changed = info.get("edit_layer") != preset.edit_layer or info.get("memit_layers") != list(preset.memit_layers)
@@ -654,6 +657,7 @@ def _sync_cached_build(folder: Path, preset: TestbedPreset) -> None:
         tmp = path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
         os.replace(tmp, path)
+    write_editing_defaults(folder, info["edit_layer"], info["memit_layers"], info["stats_corpus"])
 
 
 def testbed_command(out: str, preset: str = "small", facts: list[str] | None = None, seed: int = 0) -> None:
