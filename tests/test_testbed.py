@@ -25,7 +25,8 @@ from eac_lightning.testbed import (
     trace_command,
 )
 from eac_lightning.testbed import testbed_command as build_command  # not test_*-named: pytest would collect it
-from eac_lightning.testbed.corpus import SequencePacker, _template
+from eac_lightning.testbed.corpus import _template
+from eac_lightning.testbed.packing import SequencePacker
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -25,7 +25,8 @@ from eac_lightning.testbed.causal_trace import (
     trace_command,
     trace_fact,
 )
-from eac_lightning.testbed.corpus import Corpus, FactItem, SequencePacker, build_corpus
+from eac_lightning.testbed.corpus import Corpus, FactItem, build_corpus
+from eac_lightning.testbed.packing import SequencePacker
 
 __all__ = [
     "PRESETS",

@@ -44,7 +44,8 @@ import torch
 
 from eac_lightning.models.loading import write_editing_defaults
 from eac_lightning.paths import cache_dir
-from eac_lightning.testbed.corpus import Corpus, PackedData, SequencePacker, build_corpus
+from eac_lightning.testbed.corpus import Corpus, build_corpus
+from eac_lightning.testbed.packing import PackedData, SequencePacker
 
 TESTBED_FORMAT = 1
 STATS_CORPUS = "stats_corpus.jsonl"
