@@ -20,22 +20,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "benchmarks"))
+from eac_lightning.data.sources import load_requests
+from eac_lightning.methods.eac import anchor_count
+from eac_lightning.methods.target import ContextTemplateParams, compute_keys, generate_context_templates
+from eac_lightning.models.adapters import mlp_out_name
+from eac_lightning.models.loading import default_layers, load_model
+from eac_lightning.stats.covariance import CovarianceStore
 
-from beac_batches import second_corrections  # noqa: E402
-from eac_lightning.data.sources import load_requests  # noqa: E402
-from eac_lightning.methods.eac import anchor_count  # noqa: E402
-from eac_lightning.methods.target import ContextTemplateParams, compute_keys, generate_context_templates  # noqa: E402
-from eac_lightning.models.adapters import mlp_out_name  # noqa: E402
-from eac_lightning.models.loading import default_layers, load_model  # noqa: E402
-from eac_lightning.stats.covariance import CovarianceStore  # noqa: E402
+from beac_batches import second_corrections  # a sibling script: python puts benchmarks/ on the path
 
 
 def abs_cos(gram: torch.Tensor) -> torch.Tensor:

@@ -37,23 +37,22 @@ from pathlib import Path
 import torch
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from eac_lightning.data.requests import EditRequest, validate_requests  # noqa: E402
-from eac_lightning.data.sources import iter_records, load_requests  # noqa: E402
-from eac_lightning.editor import method_from_preset  # noqa: E402
-from eac_lightning.evaluation import (  # noqa: E402
+from eac_lightning.data.requests import EditRequest, validate_requests
+from eac_lightning.data.sources import iter_records, load_requests
+from eac_lightning.editor import method_from_preset
+from eac_lightning.evaluation import (
     compute_locality_reference,
     evaluate_edit_metrics,
     fact_retention,
     wikitext2_ppl,
 )
-from eac_lightning.methods.beac import LayeredTarget  # noqa: E402
-from eac_lightning.methods.target import ContextTemplateParams  # noqa: E402
-from eac_lightning.models.adapters import weight_view  # noqa: E402
-from eac_lightning.models.loading import load_model  # noqa: E402
-from eac_lightning.stats.covariance import CovarianceStore  # noqa: E402
+from eac_lightning.methods.beac import LayeredTarget
+from eac_lightning.methods.target import ContextTemplateParams
+from eac_lightning.models.adapters import weight_view
+from eac_lightning.models.loading import load_model
+from eac_lightning.stats.covariance import CovarianceStore
+
+REPO = Path(__file__).resolve().parents[1]
 
 METHODS = {
     "MEMIT": "memit",
@@ -195,6 +194,14 @@ def plot(results, base, img_dir: Path, tag: str) -> list[str]:
     palette = plt.get_cmap("tab10" if len(names) <= 10 else "tab20")
     color = {name: palette(i % palette.N) for i, name in enumerate(names)}  # one colour per method, both plots
     written = []
+
+    def save(fig, axes, legend_size: int, name: str) -> None:
+        _legend(axes[0], fontsize=legend_size)
+        fig.tight_layout()
+        fig.savefig(img_dir / name, dpi=120)
+        plt.close(fig)
+        written.append(str(img_dir / name))
+
     # Norm growth per batch.
     fig, axes = plt.subplots(1, len(schedules), figsize=(5.2 * len(schedules) + 2.6, 3.8), squeeze=False)
     for ax, sched in zip(axes[0], schedules):
@@ -206,12 +213,7 @@ def plot(results, base, img_dir: Path, tag: str) -> list[str]:
         ax.set_ylabel("L1 growth  Σ‖W−W⁰‖₁ / Σ‖W⁰‖₁")
         ax.set_yscale("log")
         ax.grid(alpha=0.3)
-    _legend(axes[0], fontsize=8)
-    fig.tight_layout()
-    p = img_dir / f"beac_norm_growth_{tag}.png"
-    fig.savefig(p, dpi=120)
-    plt.close(fig)
-    written.append(str(p))
+    save(fig, axes, 8, f"beac_norm_growth_{tag}.png")
     # Final metrics.
     keys = ["reliability", "generalization", "locality", "general_ability_retention", "mean4"]
     labels = ["reliability", "generalisation", "locality", "GA retention", "mean of 4"]
@@ -227,12 +229,7 @@ def plot(results, base, img_dir: Path, tag: str) -> list[str]:
         ax.set_ylim(0, 1.05)
         ax.set_title(f"{sched}: after all edits")
         ax.grid(axis="y", alpha=0.3)
-    _legend(axes[0], fontsize=7)
-    fig.tight_layout()
-    p = img_dir / f"beac_metrics_{tag}.png"
-    fig.savefig(p, dpi=120)
-    plt.close(fig)
-    written.append(str(p))
+    save(fig, axes, 7, f"beac_metrics_{tag}.png")
     return written
 
 

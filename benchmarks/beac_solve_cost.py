@@ -13,18 +13,16 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-from eac_lightning.methods.beac import BEAC, AnchorKeyRecord, BEACHyperParams  # noqa: E402
-from eac_lightning.models.loading import default_layers, load_model  # noqa: E402
-from eac_lightning.stats.covariance import CovarianceStore  # noqa: E402
+from eac_lightning.methods.beac import BEAC
+from eac_lightning.methods.beac_plan import AnchorKeyRecord, BEACHyperParams
+from eac_lightning.models.loading import default_layers, load_model
+from eac_lightning.stats.covariance import CovarianceStore
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -40,7 +40,8 @@ MODES = ("subject_only", "all_but_last", "all_positions")
 
 def hits_with_delta(model, tok, module, delta_w: torch.Tensor, request, mode: str) -> bool:
     """Whether target_new's first token is the top-1 prediction when ``delta_w`` acts only at ``mode``'s tokens."""
-    from eac_lightning.methods.target import subject_last_index, target_token_ids
+    from eac_lightning.methods.target import subject_last_index
+    from eac_lightning.models.encoding import encode_target
 
     ids = tok(request.prompt_text, add_special_tokens=False, return_tensors="pt")["input_ids"]
     n = ids.shape[1]
@@ -61,7 +62,7 @@ def hits_with_delta(model, tok, module, delta_w: torch.Tensor, request, mode: st
             logits = model(input_ids=ids).logits[0, -1]
     finally:
         handle.remove()
-    return logits.argmax().item() == target_token_ids(tok, request.target_new)[0]
+    return logits.argmax().item() == encode_target(tok, request.target_new)[0]
 
 
 def last_token_leakage(model, tok, cov, name: str, key: torch.Tensor, request) -> tuple[float, float]:

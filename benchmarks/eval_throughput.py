@@ -74,7 +74,7 @@ class OneAtATime:
     def __init__(self, model: torch.nn.Module, tok: Any) -> None:
         self.model, self.tok = model, tok
         self.device = next(model.parameters()).device
-        from eac_lightning.evaluation.edit_metrics import model_max_length
+        from eac_lightning.evaluation.scoring import model_max_length
 
         self.max_len = model_max_length(model)
 

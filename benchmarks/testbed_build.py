@@ -113,8 +113,8 @@ def rome_check(folder: Path, n_edits: int, layers: list[int], presets: list[str]
     preset as published and (``testbed_overlay``) composed with ``configs/testbed/<preset>.yaml``."""
     import numpy as np
 
-    from eac_lightning.editor import method_from_preset
-    from eac_lightning.evaluation.edit_metrics import compute_locality_reference, single_edit_metrics
+    from eac_lightning.editor import method_from_preset, single_edit_metrics
+    from eac_lightning.evaluation.edit_metrics import compute_locality_reference
     from eac_lightning.models.loading import load_model
     from eac_lightning.stats.covariance import CovarianceStore
     from eac_lightning.testbed.corpus import load_fact_requests

@@ -123,3 +123,21 @@ class Editor:
         from eac_lightning.evaluation.edit_metrics import evaluate_edit_metrics
 
         return evaluate_edit_metrics(self.model, self.tokenizer, list(requests or self.requests), self.reference)
+
+
+def single_edit_metrics(model: nn.Module, tok, method: EditMethod, requests: Sequence[EditRequest],
+                        reference: dict[str, Any] | None) -> list[dict[str, float]]:
+    """The single-edit setting (EAC Table 3): each request edited alone on the current weights, measured with
+    :func:`~eac_lightning.evaluation.edit_metrics.evaluate_edit_metrics` (no ROME scores), and the edited matrices
+    restored before the next one. ``method`` is set up (:meth:`EditMethod.setup`)."""
+    from eac_lightning.evaluation.edit_metrics import evaluate_edit_metrics
+
+    rows = []
+    for r in requests:
+        saved = snapshot(model, method.module_names)
+        try:
+            method.edit(model, tok, [r])
+            rows.append(evaluate_edit_metrics(model, tok, [r], reference, rome_scores=False))
+        finally:
+            restore_weights(model, saved)
+    return rows

@@ -188,3 +188,31 @@ def test_unknown_architecture_names_it_and_says_how_to_add_it(tmp_path):
     model.save_pretrained(tmp_path)
     with pytest.raises(UnsupportedArchitectureError, match="'opt'"):
         load_model(str(tmp_path))
+
+
+def test_a_model_folder_states_its_editing_defaults(tmp_path):
+    """Model loading reads edit layers and the key-statistics corpus from the folder's editing.json (whatever
+    trained the model writes it); without one, the rule of thumb and WikiText; a malformed one names the file."""
+    from transformers import AutoModelForCausalLM
+
+    from eac_lightning.models.loading import (
+        EDITING_DEFAULTS,
+        default_layers,
+        default_stats_corpus,
+        write_editing_defaults,
+    )
+
+    make_tiny_model("gpt2", VOCAB).save_pretrained(tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert default_layers(model).source.startswith("rule of thumb")
+    assert default_stats_corpus(model, "wikitext") == "wikitext"
+
+    (tmp_path / "sample.jsonl").write_text('{"text": "a b c"}\n')
+    write_editing_defaults(tmp_path, 2, [1, 2], "sample.jsonl")
+    layers = default_layers(model)
+    assert (layers.rome, layers.memit, layers.source) == (2, (1, 2), str(tmp_path / EDITING_DEFAULTS))
+    assert default_stats_corpus(model, "wikitext") == str(tmp_path / "sample.jsonl")
+
+    (tmp_path / EDITING_DEFAULTS).write_text("[1, 2]")
+    with pytest.raises(ValueError, match=EDITING_DEFAULTS):
+        default_layers(model)

@@ -11,13 +11,11 @@ import pytest
 import torch
 
 from eac_lightning.data.requests import EditRequest
-from eac_lightning.methods.beac import (
-    BEAC,
+from eac_lightning.methods.beac import BEAC, BEACAlphaEdit, LayeredTarget
+from eac_lightning.methods.beac_plan import (
     AnchorKeyRecord,
     AnchorPlan,
-    BEACAlphaEdit,
     BEACHyperParams,
-    LayeredTarget,
     auto_overlap,
     plan_anchors,
     rar_penalty,

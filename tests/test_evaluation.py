@@ -12,6 +12,7 @@ import torch
 
 from eac_lightning.data.requests import EditRequest
 from eac_lightning.evaluation import edit_metrics as em
+from eac_lightning.evaluation import metrics, scoring
 from eac_lightning.evaluation import probes, tasks
 from eac_lightning.evaluation.evaluator import Evaluator, EvaluatorConfig, format_table, summary_sections
 from eac_lightning.paths import data_dir
@@ -155,16 +156,16 @@ def test_partial_token_accuracy_and_paraphrase_failure():
 
 
 def test_token_agreement_metric_direct():
-    loc = em.Locality()
+    loc = metrics.Locality()
     loc.update([[5, 9], [1]], [[5, 7], [1]])  # a locality case that flips one of two tokens
     assert float(loc.compute()) == pytest.approx((0.5 + 1.0) / 2)
-    exact = em.Locality(exact=True)
+    exact = metrics.Locality(exact=True)
     exact.update([[5, 9], [1]], [[5, 7], [1]])
     assert float(exact.compute()) == pytest.approx(0.5)
-    gen = em.Generalization()
+    gen = metrics.Generalization()
     gen.update([[3]], [[4]])  # a paraphrase that fails
     assert float(gen.compute()) == 0.0
-    pc = em.ProbabilityComparison()
+    pc = metrics.ProbabilityComparison()
     pc.update([math.log(0.6), math.log(0.1)], [math.log(0.2), math.log(0.3)])
     out = pc.compute()
     assert float(out["score"]) == 0.5 and float(out["magnitude"]) == pytest.approx(((0.6 - 0.2) + (0.1 - 0.3)) / 2)
@@ -179,7 +180,7 @@ def test_missing_reference_names_the_request():
 def test_rome_length_normalisation():
     tok = word_tokenizer()
     model = BigramLM({"near": "Mount", "Mount": "Fuji"})
-    s = em.score_targets(model, tok, ["Tokyo lies near"], ["Mount Fuji"])[0]
+    s = scoring.score_targets(model, tok, ["Tokyo lies near"], ["Mount Fuji"])[0]
     hi, _ = p_hi_lo()
     assert s.sum_logprob == pytest.approx(2 * math.log(hi), rel=1e-4)
     assert s.mean_logprob == pytest.approx(math.log(hi), rel=1e-4)
@@ -197,7 +198,7 @@ def test_sharded_updates_sum_to_the_whole():
     parts = []
     for rank in range(2):
         m = em.EditMetrics()
-        m.update(model, tok, em.shard(reqs, rank, 2), ref)
+        m.update(model, tok, metrics.shard(reqs, rank, 2), ref)
         parts.append(m)
     for name, metric in whole.metrics.items():
         for state in metric._defaults:
@@ -251,13 +252,13 @@ TARGETS = ["Paris", "French", "Africa", "the guitar", "Italy", "Steve Jobs"]
 
 
 def test_batched_equals_unbatched(tiny_gpt2, tokenizer):
-    one = em.score_targets(tiny_gpt2, tokenizer, PROMPTS, TARGETS, batch_size=1)
-    many = em.score_targets(tiny_gpt2, tokenizer, PROMPTS, TARGETS, batch_size=4)
+    one = scoring.score_targets(tiny_gpt2, tokenizer, PROMPTS, TARGETS, batch_size=1)
+    many = scoring.score_targets(tiny_gpt2, tokenizer, PROMPTS, TARGETS, batch_size=4)
     for a, b in zip(one, many):
         assert a.pred == b.pred and a.target == b.target
         assert a.logprobs == pytest.approx(b.logprobs, abs=1e-4)
-    g1 = em.greedy_generate(tiny_gpt2, tokenizer, PROMPTS, 6, batch_size=1, stop_at_eos=False)
-    g4 = em.greedy_generate(tiny_gpt2, tokenizer, PROMPTS, 6, batch_size=4, stop_at_eos=False)
+    g1 = scoring.greedy_generate(tiny_gpt2, tokenizer, PROMPTS, 6, batch_size=1, stop_at_eos=False)
+    g4 = scoring.greedy_generate(tiny_gpt2, tokenizer, PROMPTS, 6, batch_size=4, stop_at_eos=False)
     assert g1 == g4
 
 
@@ -270,8 +271,8 @@ def test_shared_prompt_scoring_equals_full_rows(tokenizer, family):
     model = make_tiny_model(family, len(tokenizer))
     prompts = PROMPTS[:3] * 2
     targets = TARGETS[:3] + ["the city of Rome", "Fr", "It"]
-    shared = em.score_targets(model, tokenizer, prompts, targets, batch_size=2)
-    full = em.score_targets(model, tokenizer, prompts, targets, batch_size=4, share_prompts=False)
+    shared = scoring.score_targets(model, tokenizer, prompts, targets, batch_size=2)
+    full = scoring.score_targets(model, tokenizer, prompts, targets, batch_size=4, share_prompts=False)
     for a, b in zip(shared, full):
         assert a.pred == b.pred and a.target == b.target
         assert a.logprobs == pytest.approx(b.logprobs, abs=1e-4)
@@ -286,7 +287,7 @@ def test_shared_prompt_scoring_equals_full_rows(tokenizer, family):
     ref = em.compute_locality_reference(model, tokenizer, [req], batch_size=2)
     for p, a, s in zip(prompts[:3], targets[3:], full[3:]):
         assert ref["argmax"][em.locality_key(p, a)] == s.pred
-    assert list(ref["greedy"].values()) == em.greedy_generate(model, tokenizer, prompts[:3],
+    assert list(ref["greedy"].values()) == scoring.greedy_generate(model, tokenizer, prompts[:3],
                                                               [len(s.target) for s in full[3:]], stop_at_eos=False)
 
 
@@ -298,23 +299,23 @@ def test_target_positions_match_a_plain_forward(tiny_gpt2, tokenizer):
     with torch.no_grad():
         logits = tiny_gpt2(torch.tensor([p_ids + t_ids])).logits[0]
     expect = logits[len(p_ids) - 1: len(p_ids) + len(t_ids) - 1].argmax(-1).tolist()
-    s = em.score_targets(tiny_gpt2, tokenizer, [prompt, PROMPTS[0]], [target, TARGETS[0]])[0]
+    s = scoring.score_targets(tiny_gpt2, tokenizer, [prompt, PROMPTS[0]], [target, TARGETS[0]])[0]
     assert s.target == t_ids and s.pred == expect
     lp = torch.log_softmax(logits, -1)[range(len(p_ids) - 1, len(p_ids) + len(t_ids) - 1), t_ids]
     assert s.logprobs == pytest.approx(lp.tolist(), abs=1e-4)
 
 
 def test_exact_variant_equals_real_greedy_generation(tiny_gpt2, tokenizer):
-    gens = em.greedy_generate(tiny_gpt2, tokenizer, PROMPTS, 4, batch_size=3, stop_at_eos=False)
+    gens = scoring.greedy_generate(tiny_gpt2, tokenizer, PROMPTS, 4, batch_size=3, stop_at_eos=False)
     for prompt, g in zip(PROMPTS[:3], gens):
         ids = tokenizer(prompt, return_tensors="pt")
         out = tiny_gpt2.generate(**ids, max_new_tokens=4, do_sample=False, eos_token_id=None,
                                  pad_token_id=tokenizer.pad_token_id)
         assert out[0, ids["input_ids"].shape[1]:].tolist() == g
-    scores = em.score_targets(tiny_gpt2, tokenizer, PROMPTS, gens)
+    scores = scoring.score_targets(tiny_gpt2, tokenizer, PROMPTS, gens)
     assert all(s.exact == 1.0 for s in scores)  # teacher forcing on the greedy output reproduces it
     other = [g[:-1] + [(g[-1] + 1) % len(tokenizer)] for g in gens]
-    assert all(s.exact == 0.0 for s in em.score_targets(tiny_gpt2, tokenizer, PROMPTS, other))
+    assert all(s.exact == 0.0 for s in scoring.score_targets(tiny_gpt2, tokenizer, PROMPTS, other))
 
 
 def test_edit_metrics_batched_equals_unbatched(tiny_gpt2, tokenizer):
@@ -461,7 +462,7 @@ def test_logit_classification_matches_manual(tiny_gpt2, tokenizer):
     ex = tasks.load_task("rte", limit=4)
     preds = tasks.classify(tiny_gpt2, tokenizer, ex, batch_size=3)
     for e, p in zip(ex, preds):
-        s = em.score_targets(tiny_gpt2, tokenizer, [e.prompt, e.prompt], ["True", "False"], batch_size=1)
+        s = scoring.score_targets(tiny_gpt2, tokenizer, [e.prompt, e.prompt], ["True", "False"], batch_size=1)
         assert p == ("True" if s[0].sum_logprob >= s[1].sum_logprob else "False")
     gen = tasks.classify(tiny_gpt2, tokenizer, ex, batch_size=3, mode="generate", max_new_tokens=2)
     assert all(g in ("", "True", "False") for g in gen)
@@ -473,7 +474,7 @@ def test_task_scores_batched_equal_unbatched_and_shard(tiny_gpt2, tokenizer):
         one = tasks.example_scores(task, tiny_gpt2, tokenizer, ex, batch_size=1, max_new_tokens=budget)
         many = tasks.example_scores(task, tiny_gpt2, tokenizer, ex, batch_size=8, max_new_tokens=budget)
         assert one == pytest.approx(many), task
-        shards = [tasks.example_scores(task, tiny_gpt2, tokenizer, em.shard(ex, r, 2), 8, budget) for r in range(2)]
+        shards = [tasks.example_scores(task, tiny_gpt2, tokenizer, metrics.shard(ex, r, 2), 8, budget) for r in range(2)]
         assert sum(map(sum, shards)) == pytest.approx(sum(many))
         whole = tasks.evaluate_task(task, tiny_gpt2, tokenizer, ex, 8, budget)
         assert whole == pytest.approx(sum(many) / len(many))

@@ -28,8 +28,9 @@ from eac_lightning.methods.eac import anchor_count, anchor_mask, explore
 from eac_lightning.methods.ft import FTProblem
 from eac_lightning.methods.memit import ResidualTarget
 from eac_lightning.methods.rome import RankOneTarget, rank_one_update
-from eac_lightning.methods.target import BatchTargetProblem, TargetProblem, compute_keys, target_token_ids
+from eac_lightning.methods.target import BatchTargetProblem, TargetProblem, compute_keys
 from eac_lightning.models.adapters import mlp_out_name, weight_view
+from eac_lightning.models.encoding import encode_target
 from eac_lightning.stats.covariance import Covariance, CovarianceStore
 
 NAN = float("nan")
@@ -89,7 +90,7 @@ def _assert_same(model, state):
 
 def _target_nll(model, tok, request) -> float:
     ids = tok(request.prompt_text, add_special_tokens=False)["input_ids"]
-    tgt = target_token_ids(tok, request.target_new)
+    tgt = encode_target(tok, request.target_new)
     with torch.no_grad():
         logits = model(input_ids=torch.tensor([ids + tgt[:-1]])).logits[0]
     logp = torch.log_softmax(logits[len(ids) - 1:], -1)
@@ -449,7 +450,7 @@ def testbed(tiny_testbed):
 
 def _greedy_hits(model, tok, requests) -> list[bool]:
     """Whether greedy decoding of each prompt reproduces target_new exactly."""
-    from eac_lightning.evaluation.edit_metrics import score_targets
+    from eac_lightning.evaluation.scoring import score_targets
 
     return [s.pred == s.target for s in score_targets(model, tok, [r.prompt_text for r in requests],
                                                       [r.target_new for r in requests])]

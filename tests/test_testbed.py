@@ -17,7 +17,6 @@ import torch
 
 from eac_lightning.testbed import (
     PRESETS,
-    SST2_PROMPT,
     TestbedPreset,
     build_corpus,
     build_testbed,
@@ -29,7 +28,8 @@ from eac_lightning.testbed import (
     verify_shipped,
 )
 from eac_lightning.testbed import testbed_command as build_command  # not test_*-named: pytest would collect it
-from eac_lightning.testbed.corpus import SequencePacker, _template
+from eac_lightning.testbed.corpus import _template
+from eac_lightning.testbed.packing import SequencePacker
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -49,11 +49,17 @@ def small_corpus():
     return build_corpus(max_facts_per_path=12, neighbours_per_fact=3, wikitext_paragraphs=30)
 
 
-def test_sst2_prompt_is_the_papers():
-    assert SST2_PROMPT == (
+def test_sst2_is_trained_under_the_evaluated_prompt(small_corpus):
+    """The testbed's SST-2 texts use the general-ability task's prompt (the EAC paper's, Table 4) and label words."""
+    from eac_lightning.evaluation.tasks import SENTIMENT_PROMPT, format_sentiment
+
+    assert SENTIMENT_PROMPT == (
         "For each snippet of text, label the sentiment of the text as positive or negative. The answer should be "
         "exact 'positive' or 'negative'. text: {TEXT} answer:"
     )
+    (text, label), = small_corpus.sst2_train[:1]
+    assert small_corpus.sst2_texts()[0] == format_sentiment(text) + (" positive" if label == 1 else " negative")
+    assert small_corpus.sst2_texts(heldout=True)[0] == format_sentiment(small_corpus.sst2_heldout[0][0])
 
 
 def test_template_strips_paraphrase_prefix():
@@ -134,6 +140,9 @@ def test_tiny_testbed_figures(tiny_testbed):
         assert isinstance(info[key], (int, float)) and math.isfinite(info[key]), key
     assert info["fact_accuracy"] >= 0.9
     assert info["edit_layer"] == PRESETS["tiny"].edit_layer
+    # what model loading reads (models/ knows no testbed): the preset's layers and the stats corpus
+    assert json.loads((tiny_testbed / "editing.json").read_text()) == {
+        "edit_layer": info["edit_layer"], "memit_layers": info["memit_layers"], "stats_corpus": info["stats_corpus"]}
     assert info["preset"]["name"] == "tiny"
     facts = [json.loads(x) for x in (tiny_testbed / "facts.jsonl").read_text().splitlines()]
     assert {"prompt", "subject", "target", "source", "record_id", "kind"} <= set(facts[0])
@@ -221,8 +230,8 @@ def test_single_edits_take_on_tiny(tiny_testbed, preset, n_edits):
     ROME-EAC over 20; measured 1.00 and 0.95 over 20, docs/testbed.md) and stay local (0.865 / 0.865 measured)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from eac_lightning.editor import method_from_preset
-    from eac_lightning.evaluation.edit_metrics import compute_locality_reference, single_edit_metrics
+    from eac_lightning.editor import method_from_preset, single_edit_metrics
+    from eac_lightning.evaluation.edit_metrics import compute_locality_reference
     from eac_lightning.stats.covariance import CovarianceStore
     from eac_lightning.testbed.corpus import load_fact_requests
 

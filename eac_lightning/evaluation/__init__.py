@@ -1,22 +1,20 @@
-"""Evaluation: edit metrics (EAC Eqs. 10-12, ROME's CounterFact scores), the Table 4 general-ability tasks, the
-fact-retention and WikiText-2 perplexity probes, and the sharded :class:`Evaluator` that runs them all."""
+"""Evaluation: the batched scoring engine (``scoring``), the torchmetrics states (``metrics``), the edit metrics
+(EAC Eqs. 10-12, ROME's CounterFact scores), the Table 4 general-ability tasks, the fact-retention and WikiText-2
+perplexity probes, and the sharded :class:`Evaluator` that runs them all."""
 
-from eac_lightning.evaluation.edit_metrics import (
-    EditMetrics,
+from eac_lightning.evaluation.edit_metrics import EditMetrics, compute_locality_reference, evaluate_edit_metrics
+from eac_lightning.evaluation.evaluator import Evaluator, EvaluatorConfig, format_table, summary_sections
+from eac_lightning.evaluation.metrics import (
     Generalization,
     Locality,
+    Perplexity,
     ProbabilityComparison,
     Reliability,
     SumCountMetric,
-    TargetScore,
     TokenAgreement,
-    compute_locality_reference,
-    evaluate_edit_metrics,
-    greedy_generate,
-    score_targets,
 )
-from eac_lightning.evaluation.evaluator import Evaluator, EvaluatorConfig, format_table, summary_sections
-from eac_lightning.evaluation.probes import Perplexity, fact_retention, known_facts, wikitext2_ppl
+from eac_lightning.evaluation.probes import fact_retention, known_facts, wikitext2_ppl
+from eac_lightning.evaluation.scoring import TargetScore, greedy_generate, score_targets
 from eac_lightning.evaluation.tasks import (
     TABLE4_PROMPTS,
     TASK_KEYS,

@@ -13,25 +13,15 @@ ranks under DDP.
 
 from __future__ import annotations
 
-import math
 import os
 from typing import Any, Sequence
 
 import torch
-from torchmetrics import Metric
 
 from eac_lightning.data.requests import EditRequest
-from eac_lightning.evaluation.edit_metrics import (
-    SumCountMetric,
-    forward,
-    inference,
-    left_pad,
-    model_device,
-    model_max_length,
-    pad_token_id,
-    score_targets,
-    shard,
-)
+from eac_lightning.evaluation.metrics import Perplexity, SumCountMetric, shard
+from eac_lightning.evaluation.scoring import forward, inference, model_device, model_max_length, score_targets
+from eac_lightning.models.encoding import left_pad, pad_token_id
 from eac_lightning.paths import data_dir, resolve_data_path
 
 
@@ -48,36 +38,24 @@ def fact_retention(model: torch.nn.Module, tok: Any, requests: Sequence[EditRequ
     return float(metric.compute())
 
 
+def greedy_matches(model: torch.nn.Module, tok: Any, prompts: Sequence[str], targets: Sequence[str],
+                   first_token_only: bool = False, batch_size: int = 32) -> list[bool]:
+    """Whether greedy decoding continues each prompt with ``" " + target``: every teacher-forced argmax is the
+    target token (which is what greedy decoding reproduces), or with ``first_token_only`` its first token only."""
+    scores = score_targets(model, tok, list(prompts), list(targets), batch_size)
+    if first_token_only:
+        return [s.pred[0] == s.target[0] for s in scores]
+    return [s.pred == s.target for s in scores]
+
+
 def known_facts(model: torch.nn.Module, tok: Any, requests: Sequence[EditRequest],
                 batch_size: int = 32) -> list[EditRequest]:
     """The requests whose true object is the model's greedy continuation and whose new object differs from it:
     facts the model demonstrably knows, so that an edit of them has something to change."""
-    scores = score_targets(model, tok, [r.prompt_text for r in requests], [r.target_true for r in requests],
-                           batch_size)
-    return [r for r, s in zip(requests, scores)
-            if s.pred == s.target and r.target_new.strip().lower() != r.target_true.strip().lower()]
-
-
-class Perplexity(Metric):
-    """exp(summed token NLL / token count), with both sums reduced across ranks under DDP."""
-
-    full_state_update = False
-    higher_is_better = False
-    is_differentiable = False
-
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.add_state("nll", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("count", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-
-    def update(self, nll_sum: float | torch.Tensor, n_tokens: int | torch.Tensor) -> None:  # type: ignore[override]
-        self.nll += torch.as_tensor(nll_sum, dtype=torch.float64, device=self.nll.device)
-        self.count += torch.as_tensor(n_tokens, dtype=torch.float64, device=self.count.device)
-
-    def compute(self) -> torch.Tensor:  # type: ignore[override]
-        if self.count == 0:
-            return torch.tensor(math.nan, dtype=torch.float64)
-        return torch.exp(self.nll / self.count)
+    known = greedy_matches(model, tok, [r.prompt_text for r in requests], [r.target_true for r in requests],
+                           batch_size=batch_size)
+    return [r for r, k in zip(requests, known)
+            if k and r.target_new.strip().lower() != r.target_true.strip().lower()]
 
 
 def wikitext2_tokens(tok: Any, path: str | os.PathLike | None = None, max_tokens: int = 4096) -> list[int]:
@@ -112,10 +90,10 @@ def strided_windows(n_tokens: int, window: int, stride: int) -> list[tuple[int, 
     return out
 
 
-def wikitext2_ppl(model: torch.nn.Module, tok: Any, path: str | os.PathLike | None = None, max_tokens: int = 4096,
-                  window: int | None = None, stride: int | None = None, batch_size: int = 4, rank: int = 0,
-                  world_size: int = 1) -> float:
-    """Perplexity on the first ``max_tokens`` WikiText-2 test tokens with strided windows.
+def perplexity(model: torch.nn.Module, tok: Any, ids: Sequence[int], window: int | None = None,
+               stride: int | None = None, batch_size: int = 4, rank: int = 0, world_size: int = 1) -> float:
+    """Perplexity of the token sequence ``ids`` with strided windows (:func:`strided_windows`): every token but the
+    first is scored exactly once.
 
     Args:
         window: tokens per window (default: the model's maximum length, capped at 1024).
@@ -125,7 +103,6 @@ def wikitext2_ppl(model: torch.nn.Module, tok: Any, path: str | os.PathLike | No
 
     Windows are sharded across ranks; NLL sum and token count are reduced by ``compute()``.
     """
-    ids = wikitext2_tokens(tok, path, max_tokens)
     window = min(window or min(model_max_length(model), 1024), model_max_length(model))
     stride = stride or max(1, window // 2)
     spans = shard(strided_windows(len(ids), window, stride), rank, world_size)
@@ -151,3 +128,11 @@ def wikitext2_ppl(model: torch.nn.Module, tok: Any, path: str | os.PathLike | No
                 count += n
             metric.update(nll_sum, count)
     return float(metric.compute())
+
+
+def wikitext2_ppl(model: torch.nn.Module, tok: Any, path: str | os.PathLike | None = None, max_tokens: int = 4096,
+                  window: int | None = None, stride: int | None = None, batch_size: int = 4, rank: int = 0,
+                  world_size: int = 1) -> float:
+    """:func:`perplexity` of the first ``max_tokens`` WikiText-2 test tokens (:func:`wikitext2_tokens`)."""
+    return perplexity(model, tok, wikitext2_tokens(tok, path, max_tokens), window, stride, batch_size, rank,
+                      world_size)

@@ -36,13 +36,8 @@ from typing import Any, Sequence
 
 import torch
 
-from eac_lightning.evaluation.edit_metrics import (
-    SumCountMetric,
-    greedy_generate,
-    model_device,
-    score_targets,
-    shard,
-)
+from eac_lightning.evaluation.metrics import SumCountMetric, shard
+from eac_lightning.evaluation.scoring import greedy_generate, model_device, score_targets
 from eac_lightning.paths import data_dir, resolve_data_path
 
 # --- Table 4 of the EAC paper, character for character -------------------------------------------------------
@@ -182,7 +177,7 @@ TASKS: dict[str, TaskSpec] = {
 
 # Label values accepted per task -> answer word. RTE: 0 = entailment -> "True" (GLUE's label order, and the
 # string labels of the original GLUE TSVs). SST-2: 1 = positive.
-_LABELS: dict[str, dict[Any, str]] = {
+LABEL_WORDS: dict[str, dict[Any, str]] = {
     "rte": {0: "True", 1: "False", "0": "True", "1": "False", "entailment": "True", "not_entailment": "False"},
     "sst2": {1: "positive", 0: "negative", "1": "positive", "0": "negative"},
 }
@@ -240,10 +235,10 @@ def _label(rows: list[dict[str, Any]], i: int, where: str, task: str) -> str:
     key = value.strip() if isinstance(value, str) else value
     if isinstance(key, float) and key.is_integer():
         key = int(key)
-    if isinstance(key, bool) or key not in _LABELS[task]:
-        allowed = sorted({str(k) for k in _LABELS[task]})
+    if isinstance(key, bool) or key not in LABEL_WORDS[task]:
+        allowed = sorted({str(k) for k in LABEL_WORDS[task]})
         raise TaskDataError(f"{where} row {i}: field 'label' has wrong value {value!r} (allowed: {', '.join(allowed)})")
-    return _LABELS[task][key]
+    return LABEL_WORDS[task][key]
 
 
 def _examples(task: str, where: str, rows: list[dict[str, Any]]) -> list[TaskExample]:
@@ -369,5 +364,5 @@ __all__ = [
     "NLI_PROMPT", "QA_PROMPT", "QA_QUESTION_ONLY_PROMPT", "SUMMARIZATION_PROMPT", "SENTIMENT_PROMPT",
     "TABLE4_PROMPTS", "TASK_KEYS", "TASKS", "TaskDataError", "TaskExample", "TaskSpec", "load_task",
     "normalize_answer", "exact_match", "rouge_mean", "first_line", "classify", "generate_answers",
-    "example_scores", "evaluate_task", "format_nli", "format_qa", "format_summarization", "format_sentiment",
+    "example_scores", "evaluate_task", "LABEL_WORDS", "format_nli", "format_qa", "format_summarization", "format_sentiment",
 ]

@@ -1,7 +1,7 @@
 """Editing methods: one file each. EAC (``eac.py``) wraps the target optimisation of any of them."""
 
 from eac_lightning.methods.alphaedit import AlphaEdit
-from eac_lightning.methods.base import Deltas, EditMethod, apply_deltas, undo_deltas
+from eac_lightning.methods.base import Deltas, EditMethod, apply_deltas
 from eac_lightning.methods.eac import EACHyperParams
 from eac_lightning.methods.ft import FT, FTHyperParams
 from eac_lightning.methods.memit import MEMIT
@@ -10,5 +10,5 @@ from eac_lightning.methods.target import ContextTemplateParams, EditOptimisation
 
 __all__ = [
     "AlphaEdit", "ContextTemplateParams", "Deltas", "EACHyperParams", "EditMethod", "EditOptimisationError", "FT",
-    "FTHyperParams", "MEMIT", "ROME", "TargetHyperParams", "apply_deltas", "undo_deltas",
+    "FTHyperParams", "MEMIT", "ROME", "TargetHyperParams", "apply_deltas",
 ]

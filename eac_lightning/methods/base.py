@@ -18,16 +18,11 @@ Deltas = dict[str, torch.Tensor]
 
 
 @torch.no_grad()
-def apply_deltas(model: nn.Module, deltas: Deltas, sign: float = 1.0) -> None:
-    """W ← W + sign·ΔW for each module (in place)."""
+def apply_deltas(model: nn.Module, deltas: Deltas) -> None:
+    """W ← W + ΔW for each module (in place)."""
     for name, d in deltas.items():
         w = weight_view(model, name)
-        w.add_(d.to(w.dtype) * sign)
-
-
-def undo_deltas(model: nn.Module, deltas: Deltas) -> None:
-    """Undo :func:`apply_deltas` (exact up to floating-point rounding of the add; see ``restore_weights``)."""
-    apply_deltas(model, deltas, sign=-1.0)
+        w.add_(d.to(w.dtype))
 
 
 def snapshot(model: nn.Module, names: Sequence[str]) -> dict[str, torch.Tensor]:

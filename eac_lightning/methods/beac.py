@@ -33,14 +33,14 @@ pile onto the same rows, batch after batch. B-EAC selects the anchors of a whole
   they were written. The record, the batch counter and a per-batch history are in :meth:`state_dict`, so a
   resumed run behaves exactly like an uninterrupted one.
 
-The planning is a mixin over MEMIT's code (no copy of it): :class:`BEAC` edits with MEMIT's solve,
+The planning itself and RAR's key record are tensor code apart from any model (:mod:`eac_lightning.methods.beac_plan`).
+Here they run as a mixin over MEMIT's code (no copy of it): :class:`BEAC` edits with MEMIT's solve,
 :class:`BEACAlphaEdit` with AlphaEdit's null-space-projected solve (the per-row masking commutes with the
 projection because both solves are row-separable in ΔW_l).
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -50,47 +50,10 @@ from torch import nn
 from eac_lightning.data.requests import EditRequest
 from eac_lightning.methods.alphaedit import AlphaEdit
 from eac_lightning.methods.base import Deltas
+from eac_lightning.methods.beac_plan import AnchorKeyRecord, AnchorPlan, BEACHyperParams, plan_anchors
 from eac_lightning.methods.eac import EACHyperParams, anchor_count, explore, retrain
 from eac_lightning.methods.memit import MEMIT, ResidualTarget
 from eac_lightning.methods.target import ContextTemplateParams, TargetHyperParams
-
-
-@dataclass
-class BEACHyperParams:
-    """Layer-wise Anchor Selection and Rolling Anchor Refresh (docs/beac.md).
-
-    Args:
-        las: select the batch's anchors jointly per layer (bounded overlap, spread over layers) and let every layer
-            write only its anchors; False: each edit's own top-k anchors compress z and every layer writes the
-            whole remaining residual, as MEMIT-EAC (the "B-EAC w/o LAS" ablation).
-        rar: keep the rolling usage record and penalise heavily used anchors; False plans every batch as if it
-            were the first (the "B-EAC w/o RAR" ablation).
-        max_overlap: c, the most edits of one batch that may share a (layer, dimension) anchor; None: automatic,
-            ceil(overlap_slack · n · ceil(k·r/L) / d) for a batch of n edits (the smallest c that fits the batch,
-            times the slack); c ≥ the batch size: no bound (each edit takes its top-k, still written per layer).
-        overlap_slack: headroom of the automatic c (≥ 1).
-        layers_per_anchor: r, in how many of the edited layers each anchor dimension of an edit is written
-            (None: all L, MEMIT's spreading, the measured best: docs/beac.md § 5; 1: each dimension in one
-            layer, the widest spread).
-        min_anchor_fraction: an edit that cannot get all its k anchors under the overlap bound keeps the ones it
-            got if they are at least this share of k; below it the batch is rejected (raise ``max_overlap``).
-        decay: ρ, the per-batch decay of the usage record (its memory is about 1/(1-ρ) batches).
-        penalty: β, the strength of the usage penalty π = 1/(1 + β·U/mean U).
-        key_memory: η, the weight of RAR's anchor key record in the solve of :class:`BEAC` (docs/beac.md § 2.3,
-            B5): row j of ΔW_l keeps what each earlier edit o with an anchor at dimension j reads, with weight
-            η·ρ^age(o). 0: the usage record and penalty only. :class:`BEACAlphaEdit` keeps AlphaEdit's own record
-            of earlier keys instead (needs 0).
-    """
-
-    las: bool = True
-    rar: bool = True
-    max_overlap: int | None = None
-    overlap_slack: float = 2.0
-    layers_per_anchor: int | None = None
-    min_anchor_fraction: float = 0.5
-    decay: float = 0.8
-    penalty: float = 1.0
-    key_memory: float = 1.0
 
 
 @dataclass
@@ -99,182 +62,6 @@ class LayeredTarget(ResidualTarget):
     ``layers[l]``; ``anchors`` (z's mask) is their union."""
 
     layer_masks: torch.Tensor | None = None
-
-
-@dataclass
-class AnchorPlan:
-    """The anchors of one batch: ``masks`` (n, L, d) bool, and figures of the plan.
-
-    ``threshold`` is the refreshed admission threshold: the lowest penalised priority (score share · π) of an
-    admitted anchor, median over the edits. ``overlap`` is the most edits sharing one (layer, dimension) cell;
-    ``capacity`` the bound c it was planned under (None without LAS).
-    """
-
-    masks: torch.Tensor
-    threshold: float
-    overlap: int
-    capacity: int | None
-    anchors_per_edit: list[int]
-
-    def summary(self) -> dict[str, float]:
-        m = self.masks
-        return {
-            "threshold": self.threshold,
-            "overlap": float(self.overlap),
-            "capacity": float(self.capacity) if self.capacity is not None else float("nan"),
-            "cells": float(m.any(0).sum()),
-            "min_anchors": float(min(self.anchors_per_edit)) if self.anchors_per_edit else 0.0,
-        }
-
-
-def rar_penalty(usage: torch.Tensor | None, strength: float) -> torch.Tensor | None:
-    """π = 1 / (1 + β·U/mean U) (L, d), or None when there is no usage yet (π ≡ 1)."""
-    if usage is None or strength == 0:
-        return None
-    mean = usage.mean()
-    if mean <= 0:
-        return None
-    return 1.0 / (1.0 + strength * usage / mean)
-
-
-def auto_overlap(n: int, k: int, n_layers: int, dim: int, layers_per_anchor: int, slack: float) -> int:
-    """The automatic c: the slack times the fewest edits per (layer, dimension) that fit n·ceil(k·r/L) anchors
-    per layer into d dimensions."""
-    q = math.ceil(k * layers_per_anchor / n_layers)
-    return max(1, math.ceil(slack * n * q / dim))
-
-
-def plan_anchors(
-    scores: torch.Tensor,
-    k: int,
-    n_layers: int,
-    hp: BEACHyperParams,
-    usage: torch.Tensor | None = None,
-    start: int = 0,
-) -> AnchorPlan:
-    """Plan the anchors of a batch (LAS, or per-edit top-k without it) under the RAR penalty of ``usage``.
-
-    Args:
-        scores: (n, d) EAC saliency scores (Eq. 1) of the batch's edits.
-        k: anchor dimensions per edit.
-        n_layers: L, the edited layers.
-        hp: the switches and bounds.
-        usage: (L, d) rolling usage record, or None.
-        start: which edit picks first in the round-robin (rotated per batch).
-    """
-    n, d = scores.shape
-    k = min(k, d)
-    prio = scores.detach().abs().double().cpu()
-    prio = prio / prio.amax(1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
-    pen = rar_penalty(usage.double().cpu() if (hp.rar and usage is not None) else None, hp.penalty)
-    pi = pen if pen is not None else torch.ones(n_layers, d, dtype=torch.float64)
-    masks = torch.zeros(n, n_layers, d, dtype=torch.bool)
-    if not hp.las:
-        value = prio * pi.mean(0)  # (n, d)
-        top = torch.topk(value, k, dim=1)
-        for i in range(n):
-            masks[i, :, top.indices[i]] = True
-        counts = masks.sum(0)
-        thr = float(top.values[:, -1].median()) if n else float("nan")
-        return AnchorPlan(masks, thr, int(counts.max()) if n else 0, None, [k] * n)
-
-    r = n_layers if hp.layers_per_anchor is None else max(1, min(hp.layers_per_anchor, n_layers))
-    quota = math.ceil(k * r / n_layers)
-    cap = hp.max_overlap if hp.max_overlap is not None else auto_overlap(n, k, n_layers, d, r, hp.overlap_slack)
-    if cap < 1:
-        raise ValueError(f"B-EAC: max_overlap must be at least 1, got {cap}")
-    need = math.ceil(hp.min_anchor_fraction * k)
-    if n * need * r > n_layers * d * cap:
-        raise ValueError(
-            f"B-EAC: a batch of {n} edits needs at least {n * need * r} anchor slots ({need} anchors × {r} layers "
-            f"each) but {n_layers} layers × {d} dimensions × max_overlap {cap} hold {n_layers * d * cap}; raise "
-            "max_overlap, lower layers_per_anchor or min_anchor_fraction, or edit smaller batches"
-        )
-    count = torch.zeros(n_layers, d, dtype=torch.long)
-    per_layer = torch.zeros(n, n_layers, dtype=torch.long)
-    taken = torch.zeros(n, d, dtype=torch.bool)
-    got = [0] * n
-    stuck = [False] * n
-    floor = [math.inf] * n
-    layer_rank = torch.arange(n_layers, dtype=torch.float64)[:, None]
-    for t in range(k):
-        # Every edit proposes its best slot on the state at the start of the round (one vectorised pass); in turn
-        # order a proposal is taken if its cells are still under the bound, else the edit picks again on the
-        # current state. (Its quota and its own anchors only change through its own pick, once per round.)
-        proposals = _proposals(prio, pi, count, cap, per_layer, quota, taken, r, layer_rank)
-        for s in range(n):
-            i = (start + t + s) % n
-            if stuck[i]:
-                continue
-            pick = proposals[i]
-            if pick is None or bool((count[pick[1], pick[0]] >= cap).any()):
-                pick = _best_slot(prio[i], pi, count, cap, per_layer[i], quota, taken[i], r, layer_rank)
-            if pick is None:  # the quota per layer cannot be met: relax it before giving up
-                pick = _best_slot(prio[i], pi, count, cap, None, quota, taken[i], r, layer_rank)
-            if pick is None:
-                stuck[i] = True
-                continue
-            j, layers, value = pick
-            masks[i, layers, j] = True
-            count[layers, j] += 1
-            per_layer[i, layers] += 1
-            taken[i, j] = True
-            got[i] += 1
-            floor[i] = min(floor[i], value)
-    short = [i for i in range(n) if got[i] < need]
-    if short:
-        raise ValueError(
-            f"B-EAC: edits {short} of the batch got fewer than {need} anchors under max_overlap {cap}; raise "
-            "max_overlap (or lower min_anchor_fraction)"
-        )
-    thr = float(torch.tensor(floor, dtype=torch.float64).median()) if n else float("nan")
-    return AnchorPlan(masks, thr, int(count.max()) if n else 0, cap, got)
-
-
-def _layer_key(pi, count, cap, per_layer, quota, layer_rank):
-    """Rank of the layers within each dimension: π first (RAR), then the layer where the edit has the fewest anchors
-    (spread over layers), then the emptiest cell (fewest concurrent edits), then the index. ``per_layer`` (…, L)."""
-    key = pi - 1e-9 * layer_rank - 1e-6 * count.double() / cap
-    if per_layer is not None:
-        key = key - 1e-3 * (per_layer.double() / quota)[..., None]
-    return key
-
-
-def _proposals(prio, pi, count, cap, per_layer, quota, taken, r, layer_rank):
-    """:func:`_best_slot` of every edit at once (n, L, d), under the per-layer quota; None where none is free."""
-    free = (count < cap)[None] & (per_layer < quota)[:, :, None] & ~taken[:, None, :]
-    key = _layer_key(pi[None], count[None], cap, per_layer, quota, layer_rank[None])
-    key = torch.where(free, key, torch.full_like(key, -math.inf))
-    top, idx = torch.topk(key, r, dim=1)  # (n, r, d)
-    ok = torch.isfinite(top).all(1)  # (n, d)
-    value = prio * torch.gather(pi[None].expand(len(prio), -1, -1), 1, idx).mean(1)
-    value = torch.where(ok, value, torch.full_like(value, -math.inf))
-    best = torch.argmax(value, dim=1)
-    out = []
-    for i, j in enumerate(best.tolist()):
-        out.append((j, idx[i, :, j], float(value[i, j])) if bool(ok[i, j]) else None)
-    return out
-
-
-def _best_slot(prio_i, pi, count, cap, per_layer_i, quota, taken_i, r, layer_rank):
-    """Edit i's best free anchor: the dimension j (not yet its anchor) with the highest prio·mean π over its r
-    best free layers; layers are ranked by π, then fewest edits in the cell, then index. None if none is free."""
-    free = (count < cap) & ~taken_i[None, :]
-    if per_layer_i is not None:
-        free &= (per_layer_i < quota)[:, None]
-    if not free.any():
-        return None
-    key = _layer_key(pi, count, cap, per_layer_i, quota, layer_rank)
-    key = torch.where(free, key, torch.full_like(key, -math.inf))
-    top, idx = torch.topk(key, r, dim=0)  # (r, d)
-    ok = torch.isfinite(top).all(0)
-    if not ok.any():
-        return None
-    layers_pi = torch.gather(pi, 0, idx)  # π of the chosen layers
-    value = prio_i * layers_pi.mean(0)
-    value = torch.where(ok, value, torch.full_like(value, -math.inf))
-    j = int(torch.argmax(value))
-    return j, idx[:, j], float(value[j])
 
 
 class BatchAnchorMixin:
@@ -377,46 +164,6 @@ class BatchAnchorMixin:
         self.usage = None if b.get("usage") is None else b["usage"].clone().double()
         self.batches = int(b.get("batches", 0))
         self.history = [dict(h) for h in b.get("history", [])]
-
-
-@dataclass
-class AnchorKeyRecord:
-    """RAR's record of earlier edits at one edited layer (docs/beac.md § 2.3): the keys the edits of recent batches
-    were written with, their decayed weights (1 for the last batch, ρ for the one before, …) and each one's anchor
-    dimensions (z's mask), the rows of W_l where it is kept."""
-
-    keys: torch.Tensor  # (N, d_k) float64
-    weight: torch.Tensor  # (N,) float64
-    cells: torch.Tensor  # (N, d) bool
-
-    # Entries whose weight decays below this are dropped (ρ = 0.8: after 21 batches).
-    FLOOR = 0.01
-
-    def rolled(self, decay: float, keys: torch.Tensor, cells: torch.Tensor) -> "AnchorKeyRecord":
-        """The record after a batch: old weights × ρ, faded entries dropped, the batch's keys appended at 1 (B3')."""
-        weight = self.weight * decay
-        keep = weight >= self.FLOOR
-        return AnchorKeyRecord(
-            torch.cat([self.keys[keep], keys]),
-            torch.cat([weight[keep], torch.ones(len(keys), dtype=torch.float64)]),
-            torch.cat([self.cells[keep], cells]),
-        )
-
-    def state(self) -> dict[str, torch.Tensor]:
-        return {"keys": self.keys.clone(), "weight": self.weight.clone(), "cells": self.cells.clone()}
-
-    @classmethod
-    def from_state(cls, name: str, state: dict[str, torch.Tensor]) -> "AnchorKeyRecord":
-        """The record of module ``name`` from :meth:`state`; a malformed one raises naming the module."""
-        try:
-            keys, weight, cells = state["keys"], state["weight"], state["cells"]
-            ok = keys.dim() == 2 and weight.shape == (len(keys),) and cells.dim() == 2 and len(cells) == len(keys)
-        except (KeyError, AttributeError, TypeError) as e:
-            raise ValueError(f"B-EAC checkpoint: key_record of {name} is malformed ({e!r})") from e
-        if not ok:
-            raise ValueError(f"B-EAC checkpoint: key_record of {name} has inconsistent shapes: keys "
-                             f"{tuple(keys.shape)}, weight {tuple(weight.shape)}, cells {tuple(cells.shape)}")
-        return cls(keys.clone().double(), weight.clone().double(), cells.clone().bool())
 
 
 class BEAC(BatchAnchorMixin, MEMIT):

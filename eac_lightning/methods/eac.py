@@ -28,7 +28,7 @@ from typing import Literal
 
 import torch
 
-from eac_lightning.methods.target import TargetProblem, optimise_plain
+from eac_lightning.methods.target import TargetProblem, adam_descent, optimise_plain
 
 # Any object with ``v0`` (the vector or flattened weights being changed), ``hparams`` (num_steps, lr,
 # early_stop_nll), ``loss(delta) -> (total, nll)``, ``clamp(delta)`` and ``check(loss, step)`` can be
@@ -84,24 +84,17 @@ class Exploration:
 
 def explore(problem: TargetProblem, hp: EACHyperParams) -> Exploration:
     """Phase 1: the base optimiser for ``phase1_fraction`` of the steps, recording ∇L at every step."""
-    base = problem.hparams
-    steps = max(1, round(base.num_steps * hp.phase1_fraction))
-    delta = torch.zeros_like(problem.v0, requires_grad=True)
-    opt = torch.optim.Adam([delta], lr=base.lr)
-    grad_sum = torch.zeros_like(delta)
-    grad = grad_sum
-    for step in range(steps):
-        loss, _ = problem.loss(delta)
-        problem.check(loss, step)
-        opt.zero_grad()
-        (grad,) = torch.autograd.grad(loss, delta)
-        grad_sum += grad
-        delta.grad = grad
-        opt.step()
-        with torch.no_grad():
-            problem.clamp(delta)
-    g = grad_sum / steps if hp.gradient == "mean" else grad
-    delta = delta.detach()
+    steps = max(1, round(problem.hparams.num_steps * hp.phase1_fraction))
+    grad_sum = torch.zeros_like(problem.v0)
+    last: list[torch.Tensor] = []
+
+    def record(grad: torch.Tensor) -> None:
+        grad_sum.add_(grad)
+        last[:] = [grad]
+
+    delta = adam_descent(problem, torch.zeros_like(problem.v0, requires_grad=True), steps, early_stop=False,
+                         on_grad=record)
+    g = grad_sum / steps if hp.gradient == "mean" else last[0]
     return Exploration(delta=delta, grad=g, score=saliency(problem.v0, delta, g, hp), steps=steps)
 
 
@@ -149,7 +142,6 @@ def retrain(
     m = mask.to(problem.v0.dtype)
     start = exploration.delta * m if hp.phase2_start == "warm" else torch.zeros_like(exploration.delta)
     free = start.clone().requires_grad_(True)
-    opt = torch.optim.Adam([free], lr=base.lr)
     score = exploration.score.abs()
     eps = hp.eps * (score[mask].mean() if mask.any() else 1.0)
     alpha = 1.0 / (score + eps)  # EAC Eq. 5
@@ -159,20 +151,15 @@ def retrain(
         l2_scale = 1.0 / problem.v0.pow(2).sum(-1, keepdim=True)
     else:
         l1_scale = l2_scale = 1.0
-    for step in range(steps):
+
+    def objective(free: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         z = free * m  # EAC Eq. 3: non-anchors stay exactly zero
         loss, nll = problem.loss(z)
         if hp.elastic_net:
             loss = loss + hp.lam * (l1_scale * alpha * z.abs()).sum() + hp.mu * (l2_scale * z.pow(2)).sum()  # Eq. 4-6
-        problem.check(loss, exploration.steps + step)
-        if nll.item() < base.early_stop_nll:
-            break
-        opt.zero_grad()
-        (free.grad,) = torch.autograd.grad(loss, free)
-        opt.step()
-        with torch.no_grad():
-            problem.clamp(free)
-    return (free.detach() * m)
+        return loss, nll
+
+    return adam_descent(problem, free, steps, objective, first_step=exploration.steps) * m
 
 
 def compress(problem: TargetProblem, hp: EACHyperParams | None) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -19,8 +19,9 @@ from torch import nn
 from eac_lightning.data.requests import EditRequest
 from eac_lightning.methods.base import Deltas, EditMethod, apply_deltas
 from eac_lightning.methods.eac import EACHyperParams, compress
-from eac_lightning.methods.target import EditOptimisationError, _encode_right_padded, target_token_ids
+from eac_lightning.methods.target import EditOptimisationError
 from eac_lightning.models.adapters import get_spec, mlp_out_name, weight_view
+from eac_lightning.models.encoding import encode_right_padded, encode_target
 from eac_lightning.models.loading import default_layers
 from eac_lightning.models.tracing import capture, layers_from
 
@@ -55,13 +56,13 @@ class FTProblem:
         device = self.v0.device
         texts, self.pred_rows, self.pred_cols, targets = [], [], [], []
         for i, r in enumerate(self.requests):
-            t = target_token_ids(tok, r.target_new)
+            t = encode_target(tok, r.target_new)
             texts.append(r.prompt_text + tok.decode(t[:-1]) if len(t) > 1 else r.prompt_text)
             n_prompt = len(tok(texts[-1], add_special_tokens=False)["input_ids"]) - (len(t) - 1)
             self.pred_rows += [i] * len(t)
             self.pred_cols += list(range(n_prompt - 1, n_prompt - 1 + len(t)))
             targets += t
-        self.input_ids, self.mask = _encode_right_padded(tok, texts, device)
+        self.input_ids, self.mask = encode_right_padded(tok, texts, device)
         self.pred_rows = torch.tensor(self.pred_rows, device=device)
         self.pred_cols = torch.tensor(self.pred_cols, device=device)
         self.targets = torch.tensor(targets, device=device)

@@ -28,12 +28,12 @@ from eac_lightning.methods.target import (
     ContextTemplateParams,
     TargetHyperParams,
     TargetProblem,
-    _encode_right_padded,
     compute_keys,
     generate_context_templates,
     subject_last_index,
 )
 from eac_lightning.models.adapters import get_spec, mlp_out_name, weight_view
+from eac_lightning.models.encoding import encode_right_padded
 from eac_lightning.models.loading import default_layers
 from eac_lightning.models.tracing import capture
 
@@ -55,7 +55,7 @@ def residual_at_subject(model: nn.Module, tok, requests: Sequence[EditRequest], 
     """The residual stream after ``layer`` at the last subject token of each bare prompt, (n, d)."""
     texts = [r.prompt_text for r in requests]
     device = next(model.parameters()).device
-    ids, mask = _encode_right_padded(tok, texts, device)
+    ids, mask = encode_right_padded(tok, texts, device)
     idx = torch.tensor([subject_last_index(tok, t, r.subject) for t, r in zip(texts, requests)], device=device)
     name = get_spec(model).layer(layer)
     with torch.no_grad(), capture(model, [name]) as rec:

@@ -22,13 +22,14 @@ from __future__ import annotations
 
 from contextlib import ExitStack
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
 
 from eac_lightning.data.requests import EditRequest
 from eac_lightning.models.adapters import get_spec, mlp_out_name
+from eac_lightning.models.encoding import encode_right_padded, encode_target
 from eac_lightning.models.tracing import add_along_keys, add_at_positions, capture, layers_from
 
 
@@ -93,23 +94,6 @@ def subject_last_index(tok, text: str, subject: str) -> int:
     return len(tok(text[:end], add_special_tokens=False)["input_ids"]) - 1
 
 
-def _encode_right_padded(tok, texts: Sequence[str], device) -> tuple[torch.Tensor, torch.Tensor]:
-    ids = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
-    width = max(len(x) for x in ids)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    input_ids = torch.full((len(ids), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(ids), width), dtype=torch.long)
-    for i, x in enumerate(ids):
-        input_ids[i, : len(x)] = torch.tensor(x)
-        mask[i, : len(x)] = 1
-    return input_ids.to(device), mask.to(device)
-
-
-def target_token_ids(tok, target: str) -> list[int]:
-    """Target tokens with a leading space (ROME/EasyEdit convention)."""
-    return tok(" " + target.strip(), add_special_tokens=False)["input_ids"]
-
-
 def compute_keys(
     model: nn.Module, tok, requests: Sequence[EditRequest], layer: int, templates: Sequence[str]
 ) -> torch.Tensor:
@@ -120,7 +104,7 @@ def compute_keys(
         for t in templates:
             texts.append(t.replace("{}", r.prompt_text))
     device = next(model.parameters()).device
-    ids, mask = _encode_right_padded(tok, texts, device)
+    ids, mask = encode_right_padded(tok, texts, device)
     idx = [subject_last_index(tok, t.replace("{}", r.prompt_text), r.subject) for r in requests for t in templates]
     name = mlp_out_name(model, layer)
     with torch.no_grad(), capture(model, [name]) as rec:
@@ -166,12 +150,12 @@ class TargetProblem:
         self.start = min([layer, *(write_directions or {})])
         self.hook_name = mlp_out_name(model, layer) if site == "mlp" else spec.layer(layer)
         device = next(model.parameters()).device
-        target = target_token_ids(tok, request.target_new)
+        target = encode_target(tok, request.target_new)
         prefix = tok.decode(target[:-1]) if len(target) > 1 else ""
         prompts = [t.replace("{}", request.prompt_text) + prefix for t in templates]
         kl_prompts = [hparams.kl_prompt.replace("{}", request.subject)]
         texts = prompts + kl_prompts
-        self.input_ids, self.mask = _encode_right_padded(tok, texts, device)
+        self.input_ids, self.mask = encode_right_padded(tok, texts, device)
         n = len(prompts)
         self.n_prompts = n
         lookup = [subject_last_index(tok, t, request.subject) for t in texts]
@@ -257,19 +241,34 @@ class BatchTargetProblem:
             )
 
 
-def optimise_plain(problem: TargetProblem, num_steps: int | None = None) -> torch.Tensor:
-    """ROME/MEMIT's optimiser: Adam on δ with norm clamping and early stopping (EAC App. B Eq. 9)."""
+def adam_descent(problem: TargetProblem | BatchTargetProblem, param: torch.Tensor, steps: int,
+                 objective: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
+                 first_step: int = 0, early_stop: bool = True,
+                 on_grad: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
+    """The optimiser of ROME's v*, MEMIT's z and EAC's two phases (EAC App. B Eq. 9): Adam on ``param`` (the
+    problem's learning rate) for at most ``steps`` steps of ``objective(param) -> (loss, target NLL)`` (default: the
+    problem's loss), stopping once the NLL is below ``early_stop_nll`` (with ``early_stop``) and projecting
+    ``param`` back into the norm ball after every step. ``on_grad`` sees each step's gradient (EAC's phase 1 scores
+    with them); a non-finite loss raises naming step ``first_step + step``. Returns ``param`` detached."""
     hp = problem.hparams
-    delta = torch.zeros_like(problem.v0, requires_grad=True)
-    opt = torch.optim.Adam([delta], lr=hp.lr)
-    for step in range(hp.num_steps if num_steps is None else num_steps):
-        loss, nll = problem.loss(delta)
-        problem.check(loss, step)
-        if nll.item() < hp.early_stop_nll:
+    objective = objective or problem.loss
+    opt = torch.optim.Adam([param], lr=hp.lr)
+    for step in range(steps):
+        loss, nll = objective(param)
+        problem.check(loss, first_step + step)
+        if early_stop and nll.item() < hp.early_stop_nll:
             break
         opt.zero_grad()
-        (delta.grad,) = torch.autograd.grad(loss, delta)
+        (param.grad,) = torch.autograd.grad(loss, param)
+        if on_grad is not None:
+            on_grad(param.grad)
         opt.step()
         with torch.no_grad():
-            problem.clamp(delta)
-    return delta.detach()
+            problem.clamp(param)
+    return param.detach()
+
+
+def optimise_plain(problem: TargetProblem, num_steps: int | None = None) -> torch.Tensor:
+    """ROME/MEMIT's optimiser: Adam on δ from zero with norm clamping and early stopping (EAC App. B Eq. 9)."""
+    steps = problem.hparams.num_steps if num_steps is None else num_steps
+    return adam_descent(problem, torch.zeros_like(problem.v0, requires_grad=True), steps)

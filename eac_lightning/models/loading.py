@@ -8,7 +8,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -67,26 +67,63 @@ PUBLISHED_LAYERS: dict[str, DefaultLayers] = {
 }
 
 
+#: A model folder's editing defaults, written beside the weights by whatever trained the model:
+#: ``{"edit_layer": int, "memit_layers": [int, ...], "stats_corpus": "<file in the folder>"}``, every key optional.
+EDITING_DEFAULTS = "editing.json"
+
+
+def _model_folder(model: nn.Module) -> Path:
+    return Path(str(getattr(model.config, "_name_or_path", "") or ""))
+
+
+def editing_defaults(folder: str | Path) -> dict:
+    """The contents of ``folder``'s :data:`EDITING_DEFAULTS` file, or ``{}`` when there is none."""
+    path = Path(folder) / EDITING_DEFAULTS
+    if not path.exists():
+        return {}
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(info, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(info).__name__}")
+    return info
+
+
+def write_editing_defaults(folder: str | Path, edit_layer: int, memit_layers: Sequence[int],
+                           stats_corpus: str | None = None) -> None:
+    """Write ``folder``'s :data:`EDITING_DEFAULTS` file (atomically, only when its contents change)."""
+    info = {"edit_layer": int(edit_layer), "memit_layers": [int(x) for x in memit_layers]}
+    if stats_corpus:
+        info["stats_corpus"] = stats_corpus
+    path = Path(folder) / EDITING_DEFAULTS
+    if path.exists() and editing_defaults(folder) == info:
+        return
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
 def default_stats_corpus(model: nn.Module, fallback: str) -> str:
-    """The corpus of the key statistics C for ``model``: a testbed's own training-stream sample (``testbed.json``
-    names it; ROME/MEMIT take C over the model's pre-training text), else ``fallback`` (WikiText)."""
-    meta = Path(str(getattr(model.config, "_name_or_path", "") or "")) / "testbed.json"
-    if meta.exists():
-        name = json.loads(meta.read_text()).get("stats_corpus")
-        if name and (meta.parent / name).exists():
-            return str(meta.parent / name)
+    """The corpus of the key statistics C for ``model``: the file its folder's editing defaults name (ROME/MEMIT
+    take C over the model's pre-training text, so a model trained here ships a sample of its training stream), else
+    ``fallback`` (WikiText)."""
+    folder = _model_folder(model)
+    name = editing_defaults(folder).get("stats_corpus")
+    if name and (folder / name).exists():
+        return str(folder / name)
     return fallback
 
 
 def default_layers(model: nn.Module) -> DefaultLayers:
-    """Edit layers for ``model``: a testbed's ``testbed.json`` (chosen by causal tracing), the published layers
-    of a known model, else ROME's rule of thumb (an early-middle layer: a quarter of the depth)."""
-    path = Path(str(getattr(model.config, "_name_or_path", "") or ""))
-    meta = path / "testbed.json"
-    if meta.exists():
-        info = json.loads(meta.read_text())
-        return DefaultLayers(int(info["edit_layer"]), tuple(info["memit_layers"]), str(meta))
-    key = path.name.lower()
+    """Edit layers for ``model``: its folder's editing defaults (e.g. chosen by causal tracing), the published
+    layers of a known model, else ROME's rule of thumb (an early-middle layer: a quarter of the depth)."""
+    folder = _model_folder(model)
+    info = editing_defaults(folder)
+    if "edit_layer" in info:
+        memit = info.get("memit_layers", [info["edit_layer"]])
+        return DefaultLayers(int(info["edit_layer"]), tuple(int(x) for x in memit), str(folder / EDITING_DEFAULTS))
+    key = folder.name.lower()
     if key in PUBLISHED_LAYERS:
         return PUBLISHED_LAYERS[key]
     n = len(model.get_submodule(get_spec(model).layers))

@@ -57,17 +57,24 @@ def capture(model: nn.Module, names: Sequence[str], detach: bool = True) -> Iter
 
 
 @contextmanager
+def _forward_hook(model: nn.Module, name: str, hook: Callable) -> Iterator[None]:
+    """``hook(module, args, output)`` on module ``name`` for the duration of the block."""
+    handle = model.get_submodule(name).register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@contextmanager
 def edit_output(model: nn.Module, name: str, fn: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[None]:
     """Replace the (first tensor of the) output of module ``name`` by ``fn(output)``."""
 
     def hook(mod, args, output):
         return _replace_first(output, fn(first_tensor(output)))
 
-    handle = model.get_submodule(name).register_forward_hook(hook)
-    try:
+    with _forward_hook(model, name, hook):
         yield
-    finally:
-        handle.remove()
 
 
 @contextmanager
@@ -101,11 +108,8 @@ def add_along_keys(model: nn.Module, name: str, direction: torch.Tensor, delta: 
         added = coef[..., None] * delta.to(out.dtype) if direction.dim() == 1 else coef @ delta.to(out.dtype)
         return _replace_first(output, out + added)
 
-    handle = model.get_submodule(name).register_forward_hook(hook)
-    try:
+    with _forward_hook(model, name, hook):
         yield
-    finally:
-        handle.remove()
 
 
 @contextmanager

@@ -111,8 +111,9 @@ class CovarianceStore:
     Args:
         model: the unedited model (its fingerprint keys the disk cache).
         tokenizer: its tokenizer.
-        corpus: text corpus (local path or hub name); default: a testbed's own training-stream sample
-            (``stats_corpus.jsonl``), else the shipped ``wikitext``.
+        corpus: text corpus (local path or hub name); default: the file named by the model folder's editing
+            defaults (:data:`~eac_lightning.models.loading.EDITING_DEFAULTS`, e.g. a sample of the model's own
+            training stream), else the shipped ``wikitext``.
         num_tokens: how many tokens of the corpus to average over.
         seq_len: window length fed to the model.
         batch_size: windows per forward pass.

@@ -28,7 +28,8 @@ from eac_lightning.testbed.causal_trace import (
     trace_command,
     trace_fact,
 )
-from eac_lightning.testbed.corpus import SST2_PROMPT, Corpus, FactItem, SequencePacker, build_corpus
+from eac_lightning.testbed.corpus import Corpus, FactItem, build_corpus
+from eac_lightning.testbed.packing import SequencePacker
 from eac_lightning.testbed.presets import PRESETS, TestbedPreset, get_preset
 from eac_lightning.testbed.training import subject_bottleneck_mask
 
@@ -36,7 +37,6 @@ register_model_source("testbed", testbed_path)
 
 __all__ = [
     "PRESETS",
-    "SST2_PROMPT",
     "Corpus",
     "FactItem",
     "SequencePacker",

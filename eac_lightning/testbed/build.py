@@ -6,6 +6,7 @@ Hugging Face format::
 
     out/config.json, model.safetensors, tokenizer.json, ...   # AutoModelForCausalLM / AutoTokenizer.from_pretrained
     out/testbed.json                                          # preset, measured figures, corpus statistics
+    out/editing.json                                          # edit layers and stats corpus, read by model loading
     out/facts.jsonl                                           # every trained fact (prompt, subject, target, source)
     out/heldout.jsonl                                         # the held-out paraphrases the figures are measured on
     out/stats_corpus.jsonl                                    # a sample of the training stream: the corpus of C
@@ -21,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import shutil
 import tempfile
@@ -33,10 +33,12 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from eac_lightning.models.loading import EDITING_DEFAULTS, write_editing_defaults
 from eac_lightning.paths import ASSETS_DIR, cache_dir
-from eac_lightning.testbed.corpus import SST2_LABELS, Corpus, SequencePacker
+from eac_lightning.testbed.corpus import Corpus
+from eac_lightning.testbed.packing import SequencePacker
 from eac_lightning.testbed.presets import TESTBED_FORMAT, TestbedPreset, get_preset, preset_corpus
-from eac_lightning.testbed.training import make_packer, train_testbed
+from eac_lightning.testbed.training import train_testbed
 
 STATS_CORPUS = "stats_corpus.jsonl"
 STATS_CORPUS_TOKENS = 200_000  # twice the key statistics' default average (CovarianceStore.num_tokens)
@@ -74,52 +76,30 @@ def write_stats_corpus(out: str | os.PathLike, packer: SequencePacker, tok, seed
 
 def first_token_accuracy(model, tok, prompts: Sequence[str], targets: Sequence[str], batch_size: int = 64) -> float:
     """Share of prompts whose greedy next token is the first token of ``" " + target`` (issue 3's fact accuracy)."""
-    from eac_lightning.evaluation.edit_metrics import score_targets
+    from eac_lightning.evaluation.probes import greedy_matches
 
     if not prompts:
         return float("nan")
-    scores = score_targets(model, tok, list(prompts), list(targets), batch_size)
-    return float(np.mean([s.pred[0] == s.target[0] for s in scores]))
+    return float(np.mean(greedy_matches(model, tok, prompts, targets, first_token_only=True, batch_size=batch_size)))
 
 
-def sst2_accuracy(model, tok, prompts: Sequence[str], labels: Sequence[int], batch_size: int = 32) -> float:
-    """Share of SST-2 prompts where the right label word is more likely than the other (summed token log-prob)."""
-    from eac_lightning.evaluation.edit_metrics import score_targets
+def sst2_accuracy(model, tok, rows: Sequence[tuple[str, int]], batch_size: int = 32) -> float:
+    """Share of SST-2 (text, label) rows whose label word is the more likely one after the EAC sentiment prompt
+    (the general-ability task's scoring, :func:`eac_lightning.evaluation.tasks.classify`)."""
+    from eac_lightning.evaluation.tasks import LABEL_WORDS, TASKS, TaskExample, example_scores, format_sentiment
 
-    if not prompts:
+    if not rows:
         return float("nan")
-    both = [(p, w) for p in prompts for w in SST2_LABELS]
-    scores = score_targets(model, tok, [p for p, _ in both], [w for _, w in both], batch_size)
-    lp = np.array([s.sum_logprob for s in scores]).reshape(len(prompts), 2)
-    return float(np.mean(lp.argmax(1) == np.asarray(labels)))
-
-
-@torch.no_grad()
-def perplexity(model, tok, text: str, max_tokens: int, stride: int | None = None) -> tuple[float, int]:
-    """Token perplexity of ``text`` (first ``max_tokens`` tokens) with a sliding window of the model's context;
-    each token is scored once, with at least half a window of context (HF's strided perplexity recipe)."""
-    ids = tok(text, add_special_tokens=False)["input_ids"][:max_tokens]
-    ctx = model.config.n_positions
-    stride = stride or ctx // 2
-    nll, count, prev_end = 0.0, 0, 0
-    model.eval()
-    for begin in range(0, len(ids), stride):
-        end = min(begin + ctx, len(ids))
-        x = torch.tensor(ids[begin:end])[None]
-        labels = x.clone()
-        labels[:, : -(end - prev_end)] = -100  # score only the new tokens of this window
-        n = int((labels[:, 1:] != -100).sum())
-        if n:
-            nll += float(model(input_ids=x, labels=labels, use_cache=False).loss) * n
-            count += n
-        prev_end = end
-        if end == len(ids):
-            break
-    return (math.exp(nll / count) if count else float("nan")), count
+    examples = [TaskExample(format_sentiment(t), [LABEL_WORDS["sst2"][y]], list(TASKS["sst2"].choices))
+                for t, y in rows]
+    return float(np.mean(example_scores("sst2", model, tok, examples, batch_size)))
 
 
 def measure(model, tok, corpus: Corpus, preset: TestbedPreset) -> dict[str, Any]:
     """The figures of ``testbed.json``, overall and by source file."""
+    from eac_lightning.evaluation.probes import perplexity
+    from eac_lightning.evaluation.scoring import model_max_length
+
     model.eval()
     figs: dict[str, Any] = {}
 
@@ -142,15 +122,12 @@ def measure(model, tok, corpus: Corpus, preset: TestbedPreset) -> dict[str, Any]
             "neighbourhood_accuracy": acc([f for f in corpus.facts_of_kind("neighbourhood") if f.source == src]),
         }
     figs["by_source"] = by_source
-    figs["sst2_heldout_accuracy"] = sst2_accuracy(
-        model, tok, corpus.sst2_texts(heldout=True), [y for _, y in corpus.sst2_heldout]
-    )
-    figs["sst2_train_accuracy"] = sst2_accuracy(
-        model, tok, [t.rsplit(" ", 1)[0] for t in corpus.sst2_texts()], [y for _, y in corpus.sst2_train]
-    )
-    ppl, n = perplexity(model, tok, corpus.wikitext_test, preset.ppl_tokens)
-    figs["wikitext2_test_perplexity"] = ppl
-    figs["wikitext2_test_tokens"] = n
+    figs["sst2_heldout_accuracy"] = sst2_accuracy(model, tok, corpus.sst2_heldout)
+    figs["sst2_train_accuracy"] = sst2_accuracy(model, tok, corpus.sst2_train)
+    # Windows of the model's context, each token scored once with at least half a window of context.
+    ids = tok(corpus.wikitext_test, add_special_tokens=False)["input_ids"][:preset.ppl_tokens]
+    figs["wikitext2_test_perplexity"] = perplexity(model, tok, ids, window=model_max_length(model))
+    figs["wikitext2_test_tokens"] = max(0, len(ids) - 1)
     return figs
 
 
@@ -211,6 +188,7 @@ def build_testbed(
         "versions": _versions(),
     }
     (out / "testbed.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    write_editing_defaults(out, p.edit_layer, p.memit_layers, STATS_CORPUS)  # what model loading reads
     return info
 
 
@@ -272,15 +250,15 @@ def ensure_testbed(preset: str | TestbedPreset, seed: int = 0, progress: bool = 
 
 
 def _sync_cached_build(folder: Path, preset: TestbedPreset) -> None:
-    """Bring a cached build's edit layers up to date without retraining (they are chosen by tracing and edit
-    checks after a build; the model does not depend on them)."""
+    """Bring a cached build's edit layers (``testbed.json``, ``editing.json``) up to date without retraining (they
+    are chosen by tracing and edit checks after a build; the model does not depend on them)."""
     path = folder / "testbed.json"
     info = json.loads(path.read_text(encoding="utf-8"))
-    if info.get("edit_layer") == preset.edit_layer and info.get("memit_layers") == list(preset.memit_layers):
-        return
-    info["edit_layer"], info["memit_layers"] = preset.edit_layer, list(preset.memit_layers)
-    info["preset"].update(edit_layer=preset.edit_layer, memit_layers=list(preset.memit_layers))
-    _write_json(path, info)
+    if info.get("edit_layer") != preset.edit_layer or info.get("memit_layers") != list(preset.memit_layers):
+        info["edit_layer"], info["memit_layers"] = preset.edit_layer, list(preset.memit_layers)
+        info["preset"].update(edit_layer=preset.edit_layer, memit_layers=list(preset.memit_layers))
+        _write_json(path, info)
+    write_editing_defaults(folder, info["edit_layer"], info["memit_layers"], info["stats_corpus"])
 
 
 def _write_json(path: Path, info: dict[str, Any]) -> None:
@@ -295,7 +273,7 @@ def _write_json(path: Path, info: dict[str, Any]) -> None:
 
 #: the files of a build that ship (the CSV training log stays behind)
 SHIPPED_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
-                 "tokenizer_config.json", "facts.jsonl", "heldout.jsonl", STATS_CORPUS)
+                 "tokenizer_config.json", "facts.jsonl", "heldout.jsonl", STATS_CORPUS, EDITING_DEFAULTS)
 
 
 def _sha256(path: Path) -> str:
@@ -319,6 +297,7 @@ def ship_testbed(build: str | os.PathLike, weights_dtype: str = "float32", dest:
     for name in SHIPPED_FILES:
         if (build / name).exists():
             shutil.copyfile(build / name, dest / name)
+    write_editing_defaults(dest, info["edit_layer"], info["memit_layers"], info["stats_corpus"])
     if weights_dtype != "float32":
         tensors = load_file(build / "model.safetensors")
         save_file({k: v.to(getattr(torch, weights_dtype)).contiguous() for k, v in tensors.items()},

@@ -20,6 +20,7 @@ MEMIT edit there. :func:`choose_layers` turns the MLP curve at the last subject 
 from __future__ import annotations
 
 import json
+import math
 import os
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -119,17 +120,13 @@ class TraceResult:
         return {
             "kinds": list(KINDS),
             "categories": list(CATEGORIES),
-            "aie": [[[None if math_isnan(v) else round(float(v), 5) for v in row] for row in k] for k in self.aie],
+            "aie": [[[None if math.isnan(v) else round(float(v), 5) for v in row] for row in k] for k in self.aie],
             "low": self.low,
             "high": self.high,
             "n_facts": self.n_facts,
             "noise": self.noise,
             "window": self.window,
         }
-
-
-def math_isnan(v: float) -> bool:
-    return v != v
 
 
 def _subject_range(tok, prompt: str, subject: str) -> tuple[int, int] | None:
@@ -346,14 +343,6 @@ def plot_trace(result: TraceResult, path: str | os.PathLike, title: str | None =
     return path
 
 
-def known_facts(model, tok, facts: Sequence[TraceFact], batch_size: int = 64) -> list[TraceFact]:
-    """The facts whose greedy next token is the answer's first token (ROME traces only known facts)."""
-    from eac_lightning.evaluation.edit_metrics import score_targets
-
-    scores = score_targets(model, tok, [f.prompt for f in facts], [f.target for f in facts], batch_size)
-    return [f for f, s in zip(facts, scores) if s.pred[0] == s.target[0]]
-
-
 def load_trace_facts(model_dir: str | os.PathLike | None, limit: int | None = None) -> list[TraceFact]:
     """CounterFact facts to trace: a testbed's trained ``fact`` prompts (``facts.jsonl``) when present, else the
     shared CounterFact records' true facts."""
@@ -391,7 +380,12 @@ def run_trace(
     and return the JSON summary (with the chosen layers)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    known = known_facts(model, tok, facts)[:num_facts]
+    from eac_lightning.evaluation.probes import greedy_matches
+
+    # ROME traces only known facts: those whose greedy next token is the answer's first token.
+    knows = greedy_matches(model, tok, [f.prompt for f in facts], [f.target for f in facts], first_token_only=True,
+                           batch_size=64)
+    known = [f for f, k in zip(facts, knows) if k][:num_facts]
     if not known:
         raise ValueError("the model knows none of the facts (greedy first token); nothing to trace")
     result = average_trace(model, tok, known, samples=samples, window=window, seed=seed, progress=progress)

@@ -22,7 +22,8 @@ import numpy as np
 import torch
 
 from eac_lightning.progress import LineProgressBar
-from eac_lightning.testbed.corpus import Corpus, PackedData, SequencePacker
+from eac_lightning.testbed.corpus import Corpus
+from eac_lightning.testbed.packing import PackedData, SequencePacker
 from eac_lightning.testbed.presets import TestbedPreset
 
 def subject_bottleneck_mask(
