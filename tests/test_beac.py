@@ -23,6 +23,7 @@ from eac_lightning.methods.beac import (
     rar_penalty,
 )
 from eac_lightning.methods.eac import EACHyperParams
+from eac_lightning.methods.edit import edit
 from eac_lightning.methods.memit import MEMIT
 from eac_lightning.methods.target import ContextTemplateParams, TargetHyperParams
 from eac_lightning.models.adapters import mlp_out_name, weight_view
@@ -133,7 +134,7 @@ def test_rar_penalty_avoids_used_anchors():
 # ---------------------------------------------------------------------------------------------------------------
 SMALL = dict(
     layers=[0, 1, 2],
-    z=TargetHyperParams(num_steps=4, clamp_norm_factor=0.75),
+    target=TargetHyperParams(num_steps=4, clamp_norm_factor=0.75),
     context=ContextTemplateParams(length_count=[[2, 1]]),
 )
 EAC = EACHyperParams(gamma=75.0)
@@ -166,7 +167,7 @@ def test_beac_edit_bounded_overlap_and_zero_rows(model_and_stats, tokenizer):
         assert (t.delta[~t.anchors] == 0).all()  # z's non-anchors stay exactly zero (EAC Eq. 3)
         assert t.delta.abs().sum() > 0
     before = {n: weight_view(model, n).detach().clone() for n in method.module_names}
-    deltas = method.write(model, tokenizer, targets)
+    deltas = method.write(model, tokenizer, targets).deltas
     for li, layer in enumerate(method.layers):
         name = mlp_out_name(model, layer)
         used = masks[:, li].any(0)
@@ -203,7 +204,7 @@ def _run(model, method, stats, tokenizer, batches):
     method.setup(model, tokenizer, stats)
     out = []
     for b in batches:
-        out.append(method.edit(model, tokenizer, requests(b)))
+        out.append(edit(method, model, tokenizer, requests(b)).deltas)
     return out
 
 

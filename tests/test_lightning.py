@@ -25,7 +25,7 @@ def write_config(path: Path, root: Path, num_edits: int = 4, extra: dict | None 
             "model": "testbed:tiny",
             "stats_tokens": 4000,
             "method": {"class_path": "eac_lightning.methods.ROME",
-                       "init_args": {"v": {"num_steps": 6}, "context": {"length_count": [[5, 2]]},
+                       "init_args": {"target": {"num_steps": 6}, "context": {"length_count": [[5, 2]]},
                                      "eac": {"gamma": 80.0}}},
             "evaluation": {"tasks": ["sst2"], "default_limit": 4, "probes": ["fact_retention"],
                            "rome_scores": False},
@@ -164,7 +164,7 @@ def test_beac_kill_and_resume_equals_uninterrupted(tmp_path):
     """Batch-sequential B-EAC through the CLI: RAR's usage and key records travel in Lightning's checkpoint, so a run
     killed after two batches and resumed writes what an uninterrupted run writes."""
     method = {"class_path": "eac_lightning.methods.beac.BEAC",
-              "init_args": {"z": {"num_steps": 4, "clamp_norm_factor": 4.0}, "context": {"length_count": [[5, 2]]},
+              "init_args": {"target": {"num_steps": 4, "clamp_norm_factor": 4.0}, "context": {"length_count": [[5, 2]]},
                             "mom2_update_weight": 10.0, "eac": {"gamma": 80.0}}}
     extra = {"model": {"method": method}, "data": {"batch_size": 2}}
     runs = {}

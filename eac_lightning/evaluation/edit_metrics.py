@@ -832,12 +832,13 @@ def single_edit_metrics(model: torch.nn.Module, tok: Any, method: Any, requests:
     :func:`evaluate_edit_metrics` (no ROME scores), and the edited matrices restored before the next one.
     ``method`` is a set-up :class:`eac_lightning.methods.base.EditMethod`."""
     from eac_lightning.methods.base import restore_weights, snapshot
+    from eac_lightning.methods.edit import edit
 
     rows = []
     for r in requests:
         saved = snapshot(model, method.module_names)
         try:
-            method.edit(model, tok, [r])
+            edit(method, model, tok, [r])
             rows.append(evaluate_edit_metrics(model, tok, [r], reference, rome_scores=False))
         finally:
             restore_weights(model, saved)

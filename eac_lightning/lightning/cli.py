@@ -26,13 +26,19 @@ from eac_lightning.lightning.module import EditingModule
 EXTRA_COMMANDS = ("stats", "testbed", "trace", "export")
 
 # The edited model stays in eval mode on purpose (no dropout in target optimisations), and weights change in a
-# callback, not in ``optimizer.step()``: these two Lightning warnings describe intended behaviour here.
+# callback, not in an optimizer: these three Lightning warnings describe intended behaviour here.
 warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")
 warnings.filterwarnings("ignore", message=".*ModelCheckpoint with manual optimization.*")
+warnings.filterwarnings("ignore", message=".*configure_optimizers` returned `None`.*")
 
 
 class EditingCLI(LightningCLI):
-    """LightningCLI with the editing callbacks, a fixed run folder and atomic checkpoints."""
+    """LightningCLI with the editing callbacks, a fixed run folder and atomic checkpoints. Subcommands: ``fit``
+    (edit) and ``validate`` (evaluate a checkpoint); an edit stream has nothing for ``test`` or ``predict``."""
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        return {k: v for k, v in LightningCLI.subcommands().items() if k in ("fit", "validate")}
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_lightning_class_args(Evaluation, "eval")
@@ -74,9 +80,6 @@ class EditingCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs):
         trainer = super().instantiate_trainer(**kwargs)
         trainer.strategy.checkpoint_io = AtomicCheckpointIO()
-        # The write must precede every observer of the new weights; checkpoints come last (Lightning's rule).
-        rank = {WeightUpdate: 0, ModelCheckpoint: 2}
-        trainer.callbacks.sort(key=lambda c: next((v for k, v in rank.items() if isinstance(c, k)), 1))
         return trainer
 
 
