@@ -303,12 +303,32 @@ def test_anchor_key_record_solve_is_the_per_row_problem(model_and_stats, tokeniz
     weight = torch.rand(n_old, generator=gen, dtype=torch.float64)
     cells = torch.rand(n_old, d, generator=gen) < 0.4
     method.key_record = {name: AnchorKeyRecord(old, weight, cells)}
-    upd = method._layer_update(0, name, keys, resid)
+    upd, edit_sq = method._layer_update(0, name, keys, resid)
     base = method.mom2_update_weight * cov.damped + keys @ keys.T
     for j in range(d):
         lhs = base + sum((2.0 * weight[o] * torch.outer(old[o], old[o]) for o in range(n_old) if cells[o, j]),
                          torch.zeros_like(base))
         torch.testing.assert_close(upd[j], resid[j] @ torch.linalg.solve(lhs, keys).T)
+    # Each request's own share (the ledger's per-edit norm): the update of its residual column alone.
+    for i in range(n):
+        alone = torch.zeros_like(resid)
+        alone[:, i] = resid[:, i]
+        torch.testing.assert_close(edit_sq[i], method._layer_update(0, name, keys, alone)[0].pow(2).sum())
+
+
+def test_memit_per_edit_norm_is_its_own_term(model_and_stats, tokenizer):
+    """MEMIT's ΔW_l = R Aᵀ: request i's own term r_i a_iᵀ, whose squared norm the write reports per request."""
+    model, method, stats = fresh(model_and_stats, cls=MEMIT)
+    method.setup(model, tokenizer, stats)
+    name = method.module_names[0]
+    gen = torch.Generator().manual_seed(1)
+    keys = torch.randn(stats.get(name).matrix.shape[0], 3, generator=gen, dtype=torch.float64)
+    resid = torch.randn(model.config.n_embd, 3, generator=gen, dtype=torch.float64)
+    upd, edit_sq = method._layer_update(0, name, keys, resid)
+    for i in range(3):
+        alone = torch.zeros_like(resid)
+        alone[:, i] = resid[:, i]
+        torch.testing.assert_close(edit_sq[i], method._layer_update(0, name, keys, alone)[0].pow(2).sum())
 
 
 def test_rar_key_record_keeps_earlier_edits_in_their_anchor_rows(model_and_stats, tokenizer):

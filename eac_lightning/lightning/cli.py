@@ -14,7 +14,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from jsonargparse import Namespace
+from jsonargparse import DefaultHelpFormatter, Namespace
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
@@ -32,6 +32,42 @@ warnings.filterwarnings("ignore", message=".*ModelCheckpoint with manual optimiz
 warnings.filterwarnings("ignore", message=".*configure_optimizers` returned `None`.*")
 
 
+def hyperparameter_help() -> str:
+    """Every field of the methods' nested settings, with its default and meaning (from the dataclasses' docstrings),
+    for the end of ``fit --help``: jsonargparse lists a method's own arguments (``--model.method.help ROME``) but
+    not the fields of its optional dataclass arguments."""
+    import dataclasses
+    import textwrap
+
+    from docstring_parser import parse
+
+    from eac_lightning.methods import ContextTemplateParams, EACHyperParams, FTHyperParams, TargetHyperParams
+    from eac_lightning.methods.beac import BEACHyperParams
+
+    groups = [
+        ("target (ROME's v*, MEMIT / AlphaEdit / B-EAC's z)", TargetHyperParams),
+        ("target (FT)", FTHyperParams),
+        ("context (ROME, MEMIT, AlphaEdit, B-EAC)", ContextTemplateParams),
+        ("eac (every method; null: no EAC)", EACHyperParams),
+        ("beac (B-EAC)", BEACHyperParams),
+    ]
+    lines = ["method settings (e.g. --model.method.init_args.eac.gamma 80 or a config's model.method.init_args; "
+             "a method's own arguments: --model.method.help ROME|MEMIT|AlphaEdit|FT|BEAC):"]
+    for title, cls in groups:
+        docs = {p.arg_name: " ".join(p.description.split()) for p in parse(cls.__doc__).params}
+        lines.append(f"  {title}:")
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            text = f"{f.name} (default {default!r}): {docs.get(f.name, '')}"
+            lines += textwrap.wrap(text, 116, initial_indent="    ", subsequent_indent="        ")
+    return "\n".join(lines)
+
+
+class _HelpFormatter(DefaultHelpFormatter):
+    def _fill_text(self, text, width, indent):  # keep the epilog's own line breaks
+        return "".join(indent + line for line in text.splitlines(keepends=True))
+
+
 class EditingCLI(LightningCLI):
     """LightningCLI with the editing callbacks, a fixed run folder and atomic checkpoints. Subcommands: ``fit``
     (edit) and ``validate`` (evaluate a checkpoint); an edit stream has nothing for ``test`` or ``predict``."""
@@ -41,6 +77,8 @@ class EditingCLI(LightningCLI):
         return {k: v for k, v in LightningCLI.subcommands().items() if k in ("fit", "validate")}
 
     def add_arguments_to_parser(self, parser) -> None:
+        parser.formatter_class = _HelpFormatter
+        parser.epilog = hyperparameter_help()
         parser.add_lightning_class_args(Evaluation, "eval")
         parser.add_lightning_class_args(NormTracker, "norms")
 
