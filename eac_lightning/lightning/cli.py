@@ -64,7 +64,9 @@ def hyperparameter_help() -> str:
 
 
 class _HelpFormatter(DefaultHelpFormatter):
-    def _fill_text(self, text, width, indent):  # keep the epilog's own line breaks
+    """jsonargparse's formatter, keeping the line breaks of descriptions and epilogs (the settings list)."""
+
+    def _fill_text(self, text, width, indent):
         return "".join(indent + line for line in text.splitlines(keepends=True))
 
 
@@ -77,7 +79,6 @@ class EditingCLI(LightningCLI):
         return {k: v for k, v in LightningCLI.subcommands().items() if k in ("fit", "validate")}
 
     def add_arguments_to_parser(self, parser) -> None:
-        parser.formatter_class = _HelpFormatter
         parser.epilog = hyperparameter_help()
         parser.add_lightning_class_args(Evaluation, "eval")
         parser.add_lightning_class_args(NormTracker, "norms")
@@ -211,7 +212,8 @@ def main(args: list[str] | None = None) -> None:
             ],
         },
         save_config_kwargs={"overwrite": True},
-        parser_kwargs={"description": "Sequential model editing. Other commands: " + ", ".join(EXTRA_COMMANDS)},
+        parser_kwargs={"description": "Sequential model editing. Other commands: " + ", ".join(EXTRA_COMMANDS),
+                       "formatter_class": _HelpFormatter},
     )
 
 
