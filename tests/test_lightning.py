@@ -30,7 +30,7 @@ def write_config(path: Path, root: Path, num_edits: int = 4, extra: dict | None 
             "evaluation": {"tasks": ["sst2"], "default_limit": 4, "probes": ["fact_retention"],
                            "rome_scores": False},
         },
-        "data": {"path": str(REPO.parent / "shared" / "data" / "counterfact"), "num_edits": num_edits,
+        "data": {"path": "counterfact", "num_edits": num_edits,
                  "num_retention": 4},
         "eval": {"every": 2},
     }
@@ -202,7 +202,7 @@ def test_lightning_editor_and_edit_function_write_the_same_deltas(full_run):
     from eac_lightning.models.loading import load_model
     from eac_lightning.stats.covariance import CovarianceStore
 
-    dm = EditDataModule(path=str(REPO.parent / "shared" / "data" / "counterfact"), num_edits=4, num_retention=4)
+    dm = EditDataModule(path="counterfact", num_edits=4, num_retention=4)
     dm.setup()
 
     def method():
