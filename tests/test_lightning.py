@@ -229,3 +229,13 @@ def test_lightning_editor_and_edit_function_write_the_same_deltas(full_run):
     for row, r in zip(rows, direct):
         assert row["delta_norm"] == pytest.approx(r.records[0].delta_norm, rel=1e-4)
         assert row["batch_delta_norm"] == pytest.approx(row["delta_norm"], rel=1e-6)  # one edit per batch
+
+
+def test_help_lists_every_setting_and_only_fit_and_validate():
+    out = run_cli("fit", "--help").stdout
+    for field in ("gamma (default 85.0)", "lam (default 0.1)", "mu (default 0.05)", "max_overlap (default None)",
+                  "clamp_norm_factor (default 4.0)", "norm_constraint (default 0.0005)", "length_count"):
+        assert field in out, field
+    for sub in ("test", "predict"):
+        proc = run_cli(sub, "--help", check=False)
+        assert proc.returncode != 0 and "invalid choice" in proc.stderr + proc.stdout
