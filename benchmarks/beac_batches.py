@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import inspect
 import json
 import os
 import sys
@@ -106,11 +107,15 @@ def l1_growth(model, base) -> float:
 
 def overlay(method, settings: list[str]) -> dict:
     """``model.method`` overlay (for :func:`method_from_preset`) of ``ATTR=VALUE`` settings (dotted for nested
-    ones: ``target.clamp_norm_factor=4``), keeping those the method has: one ``--set`` applies to every method alike."""
+    ones: ``target.clamp_norm_factor=4``), keeping those the method takes: one ``--set`` applies to every method
+    alike (``mom2_update_weight`` is MEMIT's and B-EAC's, not AlphaEdit's)."""
     init_args: dict = {}
+    accepted = inspect.signature(type(method)).parameters
     for item in settings:
         key, value = item.split("=", 1)
         *path, attr = key.split(".")
+        if (path[0] if path else attr) not in accepted:
+            continue
         obj = method
         for part in path:
             obj = getattr(obj, part, None)
