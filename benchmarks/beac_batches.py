@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import inspect
 import json
 import os
 import sys
@@ -46,8 +47,9 @@ from eac_lightning.evaluation import (
     fact_retention,
     wikitext2_ppl,
 )
+from eac_lightning.lightning.callbacks import matrix_norms
 from eac_lightning.methods.beac import LayeredTarget
-from eac_lightning.methods.target import ContextTemplateParams
+from eac_lightning.methods.edit import optimise_targets, write_targets
 from eac_lightning.models.adapters import weight_view
 from eac_lightning.models.loading import load_model
 from eac_lightning.stats.covariance import CovarianceStore
@@ -97,10 +99,33 @@ def parse_schedule(s: str) -> tuple[int, int]:
     return int(n_batches), int(size)
 
 
-def l1(model, names, base) -> tuple[float, float]:
-    """(Σ‖W − W⁰‖₁, Σ‖W⁰‖₁) over the edited modules."""
-    dev = sum(float((weight_view(model, n).detach() - base[n]).abs().sum()) for n in names)
-    return dev, sum(float(base[n].abs().sum()) for n in names)
+def l1_growth(model, base) -> float:
+    """Σ‖W − W⁰‖₁ / Σ‖W⁰‖₁ over the edited modules."""
+    norms = [matrix_norms(weight_view(model, n).detach(), w0, condition=False) for n, w0 in base.items()]
+    return sum(n["l1_dist"] for n in norms) / sum(n["l1_before"] for n in norms)
+
+
+def overlay(method, settings: list[str]) -> dict:
+    """``model.method`` overlay (for :func:`method_from_preset`) of ``ATTR=VALUE`` settings (dotted for nested
+    ones: ``target.clamp_norm_factor=4``), keeping those the method takes: one ``--set`` applies to every method
+    alike (``mom2_update_weight`` is MEMIT's and B-EAC's, not AlphaEdit's)."""
+    init_args: dict = {}
+    accepted = inspect.signature(type(method)).parameters
+    for item in settings:
+        key, value = item.split("=", 1)
+        *path, attr = key.split(".")
+        if (path[0] if path else attr) not in accepted:
+            continue
+        obj = method
+        for part in path:
+            obj = getattr(obj, part, None)
+        if obj is None or not hasattr(obj, attr):
+            continue
+        node = init_args
+        for part in path:
+            node = node.setdefault(part, {})
+        node[attr] = yaml.safe_load(value)  # numbers, null, true/false
+    return {"init_args": init_args}
 
 
 def collisions(targets) -> int:
@@ -123,33 +148,24 @@ def general_ability(model, tok, probes, ppl_tokens) -> dict[str, float]:
 def run_one(name, preset, base_model, tok, stats, edits, n_batches, size, reference, probes, base_ga, args):
     model = copy.deepcopy(base_model)
     preset, *own_sets = preset.split()
-    method = method_from_preset(preset)
+    # The method's own settings, then e.g. mom2_update_weight=2000 or target.clamp_norm_factor=4 for every method
+    # alike, then --context.
+    settings = own_sets + (args.set or [])
     if args.context is not None:
-        method.context = ContextTemplateParams(length_count=[list(args.context)])
-    # The method's own settings, then e.g. mom2_update_weight=2000 or z.clamp_norm_factor=4 for every method alike.
-    for item in own_sets + (args.set or []):
-        key, value = item.split("=", 1)
-        obj, *path = key.split(".")
-        target = method if not path else getattr(method, obj, None)
-        attr = path[-1] if path else obj
-        if target is not None and hasattr(target, attr):
-            current, parsed = getattr(target, attr), yaml.safe_load(value)  # numbers, null, true/false
-            setattr(target, attr, float(parsed) if isinstance(current, float) else parsed)
+        settings.append(f"context.length_count={[list(args.context)]}")
+    method = method_from_preset(preset, overlay(method_from_preset(preset), settings))
     method.setup(model, tok, stats)
-    names = list(method.module_names)
-    w0 = {n: weight_view(model, n).detach().clone() for n in names}
+    w0 = {n: weight_view(model, n).detach().clone() for n in method.module_names}
     trace = []
     t_start = time.time()
     for b in range(n_batches):
         batch = edits[b * size:(b + 1) * size]
-        validate_requests(batch, tok)
         t0 = time.time()
-        targets = method.compute_targets(model, tok, batch)
-        method.write(model, tok, targets)
-        dev, norm0 = l1(model, names, w0)
+        targets = optimise_targets(method, model, tok, batch)
+        write_targets(method, model, tok, targets)
         trace.append({
             "batch": b + 1, "edits": (b + 1) * size, "seconds": round(time.time() - t0, 2),
-            "l1_growth": dev / norm0, "collisions": collisions(targets),
+            "l1_growth": l1_growth(model, w0), "collisions": collisions(targets.targets),
         })
         print(f"  [{name} {n_batches}x{size}] batch {b + 1}/{n_batches}: {trace[-1]}", flush=True)
     edit_seconds = time.time() - t_start

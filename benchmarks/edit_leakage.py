@@ -82,6 +82,7 @@ def measure(model, tok, method, batches: list[list]) -> dict:
     """Apply each batch with ``method`` (one edited matrix), restore the weights, and count hits per mode of
     replaying the returned ΔW."""
     from eac_lightning.methods.base import restore_weights, snapshot
+    from eac_lightning.methods.edit import edit
 
     name = method.module_names[0]
     module = dict(model.named_modules())[name]
@@ -89,7 +90,7 @@ def measure(model, tok, method, batches: list[list]) -> dict:
     for batch in batches:
         saved = snapshot(model, method.module_names)
         try:
-            delta_w = method.edit(model, tok, batch)[name]
+            delta_w = edit(method, model, tok, batch).deltas[name]
         finally:
             restore_weights(model, saved)
         for r in batch:
@@ -133,7 +134,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.edits:
         rome = method_from_preset("rome")
         if args.steps:
-            rome.v.num_steps = args.steps
+            rome.target.num_steps = args.steps
         rome.write_aware = args.write_aware
         rome.setup(model, tok, stats)
         reqs = known[: args.edits]
@@ -149,9 +150,9 @@ def main(argv: list[str] | None = None) -> dict:
         memit = method_from_preset("memit")
         memit.layers = [layer]
         memit.mom2_update_weight = args.memit_lambda
-        memit.z.clamp_norm_factor = args.memit_clamp
+        memit.target.clamp_norm_factor = args.memit_clamp
         if args.steps:
-            memit.z.num_steps = args.steps
+            memit.target.num_steps = args.steps
         memit.write_aware = args.write_aware
         memit.setup(model, tok, stats)
         batch = known[: args.batch]

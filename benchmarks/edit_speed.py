@@ -58,8 +58,7 @@ def machine() -> dict:
 
 def steps_of(method) -> int:
     """Optimisation steps per edit (the dominant cost)."""
-    hp = getattr(method, "v", None) or getattr(method, "z", None) or getattr(method, "optim", None)
-    return int(hp.num_steps)
+    return int(method.target.num_steps)
 
 
 def bench_method(name: str, model, tok, stats, requests, edits: int, repeats: int, batch_size: int) -> dict:

@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from eac_lightning.data.requests import EditRequest, validate_requests
-from eac_lightning.methods.base import Deltas, EditMethod, restore_weights, snapshot
+from eac_lightning.methods.base import EditMethod, restore_weights, snapshot
+from eac_lightning.methods.edit import EditResult, edit
 from eac_lightning.models.loading import load_model
 from eac_lightning.paths import CONFIGS_DIR
 from eac_lightning.stats.covariance import CovarianceStore
@@ -77,17 +78,18 @@ class Editor:
         meth = method_from_preset(method) if isinstance(method, str) else method
         return cls(m, tok, meth, CovarianceStore(m, tok, **stats_kwargs))
 
-    def edit(self, requests: EditRequest | Sequence[EditRequest]) -> Deltas:
-        """Apply one batch of edits; returns the weight deltas."""
+    def edit(self, requests: EditRequest | Sequence[EditRequest]) -> EditResult:
+        """Apply one batch of edits (:func:`eac_lightning.methods.edit.edit`); returns its deltas and per-edit
+        records (norm of each edit's delta, whether the model now predicts its target)."""
         batch = [requests] if isinstance(requests, EditRequest) else list(requests)
-        validate_requests(batch, self.tokenizer)  # a malformed record fails here, naming its field
+        validate_requests(batch, self.tokenizer)  # before the locality reference: a malformed record names its field
         self._add_reference(batch)
         saved = snapshot(self.model, self.method.module_names)
         state = self.method.state_dict()  # e.g. AlphaEdit's accumulated K_p K_pᵀ: undone with the weights
-        deltas = self.method.edit(self.model, self.tokenizer, batch)
+        result = edit(self.method, self.model, self.tokenizer, batch)
         self._undo.append((len(batch), saved, state))
         self.requests.extend(batch)
-        return deltas
+        return result
 
     def undo(self) -> None:
         """Restore the weights (bit-exactly) and the method's state as they were before the last :meth:`edit`."""
@@ -136,7 +138,7 @@ def single_edit_metrics(model: nn.Module, tok, method: EditMethod, requests: Seq
     for r in requests:
         saved = snapshot(model, method.module_names)
         try:
-            method.edit(model, tok, [r])
+            edit(method, model, tok, [r])
             rows.append(evaluate_edit_metrics(model, tok, [r], reference, rome_scores=False))
         finally:
             restore_weights(model, saved)

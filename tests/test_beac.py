@@ -21,6 +21,7 @@ from eac_lightning.methods.beac_plan import (
     rar_penalty,
 )
 from eac_lightning.methods.eac import EACHyperParams
+from eac_lightning.methods.edit import edit
 from eac_lightning.methods.memit import MEMIT
 from eac_lightning.methods.target import ContextTemplateParams, TargetHyperParams
 from eac_lightning.models.adapters import mlp_out_name, weight_view
@@ -131,7 +132,7 @@ def test_rar_penalty_avoids_used_anchors():
 # ---------------------------------------------------------------------------------------------------------------
 SMALL = dict(
     layers=[0, 1, 2],
-    z=TargetHyperParams(num_steps=4, clamp_norm_factor=0.75),
+    target=TargetHyperParams(num_steps=4, clamp_norm_factor=0.75),
     context=ContextTemplateParams(length_count=[[2, 1]]),
 )
 EAC = EACHyperParams(gamma=75.0)
@@ -164,7 +165,7 @@ def test_beac_edit_bounded_overlap_and_zero_rows(model_and_stats, tokenizer):
         assert (t.delta[~t.anchors] == 0).all()  # z's non-anchors stay exactly zero (EAC Eq. 3)
         assert t.delta.abs().sum() > 0
     before = {n: weight_view(model, n).detach().clone() for n in method.module_names}
-    deltas = method.write(model, tokenizer, targets)
+    deltas = method.write(model, tokenizer, targets).deltas
     for li, layer in enumerate(method.layers):
         name = mlp_out_name(model, layer)
         used = masks[:, li].any(0)
@@ -201,7 +202,7 @@ def _run(model, method, stats, tokenizer, batches):
     method.setup(model, tokenizer, stats)
     out = []
     for b in batches:
-        out.append(method.edit(model, tokenizer, requests(b)))
+        out.append(edit(method, model, tokenizer, requests(b)).deltas)
     return out
 
 
@@ -300,12 +301,32 @@ def test_anchor_key_record_solve_is_the_per_row_problem(model_and_stats, tokeniz
     weight = torch.rand(n_old, generator=gen, dtype=torch.float64)
     cells = torch.rand(n_old, d, generator=gen) < 0.4
     method.key_record = {name: AnchorKeyRecord(old, weight, cells)}
-    upd = method._layer_update(0, name, keys, resid)
+    upd, edit_sq = method._layer_update(0, name, keys, resid)
     base = method.mom2_update_weight * cov.damped + keys @ keys.T
     for j in range(d):
         lhs = base + sum((2.0 * weight[o] * torch.outer(old[o], old[o]) for o in range(n_old) if cells[o, j]),
                          torch.zeros_like(base))
         torch.testing.assert_close(upd[j], resid[j] @ torch.linalg.solve(lhs, keys).T)
+    # Each request's own share (the ledger's per-edit norm): the update of its residual column alone.
+    for i in range(n):
+        alone = torch.zeros_like(resid)
+        alone[:, i] = resid[:, i]
+        torch.testing.assert_close(edit_sq[i], method._layer_update(0, name, keys, alone)[0].pow(2).sum())
+
+
+def test_memit_per_edit_norm_is_its_own_term(model_and_stats, tokenizer):
+    """MEMIT's ΔW_l = R Aᵀ: request i's own term r_i a_iᵀ, whose squared norm the write reports per request."""
+    model, method, stats = fresh(model_and_stats, cls=MEMIT)
+    method.setup(model, tokenizer, stats)
+    name = method.module_names[0]
+    gen = torch.Generator().manual_seed(1)
+    keys = torch.randn(stats.get(name).matrix.shape[0], 3, generator=gen, dtype=torch.float64)
+    resid = torch.randn(model.config.n_embd, 3, generator=gen, dtype=torch.float64)
+    upd, edit_sq = method._layer_update(0, name, keys, resid)
+    for i in range(3):
+        alone = torch.zeros_like(resid)
+        alone[:, i] = resid[:, i]
+        torch.testing.assert_close(edit_sq[i], method._layer_update(0, name, keys, alone)[0].pow(2).sum())
 
 
 def test_rar_key_record_keeps_earlier_edits_in_their_anchor_rows(model_and_stats, tokenizer):

@@ -63,7 +63,7 @@ def test_edit_evaluate_undo_is_bit_exact(model, model_and_stats, tokenizer):
     stats = model_and_stats[1]
     editor = Editor(model, tokenizer, ROME(layer=1, context=CTX), stats)
     original = _state(model)
-    d1 = editor.edit(REQS[0])
+    d1 = editor.edit(REQS[0]).deltas
     after_first = _state(model)
     assert not _equal(model, original) and list(d1) == [mlp_out_name(model, 1)]
     editor.edit([REQS[1]])
@@ -83,13 +83,13 @@ def test_undo_restores_the_method_state(model, model_and_stats, tokenizer):
     """AlphaEdit's accumulated K_p K_pᵀ is undone with the weights: a redo gives the very same update."""
     stats = model_and_stats[1]
     c = stats.get(mlp_out_name(model, 1)).matrix
-    method = AlphaEdit(layers=[1, 2], context=CTX, z=Z, nullspace_threshold=float(torch.linalg.eigvalsh(c).max()) * 2)
+    method = AlphaEdit(layers=[1, 2], context=CTX, target=Z, nullspace_threshold=float(torch.linalg.eigvalsh(c).max()) * 2)
     editor = Editor(model, tokenizer, method, stats)
-    first = editor.edit(REQS[0])
+    first = editor.edit(REQS[0]).deltas
     assert set(method.past_kkt) == set(first)
     editor.undo()
     assert method.past_kkt == {}
-    again = editor.edit(REQS[0])
+    again = editor.edit(REQS[0]).deltas
     assert all(torch.equal(first[n], again[n]) for n in first)
 
 
@@ -106,7 +106,7 @@ def test_malformed_request_changes_nothing(model, model_and_stats, tokenizer):
 
 
 def test_failed_optimisation_changes_nothing(model, model_and_stats, tokenizer):
-    method = ROME(layer=1, context=CTX, v=TargetHyperParams(weight_decay=float("nan")))
+    method = ROME(layer=1, context=CTX, target=TargetHyperParams(weight_decay=float("nan")))
     editor = Editor(model, tokenizer, method, model_and_stats[1])
     original = _state(model)
     with pytest.raises(EditOptimisationError, match=r"t \(row 0\).*non-finite"):

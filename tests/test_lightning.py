@@ -25,12 +25,12 @@ def write_config(path: Path, root: Path, num_edits: int = 4, extra: dict | None 
             "model": "testbed:tiny",
             "stats_tokens": 4000,
             "method": {"class_path": "eac_lightning.methods.ROME",
-                       "init_args": {"v": {"num_steps": 6}, "context": {"length_count": [[5, 2]]},
+                       "init_args": {"target": {"num_steps": 6}, "context": {"length_count": [[5, 2]]},
                                      "eac": {"gamma": 80.0}}},
             "evaluation": {"tasks": ["sst2"], "default_limit": 4, "probes": ["fact_retention"],
                            "rome_scores": False},
         },
-        "data": {"path": str(REPO.parent / "shared" / "data" / "counterfact"), "num_edits": num_edits,
+        "data": {"path": "counterfact", "num_edits": num_edits,
                  "num_retention": 4},
         "eval": {"every": 2},
     }
@@ -164,7 +164,7 @@ def test_beac_kill_and_resume_equals_uninterrupted(tmp_path):
     """Batch-sequential B-EAC through the CLI: RAR's usage and key records travel in Lightning's checkpoint, so a run
     killed after two batches and resumed writes what an uninterrupted run writes."""
     method = {"class_path": "eac_lightning.methods.beac.BEAC",
-              "init_args": {"z": {"num_steps": 4, "clamp_norm_factor": 4.0}, "context": {"length_count": [[5, 2]]},
+              "init_args": {"target": {"num_steps": 4, "clamp_norm_factor": 4.0}, "context": {"length_count": [[5, 2]]},
                             "mom2_update_weight": 10.0, "eac": {"gamma": 80.0}}}
     extra = {"model": {"method": method}, "data": {"batch_size": 2}}
     runs = {}
@@ -190,3 +190,52 @@ def test_beac_kill_and_resume_equals_uninterrupted(tmp_path):
         torch.testing.assert_close(rec["key_record"][k]["keys"], r["keys"], rtol=1e-5, atol=1e-6)
     assert [r["edit"] for r in ledger(runs["killed"])] == list(range(6))
     assert json.loads((runs["killed"] / "summary.json").read_text())["method"] == "B-EAC"
+
+
+def test_lightning_editor_and_edit_function_write_the_same_deltas(full_run):
+    """The one edit path: the CLI run (training_step → WeightUpdate), the notebook Editor and a direct call of
+    :func:`eac_lightning.methods.edit.edit` apply the same deltas to the same requests, and the ledger holds each
+    edit's own norm and success as the edit function measures them."""
+    from eac_lightning.data.datamodule import EditDataModule
+    from eac_lightning.editor import Editor
+    from eac_lightning.methods import ROME, ContextTemplateParams, EACHyperParams, TargetHyperParams, edit
+    from eac_lightning.models.loading import load_model
+    from eac_lightning.stats.covariance import CovarianceStore
+
+    dm = EditDataModule(path="counterfact", num_edits=4, num_retention=4)
+    dm.setup()
+
+    def method():
+        return ROME(target=TargetHyperParams(num_steps=6), context=ContextTemplateParams(length_count=[[5, 2]]),
+                    eac=EACHyperParams(gamma=80.0))
+
+    model, tok = load_model("testbed:tiny")
+    editor = Editor(model, tok, method(), CovarianceStore(model, tok, num_tokens=4000))
+    by_editor = [editor.edit(r) for r in dm.requests]
+    model, tok = load_model("testbed:tiny")
+    direct_method = method()
+    direct_method.setup(model, tok, CovarianceStore(model, tok, num_tokens=4000))
+    direct = [edit(direct_method, model, tok, [r]) for r in dm.requests]
+    for a, b in zip(by_editor, direct):
+        assert a.deltas.keys() == b.deltas.keys()
+        assert all(torch.equal(a.deltas[k], b.deltas[k]) for k in a.deltas)
+    (name, total), = load_deltas(full_run).items()
+    summed = sum(r.deltas[name].float() for r in direct)
+    # The Lightning run sets W = W_base + D after each write (bit-exact resume), the others add in place: the
+    # later edits start from weights that differ in the last bit.
+    assert (total - summed).abs().max().item() <= 1e-6 * max(total.abs().max().item(), 1.0)
+    rows = ledger(full_run)
+    assert [row["success"] for row in rows] == [r.records[0].success for r in direct]
+    for row, r in zip(rows, direct):
+        assert row["delta_norm"] == pytest.approx(r.records[0].delta_norm, rel=1e-4)
+        assert row["batch_delta_norm"] == pytest.approx(row["delta_norm"], rel=1e-6)  # one edit per batch
+
+
+def test_help_lists_every_setting_and_only_fit_and_validate():
+    out = run_cli("fit", "--help").stdout
+    for field in ("gamma (default 85.0)", "lam (default 0.1)", "mu (default 0.05)", "max_overlap (default None)",
+                  "clamp_norm_factor (default 4.0)", "norm_constraint (default 0.0005)", "length_count"):
+        assert field in out, field
+    for sub in ("test", "predict"):
+        proc = run_cli(sub, "--help", check=False)
+        assert proc.returncode != 0 and "invalid choice" in proc.stderr + proc.stdout

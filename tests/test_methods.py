@@ -23,6 +23,7 @@ from eac_lightning.methods import (
 )
 from eac_lightning.methods.alphaedit import null_space_projector
 from eac_lightning.methods.base import restore_weights, snapshot
+from eac_lightning.methods.edit import edit
 from eac_lightning.methods.memit import residual_at_subject
 from eac_lightning.methods.eac import anchor_count, anchor_mask, explore
 from eac_lightning.methods.ft import FTProblem
@@ -50,7 +51,7 @@ REQS = [
 # through the subject position). On it an update written for the subject also acts on the prompt's other tokens
 # (docs/testbed.md), so the published targets write about 5 of 8 single ROME edits and 1-2 of a MEMIT batch of 8;
 # write-aware targets (docs/methods.md) optimise the loss of the model the closed form really writes.
-TESTBED_MEMIT = dict(mom2_update_weight=10.0, z=TargetHyperParams(clamp_norm_factor=4.0),
+TESTBED_MEMIT = dict(mom2_update_weight=10.0, target=TargetHyperParams(clamp_norm_factor=4.0),
                      context=ContextTemplateParams(length_count=[[10, 5]]))  # λ, clamp: configs/testbed/memit.yaml
 
 
@@ -124,7 +125,7 @@ def _rome_check(model, tok, method, stats=None, request=REQ):
     k = compute_keys(model, tok, [request], method.layer, method.templates)[0]  # k* on the pre-edit model
     targets = method.compute_targets(model, tok, [request])
     _assert_same(model, before)  # the optimisation changes no weight
-    deltas = method.write(model, tok, targets)
+    deltas = method.write(model, tok, targets).deltas
     w1 = weight_view(model, name).detach()
     delta = targets[0].delta
     assert delta.norm() > 0
@@ -221,7 +222,7 @@ def test_eac_scores_are_value_times_mean_gradient(gpt2, tokenizer):
 
 def _edited_nll(model, tok, method, request, layer, site) -> float:
     """Target NLL (over the method's prefix contexts) of the model as it is now, through a fresh problem."""
-    problem = TargetProblem(model, tok, request, layer, method.templates, method.z if site == "residual" else method.v,
+    problem = TargetProblem(model, tok, request, layer, method.templates, method.target,
                             site=site)
     return problem.loss(torch.zeros_like(problem.v0))[1].item()
 
@@ -232,8 +233,8 @@ def test_write_aware_rome_optimises_the_edited_models_loss(gpt2, tokenizer, stat
     method = ROME(layer=1, context=CTX, write_aware=True)
     method.setup(gpt2, tokenizer, stats)
     u = method._key_direction(gpt2, tokenizer, REQ)
-    problem = TargetProblem(gpt2, tokenizer, REQ, 1, method.templates, method.v, write_directions={1: u})
-    plain = TargetProblem(gpt2, tokenizer, REQ, 1, method.templates, method.v)
+    problem = TargetProblem(gpt2, tokenizer, REQ, 1, method.templates, method.target, write_directions={1: u})
+    plain = TargetProblem(gpt2, tokenizer, REQ, 1, method.templates, method.target)
     delta = torch.randn(problem.v0.shape, generator=torch.Generator().manual_seed(0)) * problem.v0.norm()
     aware, assumed = problem.loss(delta)[1].item(), plain.loss(delta)[1].item()
     method.write(gpt2, tokenizer, [RankOneTarget(REQ, delta, None)])
@@ -245,18 +246,18 @@ def test_write_aware_rome_optimises_the_edited_models_loss(gpt2, tokenizer, stat
 def test_write_aware_memit_batch_optimises_the_edited_models_loss(gpt2, tokenizer, stats):
     """Write-aware MEMIT over two layers: each request's loss under the (n, d) batch δ equals its loss after the
     write, which is ΔW_l = δᵀA_lᵀ/L with the columns the loss used; the coupled batch is optimised together."""
-    method = MEMIT(layers=[1, 2], context=CTX, z=Z, mom2_update_weight=1.0, write_aware=True)
+    method = MEMIT(layers=[1, 2], context=CTX, target=Z, mom2_update_weight=1.0, write_aware=True)
     method.setup(gpt2, tokenizer, stats)
     reqs = REQS[:2]
     directions = method._write_directions(gpt2, tokenizer, reqs)
-    problems = [TargetProblem(gpt2, tokenizer, r, 2, method.templates, method.z, site="residual",
+    problems = [TargetProblem(gpt2, tokenizer, r, 2, method.templates, method.target, site="residual",
                               write_directions=directions, row=i) for i, r in enumerate(reqs)]
     joint = BatchTargetProblem(problems)
     delta = torch.randn(joint.v0.shape, generator=torch.Generator().manual_seed(0)) * joint.v0.norm(dim=1, keepdim=True)
     aware = [p.loss(delta)[1].item() for p in problems]
     targets = [ResidualTarget(r, p.v0, delta[i], None, {l: a[:, i] for l, a in directions.items()})
                for i, (r, p) in enumerate(zip(reqs, problems))]
-    deltas = method.write(gpt2, tokenizer, targets)
+    deltas = method.write(gpt2, tokenizer, targets).deltas
     for layer in (1, 2):
         torch.testing.assert_close(deltas[mlp_out_name(gpt2, layer)].double(),
                                    delta.double().T @ directions[layer].double().T, atol=1e-6, rtol=1e-5)
@@ -294,7 +295,7 @@ def test_memit_woodbury_equals_direct_solve(gpt2, tokenizer, stats):
 
 def test_memit_write_is_atomic(gpt2, tokenizer, stats, monkeypatch):
     """A failure while writing the second layer restores the first one."""
-    method = MEMIT(layers=[1, 2], context=CTX, z=Z)
+    method = MEMIT(layers=[1, 2], context=CTX, target=Z)
     method.setup(gpt2, tokenizer, stats)
     targets = method.compute_targets(gpt2, tokenizer, REQS[:2])
     before = _state(gpt2)
@@ -309,7 +310,7 @@ def test_memit_write_is_atomic(gpt2, tokenizer, stats, monkeypatch):
         method.write(gpt2, tokenizer, targets)
     _assert_same(gpt2, before)
     monkeypatch.setattr(MEMIT, "_key_adjoint", real)
-    deltas = method.write(gpt2, tokenizer, targets)
+    deltas = method.write(gpt2, tokenizer, targets).deltas
     assert sorted(deltas) == sorted(method.module_names) and all(d.norm() > 0 for d in deltas.values())
 
 
@@ -321,10 +322,10 @@ def test_alphaedit_leaves_protected_keys_unchanged(gpt2, tokenizer, stats):
     evals = [torch.linalg.eigvalsh(stats.get(n).matrix) for n in names]
     threshold = max(e.median().item() for e in evals)  # a null space of about half the dimensions
     assert all(threshold < e.max().item() for e in evals)
-    method = AlphaEdit(layers=[1, 2], context=CTX, z=Z, nullspace_threshold=threshold)
+    method = AlphaEdit(layers=[1, 2], context=CTX, target=Z, nullspace_threshold=threshold)
     method.setup(gpt2, tokenizer, stats)
     before = {n: weight_view(gpt2, n).detach().clone() for n in names}
-    method.edit(gpt2, tokenizer, REQS[:2])
+    edit(method, gpt2, tokenizer, REQS[:2])
     g = torch.Generator().manual_seed(0)
     for n in names:
         dw = (weight_view(gpt2, n).detach() - before[n]).double()
@@ -345,7 +346,7 @@ def test_alphaedit_projector_and_failed_write_leave_no_trace(gpt2, tokenizer, st
     c = stats.get(mlp_out_name(gpt2, 1)).matrix
     with pytest.raises(ValueError, match="no eigenvalue.*raise the threshold"):
         null_space_projector(c, threshold=0.0)
-    method = AlphaEdit(layers=[1, 2], context=CTX, z=Z, nullspace_threshold=float(torch.linalg.eigvalsh(c).max()) * 2)
+    method = AlphaEdit(layers=[1, 2], context=CTX, target=Z, nullspace_threshold=float(torch.linalg.eigvalsh(c).max()) * 2)
     method.setup(gpt2, tokenizer, stats)
     targets = method.compute_targets(gpt2, tokenizer, REQS[:1])
     before = _state(gpt2)
@@ -380,12 +381,12 @@ def test_ft_and_ft_en_reduce_the_target_loss_within_the_norm_bound(gpt2, tokeniz
 
     method = method_from_preset(preset)
     method.layers = [1]
-    method.optim = FTHyperParams(num_steps=10, lr=1e-3, norm_constraint=2e-3)
+    method.target = FTHyperParams(num_steps=10, lr=1e-3, norm_constraint=2e-3)
     method.setup(gpt2, tokenizer)
     name = mlp_out_name(gpt2, 1)
     w0 = weight_view(gpt2, name).detach().clone()
     nll0 = _target_nll(gpt2, tokenizer, REQ)
-    deltas = method.edit(gpt2, tokenizer, [REQ])
+    deltas = edit(method, gpt2, tokenizer, [REQ]).deltas
     change = weight_view(gpt2, name).detach() - w0
     torch.testing.assert_close(deltas[name], change, atol=1e-7, rtol=0)
     assert change.abs().max() <= 2e-3 * (1 + 1e-5)  # FT-L's L∞ constraint
@@ -401,11 +402,11 @@ def test_ft_and_ft_en_reduce_the_target_loss_within_the_norm_bound(gpt2, tokeniz
 @pytest.mark.parametrize(
     "make",
     [
-        lambda: ROME(layer=1, context=CTX, mom2_adjustment=False, v=TargetHyperParams(weight_decay=NAN)),
-        lambda: ROME(layer=1, context=CTX, mom2_adjustment=False, v=TargetHyperParams(weight_decay=NAN),
+        lambda: ROME(layer=1, context=CTX, mom2_adjustment=False, target=TargetHyperParams(weight_decay=NAN)),
+        lambda: ROME(layer=1, context=CTX, mom2_adjustment=False, target=TargetHyperParams(weight_decay=NAN),
                      eac=EACHyperParams()),
-        lambda: MEMIT(layers=[1, 2], context=CTX, z=TargetHyperParams(weight_decay=NAN)),
-        lambda: FT(layers=[1], optim=FTHyperParams(norm_constraint=NAN)),  # Δ becomes NaN after one step
+        lambda: MEMIT(layers=[1, 2], context=CTX, target=TargetHyperParams(weight_decay=NAN)),
+        lambda: FT(layers=[1], target=FTHyperParams(norm_constraint=NAN)),  # Δ becomes NaN after one step
     ],
     ids=["rome", "rome-eac", "memit", "ft"],
 )
@@ -414,7 +415,7 @@ def test_nan_in_optimisation_raises_and_changes_nothing(gpt2, tokenizer, stats, 
     method.setup(gpt2, tokenizer, stats)
     before = _state(gpt2)
     with pytest.raises(EditOptimisationError) as err:
-        method.edit(gpt2, tokenizer, REQS[:2])
+        edit(method, gpt2, tokenizer, REQS[:2])
     assert "test (row 0)" in str(err.value) and "nothing was applied" in str(err.value)
     _assert_same(gpt2, before)
 
@@ -475,7 +476,7 @@ def test_rome_makes_the_target_the_greedy_continuation(testbed, write_aware, eac
         method.setup(model, tok, stats)
         for r in known[:8]:
             assert not _greedy_hits(model, tok, [r])[0]
-            method.edit(model, tok, [r])
+            edit(method, model, tok, [r])
             hits.append(_greedy_hits(model, tok, [r])[0])
             model.load_state_dict(saved)
     finally:
@@ -493,7 +494,7 @@ def test_memit_batch_of_eight_succeeds(testbed):
         method = MEMIT(layers=list(layers.memit), write_aware=True, **TESTBED_MEMIT)
         method.setup(model, tok, stats)
         assert sum(_greedy_hits(model, tok, batch)) == 0
-        method.edit(model, tok, batch)
+        edit(method, model, tok, batch)
         hits = _greedy_hits(model, tok, batch)
         assert sum(hits) >= 6, f"MEMIT wrote {sum(hits)} of 8 edits: {hits}"
     finally:

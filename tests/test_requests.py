@@ -136,12 +136,12 @@ def test_shared_datasets_load_and_a_bad_shared_row_is_named():
 
 def test_malformed_request_changes_no_weight(tokenizer, tiny_gpt2):
     """A bad record in a batch is rejected before any optimisation or weight change."""
-    from eac_lightning.methods import FT, ROME
+    from eac_lightning.methods import FT, ROME, edit
 
     before = {k: v.clone() for k, v in tiny_gpt2.state_dict().items()}
     batch = [_req(), _req(prompt="Angola is located in", source_index=9)]
     for method in (ROME(layer=1, mom2_adjustment=False), FT(layers=[1])):
         with pytest.raises(MalformedRequestError, match="row 9"):
-            method.edit(tiny_gpt2, tokenizer, batch)
+            edit(method, tiny_gpt2, tokenizer, batch)
     after = tiny_gpt2.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)

@@ -1,14 +1,14 @@
 """Callbacks of an editing run: the weight write, the edit ledger, norm tracking, evaluation and plots.
 
-Order matters and is the order :func:`default_callbacks` returns: the write happens first in
-``on_train_batch_end``, then the ledger and the norms see the new weights, then evaluation; Lightning runs
-``ModelCheckpoint`` after all of them, so a checkpoint always holds a completed edit.
+Order holds by construction: :class:`WeightUpdate` writes the step's targets in ``on_train_batch_end`` and then
+calls :meth:`EditObserver.on_edit_written` of every observer (ledger, norms, evaluation, and any user callback that
+subclasses :class:`EditObserver`), so each of them sees the new weights wherever it stands in the trainer's callback
+list; Lightning runs ``ModelCheckpoint`` after every other callback, so a checkpoint always holds a completed edit.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import time
 from pathlib import Path
 
@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from eac_lightning.evaluation.evaluator import Evaluator, format_table, summary_sections
+from eac_lightning.methods.edit import EditResult, Targets, write_targets
 from eac_lightning.models.adapters import weight_view
 
 
@@ -28,28 +29,42 @@ def _log_dir(trainer: L.Trainer) -> Path:
     return d
 
 
+class EditObserver(L.Callback):
+    """A callback that acts on every applied edit batch, called by :class:`WeightUpdate` right after the write."""
+
+    def on_edit_written(self, trainer: L.Trainer, pl_module, result: EditResult, seconds: float) -> None:
+        """The batch ``result`` (deltas, one record per edit) was just written, in ``seconds`` from the start of its
+        optimisation; the datamodule's position already counts it."""
+
+
 class WeightUpdate(L.Callback):
-    """Applies the closed-form update of the step's targets (ROME rank-one, MEMIT/AlphaEdit multi-layer, FT's
-    delta) and records it. Under DDP every rank computes the same edit; rank 0's weights are then broadcast so
-    the ranks stay identical whatever their floating-point paths."""
+    """Writes the step's targets (``training_step``'s output) with the closed-form update of the method (ROME
+    rank-one, MEMIT/AlphaEdit multi-layer, FT's delta), then calls every :class:`EditObserver`. Under DDP every
+    rank computes the same edit; rank 0's accumulated deltas are then broadcast so the ranks stay identical
+    whatever their floating-point paths."""
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        deltas = pl_module.write_pending()
+        targets: Targets = outputs["targets"]
+        result = write_targets(pl_module.method, pl_module.lm, pl_module.tokenizer, targets)
+        pl_module.apply_written(result)
         if trainer.world_size > 1 and dist.is_available() and dist.is_initialized():
             for name in pl_module.total_deltas:
                 dist.broadcast(pl_module.total_deltas[name], src=0)
             pl_module.materialise()
-        pl_module.last_deltas = deltas
-        trainer.datamodule.position += len(batch)
-        seconds = time.perf_counter() - pl_module.step_started
-        pl_module.log("seconds_per_edit", seconds / len(batch), prog_bar=True, logger=False)
+        trainer.datamodule.position += len(targets.requests)
+        seconds = targets.seconds
+        pl_module.log("seconds_per_edit", seconds / len(targets.requests), prog_bar=True, logger=False)
         pl_module.log("edits", float(trainer.datamodule.position), prog_bar=True, logger=False)
-        pl_module.last_seconds = seconds
+        for callback in trainer.callbacks:
+            if isinstance(callback, EditObserver):
+                callback.on_edit_written(trainer, pl_module, result, seconds)
 
 
-class EditLedger(L.Callback):
-    """``edits.jsonl``: one line per applied edit (step, source row, case id, subject, prompt, target, seconds,
-    norm of its delta). On resume, lines past the checkpoint are dropped so no edit appears twice."""
+class EditLedger(EditObserver):
+    """``edits.jsonl``: one line per applied edit: step, position in the stream, source row, case id, subject,
+    prompt, target, seconds, the norm of its own delta and of its batch's, and whether the edited model now
+    predicts its target (teacher-forced, right after the write). On resume, lines past the checkpoint are dropped
+    so no edit appears twice."""
 
     def on_train_start(self, trainer, pl_module) -> None:
         self.path = _log_dir(trainer) / "edits.jsonl"
@@ -63,26 +78,30 @@ class EditLedger(L.Callback):
                     keep.append(line)
         self.path.write_text("".join(l + "\n" for l in keep), encoding="utf-8")
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+    def on_edit_written(self, trainer, pl_module, result: EditResult, seconds: float) -> None:
         if trainer.global_rank != 0:
             return
-        first = trainer.datamodule.position - len(batch)
-        norm = math.sqrt(sum(float(d.float().pow(2).sum()) for d in pl_module.last_deltas.values()))
+        n = len(result.records)
+        first = trainer.datamodule.position - n
+        batch_norm = result.delta_norm
         with open(self.path, "a", encoding="utf-8") as fh:
-            for i, r in enumerate(batch):
+            for i, rec in enumerate(result.records):
+                r = rec.request
                 fh.write(json.dumps({
                     "step": trainer.global_step, "edit": first + i, "source": r.source,
                     "source_index": r.source_index, "case_id": r.case_id, "subject": r.subject,
-                    "prompt": r.prompt, "target_new": r.target_new,
-                    "seconds": round(pl_module.last_seconds / len(batch), 4), "delta_norm": norm,
+                    "prompt": r.prompt, "target_new": r.target_new, "seconds": round(seconds / n, 4),
+                    "delta_norm": rec.delta_norm, "batch_delta_norm": batch_norm,
+                    "success": rec.success, "target_accuracy": rec.target_accuracy,
                 }, ensure_ascii=False) + "\n")
 
 
 def matrix_norms(w: torch.Tensor, w0: torch.Tensor, condition: bool) -> dict[str, float]:
-    """L1 and Frobenius norms of W, their change relative to W₀ (EAC Fig. 2a), and optionally cond(W)."""
+    """L1 and Frobenius norms of W, their change relative to W₀ (EAC Fig. 2a), the L1 norm of W − W₀, and
+    optionally cond(W)."""
     w, w0 = w.double(), w0.double()
     out = {
-        "l1": float(w.abs().sum()), "l1_before": float(w0.abs().sum()),
+        "l1": float(w.abs().sum()), "l1_before": float(w0.abs().sum()), "l1_dist": float((w - w0).abs().sum()),
         "fro": float(w.norm()), "fro_before": float(w0.norm()),
     }
     out["l1_rel_change"] = (out["l1"] - out["l1_before"]) / out["l1_before"]
@@ -94,7 +113,7 @@ def matrix_norms(w: torch.Tensor, w0: torch.Tensor, condition: bool) -> dict[str
     return out
 
 
-class NormTracker(L.Callback):
+class NormTracker(EditObserver):
     """Every ``every`` edit steps, the norms of each edited matrix against the unedited one, in ``norms.csv``.
 
     Args:
@@ -111,7 +130,7 @@ class NormTracker(L.Callback):
             for name, w0 in pl_module.base_weights.items()
         }
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+    def on_edit_written(self, trainer, pl_module, result: EditResult, seconds: float) -> None:
         if trainer.global_rank != 0 or trainer.global_step % self.every:
             return
         path = _log_dir(trainer) / "norms.csv"
@@ -126,7 +145,7 @@ class NormTracker(L.Callback):
         )
 
 
-class Evaluation(L.Callback):
+class Evaluation(EditObserver):
     """Edit metrics over every edit applied so far, general-ability tasks and probes: before the first edit,
     every ``every`` edits and at the end; sharded across ranks (torchmetrics reduces). Writes ``metrics.csv``
     rows through the logger, and ``summary.json`` at the end of fit and of ``validate``.
@@ -168,9 +187,9 @@ class Evaluation(L.Callback):
             self._record(trainer, pl_module, st["before"])
         st.setdefault("started", time.time())
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+    def on_edit_written(self, trainer, pl_module, result: EditResult, seconds: float) -> None:
         edits = trainer.datamodule.position
-        if self.every and edits % self.every < len(batch) and edits < len(trainer.datamodule.requests):
+        if self.every and edits % self.every < len(result.records) and edits < len(trainer.datamodule.requests):
             self._record(trainer, pl_module, self._run(trainer, pl_module))
 
     def on_train_end(self, trainer, pl_module) -> None:
@@ -216,9 +235,21 @@ class Evaluation(L.Callback):
         (_log_dir(trainer) / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
 
 
+def _distinct_colours(n: int) -> list:
+    """n colours, none repeated (tab10 up to 10 series, tab20 up to 20, then evenly spaced hues)."""
+    import matplotlib.pyplot as plt
+
+    if n <= 10:
+        return [plt.get_cmap("tab10")(i) for i in range(n)]
+    if n <= 20:
+        return [plt.get_cmap("tab20")(i) for i in range(n)]
+    return [plt.get_cmap("hsv")(i / n) for i in range(n)]
+
+
 class Plots(L.Callback):
-    """PNG plots in ``plots/`` at the end of fit: relative L1 change of each edited matrix and the evaluation
-    metrics against the number of edits."""
+    """PNG plots in ``plots/`` at the end of fit: relative L1 change of each edited matrix (``norms.png``) and the
+    evaluation metrics against the number of edits (``metrics.png``: scores in [0, 1] on one panel, perplexities on
+    their own, the legend beside the data)."""
 
     def on_train_end(self, trainer, pl_module) -> None:
         if trainer.global_rank != 0:
@@ -227,30 +258,43 @@ class Plots(L.Callback):
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import MaxNLocator
 
         out = _log_dir(trainer) / "plots"
         out.mkdir(exist_ok=True)
         rows = pl_module.extra_state.get("norms", [])
         if rows:
-            fig, ax = plt.subplots(figsize=(6, 4))
-            for name in sorted({r["module"] for r in rows}):
+            fig, ax = plt.subplots(figsize=(7, 4))
+            names = sorted({r["module"] for r in rows})
+            for name, colour in zip(names, _distinct_colours(len(names))):
                 pts = [(r["edits"], 100 * r["l1_rel_change"]) for r in rows if r["module"] == name]
-                ax.plot(*zip(*pts), label=name)
+                ax.plot(*zip(*pts), label=name, color=colour)
             ax.set(xlabel="edits", ylabel="L1 norm change (%)", title="Edited-matrix deviation (EAC Fig. 2a)")
-            ax.legend(fontsize=7)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
             fig.tight_layout()
             fig.savefig(out / "norms.png", dpi=120)
             plt.close(fig)
         evals = pl_module.extra_state.get("evaluations", [])
         if evals:
             keys = [k for k in evals[-1] if k.startswith(("edit/reliability", "edit/generalization", "edit/locality",
-                                                          "general/")) and not k.endswith("ppl")]
-            fig, ax = plt.subplots(figsize=(6, 4))
-            for k in keys:
-                pts = [(e["edits"], e[k]) for e in evals if k in e]
-                ax.plot(*zip(*pts), marker="o", label=k)
-            ax.set(xlabel="edits", ylabel="score", title="Metrics against edits")
-            ax.legend(fontsize=7)
+                                                          "general/"))]
+            scores = [k for k in keys if not k.endswith("ppl")]
+            ppls = [k for k in keys if k.endswith("ppl")]
+            colours = dict(zip(keys, _distinct_colours(len(keys))))
+            panels = [(scores, "score")] + ([(ppls, "perplexity")] if ppls else [])
+            fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels) + 3, 4), squeeze=False)
+            for ax, (group, ylabel) in zip(axes[0], panels):
+                for k in group:
+                    pts = [(e["edits"], e[k]) for e in evals if k in e]
+                    ax.plot(*zip(*pts), marker="o", label=k, color=colours[k])
+                ax.set(xlabel="edits", ylabel=ylabel)
+                ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+                ax.grid(alpha=0.3)
+            axes[0][0].set_title("Metrics against edits")
+            handles = [h for ax in axes[0] for h in ax.get_legend_handles_labels()[0]]
+            axes[0][-1].legend(handles, [h.get_label() for h in handles], fontsize=7, loc="upper left",
+                               bbox_to_anchor=(1.01, 1))
             fig.tight_layout()
             fig.savefig(out / "metrics.png", dpi=120)
             plt.close(fig)

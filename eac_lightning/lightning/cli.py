@@ -15,7 +15,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from jsonargparse import Namespace, dict_to_namespace
+from jsonargparse import DefaultHelpFormatter, Namespace, dict_to_namespace
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
@@ -28,15 +28,60 @@ from eac_lightning.progress import LineProgressBar, stop_on_sigterm
 EXTRA_COMMANDS = ("stats", "testbed", "trace", "export", "ask")
 
 # The edited model stays in eval mode on purpose (no dropout in target optimisations), and weights change in a
-# callback, not in ``optimizer.step()``: these two Lightning warnings describe intended behaviour here.
+# callback, not in an optimizer: these three Lightning warnings describe intended behaviour here.
 warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")
 warnings.filterwarnings("ignore", message=".*ModelCheckpoint with manual optimization.*")
+warnings.filterwarnings("ignore", message=".*configure_optimizers` returned `None`.*")
+
+
+def hyperparameter_help() -> str:
+    """Every field of the methods' nested settings, with its default and meaning (from the dataclasses' docstrings),
+    for the end of ``fit --help``: jsonargparse lists a method's own arguments (``--model.method.help ROME``) but
+    not the fields of its optional dataclass arguments."""
+    import dataclasses
+    import textwrap
+
+    from docstring_parser import parse
+
+    from eac_lightning.methods import ContextTemplateParams, EACHyperParams, FTHyperParams, TargetHyperParams
+    from eac_lightning.methods.beac import BEACHyperParams
+
+    groups = [
+        ("target (ROME's v*, MEMIT / AlphaEdit / B-EAC's z)", TargetHyperParams),
+        ("target (FT)", FTHyperParams),
+        ("context (ROME, MEMIT, AlphaEdit, B-EAC)", ContextTemplateParams),
+        ("eac (every method; null: no EAC)", EACHyperParams),
+        ("beac (B-EAC)", BEACHyperParams),
+    ]
+    lines = ["method settings (e.g. --model.method.init_args.eac.gamma 80 or a config's model.method.init_args; "
+             "a method's own arguments: --model.method.help ROME|MEMIT|AlphaEdit|FT|BEAC):"]
+    for title, cls in groups:
+        docs = {p.arg_name: " ".join(p.description.split()) for p in parse(cls.__doc__).params}
+        lines.append(f"  {title}:")
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            text = f"{f.name} (default {default!r}): {docs.get(f.name, '')}"
+            lines += textwrap.wrap(text, 116, initial_indent="    ", subsequent_indent="        ")
+    return "\n".join(lines)
+
+
+class _HelpFormatter(DefaultHelpFormatter):
+    """jsonargparse's formatter, keeping the line breaks of descriptions and epilogs (the settings list)."""
+
+    def _fill_text(self, text, width, indent):
+        return "".join(indent + line for line in text.splitlines(keepends=True))
 
 
 class EditingCLI(LightningCLI):
-    """LightningCLI with the editing callbacks, a fixed run folder and atomic checkpoints."""
+    """LightningCLI with the editing callbacks, a fixed run folder and atomic checkpoints. Subcommands: ``fit``
+    (edit) and ``validate`` (evaluate a checkpoint); an edit stream has nothing for ``test`` or ``predict``."""
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        return {k: v for k, v in LightningCLI.subcommands().items() if k in ("fit", "validate")}
 
     def add_arguments_to_parser(self, parser) -> None:
+        parser.epilog = hyperparameter_help()
         parser.add_lightning_class_args(Evaluation, "eval")
         parser.add_lightning_class_args(NormTracker, "norms")
 
@@ -78,9 +123,6 @@ class EditingCLI(LightningCLI):
         self.model.method_settings_applied = self.method_settings_applied
         trainer = super().instantiate_trainer(**kwargs)
         trainer.strategy.checkpoint_io = AtomicCheckpointIO()
-        # The write must precede every observer of the new weights; checkpoints come last (Lightning's rule).
-        rank = {WeightUpdate: 0, ModelCheckpoint: 2}
-        trainer.callbacks.sort(key=lambda c: next((v for k, v in rank.items() if isinstance(c, k)), 1))
         return trainer
 
 
@@ -196,7 +238,8 @@ def main(args: list[str] | None = None) -> None:
             ],
         },
         save_config_kwargs={"overwrite": True},
-        parser_kwargs={"description": "Sequential model editing. Other commands: " + ", ".join(EXTRA_COMMANDS)},
+        parser_kwargs={"description": "Sequential model editing. Other commands: " + ", ".join(EXTRA_COMMANDS),
+                       "formatter_class": _HelpFormatter},
     )
 
 

@@ -1,9 +1,10 @@
 """EditingModule: one edit batch per Lightning step.
 
-``training_step`` runs the method's target optimisation (two-phase for EAC) with manual optimisation; the
-closed-form write that changes the weights is done by :class:`~eac_lightning.lightning.callbacks.WeightUpdate`,
-so every weight change passes through one place that records it. ``global_step`` advances once per edit batch,
-so checkpoint and logging cadence count edits.
+``training_step`` runs the method's target optimisation (two-phase for EAC, :func:`~eac_lightning.methods.edit.
+optimise_targets`) and returns the targets; the :class:`~eac_lightning.lightning.callbacks.WeightUpdate` callback
+receives them as the step's output, writes them (:func:`~eac_lightning.methods.edit.write_targets`) and hands the
+result to :meth:`EditingModule.apply_written`, the one place the run's weights and deltas change. ``global_step``
+advances once per edit batch, so checkpoint and logging cadence count edits (see :meth:`training_step`).
 
 Checkpoints hold only what editing changed, never the frozen base model: the accumulated delta of every edited
 matrix, the method's state (context templates, AlphaEdit's K_pK_pᵀ, B-EAC's anchor record), the evaluation
@@ -12,15 +13,15 @@ reference, and the RNG states.
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import lightning as L
 import torch
 
-from eac_lightning.data.requests import EditRequest, validate_requests
+from eac_lightning.data.requests import EditRequest
 from eac_lightning.evaluation.evaluator import EvaluatorConfig
 from eac_lightning.methods.base import Deltas, EditMethod, merge_deltas, snapshot
+from eac_lightning.methods.edit import EditResult, optimise_targets
 from eac_lightning.methods.rome import ROME
 from eac_lightning.models.adapters import weight_view
 from eac_lightning.models.loading import load_model, resolve_model_path
@@ -77,10 +78,6 @@ class EditingModule(L.LightningModule):
         self.tokenizer = None
         self.stats: CovarianceStore | None = None
         self.total_deltas: Deltas = {}
-        self.pending: Any = None  # targets of the current step, written by the WeightUpdate callback
-        self.pending_requests: list[EditRequest] = []
-        self.step_started = 0.0
-        self.edit_clock = torch.nn.Parameter(torch.zeros(1), requires_grad=False)
         self.base_weights: dict[str, torch.Tensor] | None = None
         self.extra_state: dict[str, Any] = {}  # callbacks' state that must survive a resume
 
@@ -112,28 +109,26 @@ class EditingModule(L.LightningModule):
             w = weight_view(self.lm, name)
             w.copy_(self.base_weights[name].to(w.device) + d.to(w))
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        # Weights change only through closed forms, but in manual optimisation ``global_step`` counts
-        # ``optimizer.step()`` calls: one no-op step per edit batch makes checkpoint/log cadence count edits.
-        return torch.optim.SGD([self.edit_clock], lr=0.0)
-
-    # -- steps -----------------------------------------------------------------------------------------------
-    def training_step(self, batch: list[EditRequest], batch_idx: int) -> None:
-        self.step_started = time.perf_counter()
-        validate_requests(batch, self.tokenizer)  # nothing is applied unless the whole batch is valid
-        with torch.enable_grad():
-            self.pending = self.method.compute_targets(self.lm, self.tokenizer, batch)
-        self.pending_requests = batch
-        self.optimizers().step()  # advances global_step by one edit batch (see configure_optimizers)
+    def configure_optimizers(self) -> None:
+        # No optimizer: weights change only through the closed-form writes. Lightning then steps its no-op
+        # ``_MockOptimizer``, which is what counts the edit batches (see training_step).
         return None
 
-    def write_pending(self) -> Deltas:
-        """The closed-form write of this step's targets (called by the WeightUpdate callback)."""
-        deltas = self.method.write(self.lm, self.tokenizer, self.pending)
-        merge_deltas(self.total_deltas, deltas)
+    # -- steps -----------------------------------------------------------------------------------------------
+    def training_step(self, batch: list[EditRequest], batch_idx: int) -> dict[str, Any]:
+        """Optimise the batch's targets (nothing is applied unless the whole batch is valid) and return them: the
+        ``WeightUpdate`` callback receives them as ``outputs["targets"]`` and writes them."""
+        targets = optimise_targets(self.method, self.lm, self.tokenizer, batch)
+        # In manual optimisation ``global_step`` counts optimizer steps and nothing else; this one step of
+        # Lightning's no-op optimizer counts the edit batch, so checkpoint cadence, ``max_steps`` and resume count
+        # edit batches. It changes no weight.
+        self.optimizers().step()
+        return {"targets": targets}
+
+    def apply_written(self, result: EditResult) -> None:
+        """Add a write's deltas to the run's accumulated D and set W = W_base + D (called by ``WeightUpdate``)."""
+        merge_deltas(self.total_deltas, result.deltas)
         self.materialise()
-        self.pending = None
-        return deltas
 
     def validation_step(self, batch, batch_idx: int) -> None:
         return None  # the Evaluation callback measures the model state at validation end

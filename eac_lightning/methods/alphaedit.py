@@ -35,11 +35,12 @@ def null_space_projector(cov: torch.Tensor, threshold: float) -> torch.Tensor:
 
 
 class AlphaEdit(MEMIT):
-    """AlphaEdit: null-space-projected MEMIT with accumulated keys of earlier edits.
+    """AlphaEdit: null-space-projected MEMIT with accumulated keys of earlier edits. Defaults: AlphaEdit's GPT2-XL
+    hyper-parameters (``configs/methods/alphaedit.yaml``).
 
     Args:
         layers: the critical layers (as MEMIT).
-        z: the z optimisation.
+        target: the z optimisation.
         context: prefix contexts.
         nullspace_threshold: eigenvalues of C below this span the null space (AlphaEdit code: 2e-2).
         l2: α, the ridge term of the solve (AlphaEdit code: 10).
@@ -50,14 +51,14 @@ class AlphaEdit(MEMIT):
     def __init__(
         self,
         layers: list[int] | None = None,
-        z: TargetHyperParams | None = None,
+        target: TargetHyperParams | None = None,
         context: ContextTemplateParams | None = None,
         nullspace_threshold: float = 2e-2,
         l2: float = 10.0,
         eac: EACHyperParams | None = None,
         write_aware: bool = False,
     ) -> None:
-        super().__init__(layers=layers, z=z, context=context, eac=eac, write_aware=write_aware)
+        super().__init__(layers=layers, target=target, context=context, eac=eac, write_aware=write_aware)
         self.nullspace_threshold = nullspace_threshold
         self.l2 = l2
         self.projectors: dict[str, torch.Tensor] = {}

@@ -1,17 +1,18 @@
-"""What every editing method shares: per-module weight deltas that are applied in place, returned, and
-can be undone; and the two-step method interface used by the Lightning layer.
+"""What every editing method shares: per-module weight deltas that are applied in place and returned, and the
+two-step method interface (optimise targets, write them) that :mod:`eac_lightning.methods.edit` runs.
 
 Deltas are kept in (out, in) layout for every architecture (see :func:`eac_lightning.models.adapters.weight_view`).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
 from torch import nn
 
-from eac_lightning.data.requests import EditRequest, validate_requests
+from eac_lightning.data.requests import EditRequest
 from eac_lightning.models.adapters import weight_view
 
 Deltas = dict[str, torch.Tensor]
@@ -44,12 +45,27 @@ def merge_deltas(into: Deltas, new: Deltas) -> Deltas:
     return into
 
 
-class EditMethod:
-    """A locate-then-edit method split the way the Lightning layer runs it.
+@dataclass
+class Written:
+    """What one write changed.
 
-    ``compute_targets`` is the optimisation (runs in ``training_step``); ``write`` is the closed-form update
-    that changes weights in place and returns the deltas (runs in the weight-update callback). ``edit`` does
-    both, for the Python API. ``write`` is atomic: if it fails, every module it touched is restored.
+    Attributes:
+        deltas: the batch's weight change per module, (out, in) layout.
+        edit_norms: per request of the batch, the Frobenius norm of its own share of ``deltas`` over all modules
+            (ROME: its rank-one update; MEMIT family: its column's term r_i a_iᵀ of every layer's R Aᵀ); None
+            where the method writes one joint change for the batch that no request owns (FT on several requests).
+    """
+
+    deltas: Deltas
+    edit_norms: list[float] | None
+
+
+class EditMethod:
+    """An editing method, split the way :func:`eac_lightning.methods.edit.edit` runs it.
+
+    ``compute_targets`` is the optimisation (in Lightning: ``training_step``); ``write`` is the closed-form update
+    that changes weights in place (in Lightning: the ``WeightUpdate`` callback). ``write`` is atomic: if it fails,
+    every module it touched is restored.
     """
 
     #: the modules this method edits, known after :meth:`setup`
@@ -66,21 +82,16 @@ class EditMethod:
     def compute_targets(self, model: nn.Module, tok, requests: Sequence[EditRequest]) -> Any:
         raise NotImplementedError
 
-    def _write(self, model: nn.Module, tok, targets: Any) -> Deltas:
+    def _write(self, model: nn.Module, tok, targets: Any) -> Written:
         raise NotImplementedError
 
-    def write(self, model: nn.Module, tok, targets: Any) -> Deltas:
+    def write(self, model: nn.Module, tok, targets: Any) -> Written:
         saved = snapshot(model, self.module_names)
         try:
             return self._write(model, tok, targets)
         except BaseException:
             restore_weights(model, saved)
             raise
-
-    def edit(self, model: nn.Module, tok, requests: Sequence[EditRequest]) -> Deltas:
-        """Validate, optimise and write a batch of requests; return the applied deltas."""
-        validate_requests(list(requests), tok)
-        return self.write(model, tok, self.compute_targets(model, tok, requests))
 
     def state_dict(self) -> dict[str, Any]:
         """Method state that a resumed run needs (context templates, accumulated statistics, anchor history)."""

@@ -94,8 +94,7 @@ class BatchAnchorMixin:
         self.last_plan = None
 
     def compute_targets(self, model: nn.Module, tok, requests: Sequence[EditRequest]) -> list[LayeredTarget]:
-        if self.templates is None:
-            self.setup(model, tok, self.stats)
+        self.ensure_setup(model, tok)
         problems, explorations = [], []
         for r in requests:  # phase 1 of every edit on the same (current) model, as MEMIT computes a batch
             problem = self._problem(model, tok, r)
@@ -127,8 +126,9 @@ class BatchAnchorMixin:
         left = masks[:, i:].sum(1).clamp_min(1).to(resid.dtype)  # layers from this one on that hold the anchor
         return resid * (here / left).T
 
-    def _write(self, model: nn.Module, tok, targets: list[ResidualTarget]) -> Deltas:
-        deltas = super()._write(model, tok, targets)
+    def _after_write(self, model: nn.Module, tok, targets: list[ResidualTarget],
+                     keys: dict[str, torch.Tensor] | None) -> None:
+        super()._after_write(model, tok, targets, keys)
         masks = [t.layer_masks for t in targets if isinstance(t, LayeredTarget) and t.layer_masks is not None]
         if masks:  # the record changes only once the whole batch is written (a failed write leaves no trace)
             used = torch.stack(masks).sum(0).double().cpu()
@@ -139,7 +139,6 @@ class BatchAnchorMixin:
                 summary.update(self.last_plan.summary())
             self.history.append(summary)
             self.batches += 1
-        return deltas
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -171,7 +170,7 @@ class BEAC(BatchAnchorMixin, MEMIT):
     edits (RAR), written with MEMIT's solve (row by row where the record holds earlier edits' anchors).
 
     Args:
-        layers, z, context, mom2_update_weight: as :class:`~eac_lightning.methods.memit.MEMIT`.
+        layers, target, context, mom2_update_weight: as :class:`~eac_lightning.methods.memit.MEMIT`.
         eac: EAC's scoring and retraining (Eq. 1-6); the anchor count per edit is EAC's (γ).
         beac: LAS / RAR switches and bounds.
     """
@@ -179,14 +178,14 @@ class BEAC(BatchAnchorMixin, MEMIT):
     def __init__(
         self,
         layers: list[int] | None = None,
-        z: TargetHyperParams | None = None,
+        target: TargetHyperParams | None = None,
         context: ContextTemplateParams | None = None,
         mom2_update_weight: float = 20000.0,
         eac: EACHyperParams | None = None,
         beac: BEACHyperParams | None = None,
     ) -> None:
-        MEMIT.__init__(self, layers=layers, z=z, context=context, mom2_update_weight=mom2_update_weight,
-                       eac=eac or EACHyperParams())
+        super().__init__(layers=layers, target=target, context=context, mom2_update_weight=mom2_update_weight,
+                         eac=eac or EACHyperParams())
         self._init_beac(beac)
         self.key_record: dict[str, AnchorKeyRecord] = {}  # per edited module (RAR)
 
@@ -195,14 +194,16 @@ class BEAC(BatchAnchorMixin, MEMIT):
     def _remembers_keys(self) -> bool:
         return self.beac.rar and self.beac.key_memory > 0
 
-    def _layer_update(self, i: int, name: str, keys: torch.Tensor, resid: torch.Tensor) -> torch.Tensor:
+    def _layer_update(self, i: int, name: str, keys: torch.Tensor,
+                      resid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Row j of ΔW_l solves MEMIT's problem plus, for every earlier edit o with an anchor at dimension j,
         η·w_o·(Δw_j·k_o)²: the new batch keeps what o's key reads in o's own anchor rows (B5),
 
             Δw_j = r_j Kᵀ (λC + KKᵀ + η Σ_{o: m_o[j]} w_o k_o k_oᵀ)⁻¹   (m_o: o's anchor dimensions),
 
         computed from MEMIT's Woodbury solve with one small (|o in row j|)² system per row. Rows no earlier edit
-        anchors get MEMIT's update unchanged."""
+        anchors get MEMIT's update unchanged. The update is linear in R, so request i's own term is the update of
+        R's column i alone; its squared norm is returned per request, as MEMIT's."""
         record = self.key_record.get(name) if self._remembers_keys() else None
         if record is None or not len(record.weight):
             return super()._layer_update(i, name, keys, resid)
@@ -210,6 +211,7 @@ class BEAC(BatchAnchorMixin, MEMIT):
         old = record.keys.to(dev).T  # (d_k, N)
         adjoint, y = self._metric_solve(name, keys, old)  # B⁻¹K, B⁻¹K_old with B = λC + KKᵀ
         upd = resid @ adjoint.T  # MEMIT's update (Eq. 14); corrected below in the rows earlier edits anchor
+        edit_sq = resid.pow(2).sum(0) * adjoint.pow(2).sum(0)  # per request, as if no row were corrected
         g, h = old.T @ y, old.T @ adjoint  # K_oldᵀ B⁻¹ K_old (N, N), K_oldᵀ B⁻¹ K (N, n)
         scale = (self.beac.key_memory * record.weight.to(dev)).sqrt()
         cells = record.cells.to(dev)
@@ -220,7 +222,10 @@ class BEAC(BatchAnchorMixin, MEMIT):
             inner = torch.eye(len(sel), dtype=torch.float64, device=dev) + sc[:, None] * g[sel][:, sel] * sc[None]
             t = torch.linalg.solve(inner, sc * (h[sel] @ resid[j]))
             upd[j] -= (t * sc) @ y[:, sel].T
-        return upd
+            # Request i's row j is resid[j, i]·(a_i − c_i) with c the same correction for a unit residual.
+            own = adjoint.T - (torch.linalg.solve(inner, sc[:, None] * h[sel]) * sc[:, None]).T @ y[:, sel].T
+            edit_sq += resid[j].pow(2) * (own.pow(2).sum(1) - adjoint.pow(2).sum(0))
+        return upd, edit_sq.clamp_min(0)
 
     def _after_write(self, model: nn.Module, tok, targets: list[ResidualTarget],
                      keys: dict[str, torch.Tensor] | None) -> None:
@@ -253,7 +258,7 @@ class BEACAlphaEdit(BatchAnchorMixin, AlphaEdit):
     accumulated keys of earlier edits).
 
     Args:
-        layers, z, context, nullspace_threshold, l2: as :class:`~eac_lightning.methods.alphaedit.AlphaEdit`.
+        layers, target, context, nullspace_threshold, l2: as :class:`~eac_lightning.methods.alphaedit.AlphaEdit`.
         eac: EAC's scoring and retraining.
         beac: LAS / RAR switches and bounds.
     """
@@ -263,15 +268,15 @@ class BEACAlphaEdit(BatchAnchorMixin, AlphaEdit):
     def __init__(
         self,
         layers: list[int] | None = None,
-        z: TargetHyperParams | None = None,
+        target: TargetHyperParams | None = None,
         context: ContextTemplateParams | None = None,
         nullspace_threshold: float = 2e-2,
         l2: float = 10.0,
         eac: EACHyperParams | None = None,
         beac: BEACHyperParams | None = None,
     ) -> None:
-        AlphaEdit.__init__(self, layers=layers, z=z, context=context, nullspace_threshold=nullspace_threshold,
-                           l2=l2, eac=eac or EACHyperParams())
+        super().__init__(layers=layers, target=target, context=context, nullspace_threshold=nullspace_threshold,
+                         l2=l2, eac=eac or EACHyperParams())
         self._init_beac(beac or BEACHyperParams(key_memory=0.0))
         if self.beac.key_memory > 0:
             raise ValueError(

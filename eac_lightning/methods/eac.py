@@ -38,14 +38,17 @@ from eac_lightning.methods.target import TargetProblem, adam_descent, optimise_p
 
 @dataclass
 class EACHyperParams:
-    """Editing Anchor Compression (EAC Eq. 1-6, Table 2, App. C.5).
+    """Editing Anchor Compression (EAC Eq. 1-6, Table 2, App. C.5). Defaults: the method presets'
+    (``configs/methods/*-eac.yaml``): P85, half the steps in phase 1, λ = 0.1 and μ = 0.05 relative to the target's
+    scale; the paper's absolute λ = 5e-7, μ = 0.5 (GPT2-XL) are in ``configs/published/gpt2-xl/*-eac.yaml``.
 
     Args:
         gamma: percentile x of the anchor threshold γ = P_x(|score|); anchors are the dimensions at or above it
             (Table 2: P80/P85/P90/P95 by model, dataset and method).
         phase1_fraction: share of the base method's steps spent in phase 1 (paper: 10 of 20).
-        lam: λ, weight of the scored L1 norm (App. C.5: 5e-7).
-        mu: μ, weight of the squared L2 norm (App. C.5: 0.5 for GPT2-XL, 1e-3 for LLaMA-3-8B).
+        lam: λ, weight of the scored L1 norm (0.1 relative; App. C.5: 5e-7 absolute).
+        mu: μ, weight of the squared L2 norm (0.05 relative; App. C.5: 0.5 absolute for GPT2-XL, 1e-3 for
+            LLaMA-3-8B).
         eps: ε in α = 1/(|score| + ε), relative to the mean |score| of the anchors.
         penalty_scale: "absolute" takes λ, μ literally; "relative" divides the L1 term by ‖v₀‖₁·mean(α) and the
             L2 term by ‖v₀‖² so the same values work across model sizes.
@@ -60,8 +63,8 @@ class EACHyperParams:
 
     gamma: float = 85.0
     phase1_fraction: float = 0.5
-    lam: float = 5e-7
-    mu: float = 0.5
+    lam: float = 0.1
+    mu: float = 0.05
     eps: float = 1e-3
     penalty_scale: Literal["absolute", "relative"] = "relative"
     gradient: Literal["mean", "last"] = "mean"

@@ -10,6 +10,7 @@ W ⊙ ∇L, phase 2 adds λ Σ α|Δ| + μ‖Δ‖² (α = 1/(|score| + ε)); th
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -17,7 +18,7 @@ import torch
 from torch import nn
 
 from eac_lightning.data.requests import EditRequest
-from eac_lightning.methods.base import Deltas, EditMethod, apply_deltas
+from eac_lightning.methods.base import Deltas, EditMethod, Written, apply_deltas
 from eac_lightning.methods.eac import EACHyperParams, compress
 from eac_lightning.methods.target import EditOptimisationError
 from eac_lightning.models.adapters import get_spec, mlp_out_name, weight_view
@@ -41,6 +42,14 @@ class FTHyperParams:
     lr: float = 5e-4
     norm_constraint: float = 5e-4
     early_stop_nll: float = 1e-2
+
+
+@dataclass
+class FTTarget:
+    """The optimised weight change of one batch (FT's target is the change itself)."""
+
+    deltas: Deltas
+    num_requests: int
 
 
 class FTProblem:
@@ -119,19 +128,20 @@ class _AddLinear:
 
 
 class FT(EditMethod):
-    """Constrained fine-tuning (FT-L), or FT with the scored elastic net (FT-EN, EAC App. E).
+    """Constrained fine-tuning (FT-L), or FT with the scored elastic net (FT-EN, EAC App. E). Defaults: FT-L's
+    GPT2-XL hyper-parameters (``configs/methods/ft.yaml``).
 
     Args:
         layers: decoder layers whose MLP output projection is fine-tuned (ROME FT-L GPT2-XL: [0]); None:
             the model's ROME layer.
-        optim: optimisation hyper-parameters.
+        target: the optimisation of the weight change (the target settings, as ROME's and MEMIT's ``target``).
         eac: elastic net (and optional anchors) on the weight change; None for plain FT.
     """
 
-    def __init__(self, layers: list[int] | None = None, optim: FTHyperParams | None = None,
+    def __init__(self, layers: list[int] | None = None, target: FTHyperParams | None = None,
                  eac: EACHyperParams | None = None) -> None:
         self.layers = sorted(layers) if layers is not None else None
-        self.optim = optim or FTHyperParams()
+        self.target = target or FTHyperParams()
         self.eac = eac
         self.module_names: list[str] = []
 
@@ -140,13 +150,15 @@ class FT(EditMethod):
             self.layers = [default_layers(model).rome]
         self.module_names = [mlp_out_name(model, l) for l in self.layers]
 
-    def compute_targets(self, model: nn.Module, tok, requests: Sequence[EditRequest]) -> Deltas:
+    def compute_targets(self, model: nn.Module, tok, requests: Sequence[EditRequest]) -> FTTarget:
         if not self.module_names:
             self.setup(model, tok)
-        problem = FTProblem(model, tok, requests, self.layers, self.optim)
+        problem = FTProblem(model, tok, requests, self.layers, self.target)
         delta, _ = compress(problem, self.eac)
-        return {n: d.detach() for n, d in zip(problem.names, problem.split(delta))}
+        return FTTarget({n: d.detach() for n, d in zip(problem.names, problem.split(delta))}, len(requests))
 
-    def _write(self, model: nn.Module, tok, targets: Deltas) -> Deltas:
-        apply_deltas(model, targets)
-        return targets
+    def _write(self, model: nn.Module, tok, targets: FTTarget) -> Written:
+        apply_deltas(model, targets.deltas)
+        # The batch's Δ is optimised jointly: it is one request's own only when the batch holds one request.
+        norm = math.sqrt(sum(float(d.double().pow(2).sum()) for d in targets.deltas.values()))
+        return Written(targets.deltas, [norm] if targets.num_requests == 1 else None)

@@ -15,21 +15,21 @@ triangular solve and an n×n solve instead of a fresh d×d inverse.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 from torch import nn
 
 from eac_lightning.data.requests import EditRequest
-from eac_lightning.methods.base import Deltas, EditMethod
+from eac_lightning.methods.base import Deltas, Written
 from eac_lightning.methods.eac import EACHyperParams, compress
+from eac_lightning.methods.locate_then_edit import LocateThenEdit
 from eac_lightning.methods.target import (
     BatchTargetProblem,
     ContextTemplateParams,
     TargetHyperParams,
     TargetProblem,
     compute_keys,
-    generate_context_templates,
     subject_last_index,
 )
 from eac_lightning.models.adapters import get_spec, mlp_out_name, weight_view
@@ -74,12 +74,13 @@ def _apply_update(model: nn.Module, name: str, upd: torch.Tensor) -> torch.Tenso
     return upd
 
 
-class MEMIT(EditMethod):
-    """MEMIT, optionally with EAC on its z optimisation.
+class MEMIT(LocateThenEdit):
+    """MEMIT, optionally with EAC on its z optimisation. Defaults: MEMIT's GPT2-XL hyper-parameters
+    (``configs/methods/memit.yaml``).
 
     Args:
         layers: the critical layers, ascending; z is optimised at the last one. None: the model's default.
-        z: the z optimisation (EAC App. B Eq. 9 at the residual stream).
+        target: the z optimisation (EAC App. B Eq. 9 at the residual stream); default MEMIT's (clamp 0.75).
         context: prefix contexts for keys and z.
         mom2_update_weight: λ of (λC + KKᵀ) (GPT2-XL 20000, GPT-J and LLaMA-3-8B 15000).
         eac: Editing Anchor Compression of z; None for plain MEMIT.
@@ -94,34 +95,27 @@ class MEMIT(EditMethod):
     def __init__(
         self,
         layers: list[int] | None = None,
-        z: TargetHyperParams | None = None,
+        target: TargetHyperParams | None = None,
         context: ContextTemplateParams | None = None,
         mom2_update_weight: float = 20000.0,
         eac: EACHyperParams | None = None,
         write_aware: bool = False,
     ) -> None:
+        super().__init__(target, context, eac, write_aware)
         self.layers = sorted(layers) if layers is not None else None
-        self.write_aware = write_aware
-        self.z = z or TargetHyperParams(clamp_norm_factor=0.75)
-        self.context = context or ContextTemplateParams()
         self.mom2_update_weight = mom2_update_weight
-        self.eac = eac
-        self.templates: list[str] | None = None
-        self.stats = None
-        self.module_names: list[str] = []
 
-    def setup(self, model: nn.Module, tok, stats=None) -> None:
+    @staticmethod
+    def default_target() -> TargetHyperParams:
+        return TargetHyperParams(clamp_norm_factor=0.75)
+
+    def edited_layers(self, model: nn.Module) -> list[int]:
         if self.layers is None:
             self.layers = list(default_layers(model).memit)
-        self.module_names = [mlp_out_name(model, l) for l in self.layers]
-        if self.templates is None:
-            self.templates = generate_context_templates(model, tok, self.context)
-        self.stats = stats
-        if stats is not None:
-            stats.prefetch(self.module_names)
+        return self.layers
 
     def _problem(self, model: nn.Module, tok, request: EditRequest) -> TargetProblem:
-        return TargetProblem(model, tok, request, self.layers[-1], self.templates, self.z, site="residual")
+        return TargetProblem(model, tok, request, self.layers[-1], self.templates, self.target, site="residual")
 
     def _write_directions(self, model: nn.Module, tok, requests: Sequence[EditRequest]) -> dict[int, torch.Tensor]:
         """{layer l: A_l / len(layers)} with A_l (d_k, n) the solve of :meth:`_key_adjoint` for this batch's keys:
@@ -134,12 +128,11 @@ class MEMIT(EditMethod):
         return out
 
     def compute_targets(self, model: nn.Module, tok, requests: Sequence[EditRequest]) -> list[ResidualTarget]:
-        if self.templates is None:
-            self.setup(model, tok, self.stats)
+        self.ensure_setup(model, tok)
         if self.write_aware:
             directions = self._write_directions(model, tok, requests)
             problems = [
-                TargetProblem(model, tok, r, self.layers[-1], self.templates, self.z, site="residual",
+                TargetProblem(model, tok, r, self.layers[-1], self.templates, self.target, site="residual",
                               write_directions=directions, row=i)
                 for i, r in enumerate(requests)
             ]
@@ -180,26 +173,29 @@ class MEMIT(EditMethod):
         request and dimension (B-EAC's layer-wise anchors, :mod:`eac_lightning.methods.beac`)."""
         return resid / (len(self.layers) - i)
 
-    def _write(self, model: nn.Module, tok, targets: list[ResidualTarget]) -> Deltas:
+    def _write(self, model: nn.Module, tok, targets: list[ResidualTarget]) -> Written:
         if all(t.write_columns is not None for t in targets):
-            deltas = self._write_planned(model, targets)
+            written = self._write_planned(model, targets)
             self._after_write(model, tok, targets, None)
-            return deltas
+            return written
         requests = [t.request for t in targets]
         zs = torch.stack([t.v0 + t.delta for t in targets])  # (n, d)
         deltas: Deltas = {}
+        edit_sq = torch.zeros(len(targets), dtype=torch.float64)
         solved_with: dict[str, torch.Tensor] = {}
         for i, layer in enumerate(self.layers):
             name = mlp_out_name(model, layer)
             keys = compute_keys(model, tok, requests, layer, self.templates).double().T  # (d_k, n)
             cur = residual_at_subject(model, tok, requests, self.layers[-1])
             resid = self._layer_residual(i, targets, (zs - cur).double().T)  # MEMIT Eq. 16
-            deltas[name] = _apply_update(model, name, self._layer_update(i, name, keys, resid))
+            upd, sq = self._layer_update(i, name, keys, resid)
+            deltas[name] = _apply_update(model, name, upd)
+            edit_sq += sq.cpu()
             solved_with[name] = keys
         # A layer's keys depend only on the layers below it, so the keys each layer was solved with are the batch's
         # keys on the edited model.
         self._after_write(model, tok, targets, solved_with)
-        return deltas
+        return Written(deltas, edit_sq.sqrt().tolist())
 
     def _after_write(self, model: nn.Module, tok, targets: list[ResidualTarget],
                      keys: dict[str, torch.Tensor] | None) -> None:
@@ -207,21 +203,26 @@ class MEMIT(EditMethod):
         edited weights {module: K (d_k, n)}, or None after a write-aware write (see :meth:`_written_keys`). The
         records of earlier edits (AlphaEdit's, B-EAC's) grow here."""
 
-    def _layer_update(self, i: int, name: str, keys: torch.Tensor, resid: torch.Tensor) -> torch.Tensor:
-        """ΔW_l = R Kᵀ(λC + KKᵀ)⁻¹ (MEMIT Eq. 14) = R Aᵀ, for keys (d_k, n) and the layer's residual share R (d, n).
+    def _layer_update(self, i: int, name: str, keys: torch.Tensor,
+                      resid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """ΔW_l = R Kᵀ(λC + KKᵀ)⁻¹ (MEMIT Eq. 14) = R Aᵀ, for keys (d_k, n) and the layer's residual share R (d, n),
+        and per request i the squared norm of its own term r_i a_iᵀ (‖r_i‖²‖a_i‖², the ledger's per-edit norm).
         Subclasses may solve per row (B-EAC's anchor key record, :mod:`eac_lightning.methods.beac`)."""
-        return resid @ self._key_adjoint(i, name, keys).T
+        adjoint = self._key_adjoint(i, name, keys)
+        return resid @ adjoint.T, resid.pow(2).sum(0) * adjoint.pow(2).sum(0)
 
-    def _write_planned(self, model: nn.Module, targets: list[ResidualTarget]) -> Deltas:
+    def _write_planned(self, model: nn.Module, targets: list[ResidualTarget]) -> Written:
         """Write-aware write: ΔW_l = Σ_i δ_i a_{l,i}ᵀ with the columns the targets were optimised under."""
         deltas: Deltas = {}
         delta = torch.stack([t.delta for t in targets]).double()  # (n, d)
+        edit_sq = torch.zeros(len(targets), dtype=torch.float64)
         for layer in self.layers:
             name = mlp_out_name(model, layer)
             cols = torch.stack([t.write_columns[layer] for t in targets]).double().to(delta.device)  # (n, d_k)
             upd = delta.T @ cols
             deltas[name] = _apply_update(model, name, upd)
-        return deltas
+            edit_sq += (delta.pow(2).sum(1) * cols.pow(2).sum(1)).cpu()
+        return Written(deltas, edit_sq.sqrt().tolist())
 
     def _written_keys(self, model: nn.Module, tok, targets: list[ResidualTarget],
                       keys: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
@@ -233,9 +234,3 @@ class MEMIT(EditMethod):
         requests = [t.request for t in targets]
         return {mlp_out_name(model, layer): compute_keys(model, tok, requests, layer, self.templates).double().T.cpu()
                 for layer in self.layers}
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"templates": self.templates}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.templates = state.get("templates")

@@ -10,22 +10,17 @@ Then Ŵ k* = v* exactly. Without ``mom2_adjustment`` C = I.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 from torch import nn
 
 from eac_lightning.data.requests import EditRequest
-from eac_lightning.methods.base import Deltas, EditMethod
+from eac_lightning.methods.base import Written
 from eac_lightning.methods.eac import EACHyperParams, compress
-from eac_lightning.methods.target import (
-    ContextTemplateParams,
-    TargetHyperParams,
-    TargetProblem,
-    compute_keys,
-    generate_context_templates,
-)
-from eac_lightning.models.adapters import mlp_out_name, weight_view
+from eac_lightning.methods.locate_then_edit import LocateThenEdit
+from eac_lightning.methods.target import ContextTemplateParams, TargetHyperParams, TargetProblem, compute_keys
+from eac_lightning.models.adapters import weight_view
 from eac_lightning.models.loading import default_layers
 
 
@@ -56,13 +51,14 @@ def rank_one_update(weight: torch.Tensor, key: torch.Tensor, delta: torch.Tensor
     return torch.outer(delta.double(), key_direction(key, cov)).to(weight.dtype)
 
 
-class ROME(EditMethod):
-    """ROME, optionally with EAC on its v* optimisation.
+class ROME(LocateThenEdit):
+    """ROME, optionally with EAC on its v* optimisation. Defaults: ROME's GPT2-XL hyper-parameters
+    (``configs/methods/rome.yaml``).
 
     Args:
         layer: the edited decoder layer (its MLP output projection); None: the model's default
             (:func:`eac_lightning.models.loading.default_layers`).
-        v: the v* optimisation (EAC App. B Eq. 9).
+        target: the v* optimisation (EAC App. B Eq. 9).
         context: the prefix contexts of Eq. 8-9.
         mom2_adjustment: use C⁻¹ (True, as published) or C = I.
         eac: Editing Anchor Compression of v*; None for plain ROME.
@@ -76,39 +72,30 @@ class ROME(EditMethod):
     def __init__(
         self,
         layer: int | None = None,
-        v: TargetHyperParams | None = None,
+        target: TargetHyperParams | None = None,
         context: ContextTemplateParams | None = None,
         mom2_adjustment: bool = True,
         eac: EACHyperParams | None = None,
         write_aware: bool = False,
     ) -> None:
+        super().__init__(target, context, eac, write_aware)
         self.layer = layer
-        self.write_aware = write_aware
-        self.v = v or TargetHyperParams()
-        self.context = context or ContextTemplateParams()
         self.mom2_adjustment = mom2_adjustment
-        self.eac = eac
-        self.templates: list[str] | None = None
-        self.stats = None
-        self.module_names: list[str] = []
 
-    def setup(self, model: nn.Module, tok, stats=None) -> None:
+    def edited_layers(self, model: nn.Module) -> list[int]:
         if self.layer is None:
             self.layer = default_layers(model).rome
-        self.module_names = [mlp_out_name(model, self.layer)]
-        if self.templates is None:
-            self.templates = generate_context_templates(model, tok, self.context)
-        self.stats = stats
-        if self.mom2_adjustment and stats is not None:
-            stats.prefetch(self.module_names)
+        return [self.layer]
+
+    def uses_covariance(self) -> bool:
+        return self.mom2_adjustment
 
     def compute_targets(self, model: nn.Module, tok, requests: Sequence[EditRequest]) -> list[RankOneTarget]:
-        if self.templates is None:
-            self.setup(model, tok, self.stats)
+        self.ensure_setup(model, tok)
         out = []
         for r in requests:
             directions = {self.layer: self._key_direction(model, tok, r)} if self.write_aware else None
-            problem = TargetProblem(model, tok, r, self.layer, self.templates, self.v, site="mlp",
+            problem = TargetProblem(model, tok, r, self.layer, self.templates, self.target, site="mlp",
                                     write_directions=directions)
             delta, anchors = compress(problem, self.eac)
             out.append(RankOneTarget(r, delta, anchors))
@@ -125,21 +112,17 @@ class ROME(EditMethod):
         key = compute_keys(model, tok, [request], self.layer, self.templates)[0]
         return key_direction(key, self._covariance()).float()
 
-    def _write(self, model: nn.Module, tok, targets: list[RankOneTarget]) -> Deltas:
+    def _write(self, model: nn.Module, tok, targets: list[RankOneTarget]) -> Written:
         name = self.module_names[0]
         cov = self._covariance()
         w = weight_view(model, name)
         total = torch.zeros_like(w)
+        norms = []
         for t in targets:  # several requests in one step are written one after another, as sequential ROME
             key = compute_keys(model, tok, [t.request], self.layer, self.templates)[0]  # k* on current weights
             d = rank_one_update(w, key, t.delta, cov)
             with torch.no_grad():
                 w.add_(d)
             total += d
-        return {name: total}
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"templates": self.templates}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.templates = state.get("templates")
+            norms.append(float(d.double().norm()))
+        return Written({name: total}, norms)

@@ -1,0 +1,100 @@
+"""The one edit path: validate → optimise targets → write atomically → measure each edit.
+
+:func:`edit` runs a batch of requests through any :class:`~eac_lightning.methods.base.EditMethod`. The Lightning
+layer runs its two halves in two places, since a Lightning step returns what it computed before callbacks act on it:
+``training_step`` calls :func:`optimise_targets` and returns the targets; the ``WeightUpdate`` callback receives
+them as the step's output and calls :func:`write_targets`. The notebook :class:`~eac_lightning.editor.Editor` and the
+benchmarks call :func:`edit`. So every weight change of every entry point passes through :func:`write_targets`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from eac_lightning.data.requests import EditRequest, validate_requests
+from eac_lightning.methods.base import Deltas, EditMethod
+
+
+@dataclass
+class EditRecord:
+    """One applied edit, measured right after its batch was written.
+
+    Attributes:
+        request: the edit.
+        delta_norm: Frobenius norm of this edit's own share of the weight change (:class:`~eac_lightning.methods.
+            base.Written`); None where the method writes one joint change for the batch (FT on several requests).
+        success: the edited model predicts every target token, teacher-forced on the bare prompt (EasyEdit's
+            reliability of this one edit, exact-match form).
+        target_accuracy: the share of target tokens it predicts (EasyEdit's token accuracy, EAC Eq. 10).
+    """
+
+    request: EditRequest
+    delta_norm: float | None
+    success: bool
+    target_accuracy: float
+
+
+@dataclass
+class EditResult:
+    """What :func:`write_targets` applied: the batch's deltas per module and one record per request."""
+
+    deltas: Deltas
+    records: list[EditRecord]
+
+    @property
+    def delta_norm(self) -> float:
+        """Frobenius norm of the batch's whole weight change."""
+        return sum(float(d.double().pow(2).sum()) for d in self.deltas.values()) ** 0.5
+
+
+@dataclass
+class Targets:
+    """What :func:`optimise_targets` found for a batch, everything :func:`write_targets` needs."""
+
+    requests: list[EditRequest]
+    targets: Any  # the method's own (ROME: rank-one targets; MEMIT family: residual targets; FT: weight change)
+    started: float  # time.perf_counter() when the batch began (seconds per edit cover optimisation and write)
+
+    @property
+    def seconds(self) -> float:
+        return time.perf_counter() - self.started
+
+
+def optimise_targets(method: EditMethod, model: nn.Module, tok, requests: Sequence[EditRequest]) -> Targets:
+    """Validate the batch (a malformed request raises naming its field; nothing is applied) and run the method's
+    target optimisation on the current weights. Gradients are enabled here whatever the caller's mode: Lightning runs
+    ``training_step`` under its own grad mode, and the optimisations differentiate through the frozen model."""
+    started = time.perf_counter()
+    batch = validate_requests(list(requests), tok)
+    with torch.enable_grad():
+        targets = method.compute_targets(model, tok, batch)
+    return Targets(batch, targets, started)
+
+
+def write_targets(method: EditMethod, model: nn.Module, tok, targets: Targets) -> EditResult:
+    """Write the batch's targets (atomic: a failed write restores every module it touched) and measure each edit on
+    the edited model."""
+    written = method.write(model, tok, targets.targets)
+    from eac_lightning.evaluation import score_targets  # evaluation builds on methods' requests, not the reverse
+
+    was_training = model.training
+    model.eval()
+    scores = score_targets(model, tok, [r.prompt_text for r in targets.requests],
+                           [r.target_new for r in targets.requests])
+    model.train(was_training)
+    norms = written.edit_norms or [None] * len(targets.requests)
+    records = [EditRecord(r, n, bool(s.exact), float(s.token_accuracy))
+               for r, n, s in zip(targets.requests, norms, scores)]
+    return EditResult(written.deltas, records)
+
+
+def edit(method: EditMethod, model: nn.Module, tok, requests: EditRequest | Sequence[EditRequest]) -> EditResult:
+    """Apply one batch of edits with ``method`` (set up on ``model``): :func:`optimise_targets` then
+    :func:`write_targets`."""
+    batch = [requests] if isinstance(requests, EditRequest) else list(requests)
+    return write_targets(method, model, tok, optimise_targets(method, model, tok, batch))
