@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+import atexit
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -20,7 +22,8 @@ from lightning.pytorch.cli import LightningCLI
 
 from eac_lightning.data.datamodule import EditDataModule
 from eac_lightning.lightning.callbacks import EditLedger, Evaluation, NormTracker, Plots, WeightUpdate
-from eac_lightning.lightning.checkpoint import AtomicCheckpointIO, CorruptCheckpointError
+from eac_lightning.lightning.checkpoint import AtomicCheckpointIO, load_checkpoint_file
+from eac_lightning.lightning.run_folder import RunLock
 from eac_lightning.lightning.module import EditingModule
 
 EXTRA_COMMANDS = ("stats", "testbed", "trace", "export")
@@ -29,6 +32,11 @@ EXTRA_COMMANDS = ("stats", "testbed", "trace", "export")
 # callback, not in ``optimizer.step()``: these two Lightning warnings describe intended behaviour here.
 warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")
 warnings.filterwarnings("ignore", message=".*ModelCheckpoint with manual optimization.*")
+
+
+def _is_launching_process() -> bool:
+    """False in the processes a DDP launcher starts for ranks > 0 (they share the launching run's lock)."""
+    return os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0"
 
 
 class EditingCLI(LightningCLI):
@@ -44,8 +52,8 @@ class EditingCLI(LightningCLI):
         root = Path(trainer.default_root_dir or "runs/default")
         trainer.default_root_dir = str(root)
         if trainer.logger in (None, True):
-            # One folder per run (no version_N), so ``--ckpt_path last`` finds the run's own checkpoints.
-            trainer.logger = Namespace(class_path="lightning.pytorch.loggers.CSVLogger",
+            # One folder per run (no version_N); metrics.csv kept whole across resumes.
+            trainer.logger = Namespace(class_path="eac_lightning.lightning.run_folder.RunCSVLogger",
                                        init_args=Namespace(save_dir=str(root), name="", version=""))
         if trainer.strategy == "ddp":
             trainer.strategy = Namespace(class_path="eac_lightning.lightning.strategy.EditingDDPStrategy",
@@ -57,23 +65,29 @@ class EditingCLI(LightningCLI):
                 f"{root}/checkpoints already holds checkpoints of an earlier run; resume it with --ckpt_path last "
                 "or choose another --trainer.default_root_dir (nothing was overwritten)"
             )
+        if cfg.get("ckpt_path") == "last" and not (root / "checkpoints" / "last.ckpt").is_file():
+            raise SystemExit(f"--ckpt_path last: {root}/checkpoints/last.ckpt does not exist, so there is nothing "
+                             "to resume; start the run without --ckpt_path")
+        if self.subcommand in ("fit", "validate") and _is_launching_process():
+            lock = RunLock(root)
+            lock.acquire()  # released at exit; a killed run's lock is taken over by the next one
+            atexit.register(lock.release)
 
     def _parse_ckpt_path(self) -> None:
-        # LightningCLI reads the checkpoint before any Trainer exists (for saved hyper-parameters); a damaged
-        # file must fail here with its name, as it does later in AtomicCheckpointIO.
-        try:
-            super()._parse_ckpt_path()
-        except Exception as err:
-            sub = self.config.get("subcommand")
-            path = self.config[sub].get("ckpt_path") if sub else None
-            raise CorruptCheckpointError(
-                f"checkpoint {path} is truncated or corrupt and cannot be loaded ({type(err).__name__}: {err}); "
-                "nothing was changed - resume from another checkpoint"
-            ) from err
+        # LightningCLI reads the checkpoint before any Trainer exists (for saved hyper-parameters); a damaged or
+        # unsafe file must fail here with its name, as it does later in AtomicCheckpointIO.
+        sub = self.config.get("subcommand")
+        path = self.config[sub].get("ckpt_path") if sub else None
+        if path and Path(path).is_file():
+            load_checkpoint_file(path)
+        super()._parse_ckpt_path()
 
     def instantiate_trainer(self, **kwargs):
         trainer = super().instantiate_trainer(**kwargs)
         trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        for cb in trainer.checkpoint_callbacks:  # in the run folder whatever the logger, so ``last`` finds them
+            if isinstance(cb, ModelCheckpoint) and cb.dirpath is None:
+                cb.dirpath = str(Path(trainer.default_root_dir) / "checkpoints")
         # The write must precede every observer of the new weights; checkpoints come last (Lightning's rule).
         rank = {WeightUpdate: 0, ModelCheckpoint: 2}
         trainer.callbacks.sort(key=lambda c: next((v for k, v in rank.items() if isinstance(c, k)), 1))
@@ -91,11 +105,18 @@ def export_command(checkpoint: str, out_dir: str) -> None:
     from eac_lightning.methods.base import apply_deltas
     from eac_lightning.models.loading import load_model
 
-    ckpt = AtomicCheckpointIO().load_checkpoint(checkpoint)
+    from eac_lightning.lightning.checkpoint import model_fingerprint, verify_deltas, verify_provenance
+    from eac_lightning.methods.base import snapshot
+
+    ckpt = load_checkpoint_file(checkpoint)
     if CKPT_KEY not in ckpt:
         raise SystemExit(f"{checkpoint} was not written by eac-lightning (no '{CKPT_KEY}' section)")
     state = ckpt[CKPT_KEY]
-    model, tok = load_model(state["model"])
+    recorded = state.get("provenance") or {}
+    verify_deltas(checkpoint, state["deltas"], recorded.get("deltas_sha256"))
+    model, tok = load_model(state["model"], dtype=state.get("dtype", "float32"))
+    base = model_fingerprint(model, snapshot(model, list(state["deltas"])))
+    verify_provenance(checkpoint, recorded, {"base_model": base, "method": recorded["method"]})
     apply_deltas(model, state["deltas"])
     model.save_pretrained(out_dir)
     tok.save_pretrained(out_dir)
