@@ -36,6 +36,7 @@ from eac_lightning.methods.target import (
 from eac_lightning.models.adapters import get_spec, mlp_out_name, weight_view
 from eac_lightning.models.loading import default_layers
 from eac_lightning.models.tracing import capture
+from eac_lightning.validation import check
 
 
 @dataclass
@@ -100,6 +101,7 @@ class MEMIT(EditMethod):
         eac: EACHyperParams | None = None,
         write_aware: bool = False,
     ) -> None:
+        check("mom2_update_weight", mom2_update_weight, positive=True)
         self.layers = sorted(layers) if layers is not None else None
         self.write_aware = write_aware
         self.z = z or TargetHyperParams(clamp_norm_factor=0.75)
