@@ -45,7 +45,7 @@ class FTHyperParams:
     def __post_init__(self) -> None:
         check("num_steps", self.num_steps, integer=True, positive=True)
         check("lr", self.lr, positive=True)
-        check("norm_constraint", self.norm_constraint, positive=True)
+        check("norm_constraint", self.norm_constraint, positive=True, finite=False)  # inf: unconstrained (LLaMA)
         check("early_stop_nll", self.early_stop_nll, nonnegative=True)
 
 
