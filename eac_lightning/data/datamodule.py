@@ -80,6 +80,7 @@ class EditDataModule(L.LightningDataModule):
         self.retention_pool: list[EditRequest] = []
         self.source_sha256 = ""
         self.screened = False
+        self.dropped: list[list] = []
 
     def setup(self, stage: str | None = None) -> None:
         if self.ordered:
@@ -152,7 +153,12 @@ class EditDataModule(L.LightningDataModule):
         return self.requests[: self.position]
 
     def state_dict(self) -> dict[str, Any]:
-        return {"position": self.position, "num_requests": len(self.requests)}
+        return {"position": self.position, "num_requests": len(self.requests), "dropped": self.dropped}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.position = int(state["position"])
+        # Records a rollback dropped from the replay (``eac-lightning rollback --drop``), named by (source, row).
+        self.dropped = [list(x) for x in state.get("dropped", [])]
+        gone = {tuple(x) for x in self.dropped}
+        self.requests = self.requests[: self.position] + [
+            r for r in self.requests[self.position :] if (r.source, r.source_index) not in gone]

@@ -6,6 +6,7 @@
     eac-lightning testbed --out DIR --preset small
     eac-lightning trace --model testbed:small --out DIR
     eac-lightning export CHECKPOINT OUT_DIR
+    eac-lightning rollback RUN --to-edit K [--drop E ...]
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from eac_lightning.lightning.checkpoint import AtomicCheckpointIO, load_checkpoi
 from eac_lightning.lightning.run_folder import RunLock
 from eac_lightning.lightning.module import EditingModule
 
-EXTRA_COMMANDS = ("stats", "testbed", "trace", "export")
+EXTRA_COMMANDS = ("stats", "testbed", "trace", "export", "rollback")
 
 # The edited model stays in eval mode on purpose (no dropout in target optimisations), and weights change in a
 # callback, not in ``optimizer.step()``: these two Lightning warnings describe intended behaviour here.
@@ -166,6 +167,11 @@ def _extra_command(name: str):
 def main(args: list[str] | None = None) -> None:
     """Entry point of ``eac-lightning`` (``args``: for calling from Python/tests; default ``sys.argv``)."""
     argv = sys.argv[1:] if args is None else list(args)
+    if argv and argv[0] == "rollback":
+        from eac_lightning.lightning.rollback import rollback_command
+
+        rollback_command(argv[1:])
+        return
     if argv and argv[0] in EXTRA_COMMANDS:
         from jsonargparse import CLI
 
@@ -187,7 +193,8 @@ def main(args: list[str] | None = None) -> None:
                 WeightUpdate(),
                 EditLedger(),
                 Plots(),
-                ModelCheckpoint(filename="edit-{step}", save_last=True, save_top_k=0, every_n_train_steps=1),
+                # Every step's state is kept (edit-step=S.ckpt): ``rollback`` returns a run to any of them.
+                ModelCheckpoint(filename="edit-{step}", save_last=True, save_top_k=-1, every_n_train_steps=1),
             ],
         },
         save_config_kwargs={"overwrite": True},
