@@ -129,23 +129,34 @@ def detect_format(record: dict[str, Any]) -> Callable[[dict[str, Any], str], dic
     )
 
 
-def _json_cause(file: Path) -> str:
-    """The first JSON syntax error in ``file`` (line and column), read with the standard library: ``datasets``
-    hides it behind "An error occurred while generating the dataset"."""
+def _read_json_records(file: Path) -> list[Any]:
+    """The records of a JSON (a list of records) or JSONL file read with the standard library: the fallback when
+    ``datasets`` cannot build a table (fields whose types differ between rows, e.g. one numeric subject), and the
+    way to name a syntax error's line and column, which ``datasets`` hides behind "An error occurred while
+    generating the dataset". Raises :class:`MalformedRequestError` naming the file and the cause."""
     text = file.read_text(encoding="utf-8", errors="replace")
     try:
-        json.loads(text)
-        return "its top level must be a list of records or one record per line"
+        whole = json.loads(text)
     except json.JSONDecodeError as err:
-        if file.suffix == ".json" and not text.lstrip().startswith("{"):
-            return f"line {err.lineno} column {err.colno}: {err.msg}"
+        whole, first_error = None, err
+    else:
+        if isinstance(whole, list):
+            return whole
+        if isinstance(whole, dict):
+            return [whole]
+        raise MalformedRequestError(f"{file}: cannot be read as JSON/JSONL (its top level is a "
+                                    f"{type(whole).__name__}, not a list of records)")
+    records = []
     for i, line in enumerate(text.splitlines(), 1):
         if line.strip():
             try:
-                json.loads(line)
+                records.append(json.loads(line))
             except json.JSONDecodeError as err:
-                return f"line {i} column {err.colno}: {err.msg}"
-    return "no JSON syntax error found; the records' fields have inconsistent types"
+                where = f"line {i} column {err.colno}" if text.lstrip().startswith("{") else (
+                    f"line {first_error.lineno} column {first_error.colno}")
+                msg = err.msg if text.lstrip().startswith("{") else first_error.msg
+                raise MalformedRequestError(f"{file}: cannot be read as JSON/JSONL ({where}: {msg})") from None
+    return records
 
 
 def _looks_local(path: str) -> bool:
@@ -190,8 +201,8 @@ def iter_records(path: str | os.PathLike, split: str = "train") -> Iterable[tupl
                 raise MalformedRequestError(f"{file}: is empty; it must hold edit records as JSON or JSONL")
             try:
                 ds = datasets.load_dataset("json", data_files=str(file), split="train")
-            except Exception as err:  # datasets wraps parse errors in several exception types
-                raise MalformedRequestError(f"{file}: cannot be read as JSON/JSONL ({_json_cause(file)})") from err
+            except Exception:  # datasets wraps parse errors in several exception types
+                ds = _read_json_records(file)
             source = data_source_name(file)
             for i, rec in enumerate(ds):
                 yield source, i, rec
