@@ -30,7 +30,7 @@ def write_config(path: Path, root: Path, num_edits: int = 4, extra: dict | None 
             "evaluation": {"tasks": ["sst2"], "default_limit": 4, "probes": ["fact_retention"],
                            "rome_scores": False},
         },
-        "data": {"path": str(REPO.parent / "shared" / "data" / "counterfact"), "num_edits": num_edits,
+        "data": {"path": "counterfact", "num_edits": num_edits,
                  "num_retention": 4},
         "eval": {"every": 2},
     }
