@@ -71,7 +71,7 @@ def test_fit_writes_every_output(full_run):
         assert (full_run / name).exists(), name
     summary = json.loads((full_run / "summary.json").read_text())
     assert set(summary) == {"method", "model", "edits_applied", "batch_size", "edit_metrics", "general", "norms",
-                            "seconds_per_edit", "wall_seconds"}
+                            "seconds_per_edit", "wall_seconds", "skipped_records"}
     assert summary["edits_applied"] == 4
     assert set(summary["edit_metrics"]) == {"reliability", "generalization", "locality"}
     assert set(summary["general"]["sst2"]) == {"before", "after"}

@@ -8,13 +8,15 @@ resumed run continues with the next edit. Every rank sees the same stream: edits
 from __future__ import annotations
 
 import random
+import warnings
 from typing import Any, Iterator
 
 import lightning as L
 from torch.utils.data import DataLoader, IterableDataset
 
-from eac_lightning.data.requests import EditRequest
-from eac_lightning.data.sources import load_requests
+from eac_lightning.data.requests import EditRequest, MalformedRequestError
+from eac_lightning.data.sources import load_requests, source_sha256
+from eac_lightning.validation import check
 
 
 class _EditStream(IterableDataset):
@@ -37,7 +39,7 @@ class EditDataModule(L.LightningDataModule):
 
     Args:
         path: a file, a folder of .json/.jsonl files, or a hub dataset name.
-        num_edits: how many requests of the (shuffled) stream to apply; None: all.
+        num_edits: how many requests of the (shuffled) stream to apply; None or -1: all.
         batch_size: requests per edit step (1: single-sequential; >1: batch-sequential).
         shuffle: shuffle the records (seeded) before taking ``num_edits``.
         seed: the shuffle's seed.
@@ -46,7 +48,9 @@ class EditDataModule(L.LightningDataModule):
             after the edited ones in the same order, or the first ones of ``retention_path``.
         retention_path: another edit dataset to draw the retention probes from (e.g. ZsRE when every
             CounterFact record is edited).
-        skip_malformed: leave malformed records out (each named in a warning) instead of failing on the first.
+        skip_malformed: leave malformed records out (each named in a warning and listed in ``summary.json``)
+            instead of failing on the first: records the loader cannot read and records that do not fit the
+            model (:meth:`screen`).
     """
 
     def __init__(
@@ -62,28 +66,85 @@ class EditDataModule(L.LightningDataModule):
         skip_malformed: bool = False,
     ) -> None:
         super().__init__()
+        check("data.num_edits", num_edits, integer=True, low=-1)
+        check("data.batch_size", batch_size, integer=True, positive=True)
+        check("data.seed", seed, integer=True)
+        check("data.num_retention", num_retention, integer=True, nonnegative=True)
+        if not isinstance(path, str) or not path.strip():
+            raise ValueError(f"data.path must name a file, folder or hub dataset, got {path!r}")
+        num_edits = None if num_edits == -1 else num_edits
         self.path, self.num_edits, self.batch_size = path, num_edits, batch_size
         self.shuffle, self.seed, self.split, self.num_retention = shuffle, seed, split, num_retention
         self.retention_path, self.skip_malformed = retention_path, skip_malformed
         self.requests: list[EditRequest] = []
         self.retention: list[EditRequest] = []
         self.position = 0  # requests already applied
+        self.skipped: list[dict[str, Any]] = []  # {"source", "row", "reason"} of every record left out
+        self.ordered: list[EditRequest] = []  # every readable record, in stream order
+        self.retention_pool: list[EditRequest] = []
+        self.source_sha256 = ""
+        self.screened = False
+        self.dropped: list[list] = []
 
     def setup(self, stage: str | None = None) -> None:
-        if self.requests:
+        if self.ordered:
             return
-        records = load_requests(self.path, split=self.split, skip_malformed=self.skip_malformed)
+        records = load_requests(self.path, split=self.split, skip_malformed=self.skip_malformed,
+                                skipped=self.skipped)
+        if not records:
+            raise ValueError(f"data.path {self.path} holds no usable edit records")
+        self.source_sha256 = source_sha256(self.path, self.split)
         order = list(range(len(records)))
         if self.shuffle:
             random.Random(self.seed).shuffle(order)
-        n = len(order) if self.num_edits is None else min(self.num_edits, len(order))
-        self.requests = [records[i] for i in order[:n]]
+        self.ordered = [records[i] for i in order]
         if self.retention_path:
-            pool = load_requests(self.retention_path, split=self.split, limit=self.num_retention,
-                                 skip_malformed=self.skip_malformed)
-        else:
-            pool = [records[i] for i in order[n : n + self.num_retention]]
+            self.retention_pool = load_requests(self.retention_path, split=self.split, limit=self.num_retention,
+                                                skip_malformed=self.skip_malformed, skipped=self.skipped)
+        self._select(self.ordered, self.retention_pool)
+
+    def _select(self, ordered: list[EditRequest], retention_pool: list[EditRequest]) -> None:
+        n = len(ordered) if self.num_edits is None else min(self.num_edits, len(ordered))
+        self.requests = ordered[:n]
+        pool = retention_pool if self.retention_path else ordered[n : n + self.num_retention]
         self.retention = [r for r in pool[: self.num_retention] if r.target_true]
+        seen: dict[tuple, int] = {}
+        for r in self.requests:
+            if r.case_id is not None:
+                seen[(r.source, r.case_id)] = seen.get((r.source, r.case_id), 0) + 1
+        dup = [f"{src} case_id {cid} ({k} times)" for (src, cid), k in seen.items() if k > 1]
+        if dup:
+            warnings.warn(f"the edit stream holds duplicate case ids, each edited once per occurrence: "
+                          f"{', '.join(dup[:10])}{' ...' if len(dup) > 10 else ''}", stacklevel=2)
+
+    def screen(self, tokenizer: Any, max_tokens: int | None, template: str = "{}") -> None:
+        """Check every record the run will use against the model before the first edit (validation with its
+        tokenizer, length within its context after the longest context ``template``). A bad record raises
+        naming its row, or with ``skip_malformed`` is left out and the next one takes its place."""
+        if self.screened:
+            return
+
+        def keep(requests: list[EditRequest], wanted: int | None) -> list[EditRequest]:
+            out = []
+            for r in requests:
+                if wanted is not None and len(out) >= wanted:
+                    break
+                try:
+                    r.validate(tokenizer).check_fits(tokenizer, max_tokens, template)
+                except MalformedRequestError as err:
+                    if not self.skip_malformed:
+                        raise
+                    warnings.warn(f"skipped malformed record: {err}", stacklevel=2)
+                    self.skipped.append({"source": r.source, "row": r.source_index, "reason": str(err)})
+                    continue
+                out.append(r)
+            return out
+
+        edits = None if self.num_edits is None else self.num_edits + (0 if self.retention_path else self.num_retention)
+        ordered = keep(self.ordered, edits)
+        pool = keep(self.retention_pool, self.num_retention) if self.retention_path else []
+        self._select(ordered, pool)
+        self.screened = True
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(_EditStream(self), batch_size=None, collate_fn=lambda b: b, num_workers=0)
@@ -96,7 +157,12 @@ class EditDataModule(L.LightningDataModule):
         return self.requests[: self.position]
 
     def state_dict(self) -> dict[str, Any]:
-        return {"position": self.position, "num_requests": len(self.requests)}
+        return {"position": self.position, "num_requests": len(self.requests), "dropped": self.dropped}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.position = int(state["position"])
+        # Records a rollback dropped from the replay (``eac-lightning rollback --drop``), named by (source, row).
+        self.dropped = [list(x) for x in state.get("dropped", [])]
+        gone = {tuple(x) for x in self.dropped}
+        self.requests = self.requests[: self.position] + [
+            r for r in self.requests[self.position :] if (r.source, r.source_index) not in gone]

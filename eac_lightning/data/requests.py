@@ -10,6 +10,11 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 
+#: The longest text field a record may have: a longer one is refused before it is tokenised (a 50 MB field would
+#: otherwise take gigabytes on its way to the context-length check).
+MAX_FIELD_CHARS = 10_000
+
+
 class MalformedRequestError(ValueError):
     """An edit request that cannot be applied; the message names the record and the field."""
 
@@ -74,7 +79,18 @@ class EditRequest:
         for name in ("prompt", "subject", "target_new"):
             value = getattr(self, name)
             if not isinstance(value, str) or not value.strip():
-                fail(name, f"must be a non-empty string, got {value!r}")
+                fail(name, f"must be a non-empty string, got {_short(value)}")
+        if self.target_true is not None and not isinstance(self.target_true, str):
+            fail("target_true", f"must be a string, got {_short(self.target_true)}")
+        for name in ("paraphrase_prompts", "neighborhood_prompts", "neighborhood_answers"):
+            for i, v in enumerate(getattr(self, name)):
+                if not isinstance(v, str):
+                    fail(f"{name}[{i}]", f"must be a string, got {_short(v)}")
+        if self.case_id is not None and (isinstance(self.case_id, bool) or not isinstance(self.case_id, (int, str))):
+            fail("case_id", f"must be an integer or a string, got {_short(self.case_id)}")
+        for name, value in self._texts():
+            if len(value) > MAX_FIELD_CHARS:
+                fail(name, f"has {len(value)} characters, more than the {MAX_FIELD_CHARS} a record field may have")
         if self.prompt.count("{}") != 1:
             fail("prompt", f"must contain exactly one '{{}}' placeholder for the subject, got {self.prompt!r}")
         if self.prompt.strip().endswith("{}"):
@@ -94,12 +110,47 @@ class EditRequest:
                 fail("subject", f"{self.subject!r} tokenises to nothing")
         return self
 
+    def _texts(self) -> list[tuple[str, str]]:
+        out = [(n, getattr(self, n)) for n in ("prompt", "subject", "target_new", "target_true")]
+        for name in ("paraphrase_prompts", "neighborhood_prompts", "neighborhood_answers"):
+            out += [(f"{name}[{i}]", v) for i, v in enumerate(getattr(self, name))]
+        return [(n, v) for n, v in out if isinstance(v, str)]
+
+    def check_fits(self, tokenizer: Any, max_tokens: int | None, template: str = "{}") -> "EditRequest":
+        """Raise :class:`MalformedRequestError` unless every text the edit and its evaluation feed the model fits
+        in ``max_tokens``: the prompt after the longest context ``template`` with the new target, each paraphrase
+        with it, each neighbourhood prompt with its answer, the prompt with the true target."""
+        if max_tokens is None:
+            return self
+
+        def count(text: str) -> int:
+            return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+        texts = [("prompt", template.replace("{}", self.prompt_text) + " " + self.target_new)]
+        if self.target_true:
+            texts.append(("target_true", self.prompt_text + " " + self.target_true))
+        texts += [(f"paraphrase_prompts[{i}]", p + " " + self.target_new) for i, p in enumerate(self.paraphrase_prompts)]
+        texts += [(f"neighborhood_prompts[{i}]", p + " " + a) for i, (p, a) in enumerate(self.neighborhood_pairs())]
+        for name, text in texts:
+            n = count(text)
+            if n > max_tokens:
+                raise MalformedRequestError(
+                    f"{self.name}: field '{name}' needs {n} tokens (with its target and the longest context "
+                    f"template), more than the model's context of {max_tokens}"
+                )
+        return self
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "EditRequest":
         return cls(**d)
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return f"{type(value).__name__} {text if len(text) <= 80 else text[:77] + '...'}"
 
 
 def validate_requests(requests: list[EditRequest], tokenizer: Any | None = None) -> list[EditRequest]:

@@ -8,19 +8,30 @@ through the same code.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from eac_lightning.data.requests import EditRequest, MalformedRequestError
-from eac_lightning.paths import data_source_name, resolve_data_path
+from eac_lightning.paths import data_dir, data_source_name, resolve_data_path
 
 
 def _need(record: dict[str, Any], key: str, where: str) -> Any:
+    if not isinstance(record, dict):
+        raise MalformedRequestError(f"{where}: must be an object with field '{key}', got {type(record).__name__}")
     if key not in record or record[key] is None:
         raise MalformedRequestError(f"{where}: missing field '{key}'")
     return record[key]
+
+
+def _need_str(record: dict[str, Any], key: str, where: str) -> str:
+    value = _need(record, key, where)
+    if not isinstance(value, str):
+        raise MalformedRequestError(f"{where}: field '{key}' must be a string, got {type(value).__name__} {value!r}"[:300])
+    return value
 
 
 def _as_list(value: Any) -> list[str]:
@@ -41,10 +52,12 @@ def _subject_template(prompt: str, subject: str, where: str, field: str) -> str:
 
 def from_rome_counterfact(r: dict[str, Any], where: str) -> dict[str, Any]:
     rw = _need(r, "requested_rewrite", where)
-    subject = _need(rw, "subject", where + " requested_rewrite")
+    subject = _need_str(rw, "subject", where + " requested_rewrite")
     target_true = rw.get("target_true") or {}
+    if not isinstance(target_true, dict):
+        raise MalformedRequestError(f"{where}: field 'requested_rewrite.target_true' must be an object")
     return dict(
-        prompt=_subject_template(_need(rw, "prompt", where), subject, where, "requested_rewrite.prompt"),
+        prompt=_subject_template(_need_str(rw, "prompt", where), subject, where, "requested_rewrite.prompt"),
         subject=subject,
         target_new=_need(_need(rw, "target_new", where), "str", where + " requested_rewrite.target_new"),
         target_true=target_true.get("str"),
@@ -56,11 +69,11 @@ def from_rome_counterfact(r: dict[str, Any], where: str) -> dict[str, Any]:
 
 
 def from_flat_counterfact(r: dict[str, Any], where: str) -> dict[str, Any]:
-    subject = _need(r, "subject", where)
+    subject = _need_str(r, "subject", where)
     loc = _as_list(r.get("locality_prompt"))
     loc_ans = _as_list(r.get("locality_ground_truth"))
     return dict(
-        prompt=_subject_template(_need(r, "prompt", where), subject, where, "prompt"),
+        prompt=_subject_template(_need_str(r, "prompt", where), subject, where, "prompt"),
         subject=subject,
         target_new=_need(r, "target_new", where),
         target_true=r.get("ground_truth"),
@@ -78,12 +91,12 @@ class NoEditTargetError(MalformedRequestError):
 
 
 def from_zsre(r: dict[str, Any], where: str) -> dict[str, Any]:
-    subject = _need(r, "subject", where)
+    subject = _need_str(r, "subject", where)
     answers = _as_list(r.get("answers"))
     if isinstance(r.get("alt"), str) and not r["alt"].strip():
         raise NoEditTargetError(f"{where}: field 'alt' is empty (ZsRE has no new target for this question)")
     return dict(
-        prompt=_subject_template(_need(r, "src", where), subject, where, "src"),
+        prompt=_subject_template(_need_str(r, "src", where), subject, where, "src"),
         subject=subject,
         target_new=_need(r, "alt", where),
         target_true=answers[0] if answers else r.get("pred"),
@@ -106,7 +119,9 @@ def from_native(r: dict[str, Any], where: str) -> dict[str, Any]:
 
 
 def detect_format(record: dict[str, Any]) -> Callable[[dict[str, Any], str], dict[str, Any]]:
-    """Pick the converter for a record by its keys."""
+    """Pick the converter for a record by its keys that hold a value (``datasets`` gives every row of a file the
+    union of the keys, so a file mixing formats has null fields of the other formats)."""
+    record = {k: v for k, v in record.items() if v is not None}
     if "requested_rewrite" in record:
         return from_rome_counterfact
     if "src" in record and "alt" in record:
@@ -120,6 +135,58 @@ def detect_format(record: dict[str, Any]) -> Callable[[dict[str, Any], str], dic
         "flat EasyEdit CounterFact (prompt/subject/target_new/ground_truth), ZsRE MEND (subject/src/alt/loc) "
         "or prompt/subject/target_new"
     )
+
+
+def _read_json_records(file: Path) -> list[Any]:
+    """The records of a JSON (a list of records) or JSONL file read with the standard library: the fallback when
+    ``datasets`` cannot build a table (fields whose types differ between rows, e.g. one numeric subject), and the
+    way to name a syntax error's line and column, which ``datasets`` hides behind "An error occurred while
+    generating the dataset". Raises :class:`MalformedRequestError` naming the file and the cause."""
+    text = file.read_text(encoding="utf-8", errors="replace")
+    try:
+        whole = json.loads(text)
+    except json.JSONDecodeError as err:
+        whole, first_error = None, err
+    else:
+        if isinstance(whole, list):
+            return whole
+        if isinstance(whole, dict):
+            return [whole]
+        raise MalformedRequestError(f"{file}: cannot be read as JSON/JSONL (its top level is a "
+                                    f"{type(whole).__name__}, not a list of records)")
+    records = []
+    for i, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                where = f"line {i} column {err.colno}" if text.lstrip().startswith("{") else (
+                    f"line {first_error.lineno} column {first_error.colno}")
+                msg = err.msg if text.lstrip().startswith("{") else first_error.msg
+                raise MalformedRequestError(f"{file}: cannot be read as JSON/JSONL ({where}: {msg})") from None
+    return records
+
+
+def _looks_local(path: str) -> bool:
+    """A path meant as a local file or folder (not a hub dataset name ``owner/name``)."""
+    p = Path(path)
+    return (p.suffix in (".json", ".jsonl") or path.startswith((".", "/", "~")) or os.sep + os.sep in path
+            or len(p.parts) > 2)
+
+
+def source_sha256(path: str | os.PathLike, split: str = "train") -> str:
+    """sha256 of the edit source: the bytes of every local data file (names included), or a hub name and split."""
+    h = hashlib.sha256()
+    resolved = resolve_data_path(path)
+    if resolved.exists():
+        for file in _data_files(resolved):
+            h.update(file.name.encode() + b"\0")
+            with open(file, "rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(chunk)
+    else:
+        h.update(f"hub:{path}:{split}".encode())
+    return h.hexdigest()
 
 
 def _data_files(path: Path) -> list[Path]:
@@ -138,27 +205,38 @@ def iter_records(path: str | os.PathLike, split: str = "train") -> Iterable[tupl
     resolved = resolve_data_path(path)
     if resolved.exists():
         for file in _data_files(resolved):
+            if file.stat().st_size == 0 or not file.read_text(encoding="utf-8", errors="replace").strip():
+                raise MalformedRequestError(f"{file}: is empty; it must hold edit records as JSON or JSONL")
             try:
                 ds = datasets.load_dataset("json", data_files=str(file), split="train")
-            except Exception as err:  # datasets wraps parse errors in several exception types
-                raise MalformedRequestError(f"{file}: cannot be read as JSON/JSONL ({err})") from err
+            except Exception:  # datasets wraps parse errors in several exception types
+                ds = _read_json_records(file)
             source = data_source_name(file)
             for i, rec in enumerate(ds):
                 yield source, i, rec
     else:
-        ds = datasets.load_dataset(str(path), split=split)
+        if _looks_local(str(path)):
+            raise FileNotFoundError(f"data file or folder {path} does not exist (looked in {Path.cwd()} and in "
+                                    f"the data folder {data_dir()})")
+        try:
+            ds = datasets.load_dataset(str(path), split=split)
+        except Exception as err:
+            raise FileNotFoundError(f"{path} is neither a local data file or folder (looked in {Path.cwd()} and "
+                                    f"in {data_dir()}) nor a loadable hub dataset ({type(err).__name__}: {err})") from err
         for i, rec in enumerate(ds):
             yield str(path), i, rec
 
 
 def load_requests(
-    path: str | os.PathLike, split: str = "train", limit: int | None = None, skip_malformed: bool = False
+    path: str | os.PathLike, split: str = "train", limit: int | None = None, skip_malformed: bool = False,
+    skipped: list[dict[str, Any]] | None = None,
 ) -> list[EditRequest]:
     """Load and validate edit requests from ``path`` (file, folder or hub dataset name).
 
     Every record is validated; the first malformed one raises with its file, row and field, unless
-    ``skip_malformed``, which leaves it out with a warning naming it. A record with nothing to edit
-    (:class:`NoEditTargetError`: ZsRE's empty ``alt``) is always left out with such a warning.
+    ``skip_malformed``, which leaves it out with a warning naming it and appends ``{"source", "row",
+    "reason"}`` to ``skipped``. A record with nothing to edit (:class:`NoEditTargetError`: ZsRE's empty ``alt``)
+    is always left out that way.
     """
     out: list[EditRequest] = []
     for source, row, rec in iter_records(path, split):
@@ -166,10 +244,14 @@ def load_requests(
         try:
             fields = detect_format(rec)(rec, where)
             req = EditRequest(**fields, source=source, source_index=row).validate()
-        except MalformedRequestError as err:
+        except (MalformedRequestError, TypeError, AttributeError, KeyError, ValueError) as caught:
+            err = caught if isinstance(caught, MalformedRequestError) else MalformedRequestError(
+                f"{where}: cannot be read as an edit record ({type(caught).__name__}: {caught})")
             if not (skip_malformed or isinstance(err, NoEditTargetError)):
-                raise
+                raise err from None if err is caught else caught
             warnings.warn(f"skipped record: {err}", stacklevel=2)
+            if skipped is not None:
+                skipped.append({"source": source, "row": row, "reason": str(err)})
             continue
         out.append(req)
         if limit is not None and len(out) >= limit:

@@ -18,13 +18,14 @@ import torch.distributed as dist
 
 from eac_lightning.evaluation.evaluator import Evaluator, format_table, summary_sections
 from eac_lightning.methods.edit import EditResult, Targets, write_targets
+from eac_lightning.lightning.run_folder import RunCSVLogger, read_ledger, trim_metrics, write_lines
 from eac_lightning.models.adapters import weight_view
 
 
 def _log_dir(trainer: L.Trainer) -> Path:
-    # Not ``trainer.log_dir``: it broadcasts, and these writers run on rank 0 alone.
-    logger_dir = getattr(trainer.logger, "log_dir", None) if trainer.logger is not None else None
-    d = Path(logger_dir or trainer.default_root_dir)
+    # The run folder whatever the logger (a logger's version_N folder would hide the run's files from a resume);
+    # not ``trainer.log_dir``: it broadcasts, and these writers run on rank 0 alone.
+    d = Path(trainer.default_root_dir)
     d.mkdir(parents=True, exist_ok=True)
     return d
 
@@ -70,13 +71,9 @@ class EditLedger(EditObserver):
         self.path = _log_dir(trainer) / "edits.jsonl"
         if trainer.global_rank != 0:
             return
-        keep = []
-        if self.path.exists():
-            applied = trainer.datamodule.position
-            for line in self.path.read_text(encoding="utf-8").splitlines():
-                if line.strip() and json.loads(line)["edit"] < applied:
-                    keep.append(line)
-        self.path.write_text("".join(l + "\n" for l in keep), encoding="utf-8")
+        applied = trainer.datamodule.position
+        # Edits past the checkpoint are dropped; events (a rollback) stay as history.
+        write_lines(self.path, [r for r in read_ledger(self.path) if r.get("edit", -1) < applied])
 
     def on_edit_written(self, trainer, pl_module, result: EditResult, seconds: float) -> None:
         if trainer.global_rank != 0:
@@ -180,6 +177,9 @@ class Evaluation(EditObserver):
 
     def on_train_start(self, trainer, pl_module) -> None:
         st = pl_module.extra_state
+        if trainer.global_rank == 0 and isinstance(trainer.logger, RunCSVLogger):
+            # Rows logged after the checkpoint this run resumes from (all of them in a fresh run) are dropped.
+            trim_metrics(Path(trainer.logger.log_dir) / "metrics.csv", trainer.global_step if "reference" in st else -1)
         if "reference" not in st:  # a fresh run: measure the unedited model once
             ev = self._evaluator(trainer, pl_module)
             st["reference"] = ev.reference(pl_module.lm, pl_module.tokenizer, trainer.datamodule.requests)
@@ -214,7 +214,7 @@ class Evaluation(EditObserver):
         st = pl_module.extra_state
         sections = summary_sections(res, st.get("before"))
         ledger = _log_dir(trainer) / "edits.jsonl"
-        seconds = [json.loads(l)["seconds"] for l in ledger.read_text().splitlines()] if ledger.exists() else []
+        seconds = [r["seconds"] for r in read_ledger(ledger) if "seconds" in r]
         norms = {}
         for name, w0 in pl_module.base_weights.items():
             n = matrix_norms(weight_view(pl_module.lm, name), w0, False)
@@ -231,6 +231,7 @@ class Evaluation(EditObserver):
             "norms": norms,
             "seconds_per_edit": (sum(seconds) / len(seconds)) if seconds else None,
             "wall_seconds": time.time() - st.get("started", time.time()),
+            "skipped_records": list(getattr(trainer.datamodule, "skipped", [])),
         }
         (_log_dir(trainer) / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
 

@@ -7,10 +7,13 @@
     eac-lightning trace --model testbed:small --out DIR
     eac-lightning export CHECKPOINT OUT_DIR
     eac-lightning ask RUN_OR_CHECKPOINT ["The Eiffel Tower is located in"]
+    eac-lightning rollback RUN --to-edit K [--drop E ...]
 """
 
 from __future__ import annotations
 
+import atexit
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -21,11 +24,12 @@ from lightning.pytorch.cli import LightningCLI
 
 from eac_lightning.data.datamodule import EditDataModule
 from eac_lightning.lightning.callbacks import EditLedger, Evaluation, NormTracker, Plots, WeightUpdate
-from eac_lightning.lightning.checkpoint import AtomicCheckpointIO, CorruptCheckpointError
+from eac_lightning.lightning.checkpoint import AtomicCheckpointIO, load_checkpoint_file
+from eac_lightning.lightning.run_folder import RunLock
 from eac_lightning.lightning.module import EditingModule
 from eac_lightning.progress import LineProgressBar, stop_on_sigterm
 
-EXTRA_COMMANDS = ("stats", "testbed", "trace", "export", "ask")
+EXTRA_COMMANDS = ("stats", "testbed", "trace", "export", "ask", "rollback")
 
 # The edited model stays in eval mode on purpose (no dropout in target optimisations), and weights change in a
 # callback, not in an optimizer: these three Lightning warnings describe intended behaviour here.
@@ -72,6 +76,11 @@ class _HelpFormatter(DefaultHelpFormatter):
         return "".join(indent + line for line in text.splitlines(keepends=True))
 
 
+def _is_launching_process() -> bool:
+    """False in the processes a DDP launcher starts for ranks > 0 (they share the launching run's lock)."""
+    return os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0"
+
+
 class EditingCLI(LightningCLI):
     """LightningCLI with the editing callbacks, a fixed run folder and atomic checkpoints. Subcommands: ``fit``
     (edit) and ``validate`` (evaluate a checkpoint); an edit stream has nothing for ``test`` or ``predict``."""
@@ -91,8 +100,8 @@ class EditingCLI(LightningCLI):
         root = Path(trainer.default_root_dir or "runs/default")
         trainer.default_root_dir = str(root)
         if trainer.logger in (None, True):
-            # One folder per run (no version_N), so ``--ckpt_path last`` finds the run's own checkpoints.
-            trainer.logger = Namespace(class_path="lightning.pytorch.loggers.CSVLogger",
+            # One folder per run (no version_N); metrics.csv kept whole across resumes.
+            trainer.logger = Namespace(class_path="eac_lightning.lightning.run_folder.RunCSVLogger",
                                        init_args=Namespace(save_dir=str(root), name="", version=""))
         if trainer.strategy == "ddp":
             trainer.strategy = Namespace(class_path="eac_lightning.lightning.strategy.EditingDDPStrategy",
@@ -105,24 +114,30 @@ class EditingCLI(LightningCLI):
                 f"{root}/checkpoints already holds checkpoints of an earlier run; resume it with --ckpt_path last "
                 "or choose another --trainer.default_root_dir (nothing was overwritten)"
             )
+        if cfg.get("ckpt_path") == "last" and not (root / "checkpoints" / "last.ckpt").is_file():
+            raise SystemExit(f"--ckpt_path last: {root}/checkpoints/last.ckpt does not exist, so there is nothing "
+                             "to resume; start the run without --ckpt_path")
+        if self.subcommand in ("fit", "validate") and _is_launching_process():
+            lock = RunLock(root)
+            lock.acquire()  # released at exit; a killed run's lock is taken over by the next one
+            atexit.register(lock.release)
 
     def _parse_ckpt_path(self) -> None:
-        # LightningCLI reads the checkpoint before any Trainer exists (for saved hyper-parameters); a damaged
-        # file must fail here with its name, as it does later in AtomicCheckpointIO.
-        try:
-            super()._parse_ckpt_path()
-        except Exception as err:
-            sub = self.config.get("subcommand")
-            path = self.config[sub].get("ckpt_path") if sub else None
-            raise CorruptCheckpointError(
-                f"checkpoint {path} is truncated or corrupt and cannot be loaded ({type(err).__name__}: {err}); "
-                "nothing was changed - resume from another checkpoint"
-            ) from err
+        # LightningCLI reads the checkpoint before any Trainer exists (for saved hyper-parameters); a damaged or
+        # unsafe file must fail here with its name, as it does later in AtomicCheckpointIO.
+        sub = self.config.get("subcommand")
+        path = self.config[sub].get("ckpt_path") if sub else None
+        if path and Path(path).is_file():
+            load_checkpoint_file(path)
+        super()._parse_ckpt_path()
 
     def instantiate_trainer(self, **kwargs):
         self.model.method_settings_applied = self.method_settings_applied
         trainer = super().instantiate_trainer(**kwargs)
         trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        for cb in trainer.checkpoint_callbacks:  # in the run folder whatever the logger, so ``last`` finds them
+            if isinstance(cb, ModelCheckpoint) and cb.dirpath is None:
+                cb.dirpath = str(Path(trainer.default_root_dir) / "checkpoints")
         return trainer
 
 
@@ -153,11 +168,18 @@ def export_command(checkpoint: str, out_dir: str) -> None:
     from eac_lightning.methods.base import apply_deltas
     from eac_lightning.models.loading import load_model
 
-    ckpt = AtomicCheckpointIO().load_checkpoint(checkpoint)
+    from eac_lightning.lightning.checkpoint import model_fingerprint, verify_deltas, verify_provenance
+    from eac_lightning.methods.base import snapshot
+
+    ckpt = load_checkpoint_file(checkpoint)
     if CKPT_KEY not in ckpt:
         raise SystemExit(f"{checkpoint} was not written by eac-lightning (no '{CKPT_KEY}' section)")
     state = ckpt[CKPT_KEY]
-    model, tok = load_model(state["model"])
+    recorded = state.get("provenance") or {}
+    verify_deltas(checkpoint, state["deltas"], recorded.get("deltas_sha256"))
+    model, tok = load_model(state["model"], dtype=state.get("dtype", "float32"))
+    base = model_fingerprint(model, snapshot(model, list(state["deltas"])))
+    verify_provenance(checkpoint, recorded, {"base_model": base, "method": recorded["method"]})
     apply_deltas(model, state["deltas"])
     model.save_pretrained(out_dir)
     tok.save_pretrained(out_dir)
@@ -212,6 +234,11 @@ def main(args: list[str] | None = None) -> None:
     """Entry point of ``eac-lightning`` (``args``: for calling from Python/tests; default ``sys.argv``)."""
     argv = sys.argv[1:] if args is None else list(args)
     stop_on_sigterm()
+    if argv and argv[0] == "rollback":
+        from eac_lightning.lightning.rollback import rollback_command
+
+        rollback_command(argv[1:])
+        return
     if argv and argv[0] in EXTRA_COMMANDS:
         from jsonargparse import CLI
 
@@ -234,7 +261,8 @@ def main(args: list[str] | None = None) -> None:
                 LineProgressBar(),
                 EditLedger(),
                 Plots(),
-                ModelCheckpoint(filename="edit-{step}", save_last=True, save_top_k=0, every_n_train_steps=1),
+                # Every step's state is kept (edit-step=S.ckpt): ``rollback`` returns a run to any of them.
+                ModelCheckpoint(filename="edit-{step}", save_last=True, save_top_k=-1, every_n_train_steps=1),
             ],
         },
         save_config_kwargs={"overwrite": True},

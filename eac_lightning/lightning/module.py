@@ -20,6 +20,15 @@ import torch
 
 from eac_lightning.data.requests import EditRequest
 from eac_lightning.evaluation.evaluator import EvaluatorConfig
+from eac_lightning.lightning.checkpoint import (
+    data_fingerprint,
+    method_spec,
+    model_fingerprint,
+    provenance,
+    verify_deltas,
+    verify_provenance,
+)
+from eac_lightning.validation import context_limit, longest_template, validate_module_args
 from eac_lightning.methods.base import Deltas, EditMethod, merge_deltas, snapshot
 from eac_lightning.methods.edit import EditResult, optimise_targets
 from eac_lightning.methods.rome import ROME
@@ -46,6 +55,8 @@ class EditingModule(L.LightningModule):
         method_settings: ``auto``: on a testbed, the method's measured testbed settings
             (``configs/testbed/<method>.yaml``) replace the published preset values it still holds (values you set
             yourself are kept; summary.json lists what changed); ``as_given``: the method exactly as configured.
+        allow_method_change: resume a checkpoint written by another method or other hyper-parameters
+            (refused otherwise, naming the field that differs).
     """
 
     def __init__(
@@ -58,6 +69,7 @@ class EditingModule(L.LightningModule):
         stats_damping: float = 1e-2,
         evaluation: EvaluatorConfig | None = None,
         method_settings: str = "auto",
+        allow_method_change: bool = False,
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
@@ -74,11 +86,14 @@ class EditingModule(L.LightningModule):
         self.method_settings = method_settings
         #: what ``method_settings: auto`` changed (set by the CLI, which applies it before the method is built)
         self.method_settings_applied: dict[str, Any] = {}
+        self.allow_method_change = allow_method_change
+        validate_module_args(stats_tokens=stats_tokens, stats_damping=stats_damping)
         self.lm = None
         self.tokenizer = None
         self.stats: CovarianceStore | None = None
         self.total_deltas: Deltas = {}
         self.base_weights: dict[str, torch.Tensor] | None = None
+        self.base_fingerprint: dict[str, Any] | None = None
         self.extra_state: dict[str, Any] = {}  # callbacks' state that must survive a resume
 
     # -- model -----------------------------------------------------------------------------------------------
@@ -97,6 +112,10 @@ class EditingModule(L.LightningModule):
         self.method.setup(self.lm, self.tokenizer, self.stats)
         if self.base_weights is None:  # copies of the unedited matrices, taken before any delta is applied
             self.base_weights = snapshot(self.lm, self.method.module_names)
+            self.base_fingerprint = model_fingerprint(self.lm, self.base_weights)
+        dm = self._datamodule()
+        if dm is not None:  # every record is checked against this model before the first edit
+            dm.screen(self.tokenizer, context_limit(self.lm), longest_template(self.tokenizer, self.method))
 
     @torch.no_grad()
     def materialise(self) -> None:
@@ -134,22 +153,37 @@ class EditingModule(L.LightningModule):
         return None  # the Evaluation callback measures the model state at validation end
 
     # -- checkpoints -----------------------------------------------------------------------------------------
+    def _datamodule(self):
+        trainer = self._trainer
+        return getattr(trainer, "datamodule", None) if trainer is not None else None
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["state_dict"] = {}  # the frozen base model is never written
         checkpoint[CKPT_KEY] = {
             "model": self.model_name,
+            "dtype": self.dtype_name,
             "deltas": {k: v.clone() for k, v in self.total_deltas.items()},
             "method_state": self.method.state_dict(),
             "extra_state": self.extra_state,
             "rng": {"torch": torch.get_rng_state()},
+            "provenance": provenance(self, self._datamodule()),
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        path = getattr(self._trainer, "ckpt_path", None) or "(checkpoint)"
         state = checkpoint.get(CKPT_KEY)
         if state is None:
-            raise ValueError("this checkpoint was not written by eac-lightning (no 'eac_lightning' section)")
+            raise ValueError(f"{path} was not written by eac-lightning (no 'eac_lightning' section)")
         if self.base_weights is None:
             self.setup("fit")
+        recorded = state.get("provenance") or {}
+        verify_deltas(path, state["deltas"], recorded.get("deltas_sha256"))
+        dm = self._datamodule()
+        applied = int(checkpoint.get(type(dm).__qualname__, {}).get("position", 0)) if dm is not None else 0
+        current = {"base_model": self.base_fingerprint, "method": method_spec(self.method)}
+        if dm is not None:
+            current["data"] = data_fingerprint(dm, applied)
+        verify_provenance(path, recorded, current, self.allow_method_change)
         self.total_deltas = {k: v.float() for k, v in state["deltas"].items()}
         unknown = set(self.total_deltas) - set(self.base_weights)
         if unknown:

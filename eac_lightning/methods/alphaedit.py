@@ -20,6 +20,7 @@ from torch import nn
 from eac_lightning.methods.eac import EACHyperParams
 from eac_lightning.methods.memit import MEMIT, ResidualTarget
 from eac_lightning.methods.target import ContextTemplateParams, TargetHyperParams
+from eac_lightning.validation import check
 
 
 def null_space_projector(cov: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -59,6 +60,8 @@ class AlphaEdit(MEMIT):
         write_aware: bool = False,
     ) -> None:
         super().__init__(layers=layers, target=target, context=context, eac=eac, write_aware=write_aware)
+        check("nullspace_threshold", nullspace_threshold, nonnegative=True)
+        check("l2", l2, nonnegative=True)
         self.nullspace_threshold = nullspace_threshold
         self.l2 = l2
         self.projectors: dict[str, torch.Tensor] = {}

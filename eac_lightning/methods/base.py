@@ -86,9 +86,16 @@ class EditMethod:
         raise NotImplementedError
 
     def write(self, model: nn.Module, tok, targets: Any) -> Written:
+        """The closed-form update; refused (weights restored) if a written delta or weight holds NaN/inf."""
         saved = snapshot(model, self.module_names)
         try:
-            return self._write(model, tok, targets)
+            written = self._write(model, tok, targets)
+            bad = [n for n, d in written.deltas.items()
+                   if not (torch.isfinite(d).all() and torch.isfinite(weight_view(model, n)).all())]
+            if bad:
+                raise FloatingPointError(f"the update of {', '.join(bad)} holds NaN/inf; the edit was rejected and "
+                                         "the weights were restored")
+            return written
         except BaseException:
             restore_weights(model, saved)
             raise

@@ -15,6 +15,9 @@ from dataclasses import dataclass
 
 import torch
 
+from eac_lightning.validation import check
+
+
 @dataclass
 class BEACHyperParams:
     """Layer-wise Anchor Selection and Rolling Anchor Refresh (docs/beac.md).
@@ -51,6 +54,15 @@ class BEACHyperParams:
     decay: float = 0.8
     penalty: float = 1.0
     key_memory: float = 1.0
+
+    def __post_init__(self) -> None:
+        check("max_overlap", self.max_overlap, integer=True, positive=True)
+        check("overlap_slack", self.overlap_slack, low=1.0)
+        check("layers_per_anchor", self.layers_per_anchor, integer=True, positive=True)
+        check("min_anchor_fraction", self.min_anchor_fraction, low=0.0, high=1.0)
+        check("decay", self.decay, low=0.0, high=1.0)
+        check("penalty", self.penalty, nonnegative=True)
+        check("key_memory", self.key_memory, nonnegative=True)
 
 
 @dataclass

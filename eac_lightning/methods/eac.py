@@ -24,11 +24,12 @@ elastic net off (saliency only).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args, get_type_hints
 
 import torch
 
-from eac_lightning.methods.target import TargetProblem, adam_descent, optimise_plain
+from eac_lightning.methods.target import EditOptimisationError, TargetProblem, adam_descent, optimise_plain
+from eac_lightning.validation import check
 
 # Any object with ``v0`` (the vector or flattened weights being changed), ``hparams`` (num_steps, lr,
 # early_stop_nll), ``loss(delta) -> (total, nll)``, ``clamp(delta)`` and ``check(loss, step)`` can be
@@ -73,6 +74,19 @@ class EACHyperParams:
     anchors: Literal["weighted_gradient", "gradient", "magnitude", "random", "none"] = "weighted_gradient"
     elastic_net: bool = True
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        check("gamma", self.gamma, low=0.0, low_open=True, high=100.0)
+        check("phase1_fraction", self.phase1_fraction, low=0.0, low_open=True, high=1.0)
+        check("lam", self.lam, nonnegative=True)
+        check("mu", self.mu, nonnegative=True)
+        check("eps", self.eps, positive=True)
+        check("seed", self.seed, integer=True)
+        hints = get_type_hints(EACHyperParams)
+        for name in ("penalty_scale", "gradient", "score_on", "phase2_start", "anchors"):
+            allowed = get_args(hints[name])
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {list(allowed)}, got {getattr(self, name)!r}")
 
 
 @dataclass
@@ -171,7 +185,32 @@ def compress(problem: TargetProblem, hp: EACHyperParams | None) -> tuple[torch.T
     Returns (δ, anchor mask or None).
     """
     if hp is None:
-        return optimise_plain(problem), None
+        return check_result(problem, optimise_plain(problem)), None
     exploration = explore(problem, hp)
     mask = anchor_mask(exploration.score, hp)
-    return retrain(problem, exploration, mask, hp), mask
+    return check_result(problem, retrain(problem, exploration, mask, hp)), mask
+
+
+def _names(problem) -> str:
+    if hasattr(problem, "request"):
+        return problem.request.name
+    return ", ".join(r.name for r in getattr(problem, "requests", None) or [p.request for p in problem.problems])
+
+
+def check_result(problem, delta: torch.Tensor) -> torch.Tensor:
+    """Refuse a degenerate optimisation result before anything is written: a δ with NaN/inf, or a δ (a row of a
+    batch's δ) that is exactly zero although the target is not yet reached (NLL above ``early_stop_nll``: a
+    zero clamp radius or a step so large that nothing usable survived)."""
+    if not torch.isfinite(delta).all():
+        raise EditOptimisationError(f"{_names(problem)}: the optimised target holds NaN/inf (check lr, num_steps and "
+                                    "clamp_norm_factor); the edit was rejected and nothing was applied")
+    zero = ~delta.reshape(-1, delta.shape[-1]).any(-1) if delta.dim() > 1 else ~delta.any().reshape(1)
+    if zero.any():
+        with torch.no_grad():
+            _, nll = problem.loss(delta)
+        if not nll.item() < problem.hparams.early_stop_nll:
+            raise EditOptimisationError(
+                f"{_names(problem)}: the optimised target is zero although the target NLL is {nll.item():.3g} (above "
+                f"early_stop_nll {problem.hparams.early_stop_nll}); the edit was rejected and nothing was applied"
+            )
+    return delta

@@ -25,6 +25,7 @@ from eac_lightning.models.adapters import get_spec, mlp_out_name, weight_view
 from eac_lightning.models.encoding import encode_right_padded, encode_target
 from eac_lightning.models.loading import default_layers
 from eac_lightning.models.tracing import capture, layers_from
+from eac_lightning.validation import check
 
 
 @dataclass
@@ -42,6 +43,12 @@ class FTHyperParams:
     lr: float = 5e-4
     norm_constraint: float = 5e-4
     early_stop_nll: float = 1e-2
+
+    def __post_init__(self) -> None:
+        check("num_steps", self.num_steps, integer=True, positive=True)
+        check("lr", self.lr, positive=True)
+        check("norm_constraint", self.norm_constraint, positive=True, finite=False)  # inf: unconstrained (LLaMA)
+        check("early_stop_nll", self.early_stop_nll, nonnegative=True)
 
 
 @dataclass

@@ -36,6 +36,7 @@ from eac_lightning.models.adapters import get_spec, mlp_out_name, weight_view
 from eac_lightning.models.encoding import encode_right_padded
 from eac_lightning.models.loading import default_layers
 from eac_lightning.models.tracing import capture
+from eac_lightning.validation import check
 
 
 @dataclass
@@ -101,6 +102,7 @@ class MEMIT(LocateThenEdit):
         eac: EACHyperParams | None = None,
         write_aware: bool = False,
     ) -> None:
+        check("mom2_update_weight", mom2_update_weight, positive=True)
         super().__init__(target, context, eac, write_aware)
         self.layers = sorted(layers) if layers is not None else None
         self.mom2_update_weight = mom2_update_weight

@@ -31,6 +31,7 @@ from eac_lightning.data.requests import EditRequest
 from eac_lightning.models.adapters import get_spec, mlp_out_name
 from eac_lightning.models.encoding import encode_right_padded, encode_target
 from eac_lightning.models.tracing import add_along_keys, add_at_positions, capture, layers_from
+from eac_lightning.validation import check
 
 
 class EditOptimisationError(RuntimeError):
@@ -60,6 +61,16 @@ class TargetHyperParams:
     kl_prompt: str = "{} is a"
     early_stop_nll: float = 5e-2
 
+    def __post_init__(self) -> None:
+        check("num_steps", self.num_steps, integer=True, positive=True)
+        check("lr", self.lr, positive=True)
+        check("weight_decay", self.weight_decay, nonnegative=True)
+        check("clamp_norm_factor", self.clamp_norm_factor, positive=True)
+        check("kl_factor", self.kl_factor, nonnegative=True)
+        check("early_stop_nll", self.early_stop_nll, nonnegative=True)
+        if not isinstance(self.kl_prompt, str) or self.kl_prompt.count("{}") != 1:
+            raise ValueError(f"kl_prompt must contain '{{}}' once (where the subject goes), got {self.kl_prompt!r}")
+
 
 @dataclass
 class ContextTemplateParams:
@@ -74,6 +85,14 @@ class ContextTemplateParams:
 
     length_count: list[list[int]] = field(default_factory=lambda: [[5, 10], [10, 10]])
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        for i, pair in enumerate(self.length_count):
+            if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+                raise ValueError(f"length_count[{i}] must be a [length, count] pair, got {pair!r}")
+            check(f"length_count[{i}] length", pair[0], integer=True, positive=True)
+            check(f"length_count[{i}] count", pair[1], integer=True, nonnegative=True)
+        check("seed", self.seed, integer=True)
 
 
 def generate_context_templates(model: nn.Module, tok, params: ContextTemplateParams) -> list[str]:
