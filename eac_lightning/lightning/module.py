@@ -37,6 +37,8 @@ class EditingModule(L.LightningModule):
             hub id.
         method: the editing method (``configs/methods/*.yaml``); default ROME on the model's default layer.
         dtype: weights' dtype.
+        adapter: module-name templates of a family without a built-in adapter (a dict of
+            :class:`~eac_lightning.models.adapters.ArchSpec` fields or a YAML/JSON file; docs/models.md).
         stats_corpus: corpus of the key covariance C (local path or hub dataset name); default: a testbed's own
             training-stream sample, else WikiText-2.
         stats_tokens: tokens of that corpus averaged into C.
@@ -49,6 +51,7 @@ class EditingModule(L.LightningModule):
         model: str = "testbed:small",
         method: EditMethod | None = None,
         dtype: str = "float32",
+        adapter: dict | str | None = None,
         stats_corpus: str | None = None,
         stats_tokens: int = 100_000,
         stats_damping: float = 1e-2,
@@ -62,6 +65,7 @@ class EditingModule(L.LightningModule):
         self.model_path = resolve_model_path(model)
         self.method = method or ROME()
         self.dtype_name = dtype
+        self.adapter = adapter
         self.stats_corpus, self.stats_tokens, self.stats_damping = stats_corpus, stats_tokens, stats_damping
         self.evaluation = evaluation or EvaluatorConfig()
         self.lm = None
@@ -79,7 +83,7 @@ class EditingModule(L.LightningModule):
     def configure_model(self) -> None:
         if self.lm is not None:
             return
-        self.lm, self.tokenizer = load_model(self.model_path, dtype=self.dtype_name)
+        self.lm, self.tokenizer = load_model(self.model_path, dtype=self.dtype_name, adapter=self.adapter)
         for p in self.lm.parameters():
             p.requires_grad_(False)  # targets are optimised through hooks; weights change only by closed forms
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from eac_lightning.models.adapters import get_spec
+from eac_lightning.models.adapters import ArchSpec, get_spec, register_adapter
 
 TESTBED_PREFIX = "testbed:"
 
@@ -24,19 +24,33 @@ def resolve_model_path(name: str) -> str:
     return name
 
 
-def load_model(name: str, dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu") -> tuple[nn.Module, object]:
-    """(model in eval mode, tokenizer) for ``name``; the architecture must have an adapter entry."""
+def load_model(name: str, dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu",
+               adapter: ArchSpec | dict | str | Path | None = None) -> tuple[nn.Module, object]:
+    """(model in eval mode, tokenizer) for ``name``, its weights in ``dtype`` on ``device``.
+
+    The architecture must have an adapter entry, or ``adapter`` declares one (module-name templates as a dict or
+    a YAML/JSON file, :func:`eac_lightning.models.adapters.register_adapter`).
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_model_path(name)
-    torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype).to(device).eval()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype)).to(device).eval()
+    if adapter is not None:
+        register_adapter(model, adapter)
     get_spec(model)  # fail early, naming the architecture, if it cannot be edited
     tok = AutoTokenizer.from_pretrained(path)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"  # batched generation pads on the left; edit batches pad explicitly
     return model, tok
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """``"bfloat16"`` → ``torch.bfloat16``; a floating dtype unchanged; anything else a clear error."""
+    resolved = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
+    if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
+        raise ValueError(f"dtype {dtype!r} is not a floating-point torch dtype (float32, bfloat16, float16, float64)")
+    return resolved
 
 
 @dataclass(frozen=True)
