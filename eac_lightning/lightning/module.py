@@ -89,6 +89,10 @@ class EditingModule(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         self.configure_model()
+        if self._trainer is not None:
+            # Lightning moves the module to the accelerator only after setup(); the key statistics and context
+            # templates below run forwards of the model, so it goes to its device first (same place, moved once).
+            self.lm.to(self.trainer.strategy.root_device)
         if self.stats is None:
             self.stats = CovarianceStore(self.lm, self.tokenizer, corpus=self.stats_corpus,
                                          num_tokens=self.stats_tokens, damping=self.stats_damping)

@@ -25,16 +25,25 @@ def resolve_model_path(name: str) -> str:
 
 
 def load_model(name: str, dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu",
-               adapter: ArchSpec | dict | str | Path | None = None) -> tuple[nn.Module, object]:
+               adapter: ArchSpec | dict | str | Path | None = None, device_map: str | dict | None = None,
+               offload_folder: str | Path | None = None) -> tuple[nn.Module, object]:
     """(model in eval mode, tokenizer) for ``name``, its weights in ``dtype`` on ``device``.
 
     The architecture must have an adapter entry, or ``adapter`` declares one (module-name templates as a dict or
-    a YAML/JSON file, :func:`eac_lightning.models.adapters.register_adapter`).
+    a YAML/JSON file, :func:`eac_lightning.models.adapters.register_adapter`). ``device_map`` (``"auto"`` or
+    {module: device | "cpu" | "disk"}) loads a model larger than one device through accelerate's big-model
+    dispatch instead of onto ``device``, with disk-offloaded weights in ``offload_folder``
+    (docs/multi_device.md): the edited layers and the embeddings must stay resident (a GPU or the CPU).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_model_path(name)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype)).to(device).eval()
+    if device_map is None:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype)).to(device)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype), device_map=device_map,
+                                                     offload_folder=offload_folder)
+    model.eval()
     if adapter is not None:
         register_adapter(model, adapter)
     get_spec(model)  # fail early, naming the architecture, if it cannot be edited

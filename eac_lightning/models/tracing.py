@@ -124,7 +124,8 @@ def add_at_positions(
 
     def add(out: torch.Tensor) -> torch.Tensor:
         out = out.clone()
-        out[rows, cols] = out[rows, cols] + delta.to(out.dtype)
+        r, c = rows.to(out.device), cols.to(out.device)
+        out[r, c] = out[r, c] + delta.to(out)
         return out
 
     with edit_output(model, name, add):
@@ -139,8 +140,8 @@ def add_along_keys(model: nn.Module, name: str, direction: torch.Tensor, delta: 
 
     def hook(mod, args, output):
         out = first_tensor(output)
-        coef = args[0] @ direction.to(args[0].dtype)
-        added = coef[..., None] * delta.to(out.dtype) if direction.dim() == 1 else coef @ delta.to(out.dtype)
+        coef = args[0] @ direction.to(args[0])
+        added = coef[..., None] * delta.to(out) if direction.dim() == 1 else coef @ delta.to(out)
         return _replace_first(output, out + added)
 
     handle = model.get_submodule(name).register_forward_hook(hook)
