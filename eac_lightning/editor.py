@@ -72,9 +72,19 @@ class Editor:
         self.reference: dict[str, Any] = {}  # pre-edit locality reference (EAC Eq. 12) of every request
 
     @classmethod
-    def load(cls, model: str = "testbed:small", method: str | EditMethod = "rome-eac", **stats_kwargs: Any) -> "Editor":
-        """Load ``model`` (``testbed:<preset>``, a folder or a hub id) and a method (preset name or instance)."""
-        m, tok = load_model(model)
+    def load(cls, model: str = "testbed:small", method: str | EditMethod = "rome-eac", device: str | None = None,
+             dtype: str | torch.dtype = "float32", adapter: dict | str | Path | None = None,
+             **stats_kwargs: Any) -> "Editor":
+        """Load ``model`` (``testbed:<preset>``, a folder or a hub id) and a method (preset name or instance).
+
+        ``device``: where the model, keys and statistics live (default: CUDA when available, else the CPU);
+        ``dtype``: the weights' dtype (``"bfloat16"``...; keys, statistics and solves stay float32/float64 and
+        each update is cast to it once); ``adapter``: module names of a family without a built-in adapter
+        (docs/models.md). Other keyword arguments go to :class:`CovarianceStore` (``corpus``, ``num_tokens``...).
+        """
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        m, tok = load_model(model, dtype=dtype, device=device, adapter=adapter)
         meth = method_from_preset(method) if isinstance(method, str) else method
         return cls(m, tok, meth, CovarianceStore(m, tok, **stats_kwargs))
 

@@ -42,13 +42,20 @@ def tokenizer(wikitext_lines):
 def make_tiny_model(family: str, vocab_size: int, seed: int = 0) -> torch.nn.Module:
     """A randomly initialised 4-layer model of ``family`` built from a config (no download)."""
     from transformers import (
+        AutoModelForCausalLM,
+        FalconConfig,
+        Gemma2Config,
+        Gemma3TextConfig,
+        GemmaConfig,
         GPT2Config,
         GPTJConfig,
         GPTNeoXConfig,
         LlamaConfig,
         MistralConfig,
+        OPTConfig,
+        Phi3Config,
         Qwen2Config,
-        AutoModelForCausalLM,
+        Qwen3Config,
     )
 
     torch.manual_seed(seed)
@@ -71,13 +78,25 @@ def make_tiny_model(family: str, vocab_size: int, seed: int = 0) -> torch.nn.Mod
     elif family == "qwen2":
         cfg = Qwen2Config(num_hidden_layers=4, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
                           intermediate_size=128, max_position_embeddings=128, **common)
+    elif family in GATED:
+        config_class = {"qwen3": Qwen3Config, "gemma": GemmaConfig, "gemma2": Gemma2Config,
+                        "gemma3_text": Gemma3TextConfig, "phi3": Phi3Config}[family]
+        cfg = config_class(num_hidden_layers=4, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                           head_dim=16, intermediate_size=128, max_position_embeddings=128, **common)
+    elif family == "falcon":
+        cfg = FalconConfig(num_hidden_layers=4, hidden_size=64, num_attention_heads=4, hidden_dropout=0.0,
+                           attention_dropout=0.0, **common)
+    elif family == "opt":
+        cfg = OPTConfig(num_hidden_layers=4, hidden_size=64, num_attention_heads=4, ffn_dim=128,
+                        word_embed_proj_dim=64, max_position_embeddings=128, dropout=0.0, **common)
     else:
         raise ValueError(family)
     model = AutoModelForCausalLM.from_config(cfg)
     return model.eval()
 
 
-FAMILIES = ["gpt2", "gptj", "gpt_neox", "llama", "mistral", "qwen2"]
+GATED = ["qwen3", "gemma", "gemma2", "gemma3_text", "phi3"]  # llama-like gated MLPs (Phi-3's gate_up fused)
+FAMILIES = ["gpt2", "gptj", "gpt_neox", "llama", "mistral", "qwen2", *GATED, "falcon", "opt"]
 
 
 @pytest.fixture(scope="session")

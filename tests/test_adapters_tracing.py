@@ -49,8 +49,6 @@ def test_adapter_resolves_every_named_module(models, family):
         model.get_submodule(template.format(3))
     for name in (spec.embed, spec.final_norm, spec.lm_head, spec.layer(0)):
         model.get_submodule(name)
-    if spec.position_embed is not None:
-        model.get_submodule(spec.position_embed)
     # The LM head maps the final hidden size to the vocabulary.
     assert model.get_submodule(spec.lm_head).weight.shape == (VOCAB, model.config.hidden_size)
 
@@ -171,22 +169,21 @@ def test_capture_records_decoder_layer_input_and_output(models):
 
 
 def test_unknown_architecture_names_it_and_says_how_to_add_it(tmp_path):
-    from transformers import AutoModelForCausalLM, OPTConfig
+    from transformers import AutoModelForCausalLM, BloomConfig
 
     from eac_lightning.models.loading import load_model
 
-    cfg = OPTConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, ffn_dim=32, num_attention_heads=2,
-                    word_embed_proj_dim=16, max_position_embeddings=32)
+    cfg = BloomConfig(vocab_size=64, hidden_size=16, n_layer=1, n_head=2)
     model = AutoModelForCausalLM.from_config(cfg)
     with pytest.raises(UnsupportedArchitectureError) as err:
         get_spec(model)
     msg = str(err.value)
-    assert "'opt'" in msg
-    assert "ARCHITECTURES" in msg and "eac_lightning.models.adapters" in msg
-    assert "gpt2" in msg and "llama" in msg  # lists the known families
+    assert "'bloom'" in msg
+    assert "adapter" in msg and "mlp_out" in msg and "ARCHITECTURES" in msg  # says how to declare it
+    assert "gpt2" in msg and "opt" in msg  # lists the known families
     # load_model fails early (before the tokenizer) with the same message.
     model.save_pretrained(tmp_path)
-    with pytest.raises(UnsupportedArchitectureError, match="'opt'"):
+    with pytest.raises(UnsupportedArchitectureError, match="'bloom'"):
         load_model(str(tmp_path))
 
 
@@ -216,3 +213,81 @@ def test_a_model_folder_states_its_editing_defaults(tmp_path):
     (tmp_path / EDITING_DEFAULTS).write_text("[1, 2]")
     with pytest.raises(ValueError, match=EDITING_DEFAULTS):
         default_layers(model)
+
+
+BLOOM_ADAPTER = {
+    "model_type": "bloom", "layers": "transformer.h", "mlp_out": "transformer.h.{}.mlp.dense_4h_to_h",
+    "mlp": "transformer.h.{}.mlp", "attn": "transformer.h.{}.self_attention",
+    "embed": "transformer.word_embeddings", "final_norm": "transformer.ln_f",
+}
+
+
+@pytest.mark.parametrize("as_file", [False, True])
+def test_adapter_declared_as_data_makes_a_new_family_editable(tmp_path, tokenizer, as_file, monkeypatch):
+    """A dense family without an entry becomes editable from module names alone (a dict or a YAML file), and a
+    ROME edit through it writes v* at k* like a built-in family's."""
+    import yaml
+    from transformers import AutoModelForCausalLM, BloomConfig
+
+    from eac_lightning.data.requests import EditRequest
+    from eac_lightning.methods import ROME, ContextTemplateParams
+    from eac_lightning.methods.target import compute_keys
+    from eac_lightning.models.loading import load_model
+
+    monkeypatch.setattr("eac_lightning.models.adapters.ARCHITECTURES", dict(ARCHITECTURES))
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(BloomConfig(vocab_size=len(tokenizer), hidden_size=32, n_layer=3,
+                                                         n_head=4)).eval()
+    model.save_pretrained(tmp_path / "m")
+    tokenizer.save_pretrained(tmp_path / "m")
+    adapter = BLOOM_ADAPTER
+    if as_file:
+        (tmp_path / "bloom.yaml").write_text(yaml.safe_dump(BLOOM_ADAPTER))
+        adapter = str(tmp_path / "bloom.yaml")
+    model, tok = load_model(str(tmp_path / "m"), adapter=adapter)
+    assert get_spec(model).mlp_out == BLOOM_ADAPTER["mlp_out"]
+    method = ROME(layer=1, context=ContextTemplateParams(length_count=[[3, 1]]), mom2_adjustment=False)
+    method.setup(model, tok, None)
+    req = EditRequest(prompt="{} is located in", subject="The Eiffel Tower", target_new="Rome")
+    w0 = weight_view(model, mlp_out_name(model, 1)).detach().clone()
+    targets = method.compute_targets(model, tok, [req])
+    k = compute_keys(model, tok, [req], 1, method.templates)[0]
+    method.write(model, tok, targets)
+    w1 = weight_view(model, mlp_out_name(model, 1)).detach()
+    torch.testing.assert_close(w1 @ k, w0 @ k + targets[0].delta, atol=1e-4, rtol=1e-4)
+
+
+def test_adapter_with_a_wrong_module_name_says_which_field(monkeypatch):
+    from transformers import AutoModelForCausalLM, BloomConfig
+
+    from eac_lightning.models.adapters import register_adapter
+
+    monkeypatch.setattr("eac_lightning.models.adapters.ARCHITECTURES", dict(ARCHITECTURES))
+    model = AutoModelForCausalLM.from_config(BloomConfig(vocab_size=64, hidden_size=16, n_layer=1, n_head=2))
+    with pytest.raises(UnsupportedArchitectureError, match="mlp_out=.*dense_out"):
+        register_adapter(model, {**BLOOM_ADAPTER, "mlp_out": "transformer.h.{}.mlp.dense_out"})
+    with pytest.raises(ValueError, match="unknown field.*mlp_in"):
+        register_adapter(model, {**BLOOM_ADAPTER, "mlp_in": "x"})
+    with pytest.raises(ValueError, match="missing field.*final_norm"):
+        register_adapter(model, {k: v for k, v in BLOOM_ADAPTER.items() if k != "final_norm"})
+    assert "bloom" not in __import__("eac_lightning.models.adapters", fromlist=["x"]).ARCHITECTURES
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+def test_mixture_of_experts_is_refused_saying_why(family, monkeypatch):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from eac_lightning.models.adapters import register_adapter
+
+    cfg = AutoConfig.for_model(family, vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                               num_attention_heads=2, num_key_value_heads=1, moe_intermediate_size=32,
+                               shared_expert_intermediate_size=32, num_local_experts=4, num_experts=4)
+    model = AutoModelForCausalLM.from_config(cfg)
+    with pytest.raises(UnsupportedArchitectureError, match="mixture-of-experts.*4 experts.*dense"):
+        get_spec(model)
+    # declaring an adapter does not get round it
+    monkeypatch.setattr("eac_lightning.models.adapters.ARCHITECTURES", dict(ARCHITECTURES))
+    with pytest.raises(UnsupportedArchitectureError, match="mixture-of-experts"):
+        register_adapter(model, {"layers": "model.layers", "mlp_out": "model.layers.{}.mlp", "mlp": "model.layers.{}.mlp",
+                                 "attn": "model.layers.{}.self_attn", "embed": "model.embed_tokens",
+                                 "final_norm": "model.norm"})

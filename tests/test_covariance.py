@@ -161,3 +161,106 @@ def test_damped_solve_uses_a_cached_factor_and_tames_an_ill_conditioned_c():
         Covariance(c, n, damping=0.0).solve(b)
     bound = b.norm(dim=0) / (1e-2 * torch.trace(c) / d)
     assert (cov.solve(b).norm(dim=0) <= bound * (1 + 1e-9)).all()
+
+
+def test_token_count_is_exact_when_not_a_multiple_of_the_window(tiny_gpt2, tokenizer, corpus, names, tmp_path):
+    n = SEQ * 5 + 7  # five windows and 7 tokens of a sixth
+    c = _store(tiny_gpt2, tokenizer, corpus, tmp_path, num_tokens=n).get(names[0])
+    assert c.count == n
+    windows = [w for _, w in zip(range(6), _token_windows(tokenizer, corpus, SEQ))]
+    with torch.no_grad(), capture(tiny_gpt2, [names[0]]) as rec:
+        tiny_gpt2(input_ids=torch.stack(windows))
+    k = rec[names[0]].input.reshape(-1, rec[names[0]].input.shape[-1]).double()[:n]
+    torch.testing.assert_close(c.matrix, k.T @ k / n, rtol=1e-6, atol=1e-9)
+
+
+def test_short_corpus_warns_and_is_keyed_by_the_tokens_seen(tiny_gpt2, tokenizer, tmp_path, names, monkeypatch):
+    small = tmp_path / "small.txt"
+    small.write_text("The Eiffel Tower is located in Paris . " * 40, encoding="utf-8")
+    available = sum(len(w) for w in _token_windows(tokenizer, str(small), SEQ))
+    with pytest.warns(UserWarning, match=f"only {available} tokens.*10000 requested"):
+        c = _store(tiny_gpt2, tokenizer, str(small), tmp_path, num_tokens=10_000).get(names[0])
+    assert c.count == available
+    store = _store(tiny_gpt2, tokenizer, str(small), tmp_path, num_tokens=10_000)
+    assert store.path(names[0], available).exists() and not store.path(names[0]).exists()
+
+    def no_compute(self, missing):
+        raise AssertionError(f"recomputed {missing}")
+
+    monkeypatch.setattr(CovarianceStore, "_compute", no_compute)
+    with pytest.warns(UserWarning, match="only"):  # found again under what was seen, and said again
+        assert store.get(names[0]).count == available
+
+
+@pytest.mark.parametrize("signal_kind", ["ctrl-c", "sigterm"])
+def test_interrupt_saves_the_partial_sums_at_once(tiny_gpt2, tokenizer, corpus, names, tmp_path, signal_kind):
+    """An interrupt before the first 30-s save still leaves the batches done (issue 18)."""
+    import os
+    import signal
+
+    calls = {"n": 0}
+
+    def interrupt_on_third_batch(module, args, kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            if signal_kind == "sigterm":
+                os.kill(os.getpid(), signal.SIGTERM)
+            raise KeyboardInterrupt
+
+    handle = tiny_gpt2.register_forward_pre_hook(interrupt_on_third_batch, with_kwargs=True)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            _store(tiny_gpt2, tokenizer, corpus, tmp_path).get(names[0])
+    finally:
+        handle.remove()
+    (partial,) = tmp_path.glob("*.partial.pt")
+    saved = torch.load(partial, weights_only=True)
+    assert saved["windows"] == 2 * BATCH and saved["count"] == 2 * BATCH * SEQ
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL or signal_kind == "ctrl-c"
+
+
+def test_import_of_published_mom2_npz(tiny_gpt2, tokenizer, names, tmp_path):
+    """The ROME/MEMIT layer_stats layout: ``mom2.mom2`` the sum of k kᵀ, ``mom2.count`` the number of keys."""
+    import numpy as np
+
+    d = tiny_gpt2.get_submodule(names[0]).weight.shape[0]  # Conv1D (in, out): in = key dim
+    keys = torch.randn(500, d, dtype=torch.float64)
+    path = tmp_path / "transformer.h.1.mlp.c_proj_float32_mom2_100000.npz"
+    np.savez(path, **{"mom2.mom2": (keys.T @ keys).float().numpy(), "mom2.count": np.array(500),
+                      "mom2.constructor": np.array("util.runningstats.SecondMoment()")})
+    store = CovarianceStore(tiny_gpt2, tokenizer, corpus="wikipedia", directory=tmp_path)
+    c = store.import_mom2(names[0], path)
+    torch.testing.assert_close(c.matrix, keys.T @ keys / 500, rtol=1e-6, atol=1e-6)
+    # a fresh store configured the same way finds it without reading any corpus
+    assert CovarianceStore(tiny_gpt2, tokenizer, corpus="wikipedia", directory=tmp_path).get(names[0]).count == 500
+    np.savez(tmp_path / "bad.npz", mom2=np.zeros((d, d)))
+    with pytest.raises(ValueError, match="bad.npz.*lacks.*mom2.count"):
+        store.import_mom2(names[0], tmp_path / "bad.npz")
+    np.savez(tmp_path / "wrong.npz", **{"mom2.mom2": np.zeros((3, 3)), "mom2.count": np.array(1)})
+    with pytest.raises(ValueError, match=f"wrong.npz.*\\(3, 3\\).*dimension {d}"):
+        store.import_mom2(names[0], tmp_path / "wrong.npz")
+
+
+def test_stats_command_batch_and_length_options_and_import(tiny_gpt2, tokenizer, corpus, tmp_path, capsys,
+                                                           monkeypatch):
+    import numpy as np
+
+    from eac_lightning.lightning.cli import main
+
+    monkeypatch.setenv("EAC_CACHE_DIR", str(tmp_path / "cache"))
+    tiny_gpt2.save_pretrained(tmp_path / "m")
+    tokenizer.save_pretrained(tmp_path / "m")
+    main(["stats", "--model", str(tmp_path / "m"), "--layers", "[1]", "--corpus", corpus, "--num_tokens", "100",
+          "--batch_size", "2", "--seq_len", "16", "--device", "cpu"])
+    assert "transformer.h.1.mlp.c_proj: 100 tokens" in capsys.readouterr().out
+    d = tiny_gpt2.get_submodule("transformer.h.2.mlp.c_proj").weight.shape[0]
+    np.savez(tmp_path / "mom2.npz", **{"mom2.mom2": np.eye(d, dtype=np.float32) * 7, "mom2.count": np.array(7)})
+    main(["stats", "--model", str(tmp_path / "m"), "--layer", "2", "--import", str(tmp_path / "mom2.npz"),
+          "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert "imported" in out and "(7 keys)" in out and "--model.stats_corpus wikipedia" in out
+    from eac_lightning.models.loading import load_model
+
+    loaded, tok = load_model(str(tmp_path / "m"))  # as a run loads it (the fingerprint keys the cache)
+    store = CovarianceStore(loaded, tok, corpus="wikipedia")
+    torch.testing.assert_close(store.get("transformer.h.2.mlp.c_proj").matrix, torch.eye(d, dtype=torch.float64))

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import FAMILIES
 from eac_lightning.data.requests import EditRequest
 from eac_lightning.evaluation import edit_metrics as em
 from eac_lightning.evaluation import metrics, scoring
@@ -262,7 +263,7 @@ def test_batched_equals_unbatched(tiny_gpt2, tokenizer):
     assert g1 == g4
 
 
-@pytest.mark.parametrize("family", ["gpt2", "gptj", "gpt_neox", "llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_shared_prompt_scoring_equals_full_rows(tokenizer, family):
     """Prompt-level KV sharing (or its full-row fallback, e.g. Mistral's sliding-window cache) gives the numbers of
     scoring every pair on its own sequence, for every supported family."""

@@ -187,29 +187,49 @@ def export_command(checkpoint: str, out_dir: str) -> None:
 
 
 def stats_command(model: str = "testbed:small", layers: list[int] | None = None, corpus: str | None = None,
-                  num_tokens: int = 100_000) -> None:
-    """Precompute (and cache) the key covariance C = E[kkᵀ] of the edited layers.
+                  num_tokens: int = 100_000, batch_size: int = 16, seq_len: int = 128, dtype: str = "float32",
+                  device: str | None = None, import_file: str | None = None) -> None:
+    """Precompute (and cache) the key covariance C = E[kkᵀ] of the edited layers, or import published ones.
 
     Args:
         model: ``testbed:<preset>``, a local folder or a hub id.
         layers: layers whose MLP output projection will be edited; default: the model's MEMIT layers and ROME layer.
         corpus: text corpus (local path or hub dataset name); default: a testbed's own training-stream sample,
             else WikiText-2.
-        num_tokens: tokens averaged into C.
+        num_tokens: tokens averaged into C (a shorter corpus is warned about and cached under what it held).
+        batch_size: windows per forward pass (bounds memory with ``seq_len``).
+        seq_len: tokens per window.
+        dtype: the model's weights' dtype (statistics accumulate in float64 whatever it is).
+        device: where the model runs (default: CUDA when available, else the CPU).
+        import_file: a ROME/MEMIT ``mom2`` ``.npz`` (``mom2.mom2``, ``mom2.count``) to use for the one layer in
+            ``layers`` instead of computing it; cached under ``corpus`` and ``num_tokens``, so a run with
+            ``--model.stats_corpus CORPUS --model.stats_tokens N`` uses it. Spelled ``--import`` too.
     """
+    import torch
+
     from eac_lightning.models.adapters import mlp_out_name
     from eac_lightning.models.loading import default_layers, load_model
     from eac_lightning.stats.covariance import CovarianceStore
 
-    m, tok = load_model(model)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    m, tok = load_model(model, dtype=dtype, device=device)
+    if import_file is not None:
+        if not layers or len(layers) != 1:
+            raise SystemExit("--import takes one mom2 file for one layer: give --layers [N] (or --layer N)")
+        store = CovarianceStore(m, tok, corpus=corpus or "wikipedia", num_tokens=num_tokens)
+        name = mlp_out_name(m, layers[0])
+        c = store.import_mom2(name, import_file)
+        print(f"{name}: imported {import_file} ({c.count} keys) -> {store.path(name)}\n"
+              f"use it with --model.stats_corpus {store.corpus} --model.stats_tokens {num_tokens}")
+        return
     if layers is None:
         d = default_layers(m)
         layers = sorted({d.rome, *d.memit})
-    store = CovarianceStore(m, tok, corpus=corpus, num_tokens=num_tokens)
+    store = CovarianceStore(m, tok, corpus=corpus, num_tokens=num_tokens, seq_len=seq_len, batch_size=batch_size)
     names = [mlp_out_name(m, l) for l in layers]
     store.prefetch(names)
     for n in names:
-        print(f"{n}: {store.path(n)}")
+        print(f"{n}: {store.get(n).count} tokens, {store.path(n, store.get(n).count)}")
 
 
 def _extra_command(name: str):
@@ -242,7 +262,12 @@ def main(args: list[str] | None = None) -> None:
     if argv and argv[0] in EXTRA_COMMANDS:
         from jsonargparse import CLI
 
-        CLI(_extra_command(argv[0]), args=argv[1:])
+        rest = argv[1:]
+        if argv[0] == "stats":  # the short spellings of the issue: --import FILE, --layer N
+            rest = [{"--import": "--import_file", "--layer": "--layers"}.get(a, a) for a in rest]
+            rest = [f"[{rest[i]}]" if i and rest[i - 1] == "--layers" and not rest[i].startswith("[") else a
+                    for i, a in enumerate(rest)]
+        CLI(_extra_command(argv[0]), args=rest)
         return
     EditingCLI(
         EditingModule,

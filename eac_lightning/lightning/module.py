@@ -47,6 +47,8 @@ class EditingModule(L.LightningModule):
             hub id.
         method: the editing method (``configs/methods/*.yaml``); default ROME on the model's default layer.
         dtype: weights' dtype.
+        adapter: module-name templates of a family without a built-in adapter (a dict of
+            :class:`~eac_lightning.models.adapters.ArchSpec` fields or a YAML/JSON file; docs/models.md).
         stats_corpus: corpus of the key covariance C (local path or hub dataset name); default: a testbed's own
             training-stream sample, else WikiText-2.
         stats_tokens: tokens of that corpus averaged into C.
@@ -64,6 +66,7 @@ class EditingModule(L.LightningModule):
         model: str = "testbed:small",
         method: EditMethod | None = None,
         dtype: str = "float32",
+        adapter: dict | str | None = None,
         stats_corpus: str | None = None,
         stats_tokens: int = 100_000,
         stats_damping: float = 1e-2,
@@ -79,6 +82,7 @@ class EditingModule(L.LightningModule):
         self.model_path = resolve_model_path(model)
         self.method = method or ROME()
         self.dtype_name = dtype
+        self.adapter = adapter
         self.stats_corpus, self.stats_tokens, self.stats_damping = stats_corpus, stats_tokens, stats_damping
         self.evaluation = evaluation or EvaluatorConfig()
         if method_settings not in ("auto", "as_given"):
@@ -100,12 +104,16 @@ class EditingModule(L.LightningModule):
     def configure_model(self) -> None:
         if self.lm is not None:
             return
-        self.lm, self.tokenizer = load_model(self.model_path, dtype=self.dtype_name)
+        self.lm, self.tokenizer = load_model(self.model_path, dtype=self.dtype_name, adapter=self.adapter)
         for p in self.lm.parameters():
             p.requires_grad_(False)  # targets are optimised through hooks; weights change only by closed forms
 
     def setup(self, stage: str) -> None:
         self.configure_model()
+        if self._trainer is not None:
+            # Lightning moves the module to the accelerator only after setup(); the key statistics and context
+            # templates below run forwards of the model, so it goes to its device first (same place, moved once).
+            self.lm.to(self.trainer.strategy.root_device)
         if self.stats is None:
             self.stats = CovarianceStore(self.lm, self.tokenizer, corpus=self.stats_corpus,
                                          num_tokens=self.stats_tokens, damping=self.stats_damping)

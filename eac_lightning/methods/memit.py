@@ -69,7 +69,7 @@ def _apply_update(model: nn.Module, name: str, upd: torch.Tensor) -> torch.Tenso
     if not torch.isfinite(upd).all():
         raise FloatingPointError(f"MEMIT update of {name} is not finite; the batch was not applied")
     w = weight_view(model, name)
-    upd = upd.to(w.dtype)
+    upd = upd.to(w)  # cast once to the weight's dtype (and device, for a dispatched model)
     with torch.no_grad():
         w.add_(upd)
     return upd
@@ -187,9 +187,10 @@ class MEMIT(LocateThenEdit):
         solved_with: dict[str, torch.Tensor] = {}
         for i, layer in enumerate(self.layers):
             name = mlp_out_name(model, layer)
+            # solved on the device of the layer's keys (a dispatched model spreads the layers over devices)
             keys = compute_keys(model, tok, requests, layer, self.templates).double().T  # (d_k, n)
             cur = residual_at_subject(model, tok, requests, self.layers[-1])
-            resid = self._layer_residual(i, targets, (zs - cur).double().T)  # MEMIT Eq. 16
+            resid = self._layer_residual(i, targets, (zs - cur.to(zs.device)).double().T.to(keys.device))  # Eq. 16
             upd, sq = self._layer_update(i, name, keys, resid)
             deltas[name] = _apply_update(model, name, upd)
             edit_sq += sq.cpu()

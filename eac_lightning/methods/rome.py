@@ -46,9 +46,10 @@ def key_direction(key: torch.Tensor, cov=None) -> torch.Tensor:
 def rank_one_update(weight: torch.Tensor, key: torch.Tensor, delta: torch.Tensor, cov=None) -> torch.Tensor:
     """ΔW = Λ uᵀ with u = C⁻¹k*, Λ = δ / (uᵀk*) (EAC App. B Eq. 7), so that (W + ΔW) k* = W k* + δ.
 
-    Computed in float64 (:func:`key_direction`), returned in the weight's dtype.
+    Computed in float64 (:func:`key_direction`), cast once to the weight's dtype and device (with a dispatched
+    model δ and k* may come from other devices than the weight's).
     """
-    return torch.outer(delta.double(), key_direction(key, cov)).to(weight.dtype)
+    return torch.outer(delta.double(), key_direction(key, cov).to(delta.device)).to(weight)
 
 
 class ROME(LocateThenEdit):

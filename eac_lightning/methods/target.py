@@ -123,7 +123,8 @@ def compute_keys(
     model: nn.Module, tok, requests: Sequence[EditRequest], layer: int, templates: Sequence[str]
 ) -> torch.Tensor:
     """k* of each request at ``layer``: the MLP-output-projection input at the last subject token, averaged
-    over the prefix contexts (EAC App. B Eq. 8). Returns (n_requests, d_key). One batched forward."""
+    over the prefix contexts (EAC App. B Eq. 8). Returns (n_requests, d_key) in float32 whatever the weights'
+    dtype (the closed forms solve with them in float64). One batched forward."""
     texts = []
     for r in requests:
         for t in templates:
@@ -135,7 +136,7 @@ def compute_keys(
     with torch.no_grad(), capture(model, [name]) as rec:
         model(input_ids=ids, attention_mask=mask, use_cache=False)
     keys = rec[name].input[torch.arange(len(texts), device=device), torch.tensor(idx, device=device)]
-    return keys.reshape(len(requests), len(templates), -1).mean(1)
+    return keys.float().reshape(len(requests), len(templates), -1).mean(1)
 
 
 class TargetProblem:
@@ -196,7 +197,8 @@ class TargetProblem:
         with torch.no_grad(), capture(model, [spec.layer(self.start), self.hook_name]) as rec:
             logits = model(input_ids=self.input_ids, attention_mask=self.mask, use_cache=False).logits
         self.hidden_in = rec[spec.layer(self.start)].input
-        self.v0 = rec[self.hook_name].output[0, lookup[0]].detach().clone()
+        # δ and its optimiser state live in float32 (v₀'s dtype); hooks cast δ to the weights' dtype.
+        self.v0 = rec[self.hook_name].output[0, lookup[0]].detach().float()
         self.kl_rows = torch.arange(n, len(texts), device=device)
         self.kl_ref = torch.log_softmax(logits[self.kl_rows, self.cols[n:]], dim=-1).detach()
 

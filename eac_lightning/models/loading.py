@@ -13,7 +13,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from eac_lightning.models.adapters import get_spec
+from eac_lightning.models.adapters import ArchSpec, get_spec, register_adapter
 
 #: ``prefix -> resolver``: a resolver turns ``prefix:name`` into a local model folder (see
 #: :func:`register_model_source`; the offline testbed registers ``testbed:``).
@@ -34,19 +34,42 @@ def resolve_model_path(name: str) -> str:
     return name
 
 
-def load_model(name: str, dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu") -> tuple[nn.Module, object]:
-    """(model in eval mode, tokenizer) for ``name``; the architecture must have an adapter entry."""
+def load_model(name: str, dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu",
+               adapter: ArchSpec | dict | str | Path | None = None, device_map: str | dict | None = None,
+               offload_folder: str | Path | None = None) -> tuple[nn.Module, object]:
+    """(model in eval mode, tokenizer) for ``name``, its weights in ``dtype`` on ``device``.
+
+    The architecture must have an adapter entry, or ``adapter`` declares one (module-name templates as a dict or
+    a YAML/JSON file, :func:`eac_lightning.models.adapters.register_adapter`). ``device_map`` (``"auto"`` or
+    {module: device | "cpu" | "disk"}) loads a model larger than one device through accelerate's big-model
+    dispatch instead of onto ``device``, with disk-offloaded weights in ``offload_folder``
+    (docs/multi_device.md): the edited layers and the embeddings must stay resident (a GPU or the CPU).
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_model_path(name)
-    torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype).to(device).eval()
+    if device_map is None:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype)).to(device)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype), device_map=device_map,
+                                                     offload_folder=offload_folder)
+    model.eval()
+    if adapter is not None:
+        register_adapter(model, adapter)
     get_spec(model)  # fail early, naming the architecture, if it cannot be edited
     tok = AutoTokenizer.from_pretrained(path)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"  # batched generation pads on the left; edit batches pad explicitly
     return model, tok
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """``"bfloat16"`` → ``torch.bfloat16``; a floating dtype unchanged; anything else a clear error."""
+    resolved = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
+    if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
+        raise ValueError(f"dtype {dtype!r} is not a floating-point torch dtype (float32, bfloat16, float16, float64)")
+    return resolved
 
 
 @dataclass(frozen=True)

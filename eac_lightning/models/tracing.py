@@ -6,7 +6,7 @@ hook behind.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
@@ -31,29 +31,68 @@ def _replace_first(output, tensor):
     return (tensor, *output[1:]) if isinstance(output, tuple) else tensor
 
 
+def _enclosing_layer(model: nn.Module, name: str) -> str | None:
+    """The decoder layer that contains module ``name`` (None if it is a layer itself or outside the layers)."""
+    from eac_lightning.models.adapters import get_spec
+
+    prefix = get_spec(model).layers + "."
+    if not name.startswith(prefix):
+        return None
+    index, _, rest = name[len(prefix):].partition(".")
+    return prefix + index if rest else None
+
+
+@contextmanager
+def _token_layout(model: nn.Module, name: str) -> Iterator[Callable[[torch.Tensor], torch.Tensor]]:
+    """A function that gives a tensor seen at module ``name`` the (batch, seq, d) layout of its decoder layer's
+    input. OPT's layer flattens (batch, seq) into one axis around fc1/fc2; every other family passes through."""
+    layer = _enclosing_layer(model, name)
+    shape: list[torch.Size] = []
+
+    def record(mod, args, kwargs):
+        x = args[0] if args else kwargs.get("hidden_states")
+        shape[:] = [x.shape[:-1]]
+
+    handle = model.get_submodule(layer).register_forward_pre_hook(record, with_kwargs=True) if layer else None
+
+    def unflatten(x: torch.Tensor) -> torch.Tensor:
+        if shape and x.dim() == 2 and len(shape[0]) == 2:
+            return x.reshape(*shape[0], x.shape[-1])
+        return x
+
+    try:
+        yield unflatten
+    finally:
+        if handle is not None:
+            handle.remove()
+
+
 @contextmanager
 def capture(model: nn.Module, names: Sequence[str], detach: bool = True) -> Iterator[dict[str, Capture]]:
-    """Record the input and output of each named module during forward passes inside the block."""
+    """Record the input and output of each named module during forward passes inside the block, in
+    (batch, seq, d) layout. They are copies: Falcon adds the attention output into its MLP output in place."""
     records = {n: Capture() for n in names}
     handles = []
-    for n in names:
-        module = model.get_submodule(n)
+    with ExitStack() as stack:
+        for n in names:
+            module = model.get_submodule(n)
+            layout = stack.enter_context(_token_layout(model, n))
 
-        def pre_hook(mod, args, kwargs, rec=records[n]):
-            x = args[0] if args else kwargs.get("hidden_states")
-            rec.input = x.detach() if detach else x
+            def pre_hook(mod, args, kwargs, rec=records[n], layout=layout):
+                x = layout(args[0] if args else kwargs.get("hidden_states"))
+                rec.input = (x.detach() if detach else x).clone()
 
-        def hook(mod, args, output, rec=records[n]):
-            out = first_tensor(output)
-            rec.output = out.detach() if detach else out
+            def hook(mod, args, output, rec=records[n], layout=layout):
+                out = layout(first_tensor(output))
+                rec.output = (out.detach() if detach else out).clone()
 
-        handles.append(module.register_forward_pre_hook(pre_hook, with_kwargs=True))
-        handles.append(module.register_forward_hook(hook))
-    try:
-        yield records
-    finally:
-        for h in handles:
-            h.remove()
+            handles.append(module.register_forward_pre_hook(pre_hook, with_kwargs=True))
+            handles.append(module.register_forward_hook(hook))
+        try:
+            yield records
+        finally:
+            for h in handles:
+                h.remove()
 
 
 @contextmanager
@@ -68,13 +107,16 @@ def _forward_hook(model: nn.Module, name: str, hook: Callable) -> Iterator[None]
 
 @contextmanager
 def edit_output(model: nn.Module, name: str, fn: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[None]:
-    """Replace the (first tensor of the) output of module ``name`` by ``fn(output)``."""
+    """Replace the (first tensor of the) output of module ``name`` by ``fn(output)`` (``fn`` sees the
+    (batch, seq, d) layout)."""
+    with _token_layout(model, name) as layout:
 
-    def hook(mod, args, output):
-        return _replace_first(output, fn(first_tensor(output)))
+        def hook(mod, args, output):
+            out = first_tensor(output)
+            return _replace_first(output, fn(layout(out)).reshape(out.shape))
 
-    with _forward_hook(model, name, hook):
-        yield
+        with _forward_hook(model, name, hook):
+            yield
 
 
 @contextmanager
@@ -89,7 +131,8 @@ def add_at_positions(
 
     def add(out: torch.Tensor) -> torch.Tensor:
         out = out.clone()
-        out[rows, cols] = out[rows, cols] + delta.to(out.dtype)
+        r, c = rows.to(out.device), cols.to(out.device)
+        out[r, c] = out[r, c] + delta.to(out)
         return out
 
     with edit_output(model, name, add):
@@ -104,8 +147,8 @@ def add_along_keys(model: nn.Module, name: str, direction: torch.Tensor, delta: 
 
     def hook(mod, args, output):
         out = first_tensor(output)
-        coef = args[0] @ direction.to(args[0].dtype)
-        added = coef[..., None] * delta.to(out.dtype) if direction.dim() == 1 else coef @ delta.to(out.dtype)
+        coef = args[0] @ direction.to(args[0])
+        added = coef[..., None] * delta.to(out) if direction.dim() == 1 else coef @ delta.to(out)
         return _replace_first(output, out + added)
 
     with _forward_hook(model, name, hook):
@@ -118,9 +161,10 @@ def layers_from(model: nn.Module, start: int) -> Iterator[Callable[..., torch.Te
 
     Target optimisations (ROME's v*, MEMIT's z) change nothing below the edited layer, so its input is computed
     once per edit and each optimisation step runs only layers ``start..L-1``. Inside the block the model's layer
-    list is temporarily truncated; the yielded function maps ``(hidden, attention_mask)`` to logits. Absolute
-    position embeddings (GPT-2), which the model adds to ``inputs_embeds``, are subtracted first so that the
-    first kept layer sees exactly ``hidden``.
+    list is temporarily truncated; the yielded function maps ``(hidden, attention_mask)`` to logits. The model
+    runs on placeholder token ids (what the embeddings make of them is discarded) and a pre-hook hands the
+    first kept layer exactly ``hidden``, so masks, positions and rotary embeddings are the model's own for every
+    family, whatever its embeddings add (GPT-2's and OPT's learned positions, Gemma's scaling).
     """
     from eac_lightning.models.adapters import get_spec
 
@@ -128,20 +172,23 @@ def layers_from(model: nn.Module, start: int) -> Iterator[Callable[..., torch.Te
     parent_name, _, attr = spec.layers.rpartition(".")
     parent = model.get_submodule(parent_name)
     full = getattr(parent, attr)
+    given: list[torch.Tensor] = []
+
+    def feed(mod, args, kwargs):
+        if args:
+            return (given[0], *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": given[0]}
 
     def run(hidden: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        embeds = hidden
-        if spec.position_embed is not None:
-            pos = torch.arange(hidden.shape[1], device=hidden.device)
-            embeds = hidden - model.get_submodule(spec.position_embed)(pos)[None].to(hidden.dtype)
-        return model(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False).logits
+        given[:] = [hidden]
+        ids = torch.zeros(hidden.shape[:2], dtype=torch.long, device=hidden.device)
+        return model(input_ids=ids, attention_mask=attention_mask, use_cache=False).logits
 
-    if start == 0:
-        # Nothing to skip: the token path is the exact one.
-        yield run
-        return
-    setattr(parent, attr, nn.ModuleList(list(full)[start:]))
+    handle = full[start].register_forward_pre_hook(feed, with_kwargs=True)
+    if start > 0:
+        setattr(parent, attr, nn.ModuleList(list(full)[start:]))
     try:
         yield run
     finally:
+        handle.remove()
         setattr(parent, attr, full)

@@ -2,9 +2,11 @@
 
 Keys are the inputs of the MLP output projection over a text corpus. The corpus is loaded with ``datasets``
 (local text/JSON files, or a hub dataset name), tokenised, packed into fixed-length windows and streamed in
-batches with a tqdm progress bar showing tokens/s. Results are cached on disk under a key of
-(model fingerprint, module, corpus, token count, dtype); partial sums are saved periodically so an
-interrupted run resumes where it stopped.
+batches with a tqdm progress bar showing tokens/s, on the model's device. Results are cached on disk under a key of
+(model fingerprint, module, corpus, token count, dtype), the count being the tokens really averaged (a shorter
+corpus is warned about); partial sums are saved periodically and on an interrupt so an interrupted run resumes
+where it stopped. Published ROME/MEMIT statistics (``mom2`` ``.npz``) can be imported instead
+(:meth:`CovarianceStore.import_mom2`).
 
 Solves against C use a cached Cholesky factorisation of the damped matrix
 ``C + ε·(tr C / d)·I`` (ε = ``damping``): a small corpus leaves C ill-conditioned (eigenvalues spanning nine
@@ -15,7 +17,11 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
+import threading
 import time
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -24,6 +30,7 @@ import torch
 from torch import nn
 from eac_lightning.progress import progress
 
+from eac_lightning.models.adapters import key_dim
 from eac_lightning.models.loading import default_stats_corpus
 from eac_lightning.models.tracing import capture
 from eac_lightning.paths import cache_dir, resolve_data_path
@@ -144,10 +151,16 @@ class CovarianceStore:
         self.fingerprint = model_fingerprint(model)
         self._memory: dict[str, Covariance] = {}
 
-    def path(self, module_name: str) -> Path:
+    def path(self, module_name: str, num_tokens: int | None = None) -> Path:
+        """The cache file of ``module_name``'s statistics over ``num_tokens`` tokens (default: the requested)."""
         corpus_tag = hashlib.sha256(str(self.corpus).encode()).hexdigest()[:8]
-        key = f"{self.fingerprint}-{module_name}-{corpus_tag}-{self.num_tokens}-{str(self.dtype).split('.')[-1]}"
+        tokens = self.num_tokens if num_tokens is None else num_tokens
+        key = f"{self.fingerprint}-{module_name}-{corpus_tag}-{tokens}-{str(self.dtype).split('.')[-1]}"
         return self.directory / f"{key}.pt"
+
+    def _short_marker(self, module_name: str) -> Path:
+        """Where a corpus shorter than the requested count records how many tokens it really held."""
+        return self.path(module_name).with_suffix(".short")
 
     def get(self, module_name: str) -> Covariance:
         """The covariance of ``module_name``'s keys, computed on first use."""
@@ -162,6 +175,10 @@ class CovarianceStore:
             if n in self._memory:
                 continue
             p = self.path(n)
+            marker = self._short_marker(n)
+            if not p.exists() and marker.exists():  # the corpus ran out before: its statistics are keyed by what it held
+                p = self.path(n, int(marker.read_text()))
+                _warn_short(self.corpus, int(marker.read_text()), self.num_tokens)
             if p.exists():
                 try:
                     data = torch.load(p, map_location="cpu", weights_only=True)
@@ -174,6 +191,9 @@ class CovarianceStore:
             self._compute(missing)
 
     def _compute(self, names: list[str]) -> None:
+        """One pass over the corpus for ``names``: exactly ``num_tokens`` keys (the last window is cut), sums
+        accumulated on the model's device, partial sums saved every 30 s and on an interrupt (Ctrl-C, SIGTERM)
+        so that a rerun resumes where this one stopped."""
         group = hashlib.sha256("|".join([*names, str(self.corpus)]).encode()).hexdigest()[:8]
         partial = self.directory / f"{self.fingerprint}-{group}-{self.num_tokens}.partial.pt"
         state = {"sums": {}, "count": 0, "windows": 0}
@@ -183,6 +203,7 @@ class CovarianceStore:
             except Exception:
                 partial.unlink()  # an interrupted write of the partial file: start over
         device = next(self.model.parameters()).device
+        state["sums"] = {n: s.to(device) for n, s in state["sums"].items()}
         windows = _token_windows(self.tokenizer, self.corpus, self.seq_len)
         for _ in range(state["windows"]):  # skip what the partial sums already hold
             next(windows, None)
@@ -192,32 +213,90 @@ class CovarianceStore:
         was_training = self.model.training
         self.model.eval()
         try:
-            with torch.no_grad(), capture(self.model, names) as rec:
+            with torch.no_grad(), capture(self.model, names) as rec, _sigterm_as_interrupt():
                 while state["count"] < self.num_tokens:
-                    batch = [w for _, w in zip(range(self.batch_size), windows)]
+                    wanted = -(-(self.num_tokens - state["count"]) // self.seq_len)  # windows still needed
+                    batch = [w for _, w in zip(range(min(self.batch_size, wanted)), windows)]
                     if not batch:
                         break
                     self.model(input_ids=torch.stack(batch).to(device), use_cache=False)
+                    take = min(len(batch) * self.seq_len, self.num_tokens - state["count"])
                     for n in names:
-                        k = rec[n].input.reshape(-1, rec[n].input.shape[-1]).to(self.dtype)
-                        s = k.T @ k
-                        state["sums"][n] = state["sums"][n] + s.cpu() if n in state["sums"] else s.cpu()
-                    state["count"] += len(batch) * self.seq_len
+                        k = rec[n].input.reshape(-1, rec[n].input.shape[-1])[:take].to(self.dtype)
+                        state["sums"][n] = state["sums"][n] + k.T @ k if n in state["sums"] else k.T @ k
+                    state["count"] += take
                     state["windows"] += len(batch)
-                    bar.update(len(batch) * self.seq_len)
+                    bar.update(take)
                     bar.set_postfix(tok_s=f"{(state['count'] - tokens0) / max(time.time() - t0, 1e-9):.0f}")
                     if time.time() - last_save > 30:
-                        _atomic_save(state, partial)
+                        _atomic_save(_on_cpu(state), partial)
                         last_save = time.time()
+        except BaseException:
+            if state["count"] > tokens0:
+                _atomic_save(_on_cpu(state), partial)
+            raise
         finally:
             bar.close()
             self.model.train(was_training)
-        if state["count"] == 0:
+        count = state["count"]
+        if count == 0:
             raise RuntimeError(f"corpus {self.corpus!r} yielded no {self.seq_len}-token window")
+        if count < self.num_tokens:
+            _warn_short(self.corpus, count, self.num_tokens)
         for n in names:
-            _atomic_save({"mom2": state["sums"][n], "count": state["count"]}, self.path(n))
-            self._memory[n] = Covariance(state["sums"][n].double() / state["count"], state["count"], self.damping)
+            _atomic_save({"mom2": state["sums"][n].cpu(), "count": count}, self.path(n, count))
+            if count < self.num_tokens:
+                self._short_marker(n).write_text(str(count))
+            self._memory[n] = Covariance(state["sums"][n].cpu().double() / count, count, self.damping)
         partial.unlink(missing_ok=True)
+
+    def import_mom2(self, module_name: str, npz_path: str | os.PathLike) -> Covariance:
+        """Use published key statistics for ``module_name``: a ROME/MEMIT ``layer_stats`` ``.npz`` holding
+        ``mom2.mom2`` (the (d, d) sum Σ k kᵀ) and ``mom2.count`` (the number of keys), as the ROME, MEMIT and
+        EasyEdit releases ship them. Stored in this store's cache (under its corpus and token count, so a run
+        configured the same way finds it) and returned."""
+        import numpy as np
+
+        with np.load(npz_path, allow_pickle=False) as data:
+            missing = {"mom2.mom2", "mom2.count"} - set(data.files)
+            if missing:
+                raise ValueError(f"{npz_path} is not a ROME/MEMIT mom2 file: it lacks {sorted(missing)} "
+                                 f"(it holds {sorted(data.files)})")
+            mom2, count = torch.from_numpy(data["mom2.mom2"]), int(data["mom2.count"])
+        d = key_dim(self.model, module_name)
+        if mom2.shape != (d, d) or count <= 0:
+            raise ValueError(f"{npz_path}: mom2 of shape {tuple(mom2.shape)} with count {count} does not fit "
+                             f"{module_name}, whose keys have dimension {d}")
+        _atomic_save({"mom2": mom2.to(self.dtype), "count": count}, self.path(module_name))
+        self._memory[module_name] = Covariance(mom2.double() / count, count, self.damping)
+        return self._memory[module_name]
+
+
+def _on_cpu(state: dict) -> dict:
+    return {**state, "sums": {n: s.cpu() for n, s in state["sums"].items()}}
+
+
+def _warn_short(corpus: str, seen: int, requested: int) -> None:
+    warnings.warn(f"corpus {corpus!r} holds only {seen} tokens in full windows, fewer than the {requested} "
+                  f"requested: the key statistics average over {seen} (cached under that count)", stacklevel=3)
+
+
+@contextmanager
+def _sigterm_as_interrupt():
+    """Turn SIGTERM (a scheduler's kill) into KeyboardInterrupt inside the block, so the partial sums are saved
+    as on Ctrl-C. Only the main thread may set signal handlers; elsewhere SIGTERM keeps its default."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _atomic_save(obj, path: Path) -> None:
