@@ -6,9 +6,11 @@ from eac_lightning.methods.eac import EACHyperParams
 from eac_lightning.methods.ft import FT, FTHyperParams
 from eac_lightning.methods.memit import MEMIT
 from eac_lightning.methods.rome import ROME
+from eac_lightning.methods.ultraedit import UltraEdit
 from eac_lightning.methods.target import ContextTemplateParams, EditOptimisationError, TargetHyperParams
 
 __all__ = [
     "AlphaEdit", "ContextTemplateParams", "Deltas", "EACHyperParams", "EditMethod", "EditOptimisationError", "FT",
-    "FTHyperParams", "MEMIT", "ROME", "TargetHyperParams", "apply_deltas", "undo_deltas",
+    "FTHyperParams", "MEMIT", "ROME", "TargetHyperParams", "UltraEdit", "apply_deltas",
+    "undo_deltas",
 ]
