@@ -26,6 +26,7 @@ class EditRequest:
         paraphrase_prompts: full prompts (subject included) that should also yield ``target_new``.
         neighborhood_prompts: out-of-scope prompts whose predictions must not change.
         neighborhood_answers: the answer of each neighbourhood prompt (one per prompt, or one for all).
+        generation_prompts: prompts about the subject that fluency samples from (CounterFact's).
         case_id: identifier in the source dataset, when it has one.
         source: the file (or hub dataset) the record came from.
         source_index: row of the record in its source.
@@ -38,6 +39,7 @@ class EditRequest:
     paraphrase_prompts: list[str] = field(default_factory=list)
     neighborhood_prompts: list[str] = field(default_factory=list)
     neighborhood_answers: list[str] = field(default_factory=list)
+    generation_prompts: list[str] = field(default_factory=list)
     case_id: int | str | None = None
     source: str | None = None
     source_index: int | None = None
