@@ -11,7 +11,6 @@ import torch
 from conftest import make_tiny_model
 from eac_lightning.data.requests import EditRequest
 from eac_lightning.evaluation import Evaluator, EvaluatorConfig, summary_sections
-from eac_lightning.evaluation.edit_metrics import greedy_generate
 from eac_lightning.evaluation.literature_metrics import literature_metrics, ngram_entropy, produces, sample_texts
 
 
@@ -37,17 +36,26 @@ def test_produces_matches_whole_normalised_words():
     assert not produces(" Paris", "Rome")
 
 
-def test_generation_success_counts_what_greedy_decoding_produces(gpt2, tokenizer):
-    prompt = "The Eiffel Tower is located in"
-    first = tokenizer.decode(greedy_generate(gpt2, tokenizer, [prompt], 3)[0]).split()[0]
-    other = "Zanzibar" if first.lower() != "zanzibar" else "Lima"
-    made = EditRequest(prompt="{} is located in", subject="The Eiffel Tower", target_new=first,
-                       paraphrase_prompts=[prompt], source="test", source_index=0)
-    missed = EditRequest(prompt="{} is located in", subject="The Eiffel Tower", target_new=other,
-                         paraphrase_prompts=[prompt, prompt], source="test", source_index=1)
-    res = literature_metrics(gpt2, tokenizer, [made, missed], fluency_length=24)
-    assert res["gen_efficacy"] == 0.5 and res["gen_paraphrase"] == pytest.approx(1 / 3)
-    assert 0 < res["fluency"] < 10
+def test_generation_success_counts_what_greedy_decoding_produces(gpt2, tokenizer, monkeypatch):
+    """Hand-built continuations (greedy decoding replaced): the rewrite prompt produces the object in a phrase, one
+    paraphrase produces it, the other produces another city."""
+    said = {"The Eiffel Tower is located in": " the city of Rome , Italy", "The Eiffel Tower is in": " Rome",
+            "The Eiffel Tower stands in": " Paris"}
+    asked = []
+
+    def fake_greedy(model, tok, prompts, limits, batch_size, stop_at_eos):
+        asked.extend(zip(prompts, limits))
+        return [tok(said[p], add_special_tokens=False)["input_ids"] for p in prompts]
+
+    monkeypatch.setattr("eac_lightning.evaluation.literature_metrics.greedy_generate", fake_greedy)
+    req = EditRequest(prompt="{} is located in", subject="The Eiffel Tower", target_new="Rome",
+                      paraphrase_prompts=["The Eiffel Tower is in", "The Eiffel Tower stands in"],
+                      source="test", source_index=0)
+    res = literature_metrics(gpt2, tokenizer, [req], extra_tokens=5, fluency_length=24)
+    assert res["gen_efficacy"] == 1.0 and res["gen_paraphrase"] == 0.5
+    n_target = len(tokenizer(" Rome", add_special_tokens=False)["input_ids"])
+    assert sorted(asked) == sorted((p, n_target + 5) for p in said)  # a few tokens beyond the target's own
+    assert 0 <= res["fluency"] < 10
 
 
 def test_sampled_texts_are_seeded_and_bounded(gpt2, tokenizer):
@@ -57,8 +65,9 @@ def test_sampled_texts_are_seeded_and_bounded(gpt2, tokenizer):
     assert torch.equal(torch.get_rng_state(), state)  # the caller's random stream is untouched
     assert a == sample_texts(gpt2, tokenizer, prompts, max_length=20, batch_size=2)
     assert a != sample_texts(gpt2, tokenizer, prompts, max_length=20, batch_size=2, seed=1)
-    for p, t in zip(prompts, a):
-        assert t.startswith(p.split()[0]) and len(tokenizer(t)["input_ids"]) <= 22  # prompt included, ~20 tokens
+    short = sample_texts(gpt2, tokenizer, prompts, max_length=8, batch_size=2)
+    for p, t, s in zip(prompts, a, short):
+        assert t.startswith(p) and s.startswith(p) and len(s) < len(t)  # prompt included; length counts it
 
 
 def test_evaluator_reports_the_literature_metrics_among_the_edit_variants(gpt2, tokenizer):
@@ -72,4 +81,5 @@ def test_evaluator_reports_the_literature_metrics_among_the_edit_variants(gpt2, 
     off = Evaluator(EvaluatorConfig(tasks=[], probes=[], literature_metrics=False)).evaluate(
         gpt2, tokenizer, [req], {"argmax": {}})
     assert not any(k in off for k in ("edit/gen_efficacy", "edit/fluency"))
-    assert {k: v for k, v in on.items() if k in off} == off  # our own metrics are unchanged by the flag
+    for k, v in off.items():  # our own metrics are unchanged by the flag
+        assert v == on[k] or (math.isnan(v) and math.isnan(on[k])), k
