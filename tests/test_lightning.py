@@ -70,7 +70,8 @@ def test_fit_writes_every_output(full_run):
                  "plots/norms.png", "plots/metrics.png", "checkpoints/last.ckpt"):
         assert (full_run / name).exists(), name
     summary = json.loads((full_run / "summary.json").read_text())
-    assert set(summary) == {"method", "model", "edits_applied", "batch_size", "edit_metrics", "general", "norms",
+    assert set(summary) == {"method", "model", "edits_applied", "batch_size", "edit_metrics", "edit_metrics_variants",
+                            "general", "norms",
                             "seconds_per_edit", "wall_seconds"}
     assert summary["edits_applied"] == 4
     assert set(summary["edit_metrics"]) == {"reliability", "generalization", "locality"}

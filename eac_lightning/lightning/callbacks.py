@@ -207,6 +207,7 @@ class Evaluation(L.Callback):
             "edits_applied": trainer.datamodule.position,
             "batch_size": trainer.datamodule.batch_size,
             "edit_metrics": sections["edit_metrics"],
+            "edit_metrics_variants": sections["edit_metrics_variants"],  # *_gen, rome_*, literature metrics
             "general": sections["general"],
             "norms": norms,
             "seconds_per_edit": (sum(seconds) / len(seconds)) if seconds else None,
