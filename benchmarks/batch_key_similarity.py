@@ -23,15 +23,20 @@ import json
 from pathlib import Path
 
 import torch
+from beac_batches import (
+    second_corrections,  # a sibling script: python puts benchmarks/ on the path
+)
 
 from eac_lightning.data.sources import load_requests
 from eac_lightning.methods.eac import anchor_count
-from eac_lightning.methods.target import ContextTemplateParams, compute_keys, generate_context_templates
+from eac_lightning.methods.target import (
+    ContextTemplateParams,
+    compute_keys,
+    generate_context_templates,
+)
 from eac_lightning.models.adapters import mlp_out_name
 from eac_lightning.models.loading import default_layers, load_model
 from eac_lightning.stats.covariance import CovarianceStore
-
-from beac_batches import second_corrections  # a sibling script: python puts benchmarks/ on the path
 
 
 def abs_cos(gram: torch.Tensor) -> torch.Tensor:

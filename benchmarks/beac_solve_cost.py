@@ -18,7 +18,6 @@ from pathlib import Path
 
 import torch
 
-
 from eac_lightning.methods.beac import BEAC
 from eac_lightning.methods.beac_plan import AnchorKeyRecord, BEACHyperParams
 from eac_lightning.models.loading import default_layers, load_model

@@ -228,7 +228,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     from eac_lightning.data.sources import load_requests
-    from eac_lightning.evaluation.edit_metrics import compute_locality_reference, evaluate_edit_metrics
+    from eac_lightning.evaluation.edit_metrics import (
+        compute_locality_reference,
+        evaluate_edit_metrics,
+    )
     from eac_lightning.evaluation.tasks import example_scores, load_task
 
     model, tok = load(args.model)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import FAMILIES, make_tiny_model
 from torch import nn
 
-from conftest import FAMILIES, make_tiny_model
 from eac_lightning.models.adapters import (
     ARCHITECTURES,
     UnsupportedArchitectureError,
@@ -16,7 +16,12 @@ from eac_lightning.models.adapters import (
     num_layers,
     weight_view,
 )
-from eac_lightning.models.tracing import add_at_positions, capture, edit_output, layers_from
+from eac_lightning.models.tracing import (
+    add_at_positions,
+    capture,
+    edit_output,
+    layers_from,
+)
 
 VOCAB = 128
 

@@ -8,7 +8,12 @@ import torch
 from eac_lightning.models.adapters import mlp_out_name
 from eac_lightning.models.tracing import capture
 from eac_lightning.stats import covariance as cov_mod
-from eac_lightning.stats.covariance import Covariance, CovarianceStore, _token_windows, model_fingerprint
+from eac_lightning.stats.covariance import (
+    Covariance,
+    CovarianceStore,
+    _token_windows,
+    model_fingerprint,
+)
 
 SEQ, BATCH, TOKENS = 32, 4, 32 * 4 * 3  # three batches
 

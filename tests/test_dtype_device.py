@@ -5,13 +5,19 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import make_tiny_model
+
 from eac_lightning.data.requests import EditRequest
 from eac_lightning.editor import Editor
-from eac_lightning.methods import MEMIT, ROME, ContextTemplateParams, EACHyperParams, TargetHyperParams
-from eac_lightning.methods.target import _encode_right_padded, target_token_ids
+from eac_lightning.methods import (
+    MEMIT,
+    ROME,
+    ContextTemplateParams,
+    EACHyperParams,
+    TargetHyperParams,
+)
 from eac_lightning.models.adapters import mlp_out_name
+from eac_lightning.models.encoding import encode_right_padded, encode_target
 from eac_lightning.stats.covariance import CovarianceStore
 
 CTX = ContextTemplateParams(length_count=[[3, 2]])
@@ -39,8 +45,8 @@ def _llama(vocab_size: int, dtype: torch.dtype) -> torch.nn.Module:
 
 def _target_logprob(model, tok, req: EditRequest) -> float:
     """log P(target | prompt), teacher-forced."""
-    target = target_token_ids(tok, req.target_new)
-    ids, _ = _encode_right_padded(tok, [req.prompt_text + tok.decode(target)], "cpu")
+    target = encode_target(tok, req.target_new)
+    ids, _ = encode_right_padded(tok, [req.prompt_text + tok.decode(target)], "cpu")
     with torch.no_grad():
         logp = torch.log_softmax(model(input_ids=ids).logits[0].float(), -1)
     n = ids.shape[1]

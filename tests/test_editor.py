@@ -11,11 +11,17 @@ from unittest import mock
 import pytest
 import torch
 import yaml
-
 from conftest import REPO, make_tiny_model
+
 from eac_lightning.data.requests import EditRequest, MalformedRequestError
 from eac_lightning.editor import METHOD_PRESETS, Editor, method_from_preset
-from eac_lightning.methods import ROME, AlphaEdit, ContextTemplateParams, EditOptimisationError, TargetHyperParams
+from eac_lightning.methods import (
+    ROME,
+    AlphaEdit,
+    ContextTemplateParams,
+    EditOptimisationError,
+    TargetHyperParams,
+)
 from eac_lightning.models.adapters import mlp_out_name
 from eac_lightning.stats.covariance import CovarianceStore
 

@@ -9,15 +9,18 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import FAMILIES
+
 from eac_lightning.data.requests import EditRequest
 from eac_lightning.evaluation import edit_metrics as em
-from eac_lightning.evaluation import metrics, scoring
-from eac_lightning.evaluation import probes, tasks
-from eac_lightning.evaluation.evaluator import Evaluator, EvaluatorConfig, format_table, summary_sections
+from eac_lightning.evaluation import metrics, probes, scoring, tasks
+from eac_lightning.evaluation.evaluator import (
+    Evaluator,
+    EvaluatorConfig,
+    format_table,
+    summary_sections,
+)
 from eac_lightning.paths import data_dir
-
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import FAMILIES, make_tiny_model
+
 from eac_lightning.data.requests import EditRequest
 from eac_lightning.editor import Editor
 from eac_lightning.methods import ROME, ContextTemplateParams, TargetHyperParams

@@ -18,7 +18,11 @@ import torch
 import yaml
 
 from eac_lightning.data.datamodule import EditDataModule
-from eac_lightning.data.requests import MAX_FIELD_CHARS, EditRequest, MalformedRequestError
+from eac_lightning.data.requests import (
+    MAX_FIELD_CHARS,
+    EditRequest,
+    MalformedRequestError,
+)
 from eac_lightning.data.sources import load_requests
 from eac_lightning.lightning.checkpoint import (
     AtomicCheckpointIO,
@@ -28,7 +32,12 @@ from eac_lightning.lightning.checkpoint import (
     load_checkpoint_file,
     verify_deltas,
 )
-from eac_lightning.lightning.run_folder import RunFolderLockedError, RunLock, read_ledger
+from eac_lightning.lightning.run_folder import (
+    RunFolderLockedError,
+    RunLock,
+    read_ledger,
+)
+from eac_lightning.methods.edit import edit
 from eac_lightning.paths import data_dir
 
 REPO = Path(__file__).resolve().parents[1]
@@ -175,7 +184,11 @@ def testbed_model(tiny_testbed):
 
 def test_non_finite_or_zero_target_rejects_the_edit(testbed_model):
     from eac_lightning.methods import ROME
-    from eac_lightning.methods.target import ContextTemplateParams, EditOptimisationError, TargetHyperParams
+    from eac_lightning.methods.target import (
+        ContextTemplateParams,
+        EditOptimisationError,
+        TargetHyperParams,
+    )
 
     model, tok = testbed_model
     req = EditRequest(prompt="{} is located in", subject="Paris", target_new="Tokyo", source="t", source_index=3)
@@ -186,7 +199,7 @@ def test_non_finite_or_zero_target_rejects_the_edit(testbed_model):
         method = ROME(layer=0, target=hp, context=ContextTemplateParams(length_count=[[3, 1]]), mom2_adjustment=False)
         method.setup(model, tok)
         with pytest.raises(EditOptimisationError, match=rf"t \(row 3\).*({why}).*nothing was applied"):
-            method.edit(model, tok, [req])
+            edit(method, model, tok, [req])
         assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
     with pytest.raises(ValueError, match="clamp_norm_factor must be > 0"):
         TargetHyperParams(clamp_norm_factor=0)

@@ -70,8 +70,9 @@ def test_fit_writes_every_output(full_run):
                  "plots/norms.png", "plots/metrics.png", "checkpoints/last.ckpt"):
         assert (full_run / name).exists(), name
     summary = json.loads((full_run / "summary.json").read_text())
-    assert set(summary) == {"method", "model", "edits_applied", "batch_size", "edit_metrics", "general", "norms",
-                            "seconds_per_edit", "wall_seconds", "skipped_records"}
+    assert set(summary) == {"method", "method_settings", "model", "edits_applied", "batch_size", "edit_metrics",
+                            "edit_metrics_variants", "general", "norms", "seconds_per_edit", "wall_seconds",
+                            "skipped_records"}
     assert summary["edits_applied"] == 4
     assert set(summary["edit_metrics"]) == {"reliability", "generalization", "locality"}
     assert set(summary["general"]["sst2"]) == {"before", "after"}
@@ -198,7 +199,13 @@ def test_lightning_editor_and_edit_function_write_the_same_deltas(full_run):
     edit's own norm and success as the edit function measures them."""
     from eac_lightning.data.datamodule import EditDataModule
     from eac_lightning.editor import Editor
-    from eac_lightning.methods import ROME, ContextTemplateParams, EACHyperParams, TargetHyperParams, edit
+    from eac_lightning.methods import (
+        ROME,
+        ContextTemplateParams,
+        EACHyperParams,
+        TargetHyperParams,
+        edit,
+    )
     from eac_lightning.models.loading import load_model
     from eac_lightning.stats.covariance import CovarianceStore
 

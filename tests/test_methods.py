@@ -7,8 +7,8 @@ import math
 
 import pytest
 import torch
-
 from conftest import FAMILIES, make_tiny_model
+
 from eac_lightning.data.requests import EditRequest
 from eac_lightning.methods import (
     FT,
@@ -23,11 +23,10 @@ from eac_lightning.methods import (
 )
 from eac_lightning.methods.alphaedit import null_space_projector
 from eac_lightning.methods.base import restore_weights, snapshot
-from eac_lightning.methods.edit import edit
-from eac_lightning.methods.memit import residual_at_subject
 from eac_lightning.methods.eac import anchor_count, anchor_mask, explore
+from eac_lightning.methods.edit import edit
 from eac_lightning.methods.ft import FTProblem
-from eac_lightning.methods.memit import ResidualTarget
+from eac_lightning.methods.memit import ResidualTarget, residual_at_subject
 from eac_lightning.methods.rome import RankOneTarget, rank_one_update
 from eac_lightning.methods.target import BatchTargetProblem, TargetProblem, compute_keys
 from eac_lightning.models.adapters import mlp_out_name, weight_view

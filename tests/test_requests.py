@@ -7,7 +7,11 @@ import json
 import pytest
 import torch
 
-from eac_lightning.data.requests import EditRequest, MalformedRequestError, validate_requests
+from eac_lightning.data.requests import (
+    EditRequest,
+    MalformedRequestError,
+    validate_requests,
+)
 from eac_lightning.data.sources import detect_format, load_requests
 from eac_lightning.paths import data_dir
 

@@ -27,7 +27,9 @@ from eac_lightning.testbed import (
     trace_command,
     verify_shipped,
 )
-from eac_lightning.testbed import testbed_command as build_command  # not test_*-named: pytest would collect it
+from eac_lightning.testbed import (
+    testbed_command as build_command,  # not test_*-named: pytest would collect it
+)
 from eac_lightning.testbed.corpus import _template
 from eac_lightning.testbed.packing import SequencePacker
 
@@ -255,7 +257,12 @@ def test_single_edits_take_on_tiny(tiny_testbed, preset, n_edits):
 def test_causal_trace_on_tiny(tiny_testbed, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from eac_lightning.testbed.causal_trace import CATEGORIES, KINDS, load_trace_facts, run_trace
+    from eac_lightning.testbed.causal_trace import (
+        CATEGORIES,
+        KINDS,
+        load_trace_facts,
+        run_trace,
+    )
 
     model = AutoModelForCausalLM.from_pretrained(tiny_testbed).eval()
     tok = AutoTokenizer.from_pretrained(tiny_testbed)

@@ -9,7 +9,6 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-
 #: The longest text field a record may have: a longer one is refused before it is tokenised (a 50 MB field would
 #: otherwise take gigabytes on its way to the context-length check).
 MAX_FIELD_CHARS = 10_000
@@ -31,6 +30,7 @@ class EditRequest:
         paraphrase_prompts: full prompts (subject included) that should also yield ``target_new``.
         neighborhood_prompts: out-of-scope prompts whose predictions must not change.
         neighborhood_answers: the answer of each neighbourhood prompt (one per prompt, or one for all).
+        generation_prompts: prompts about the subject that fluency samples from (CounterFact's).
         case_id: identifier in the source dataset, when it has one.
         source: the file (or hub dataset) the record came from.
         source_index: row of the record in its source.
@@ -43,6 +43,7 @@ class EditRequest:
     paraphrase_prompts: list[str] = field(default_factory=list)
     neighborhood_prompts: list[str] = field(default_factory=list)
     neighborhood_answers: list[str] = field(default_factory=list)
+    generation_prompts: list[str] = field(default_factory=list)
     case_id: int | str | None = None
     source: str | None = None
     source_index: int | None = None

@@ -64,6 +64,7 @@ def from_rome_counterfact(r: dict[str, Any], where: str) -> dict[str, Any]:
         paraphrase_prompts=_as_list(r.get("paraphrase_prompts")),
         neighborhood_prompts=_as_list(r.get("neighborhood_prompts")),
         neighborhood_answers=[target_true["str"]] if target_true.get("str") else [],
+        generation_prompts=_as_list(r.get("generation_prompts")),
         case_id=r.get("case_id"),
     )
 

@@ -2,8 +2,17 @@
 (EAC Eqs. 10-12, ROME's CounterFact scores), the Table 4 general-ability tasks, the fact-retention and WikiText-2
 perplexity probes, and the sharded :class:`Evaluator` that runs them all."""
 
-from eac_lightning.evaluation.edit_metrics import EditMetrics, compute_locality_reference, evaluate_edit_metrics
-from eac_lightning.evaluation.evaluator import Evaluator, EvaluatorConfig, format_table, summary_sections
+from eac_lightning.evaluation.edit_metrics import (
+    EditMetrics,
+    compute_locality_reference,
+    evaluate_edit_metrics,
+)
+from eac_lightning.evaluation.evaluator import (
+    Evaluator,
+    EvaluatorConfig,
+    format_table,
+    summary_sections,
+)
 from eac_lightning.evaluation.metrics import (
     Generalization,
     Locality,

@@ -44,7 +44,13 @@ from torch import Tensor
 from torchmetrics import Metric
 
 from eac_lightning.data.requests import EditRequest
-from eac_lightning.evaluation.metrics import Generalization, Locality, ProbabilityComparison, Reliability, shard
+from eac_lightning.evaluation.metrics import (
+    Generalization,
+    Locality,
+    ProbabilityComparison,
+    Reliability,
+    shard,
+)
 from eac_lightning.evaluation.scoring import (
     TargetScore,
     continue_on_cache,

@@ -27,12 +27,19 @@ import torch
 
 from eac_lightning.data.requests import EditRequest
 from eac_lightning.evaluation.edit_metrics import (
-    is_counterfact,
     compute_locality_reference,
     evaluate_edit_metrics,
+    is_counterfact,
 )
+from eac_lightning.evaluation.literature_metrics import literature_metrics
 from eac_lightning.evaluation.probes import fact_retention, wikitext2_ppl
-from eac_lightning.evaluation.tasks import TASK_KEYS, TASKS, TaskExample, evaluate_task, load_task
+from eac_lightning.evaluation.tasks import (
+    TASK_KEYS,
+    TASKS,
+    TaskExample,
+    evaluate_task,
+    load_task,
+)
 from eac_lightning.progress import progress
 
 PROBE_KEYS = ("fact_retention", "wikitext2_ppl")
@@ -68,6 +75,9 @@ class EvaluatorConfig:
         rome_scores: also compute ROME's CounterFact efficacy / paraphrase / neighbourhood scores and magnitudes.
         rome_length_normalized: ROME's P(target) is exp(mean token log-prob), as in ROME's code (True), or the
             joint probability exp(sum of token log-probs) (False).
+        literature_metrics: also compute generation success and ROME's fluency (``edit/gen_efficacy``,
+            ``edit/gen_paraphrase``, ``edit/fluency``; :mod:`eac_lightning.evaluation.literature_metrics`).
+        fluency_prompts_per_edit: generation prompts per request that fluency samples from (None: all, as ROME).
     """
 
     tasks: list[str] = field(default_factory=lambda: list(TASK_KEYS))
@@ -87,6 +97,8 @@ class EvaluatorConfig:
     edit_metrics: bool = True
     rome_scores: bool = True
     rome_length_normalized: bool = True
+    literature_metrics: bool = True
+    fluency_prompts_per_edit: int | None = 2
 
     def __post_init__(self) -> None:
         for t in self.tasks:
@@ -149,6 +161,9 @@ class Evaluator:
                                     rome_scores=c.rome_scores, length_normalized=c.rome_length_normalized)
         if not any(is_counterfact(r) for r in requests):  # same decision on every rank: it reads all requests
             res = {k: v for k, v in res.items() if not k.startswith("rome_")}
+        if c.literature_metrics:
+            res.update(literature_metrics(model, tok, requests[self.rank::self.world_size], c.batch_size,
+                                          fluency_prompts_per_edit=c.fluency_prompts_per_edit))
         out = {f"edit/{k}": v for k, v in res.items()}
         out["edit/num_edits"] = float(len(requests))
         return out

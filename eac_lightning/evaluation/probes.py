@@ -20,7 +20,13 @@ import torch
 
 from eac_lightning.data.requests import EditRequest
 from eac_lightning.evaluation.metrics import Perplexity, SumCountMetric, shard
-from eac_lightning.evaluation.scoring import forward, inference, model_device, model_max_length, score_targets
+from eac_lightning.evaluation.scoring import (
+    forward,
+    inference,
+    model_device,
+    model_max_length,
+    score_targets,
+)
 from eac_lightning.models.encoding import left_pad, pad_token_id
 from eac_lightning.paths import data_dir, resolve_data_path
 

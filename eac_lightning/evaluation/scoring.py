@@ -19,7 +19,13 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from torch import Tensor
 
-from eac_lightning.models.encoding import encode_prompts, encode_targets, left_pad, pad_token_id, right_pad
+from eac_lightning.models.encoding import (
+    encode_prompts,
+    encode_targets,
+    left_pad,
+    pad_token_id,
+    right_pad,
+)
 
 
 def model_device(model: torch.nn.Module) -> torch.device:

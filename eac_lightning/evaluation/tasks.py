@@ -37,7 +37,11 @@ from typing import Any, Sequence
 import torch
 
 from eac_lightning.evaluation.metrics import SumCountMetric, shard
-from eac_lightning.evaluation.scoring import greedy_generate, model_device, score_targets
+from eac_lightning.evaluation.scoring import (
+    greedy_generate,
+    model_device,
+    score_targets,
+)
 from eac_lightning.paths import data_dir, resolve_data_path
 
 # --- Table 4 of the EAC paper, character for character -------------------------------------------------------

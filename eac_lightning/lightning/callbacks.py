@@ -17,8 +17,13 @@ import torch
 import torch.distributed as dist
 
 from eac_lightning.evaluation.evaluator import Evaluator, format_table, summary_sections
+from eac_lightning.lightning.run_folder import (
+    RunCSVLogger,
+    read_ledger,
+    trim_metrics,
+    write_lines,
+)
 from eac_lightning.methods.edit import EditResult, Targets, write_targets
-from eac_lightning.lightning.run_folder import RunCSVLogger, read_ledger, trim_metrics, write_lines
 from eac_lightning.models.adapters import weight_view
 
 
@@ -227,6 +232,7 @@ class Evaluation(EditObserver):
             "edits_applied": trainer.datamodule.position,
             "batch_size": trainer.datamodule.batch_size,
             "edit_metrics": sections["edit_metrics"],
+            "edit_metrics_variants": sections["edit_metrics_variants"],  # *_gen, rome_*, literature metrics
             "general": sections["general"],
             "norms": norms,
             "seconds_per_edit": (sum(seconds) / len(seconds)) if seconds else None,

@@ -23,10 +23,16 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
 from eac_lightning.data.datamodule import EditDataModule
-from eac_lightning.lightning.callbacks import EditLedger, Evaluation, NormTracker, Plots, WeightUpdate
+from eac_lightning.lightning.callbacks import (
+    EditLedger,
+    Evaluation,
+    NormTracker,
+    Plots,
+    WeightUpdate,
+)
 from eac_lightning.lightning.checkpoint import AtomicCheckpointIO, load_checkpoint_file
-from eac_lightning.lightning.run_folder import RunLock
 from eac_lightning.lightning.module import EditingModule
+from eac_lightning.lightning.run_folder import RunLock
 from eac_lightning.progress import LineProgressBar, stop_on_sigterm
 
 EXTRA_COMMANDS = ("stats", "testbed", "trace", "export", "ask", "rollback")
@@ -47,7 +53,12 @@ def hyperparameter_help() -> str:
 
     from docstring_parser import parse
 
-    from eac_lightning.methods import ContextTemplateParams, EACHyperParams, FTHyperParams, TargetHyperParams
+    from eac_lightning.methods import (
+        ContextTemplateParams,
+        EACHyperParams,
+        FTHyperParams,
+        TargetHyperParams,
+    )
     from eac_lightning.methods.beac import BEACHyperParams
 
     groups = [
@@ -164,12 +175,14 @@ def export_command(checkpoint: str, out_dir: str) -> None:
         checkpoint: an eac-lightning checkpoint (``.../checkpoints/last.ckpt``).
         out_dir: output folder, loadable with ``AutoModelForCausalLM.from_pretrained``.
     """
+    from eac_lightning.lightning.checkpoint import (
+        model_fingerprint,
+        verify_deltas,
+        verify_provenance,
+    )
     from eac_lightning.lightning.module import CKPT_KEY
-    from eac_lightning.methods.base import apply_deltas
+    from eac_lightning.methods.base import apply_deltas, snapshot
     from eac_lightning.models.loading import load_model
-
-    from eac_lightning.lightning.checkpoint import model_fingerprint, verify_deltas, verify_provenance
-    from eac_lightning.methods.base import snapshot
 
     ckpt = load_checkpoint_file(checkpoint)
     if CKPT_KEY not in ckpt:

@@ -28,13 +28,17 @@ from eac_lightning.lightning.checkpoint import (
     verify_deltas,
     verify_provenance,
 )
-from eac_lightning.validation import context_limit, longest_template, validate_module_args
 from eac_lightning.methods.base import Deltas, EditMethod, merge_deltas, snapshot
 from eac_lightning.methods.edit import EditResult, optimise_targets
 from eac_lightning.methods.rome import ROME
 from eac_lightning.models.adapters import weight_view
 from eac_lightning.models.loading import load_model, resolve_model_path
 from eac_lightning.stats.covariance import CovarianceStore
+from eac_lightning.validation import (
+    context_limit,
+    longest_template,
+    validate_module_args,
+)
 
 CKPT_KEY = "eac_lightning"
 

@@ -20,8 +20,17 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from eac_lightning.lightning.checkpoint import AtomicCheckpointIO, load_checkpoint_file, verify_deltas
-from eac_lightning.lightning.run_folder import RunLock, read_ledger, trim_metrics, write_lines
+from eac_lightning.lightning.checkpoint import (
+    AtomicCheckpointIO,
+    load_checkpoint_file,
+    verify_deltas,
+)
+from eac_lightning.lightning.run_folder import (
+    RunLock,
+    read_ledger,
+    trim_metrics,
+    write_lines,
+)
 
 DATAMODULE_KEY = "EditDataModule"
 

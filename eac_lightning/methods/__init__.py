@@ -4,15 +4,26 @@ method runs through :func:`eac_lightning.methods.edit.edit`."""
 from eac_lightning.methods.alphaedit import AlphaEdit
 from eac_lightning.methods.base import Deltas, EditMethod, Written, apply_deltas
 from eac_lightning.methods.eac import EACHyperParams
-from eac_lightning.methods.edit import EditRecord, EditResult, edit, optimise_targets, write_targets
+from eac_lightning.methods.edit import (
+    EditRecord,
+    EditResult,
+    edit,
+    optimise_targets,
+    write_targets,
+)
 from eac_lightning.methods.ft import FT, FTHyperParams
 from eac_lightning.methods.locate_then_edit import LocateThenEdit
 from eac_lightning.methods.memit import MEMIT
 from eac_lightning.methods.rome import ROME
-from eac_lightning.methods.target import ContextTemplateParams, EditOptimisationError, TargetHyperParams
+from eac_lightning.methods.target import (
+    ContextTemplateParams,
+    EditOptimisationError,
+    TargetHyperParams,
+)
+from eac_lightning.methods.ultraedit import UltraEdit
 
 __all__ = [
     "AlphaEdit", "ContextTemplateParams", "Deltas", "EACHyperParams", "EditMethod", "EditOptimisationError",
     "EditRecord", "EditResult", "FT", "FTHyperParams", "LocateThenEdit", "MEMIT", "ROME", "TargetHyperParams",
-    "Written", "apply_deltas", "edit", "optimise_targets", "write_targets",
+    "UltraEdit", "Written", "apply_deltas", "edit", "optimise_targets", "write_targets",
 ]

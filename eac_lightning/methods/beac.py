@@ -49,7 +49,12 @@ from torch import nn
 
 from eac_lightning.data.requests import EditRequest
 from eac_lightning.methods.alphaedit import AlphaEdit
-from eac_lightning.methods.beac_plan import AnchorKeyRecord, AnchorPlan, BEACHyperParams, plan_anchors
+from eac_lightning.methods.beac_plan import (
+    AnchorKeyRecord,
+    AnchorPlan,
+    BEACHyperParams,
+    plan_anchors,
+)
 from eac_lightning.methods.eac import EACHyperParams, anchor_count, explore, retrain
 from eac_lightning.methods.memit import MEMIT, ResidualTarget
 from eac_lightning.methods.target import ContextTemplateParams, TargetHyperParams

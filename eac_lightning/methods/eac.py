@@ -28,7 +28,12 @@ from typing import Literal, get_args, get_type_hints
 
 import torch
 
-from eac_lightning.methods.target import EditOptimisationError, TargetProblem, adam_descent, optimise_plain
+from eac_lightning.methods.target import (
+    EditOptimisationError,
+    TargetProblem,
+    adam_descent,
+    optimise_plain,
+)
 from eac_lightning.validation import check
 
 # Any object with ``v0`` (the vector or flattened weights being changed), ``hparams`` (num_steps, lr,

@@ -80,7 +80,9 @@ def write_targets(method: EditMethod, model: nn.Module, tok, targets: Targets) -
     """Write the batch's targets (atomic: a failed write restores every module it touched) and measure each edit on
     the edited model."""
     written = method.write(model, tok, targets.targets)
-    from eac_lightning.evaluation import score_targets  # evaluation builds on methods' requests, not the reverse
+    from eac_lightning.evaluation import (
+        score_targets,  # evaluation builds on methods' requests, not the reverse
+    )
 
     was_training = model.training
     model.eval()

@@ -15,7 +15,11 @@ from torch import nn
 
 from eac_lightning.methods.base import EditMethod
 from eac_lightning.methods.eac import EACHyperParams
-from eac_lightning.methods.target import ContextTemplateParams, TargetHyperParams, generate_context_templates
+from eac_lightning.methods.target import (
+    ContextTemplateParams,
+    TargetHyperParams,
+    generate_context_templates,
+)
 from eac_lightning.models.adapters import mlp_out_name
 
 

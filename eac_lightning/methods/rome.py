@@ -19,7 +19,12 @@ from eac_lightning.data.requests import EditRequest
 from eac_lightning.methods.base import Written
 from eac_lightning.methods.eac import EACHyperParams, compress
 from eac_lightning.methods.locate_then_edit import LocateThenEdit
-from eac_lightning.methods.target import ContextTemplateParams, TargetHyperParams, TargetProblem, compute_keys
+from eac_lightning.methods.target import (
+    ContextTemplateParams,
+    TargetHyperParams,
+    TargetProblem,
+    compute_keys,
+)
 from eac_lightning.models.adapters import weight_view
 from eac_lightning.models.loading import default_layers
 

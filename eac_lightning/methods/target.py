@@ -30,7 +30,12 @@ from torch import nn
 from eac_lightning.data.requests import EditRequest
 from eac_lightning.models.adapters import get_spec, mlp_out_name
 from eac_lightning.models.encoding import encode_right_padded, encode_target
-from eac_lightning.models.tracing import add_along_keys, add_at_positions, capture, layers_from
+from eac_lightning.models.tracing import (
+    add_along_keys,
+    add_at_positions,
+    capture,
+    layers_from,
+)
 from eac_lightning.validation import check
 
 

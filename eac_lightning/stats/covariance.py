@@ -28,12 +28,12 @@ from typing import Iterator, Sequence
 
 import torch
 from torch import nn
-from eac_lightning.progress import progress
 
 from eac_lightning.models.adapters import key_dim
 from eac_lightning.models.loading import default_stats_corpus
 from eac_lightning.models.tracing import capture
 from eac_lightning.paths import cache_dir, resolve_data_path
+from eac_lightning.progress import progress
 
 DEFAULT_CORPUS = "wikitext"  # resolves to the shipped assets/data/wikitext
 

@@ -37,7 +37,12 @@ from eac_lightning.models.loading import EDITING_DEFAULTS, write_editing_default
 from eac_lightning.paths import ASSETS_DIR, cache_dir
 from eac_lightning.testbed.corpus import Corpus
 from eac_lightning.testbed.packing import SequencePacker
-from eac_lightning.testbed.presets import TESTBED_FORMAT, TestbedPreset, get_preset, preset_corpus
+from eac_lightning.testbed.presets import (
+    TESTBED_FORMAT,
+    TestbedPreset,
+    get_preset,
+    preset_corpus,
+)
 from eac_lightning.testbed.training import train_testbed
 
 STATS_CORPUS = "stats_corpus.jsonl"
@@ -86,7 +91,13 @@ def first_token_accuracy(model, tok, prompts: Sequence[str], targets: Sequence[s
 def sst2_accuracy(model, tok, rows: Sequence[tuple[str, int]], batch_size: int = 32) -> float:
     """Share of SST-2 (text, label) rows whose label word is the more likely one after the EAC sentiment prompt
     (the general-ability task's scoring, :func:`eac_lightning.evaluation.tasks.classify`)."""
-    from eac_lightning.evaluation.tasks import LABEL_WORDS, TASKS, TaskExample, example_scores, format_sentiment
+    from eac_lightning.evaluation.tasks import (
+        LABEL_WORDS,
+        TASKS,
+        TaskExample,
+        example_scores,
+        format_sentiment,
+    )
 
     if not rows:
         return float("nan")

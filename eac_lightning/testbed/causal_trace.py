@@ -354,8 +354,8 @@ def load_trace_facts(model_dir: str | os.PathLike | None, limit: int | None = No
             if f["kind"] == "fact" and f.get("subject") and "counterfact" in f["source"]:
                 out.append(TraceFact(f["prompt"], f["subject"], f["target"]))
     else:
-        from eac_lightning.testbed.corpus import load_fact_requests
         from eac_lightning.paths import data_dir
+        from eac_lightning.testbed.corpus import load_fact_requests
 
         reqs = load_fact_requests([data_dir() / "counterfact"])
         out = [TraceFact(r.prompt_text, r.subject, r.target_true) for r in reqs]

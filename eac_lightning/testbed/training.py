@@ -26,6 +26,7 @@ from eac_lightning.testbed.corpus import Corpus
 from eac_lightning.testbed.packing import PackedData, SequencePacker
 from eac_lightning.testbed.presets import TestbedPreset
 
+
 def subject_bottleneck_mask(
     length: int,
     spans: Sequence[tuple[int, int, int]],

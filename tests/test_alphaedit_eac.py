@@ -1,0 +1,84 @@
+"""AlphaEdit-EAC: EAC's anchors and scored elastic net on AlphaEdit's z (EAC Eq. 1-6), AlphaEdit's null-space write,
+for single edits and batches (plain and write-aware targets), and its presets."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_tiny_model
+
+from eac_lightning.data.requests import EditRequest
+from eac_lightning.editor import METHOD_PRESETS, method_from_preset
+from eac_lightning.methods import (
+    AlphaEdit,
+    ContextTemplateParams,
+    EACHyperParams,
+    TargetHyperParams,
+)
+from eac_lightning.methods.eac import anchor_count
+from eac_lightning.models.adapters import mlp_out_name, weight_view
+from eac_lightning.paths import CONFIGS_DIR
+from eac_lightning.stats.covariance import CovarianceStore
+
+Z = TargetHyperParams(num_steps=8, clamp_norm_factor=0.75)
+CTX = ContextTemplateParams(length_count=[[4, 2]])
+EAC = EACHyperParams(gamma=80.0)
+REQS = [
+    EditRequest(prompt="{} is located in", subject="The Eiffel Tower", target_new="Rome", source="test", source_index=0),
+    EditRequest(prompt="{} speaks", subject="Danielle Darrieux", target_new="English", source="test", source_index=1),
+]
+
+
+@pytest.fixture(scope="module")
+def gpt2(tokenizer):
+    return make_tiny_model("gpt2", len(tokenizer), seed=1)
+
+
+@pytest.fixture(scope="module")
+def stats(gpt2, tokenizer, wikitext_lines, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("stats")
+    corpus = folder / "corpus.txt"
+    corpus.write_text("\n".join(wikitext_lines[:300]), encoding="utf-8")
+    store = CovarianceStore(gpt2, tokenizer, corpus=str(corpus), num_tokens=2048, seq_len=64, batch_size=8,
+                            directory=folder)
+    store.prefetch([mlp_out_name(gpt2, l) for l in (1, 2)])
+    return store
+
+
+@pytest.mark.parametrize("batch, write_aware", [(1, False), (2, False), (2, True)])
+def test_alphaedit_eac_z_is_zero_outside_its_anchors_and_the_write_stays_in_the_null_space(
+        gpt2, tokenizer, stats, batch, write_aware):
+    names = [mlp_out_name(gpt2, l) for l in (1, 2)]
+    threshold = max(torch.linalg.eigvalsh(stats.get(n).matrix).median().item() for n in names)
+    method = AlphaEdit(layers=[1, 2], context=CTX, z=Z, nullspace_threshold=threshold, eac=EAC,
+                       write_aware=write_aware)
+    assert method.label == "AlphaEdit-EAC"
+    method.setup(gpt2, tokenizer, stats)
+    saved = {n: weight_view(gpt2, n).detach().clone() for n in names}
+    try:
+        targets = method.compute_targets(gpt2, tokenizer, REQS[:batch])
+        d = targets[0].v0.shape[0]
+        for t in targets:  # EAC Eq. 2-3: round((100-γ)%·d) anchors, every other dimension of δ exactly zero
+            assert t.anchors is not None and int(t.anchors.sum()) == anchor_count(d, EAC.gamma)
+            assert t.delta[~t.anchors].eq(0).all() and t.delta[t.anchors].ne(0).any()
+        deltas = method.write(gpt2, tokenizer, targets)
+        for n in names:  # AlphaEdit Eq. 12-15: ΔW(I − P) = 0, keys in the protected subspace are left unchanged
+            dw = deltas[n].double()  # the update itself (the float32 weights round a change this small)
+            assert not torch.equal(weight_view(gpt2, n), saved[n])
+            P = method.projectors[n]
+            assert dw.norm() > 0
+            assert (dw @ (torch.eye(P.shape[0], dtype=torch.float64) - P)).norm() <= 1e-5 * dw.norm()
+            assert method.past_kkt[n].trace() > 0
+    finally:
+        for n, w in saved.items():
+            weight_view(gpt2, n).data.copy_(w)
+
+
+def test_alphaedit_eac_presets_compose_alphaedit_with_eac():
+    method = method_from_preset("alphaedit-eac")
+    plain = method_from_preset("alphaedit")
+    assert type(method) is AlphaEdit and method.label == "AlphaEdit-EAC" and plain.label == "AlphaEdit"
+    assert (method.nullspace_threshold, method.l2, method.z) == (plain.nullspace_threshold, plain.l2, plain.z)
+    assert method.eac == method_from_preset("memit-eac").eac  # EAC values shared with MEMIT-EAC
+    tb = method_from_preset(METHOD_PRESETS / "alphaedit-eac.yaml", CONFIGS_DIR / "testbed" / "alphaedit-eac.yaml")
+    assert tb.write_aware and tb.eac is not None and tb.z.clamp_norm_factor == 4.0
