@@ -50,7 +50,7 @@ def test_alphaedit_eac_z_is_zero_outside_its_anchors_and_the_write_stays_in_the_
         gpt2, tokenizer, stats, batch, write_aware):
     names = [mlp_out_name(gpt2, l) for l in (1, 2)]
     threshold = max(torch.linalg.eigvalsh(stats.get(n).matrix).median().item() for n in names)
-    method = AlphaEdit(layers=[1, 2], context=CTX, z=Z, nullspace_threshold=threshold, eac=EAC,
+    method = AlphaEdit(layers=[1, 2], context=CTX, target=Z, nullspace_threshold=threshold, eac=EAC,
                        write_aware=write_aware)
     assert method.label == "AlphaEdit-EAC"
     method.setup(gpt2, tokenizer, stats)
@@ -78,7 +78,7 @@ def test_alphaedit_eac_presets_compose_alphaedit_with_eac():
     method = method_from_preset("alphaedit-eac")
     plain = method_from_preset("alphaedit")
     assert type(method) is AlphaEdit and method.label == "AlphaEdit-EAC" and plain.label == "AlphaEdit"
-    assert (method.nullspace_threshold, method.l2, method.z) == (plain.nullspace_threshold, plain.l2, plain.z)
+    assert (method.nullspace_threshold, method.l2, method.target) == (plain.nullspace_threshold, plain.l2, plain.target)
     assert method.eac == method_from_preset("memit-eac").eac  # EAC values shared with MEMIT-EAC
     tb = method_from_preset(METHOD_PRESETS / "alphaedit-eac.yaml", CONFIGS_DIR / "testbed" / "alphaedit-eac.yaml")
-    assert tb.write_aware and tb.eac is not None and tb.z.clamp_norm_factor == 4.0
+    assert tb.write_aware and tb.eac is not None and tb.target.clamp_norm_factor == 4.0

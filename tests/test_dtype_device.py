@@ -23,11 +23,11 @@ from eac_lightning.stats.covariance import CovarianceStore
 CTX = ContextTemplateParams(length_count=[[3, 2]])
 REQ = EditRequest(prompt="{} is located in", subject="The Eiffel Tower", target_new="Rome")
 METHODS = {
-    "rome": lambda: ROME(layer=1, context=CTX, v=TargetHyperParams(num_steps=10)),
-    "rome-eac": lambda: ROME(layer=1, context=CTX, v=TargetHyperParams(num_steps=10), eac=EACHyperParams()),
-    "memit": lambda: MEMIT(layers=[1, 2], context=CTX, z=TargetHyperParams(num_steps=10, clamp_norm_factor=4.0),
+    "rome": lambda: ROME(layer=1, context=CTX, target=TargetHyperParams(num_steps=10)),
+    "rome-eac": lambda: ROME(layer=1, context=CTX, target=TargetHyperParams(num_steps=10), eac=EACHyperParams()),
+    "memit": lambda: MEMIT(layers=[1, 2], context=CTX, target=TargetHyperParams(num_steps=10, clamp_norm_factor=4.0),
                            mom2_update_weight=100.0),
-    "memit-eac": lambda: MEMIT(layers=[1, 2], context=CTX, z=TargetHyperParams(num_steps=10, clamp_norm_factor=4.0),
+    "memit-eac": lambda: MEMIT(layers=[1, 2], context=CTX, target=TargetHyperParams(num_steps=10, clamp_norm_factor=4.0),
                                mom2_update_weight=100.0, eac=EACHyperParams()),
 }
 

@@ -29,7 +29,7 @@ def test_rome_edit_through_the_editor_on_every_family(tokenizer, corpus, family)
     model = make_tiny_model(family, len(tokenizer))
     stats = CovarianceStore(model, tokenizer, corpus=str(corpus), num_tokens=1024, seq_len=64, batch_size=8,
                             directory=corpus.parent)
-    method = ROME(layer=1, context=ContextTemplateParams(length_count=[[3, 1]]), v=TargetHyperParams(num_steps=5))
+    method = ROME(layer=1, context=ContextTemplateParams(length_count=[[3, 1]]), target=TargetHyperParams(num_steps=5))
     editor = Editor(model, tokenizer, method, stats)
     name = mlp_out_name(model, 1)
     cov = stats.get(name)

@@ -34,8 +34,8 @@ def saved(tokenizer, tmp_path_factory):
 
 
 @pytest.mark.parametrize("method", [
-    lambda: ROME(layer=1, context=CTX, mom2_adjustment=False, v=TargetHyperParams(num_steps=5)),
-    lambda: MEMIT(layers=[0, 1], context=CTX, z=TargetHyperParams(num_steps=5), mom2_update_weight=100.0),
+    lambda: ROME(layer=1, context=CTX, mom2_adjustment=False, target=TargetHyperParams(num_steps=5)),
+    lambda: MEMIT(layers=[0, 1], context=CTX, target=TargetHyperParams(num_steps=5), mom2_update_weight=100.0),
 ], ids=["rome", "memit"])
 def test_disk_offloaded_model_gets_the_deltas_of_the_whole_model(saved, method):
     from eac_lightning.stats.covariance import Covariance

@@ -3,9 +3,10 @@
 The method presets (``configs/methods/*.yaml``) hold the published hyper-parameters, set for GPT2-XL-sized models.
 On the offline testbed some of them write nothing (MEMIT's λ = 20000 and clamp 0.75: the testbed's keys are ~1e3
 times smaller than GPT2-XL's); the values measured there live in ``configs/testbed/<method>.yaml`` (each file
-says where its values come from). When the model is a testbed, :func:`apply_model_settings` puts those values in
-place of the published ones, leaf by leaf, and leaves alone every value that differs from the published preset (a
-value the user chose). ``--model.method_settings as_given`` turns this off.
+says where its values come from), and ``configs/testbed/auto.yaml`` lists which of them were measured to help on
+which testbed. When the model is such a testbed, :func:`apply_model_settings` puts those values in place of the
+published ones, leaf by leaf, and leaves alone every value that differs from the published preset (a value the
+user chose). ``--model.method_settings as_given`` turns this off.
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ import yaml
 
 from eac_lightning.paths import CONFIGS_DIR
 
-#: the model-name prefixes with measured settings, and the folder holding them
-SETTINGS_DIRS = {"testbed:": CONFIGS_DIR / "testbed"}
+#: the folder of the measured settings, and the file naming which apply on which testbed
+SETTINGS_DIR = CONFIGS_DIR / "testbed"
+AUTO_FILE = SETTINGS_DIR / "auto.yaml"
 PUBLISHED_DIR = CONFIGS_DIR / "methods"
 _EAC_SUFFIX = {"rome": "-eac", "memit": "-eac", "alphaedit": "-eac", "ft": "-en"}
 
@@ -34,12 +36,14 @@ def method_key(spec: dict[str, Any]) -> str:
 
 
 def settings_file(model: str, spec: dict[str, Any]) -> Path | None:
-    """The measured settings for ``spec``'s method on ``model``, if there are any."""
-    for prefix, folder in SETTINGS_DIRS.items():
-        if model.startswith(prefix):
-            path = folder / f"{method_key(spec)}.yaml"
-            return path if path.exists() else None
-    return None
+    """The measured settings for ``spec``'s method on ``model`` (``testbed:<name>``), if there are any."""
+    prefix, _, name = model.partition(":")
+    if prefix != "testbed":
+        return None
+    key = method_key(spec)
+    if key not in (yaml.safe_load(AUTO_FILE.read_text(encoding="utf-8")) or {}).get(name, []):
+        return None
+    return SETTINGS_DIR / f"{key}.yaml"
 
 
 def _leaves(tree: dict[str, Any], prefix: tuple[str, ...] = ()):
