@@ -61,7 +61,7 @@ def test_alphaedit_eac_z_is_zero_outside_its_anchors_and_the_write_stays_in_the_
         for t in targets:  # EAC Eq. 2-3: round((100-γ)%·d) anchors, every other dimension of δ exactly zero
             assert t.anchors is not None and int(t.anchors.sum()) == anchor_count(d, EAC.gamma)
             assert t.delta[~t.anchors].eq(0).all() and t.delta[t.anchors].ne(0).any()
-        deltas = method.write(gpt2, tokenizer, targets)
+        deltas = method.write(gpt2, tokenizer, targets).deltas
         for n in names:  # AlphaEdit Eq. 12-15: ΔW(I − P) = 0, keys in the protected subspace are left unchanged
             dw = deltas[n].double()  # the update itself (the float32 weights round a change this small)
             assert not torch.equal(weight_view(gpt2, n), saved[n])

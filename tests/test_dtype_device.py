@@ -67,7 +67,7 @@ def _edit(tokenizer, corpus, method: str, dtype: torch.dtype):
                             directory=corpus.parent)
     editor = Editor(model, tokenizer, METHODS[method](), stats)
     before = _target_logprob(model, tokenizer, REQ)
-    deltas = editor.edit(REQ)
+    deltas = editor.edit(REQ).deltas
     return model, deltas, stats, _target_logprob(model, tokenizer, REQ) - before
 
 
@@ -107,7 +107,7 @@ def test_float16_on_cpu_edits_without_a_non_finite_loss(tiny_testbed):
     editor = Editor.load(str(tiny_testbed), method, device="cpu", dtype="float16", num_tokens=4096)
     req = EditRequest(prompt="{} plays the instrument", subject="Friedrich Gulda", target_new="violin")
     before = _target_logprob(editor.model, editor.tokenizer, req)
-    deltas = editor.edit(req)
+    deltas = editor.edit(req).deltas
     assert all(d.dtype == torch.float16 and torch.isfinite(d).all() for d in deltas.values())
     assert all(torch.isfinite(p).all() for p in editor.model.parameters())
     assert _target_logprob(editor.model, editor.tokenizer, req) > before

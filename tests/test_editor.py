@@ -207,7 +207,7 @@ def test_published_preset_composes_after_its_method_preset(compose, path, base):
         assert {"lam": 5.0e-7, "penalty_scale": "absolute"}.items() <= asdict(method.eac).items()
 
 
-TESTBED_OVERLAYS = sorted((REPO / "configs" / "testbed").glob("*.yaml"))
+TESTBED_OVERLAYS = sorted(p for p in (REPO / "configs" / "testbed").glob("*.yaml") if p.name != "auto.yaml")
 
 
 @pytest.mark.parametrize("path", TESTBED_OVERLAYS, ids=[p.stem for p in TESTBED_OVERLAYS])
@@ -227,4 +227,5 @@ def test_testbed_overlay_composes_after_its_method_preset(compose, path, tmp_pat
         if base.get("eac"):  # the EAC values the overlay does not name stay the preset's
             kept = {k: v for k, v in base["eac"].items() if k not in overlay.get("eac", {})}
             _subset_matches(method.eac, kept, f"{path} <- {path.name}")
-        assert method.context.length_count == base["context"]["length_count"]
+        if "context" in base:  # UltraEdit has no prefix contexts
+            assert method.context.length_count == base["context"]["length_count"]

@@ -37,7 +37,7 @@ def test_rome_edit_through_the_editor_on_every_family(tokenizer, corpus, family)
     w0 = weight_view(model, name).detach().clone()
     k = compute_keys(model, tokenizer, [REQ], 1, method.templates)[0]
     targets = method.compute_targets(model, tokenizer, [REQ])
-    deltas = method.write(model, tokenizer, targets)
+    deltas = method.write(model, tokenizer, targets).deltas
     w1 = weight_view(model, name).detach()
     d = deltas[name]
     assert torch.isfinite(d).all() and d.norm() > 0

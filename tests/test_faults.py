@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from cli_tools import run_cli, write_config
 
 from eac_lightning.data.datamodule import EditDataModule
 from eac_lightning.data.requests import (
@@ -45,35 +46,6 @@ KEY = "eac_lightning"
 
 
 # ------------------------------------------------------------------------------------------------------ helpers
-def write_config(path: Path, root: Path, num_edits: int = 4, data: dict | None = None) -> Path:
-    cfg = {
-        "seed_everything": 0,
-        "trainer": {"default_root_dir": str(root), "enable_progress_bar": False},
-        "model": {
-            "model": "testbed:tiny",
-            "stats_tokens": 4000,
-            "method": {"class_path": "eac_lightning.methods.ROME",
-                       "init_args": {"target": {"num_steps": 6}, "context": {"length_count": [[5, 2]]},
-                                     "eac": {"gamma": 80.0}}},
-            "evaluation": {"tasks": ["sst2"], "default_limit": 4, "probes": ["fact_retention"],
-                           "rome_scores": False},
-        },
-        "data": {"path": "counterfact", "num_edits": num_edits, "num_retention": 4, **(data or {})},
-        "eval": {"every": 2},
-    }
-    path.write_text(yaml.safe_dump(cfg))
-    return path
-
-
-def run_cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO / "tests" / "helpers")}
-    proc = subprocess.run([sys.executable, "-m", "eac_lightning.lightning.cli", *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=600)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
-    return proc
-
-
 def kill_config(path: Path, steps: int = 2) -> Path:
     path.write_text(yaml.safe_dump({"trainer": {"callbacks": [
         {"class_path": "run_probes.KillAfter", "init_args": {"steps": steps}}]}}))
@@ -386,7 +358,7 @@ def test_kill_resume_keeps_history_skips_bad_records_and_tolerates_a_cut_ledger_
     data.write_text(json.dumps([bad_subject, records[2], too_long, records[3], records[4]]))
     root = tmp_path / "run"
     cfg = write_config(tmp_path / "cfg.yaml", root, num_edits=3,
-                       data={"path": str(data), "shuffle": False, "skip_malformed": True, "num_retention": 0})
+                       extra={"data": {"path": str(data), "shuffle": False, "skip_malformed": True, "num_retention": 0}})
     assert run_cli("fit", "--config", str(cfg), "--config", str(kill_config(tmp_path / "k.yaml")),
                    check=False).returncode
     with open(root / "edits.jsonl", "a") as fh:

@@ -4,49 +4,15 @@ failure cases (corrupt checkpoint, an occupied run folder)."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from cli_tools import run_cli, write_config
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
-
-
-def write_config(path: Path, root: Path, num_edits: int = 4, extra: dict | None = None) -> Path:
-    cfg = {
-        "seed_everything": 0,
-        "trainer": {"default_root_dir": str(root), "enable_progress_bar": False},
-        "model": {
-            "model": "testbed:tiny",
-            "stats_tokens": 4000,
-            "method": {"class_path": "eac_lightning.methods.ROME",
-                       "init_args": {"target": {"num_steps": 6}, "context": {"length_count": [[5, 2]]},
-                                     "eac": {"gamma": 80.0}}},
-            "evaluation": {"tasks": ["sst2"], "default_limit": 4, "probes": ["fact_retention"],
-                           "rome_scores": False},
-        },
-        "data": {"path": "counterfact", "num_edits": num_edits,
-                 "num_retention": 4},
-        "eval": {"every": 2},
-    }
-    for k, v in (extra or {}).items():
-        cfg.setdefault(k, {}).update(v) if isinstance(v, dict) else cfg.__setitem__(k, v)
-    path.write_text(yaml.safe_dump(cfg))
-    return path
-
-
-def run_cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO / "tests" / "helpers")}
-    proc = subprocess.run([sys.executable, "-m", "eac_lightning.lightning.cli", *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=900)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
-    return proc
 
 
 def load_deltas(root: Path) -> dict[str, torch.Tensor]:

@@ -91,7 +91,7 @@ def test_write_solves_the_least_squares_system_of_the_normalised_pseudo_values(g
     method.setup(gpt2, tokenizer)
     before = snapshot(gpt2, method.module_names)
     feats = method.compute_targets(gpt2, tokenizer, REQS)
-    deltas = method.write(gpt2, tokenizer, feats)
+    deltas = method.write(gpt2, tokenizer, feats).deltas
     for name in method.module_names:
         dw = (weight_view(gpt2, name).detach() - before[name]).double()
         torch.testing.assert_close(deltas[name].double(), dw, atol=1e-6, rtol=0)

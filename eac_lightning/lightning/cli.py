@@ -18,8 +18,8 @@ import sys
 import warnings
 from pathlib import Path
 
-from jsonargparse import DefaultHelpFormatter, Namespace, dict_to_namespace
-from lightning.pytorch.callbacks import ModelCheckpoint
+from jsonargparse import DefaultHelpFormatter, Namespace
+from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningCLI
 
 from eac_lightning.data.datamodule import EditDataModule
@@ -144,12 +144,21 @@ class EditingCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs):
         self.model.method_settings_applied = self.method_settings_applied
+        config = self._get(self.config_init, "trainer", default={})
+        chosen = config.get("callbacks") or []
+        if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in chosen):
+            # Lightning's default bar only redraws one line; this one also reads well in a log file
+            kwargs["callbacks"] = [*chosen, LineProgressBar()]
         trainer = super().instantiate_trainer(**kwargs)
         trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         for cb in trainer.checkpoint_callbacks:  # in the run folder whatever the logger, so ``last`` finds them
             if isinstance(cb, ModelCheckpoint) and cb.dirpath is None:
                 cb.dirpath = str(Path(trainer.default_root_dir) / "checkpoints")
         return trainer
+
+
+def _namespace(tree: dict) -> Namespace:
+    return Namespace(**{k: _namespace(v) if isinstance(v, dict) else v for k, v in tree.items()})
 
 
 def _apply_model_settings(model_cfg: Namespace) -> dict:
@@ -161,7 +170,7 @@ def _apply_model_settings(model_cfg: Namespace) -> dict:
         return {}
     spec, applied = apply_model_settings(model_cfg.model, model_cfg.method.as_dict())
     if applied:
-        model_cfg.method = dict_to_namespace(spec)
+        model_cfg.method = _namespace(spec)
         print(f"method settings for {model_cfg.model} from {applied['file']}: " + ", ".join(
             f"{k} {a} -> {b}" for k, (a, b) in applied["changed"].items()) + " (--model.method_settings as_given "
             "keeps the configured values)", file=sys.stderr)
@@ -296,7 +305,6 @@ def main(args: list[str] | None = None) -> None:
             "enable_model_summary": False,
             "callbacks": [
                 WeightUpdate(),
-                LineProgressBar(),
                 EditLedger(),
                 Plots(),
                 # Every step's state is kept (edit-step=S.ckpt): ``rollback`` returns a run to any of them.

@@ -13,7 +13,6 @@ edit and replays the rest:
 
 from __future__ import annotations
 
-import csv
 import os
 import shutil
 import time
@@ -25,12 +24,7 @@ from eac_lightning.lightning.checkpoint import (
     load_checkpoint_file,
     verify_deltas,
 )
-from eac_lightning.lightning.run_folder import (
-    RunLock,
-    read_ledger,
-    trim_metrics,
-    write_lines,
-)
+from eac_lightning.lightning.run_folder import RunLock, keep_csv_rows, read_ledger, trim_metrics, write_lines
 
 DATAMODULE_KEY = "EditDataModule"
 
@@ -127,37 +121,8 @@ def _rollback(root: Path, to_edit: int, drop: list[int]) -> dict[str, Any]:
     }
     write_lines(ledger_path, [r for r in ledger if r.get("edit", -1) < to_edit] + [event])
     trim_metrics(root / "metrics.csv", step)
-    _trim_norms(root / "norms.csv", to_edit)
+    keep_csv_rows(root / "norms.csv", lambda r: int(float(r["edits"])) <= to_edit)
     summary = root / "summary.json"
     if summary.exists():
         shutil.move(str(summary), aside / "summary.json")  # it describes the state rolled back from
     return event
-
-
-def _trim_norms(path: Path, to_edit: int) -> None:
-    if not path.exists():
-        return
-    with open(path, newline="", encoding="utf-8") as fh:
-        reader = csv.DictReader(fh)
-        keys, rows = list(reader.fieldnames or []), [r for r in reader if int(float(r["edits"])) <= to_edit]
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, fieldnames=keys)
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, path)
-
-
-def rollback_command(argv: Sequence[str]) -> None:
-    """``eac-lightning rollback RUN --to-edit K [--drop E ...]``."""
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="eac-lightning rollback", description=rollback.__doc__.split("\n")[0])
-    parser.add_argument("run", help="the run folder")
-    parser.add_argument("--to-edit", type=int, required=True, help="edits kept (ledger edits 0 .. K-1)")
-    parser.add_argument("--drop", type=int, nargs="*", default=[],
-                        help="ledger edit numbers (>= K, rolled back) to leave out when the run resumes")
-    args = parser.parse_args(list(argv))
-    run, event = args.run, rollback(args.run, args.to_edit, args.drop)
-    print(f"rolled {run} back to {args.to_edit} edits ({event['checkpoint']}); removed {len(event['removed'])} edits "
-          f"(kept in {event['moved_to']}); dropped from the replay: {event['dropped_from_replay'] or 'none'}")

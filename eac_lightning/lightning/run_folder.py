@@ -16,7 +16,7 @@ import os
 import socket
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from lightning.fabric.loggers.csv_logs import _ExperimentWriter
 from lightning.pytorch.loggers import CSVLogger
@@ -111,22 +111,27 @@ class RunCSVLogger(CSVLogger):
         return self._experiment
 
 
-def trim_metrics(path: Path, last_step: int) -> None:
-    """Keep the rows of ``metrics.csv`` logged at or before ``last_step`` (a fresh run: ``-1``, none)."""
+def keep_csv_rows(path: Path, keep: Callable[[dict[str, str]], bool]) -> None:
+    """Rewrite a history CSV with only the rows ``keep`` accepts (atomically; untouched when all are kept)."""
     if not path.exists():
         return
     with open(path, newline="", encoding="utf-8") as fh:
         reader = csv.DictReader(fh)
         keys, rows = list(reader.fieldnames or []), list(reader)
-    keep = [r for r in rows if r.get("step") not in (None, "") and int(float(r["step"])) <= last_step]
-    if len(keep) == len(rows):
+    kept = [r for r in rows if keep(r)]
+    if len(kept) == len(rows):
         return
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", newline="", encoding="utf-8") as fh:
         writer = csv.DictWriter(fh, fieldnames=keys)
         writer.writeheader()
-        writer.writerows(keep)
+        writer.writerows(kept)
     os.replace(tmp, path)
+
+
+def trim_metrics(path: Path, last_step: int) -> None:
+    """Keep the rows of ``metrics.csv`` logged at or before ``last_step`` (a fresh run: ``-1``, none)."""
+    keep_csv_rows(path, lambda r: r.get("step") not in (None, "") and int(float(r["step"])) <= last_step)
 
 
 def read_ledger(path: Path) -> list[dict[str, Any]]:
