@@ -19,6 +19,7 @@ def write_config(path: Path, root: Path, num_edits: int = 4, extra: dict | None 
         "trainer": {"default_root_dir": str(root), "enable_progress_bar": False},
         "model": {
             "model": "testbed:tiny",
+            "method_settings": "as_given",  # the mechanics under test, not the testbed's measured settings
             "stats_tokens": 4000,
             "method": {"class_path": "eac_lightning.methods.ROME",
                        "init_args": {"target": {"num_steps": 6}, "context": {"length_count": [[5, 2]]},
