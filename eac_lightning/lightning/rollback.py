@@ -126,3 +126,18 @@ def _rollback(root: Path, to_edit: int, drop: list[int]) -> dict[str, Any]:
     if summary.exists():
         shutil.move(str(summary), aside / "summary.json")  # it describes the state rolled back from
     return event
+
+
+def rollback_command(argv: Sequence[str]) -> None:
+    """``eac-lightning rollback RUN --to-edit K [--drop E ...]``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="eac-lightning rollback", description=rollback.__doc__.split("\n")[0])
+    parser.add_argument("run", help="the run folder")
+    parser.add_argument("--to-edit", type=int, required=True, help="edits kept (ledger edits 0 .. K-1)")
+    parser.add_argument("--drop", type=int, nargs="*", default=[],
+                        help="ledger edit numbers (>= K, rolled back) to leave out when the run resumes")
+    args = parser.parse_args(list(argv))
+    run, event = args.run, rollback(args.run, args.to_edit, args.drop)
+    print(f"rolled {run} back to {args.to_edit} edits ({event['checkpoint']}); removed {len(event['removed'])} edits "
+          f"(kept in {event['moved_to']}); dropped from the replay: {event['dropped_from_replay'] or 'none'}")
