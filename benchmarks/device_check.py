@@ -61,33 +61,39 @@ def model_specs(smoke: bool) -> list[dict]:
 
     from eac_lightning.models.loading import PUBLISHED_LAYERS
 
-    ids = dict(bos_token_id=0, eos_token_id=0, pad_token_id=0)  # the trained tokenizer's <|endoftext|>
+    ids = {"bos_token_id": 0, "eos_token_id": 0, "pad_token_id": 0}  # the trained tokenizer's <|endoftext|>
     if smoke:
         return [
-            dict(name="gpt2-tiny", config=GPT2Config(n_layer=4, n_embd=64, n_head=4, n_positions=256,
+            {"name": "gpt2-tiny", "config": GPT2Config(n_layer=4, n_embd=64, n_head=4, n_positions=256,
                                                      vocab_size=1000, **ids),
-                 rome_layer=1, memit_layers=[0, 1], mom2_update_weight=100.0),
-            dict(name="llama-tiny", config=LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                 "rome_layer": 1, "memit_layers": [0, 1], "mom2_update_weight": 100.0},
+            {"name": "llama-tiny", "config": LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=4,
                                                        num_attention_heads=4, num_key_value_heads=2, vocab_size=1000,
                                                        max_position_embeddings=256, **ids),
-                 rome_layer=1, memit_layers=[0, 1], mom2_update_weight=100.0),
+                 "rome_layer": 1, "memit_layers": [0, 1], "mom2_update_weight": 100.0},
         ]
     gpt2, llama = PUBLISHED_LAYERS["gpt2-xl"], PUBLISHED_LAYERS["meta-llama-3-8b"]
     return [
-        dict(name="gpt2-xl", config=GPT2Config(n_layer=48, n_embd=1600, n_head=25, n_positions=1024,
+        {"name": "gpt2-xl", "config": GPT2Config(n_layer=48, n_embd=1600, n_head=25, n_positions=1024,
                                                vocab_size=50257, **ids),
-             rome_layer=gpt2.rome, memit_layers=list(gpt2.memit), mom2_update_weight=20000.0),
-        dict(name="llama-3-8b", config=LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+             "rome_layer": gpt2.rome, "memit_layers": list(gpt2.memit), "mom2_update_weight": 20000.0},
+        {"name": "llama-3-8b", "config": LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                                                    num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
                                                    max_position_embeddings=8192, rope_theta=500000.0, **ids),
-             rome_layer=llama.rome, memit_layers=list(llama.memit), mom2_update_weight=15000.0),
+             "rome_layer": llama.rome, "memit_layers": list(llama.memit), "mom2_update_weight": 15000.0},
     ]
 
 
 def make_method(name: str, spec: dict, steps: int):
     """The method preset's settings (configs/methods/<name>.yaml) with ``steps`` target steps and the model's
     published layers and λ."""
-    from eac_lightning.methods import MEMIT, ROME, ContextTemplateParams, EACHyperParams, TargetHyperParams
+    from eac_lightning.methods import (
+        MEMIT,
+        ROME,
+        ContextTemplateParams,
+        EACHyperParams,
+        TargetHyperParams,
+    )
 
     eac = EACHyperParams() if name.endswith("-eac") else None
     context = ContextTemplateParams(length_count=[[5, 10], [10, 10]])
@@ -240,7 +246,7 @@ def check_model(spec: dict, tok, requests, args, device, dtype, meter: MemoryMet
                 continue
             try:
                 out["methods"][name] = time_method(name, spec, model, tok, stats, requests, args, device, meter)
-            except Exception as err:  # one method's failure (e.g. out of memory) must not lose the others
+            except Exception as err:  # noqa: BLE001 -- one method's failure (e.g. out of memory) must not lose the others
                 out["methods"][name] = {"error": f"{type(err).__name__}: {err}"}
             print(f"{spec['name']} {name}: {json.dumps(out['methods'][name])[:300]}", file=sys.stderr, flush=True)
             save()
@@ -290,7 +296,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", default=None, help="JSON file (default $OUT/device_check.json if $OUT is set, "
                                                     "else benchmarks/results/device_check.json)")
     args = parser.parse_args(argv)
-    defaults = dict(steps=(2, 4), rome_edits=(2, 3), memit_batch=(4, 100), stats_tokens=(512, 8192))
+    defaults = {"steps": (2, 4), "rome_edits": (2, 3), "memit_batch": (4, 100), "stats_tokens": (512, 8192)}
     for key, (smoke_value, full_value) in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, smoke_value if args.smoke else full_value)

@@ -43,7 +43,7 @@ def config(name: str):
     """GPT-2 medium and a ~1B llama (TinyLlama-1.1B's shape), pad/eos on the trained tokenizer's id 0."""
     from transformers import GPT2Config, LlamaConfig
 
-    ids = dict(bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    ids = {"bos_token_id": 0, "eos_token_id": 0, "pad_token_id": 0}
     if name == "gpt2-medium":
         return GPT2Config(n_layer=24, n_embd=1024, n_head=16, n_positions=1024, vocab_size=50257, **ids)
     if name == "llama-1b":
@@ -70,7 +70,12 @@ def worker(model_name: str, method_name: str, args) -> dict:
     from device_check import build_model, train_tokenizer
 
     from eac_lightning.data.sources import load_requests
-    from eac_lightning.methods import MEMIT, ROME, ContextTemplateParams, TargetHyperParams
+    from eac_lightning.methods import (
+        MEMIT,
+        ROME,
+        ContextTemplateParams,
+        TargetHyperParams,
+    )
     from eac_lightning.methods.edit import edit
     from eac_lightning.stats.covariance import CovarianceStore
 
@@ -109,8 +114,8 @@ def worker(model_name: str, method_name: str, args) -> dict:
 
 
 def markdown(report: dict) -> str:
-    lines = ["| model | params | dtype | weights GiB | method | RSS after load + stats | peak after edit 1 | "
-             "edit 3 | edit 5 | growth 1→5 | s/edit |", "|---|---:|---|---:|---|---:|---:|---:|---:|---:|---:|"]
+    lines = [("| model | params | dtype | weights GiB | method | RSS after load + stats | peak after edit 1 | "
+              "edit 3 | edit 5 | growth 1→5 | s/edit |"), "|---|---:|---|---:|---|---:|---:|---:|---:|---:|---:|"]
     for r in report["runs"]:
         if "error" in r:
             lines.append(f"| {r['model']} | | | | {r['method']} | error: {r['error'][:120]} | | | | | |")
@@ -152,7 +157,7 @@ def main(argv: list[str] | None = None) -> dict:
             cmd = [sys.executable, __file__, "--worker", model_name, method_name, "--dtype", args.dtype,
                    "--edits", str(args.edits), "--steps", str(args.steps), "--stats-tokens", str(args.stats_tokens)]
             t0 = time.perf_counter()
-            proc = subprocess.run(cmd, capture_output=True, text=True)
+            proc = subprocess.run(cmd, capture_output=True, text=True, check=False)  # a failed run is recorded
             if proc.returncode == 0:
                 run = json.loads(proc.stdout.strip().splitlines()[-1])
             else:
