@@ -78,6 +78,30 @@ def test_kill_and_resume_equals_uninterrupted(full_run, tmp_path):
     assert [r["edit"] for r in rows] == [0, 1, 2, 3]  # nothing applied twice, nothing skipped
 
 
+def test_sigterm_stops_within_seconds_and_the_run_resumes(tmp_path):
+    """SIGTERM mid-stream stops the run within seconds (as Ctrl-C: Lightning alone would finish the epoch, i.e. the
+    whole stream), and the run resumes from its last checkpoint with every edit once in the ledger."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    root = tmp_path / "run"
+    cfg = write_config(tmp_path / "cfg.yaml", root, num_edits=12)
+    proc = subprocess.Popen([sys.executable, "-m", "eac_lightning.lightning.cli", "fit", "--config", str(cfg)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 600
+    while not ((root / "edits.jsonl").exists() and (root / "edits.jsonl").read_text().strip()):
+        assert proc.poll() is None and time.time() < deadline, "the run ended before its first edit"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    sent = time.time()
+    proc.wait(timeout=60)
+    assert time.time() - sent < 15 and proc.returncode != 0
+    run_cli("fit", "--config", str(cfg), "--ckpt_path", "last")
+    assert [r["edit"] for r in ledger(root)] == list(range(12))
+
+
 def test_corrupt_checkpoint_is_named_and_not_overwritten(full_run, tmp_path):
     bad = tmp_path / "bad.ckpt"
     good = (full_run / "checkpoints" / "last.ckpt").read_bytes()

@@ -202,7 +202,7 @@ class Evaluator:
                 self.rank, self.world_size)}))
         out: dict[str, float] = {}
         with progress(total=len(parts), desc="evaluation", unit="part", leave=False,
-                      disable=self.rank != 0) as bar:
+                      disable=self.rank != 0 or not parts) as bar:
             for name, run in parts:
                 bar.set_postfix_str(name)
                 t0 = time.perf_counter()
