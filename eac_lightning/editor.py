@@ -18,6 +18,7 @@ from torch import nn
 from eac_lightning.data.requests import EditRequest, validate_requests
 from eac_lightning.methods.base import EditMethod, restore_weights, snapshot
 from eac_lightning.methods.edit import EditResult, edit
+from eac_lightning.methods.settings import apply_model_settings
 from eac_lightning.models.loading import load_model
 from eac_lightning.paths import CONFIGS_DIR
 from eac_lightning.stats.covariance import CovarianceStore
@@ -32,10 +33,13 @@ def _merged(base: dict, over: dict) -> dict:
     return out
 
 
-def method_from_preset(name_or_path: str, *overlays: str | Path | dict) -> EditMethod:
+def method_from_preset(name_or_path: str, *overlays: str | Path | dict, model: str | None = None) -> EditMethod:
     """Instantiate the method of ``configs/methods/<name>.yaml`` (or of a YAML file's ``model.method``), with the
     ``model.method`` of each overlay file (e.g. ``configs/testbed/rome.yaml``) merged over it in order, as a second
-    ``--config`` does on the command line; a dict overlay is such a ``model.method`` itself (``{"init_args": ...}``)."""
+    ``--config`` does on the command line; a dict overlay is such a ``model.method`` itself (``{"init_args": ...}``).
+    With ``model``, the settings measured for that model then replace the published values the spec still holds
+    (:func:`eac_lightning.methods.settings.apply_model_settings`; what changed is in the method's
+    ``applied_settings``)."""
     import yaml
     from jsonargparse import ArgumentParser
 
@@ -49,9 +53,14 @@ def method_from_preset(name_or_path: str, *overlays: str | Path | dict) -> EditM
     for overlay in overlays:
         over = overlay if isinstance(overlay, dict) else yaml.safe_load(Path(overlay).read_text())["model"]["method"]
         spec = _merged(spec, over)
+    applied: dict[str, Any] = {}
+    if model is not None:
+        spec, applied = apply_model_settings(model, spec)
     parser = ArgumentParser(exit_on_error=False)
     parser.add_argument("--method", type=EditMethod)
-    return parser.instantiate_classes(parser.parse_object({"method": spec})).method
+    method = parser.instantiate_classes(parser.parse_object({"method": spec})).method
+    method.applied_settings = applied
+    return method
 
 
 class Editor:
@@ -74,8 +83,11 @@ class Editor:
     @classmethod
     def load(cls, model: str = "testbed:small", method: str | EditMethod = "rome-eac", device: str | None = None,
              dtype: str | torch.dtype = "float32", adapter: dict | str | Path | None = None,
-             **stats_kwargs: Any) -> "Editor":
+             method_settings: str = "auto", **stats_kwargs: Any) -> "Editor":
         """Load ``model`` (``testbed:<preset>``, a folder or a hub id) and a method (preset name or instance).
+
+        A preset name on a testbed gets the settings measured there (``method_settings="auto"``, as on the command
+        line; ``editor.method.applied_settings`` says what changed); ``"as_given"`` keeps the preset's values.
 
         ``device``: where the model, keys and statistics live (default: CUDA when available, else the CPU);
         ``dtype``: the weights' dtype (``"bfloat16"``...; keys, statistics and solves stay float32/float64 and
@@ -85,7 +97,12 @@ class Editor:
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         m, tok = load_model(model, dtype=dtype, device=device, adapter=adapter)
-        meth = method_from_preset(method) if isinstance(method, str) else method
+        if method_settings not in ("auto", "as_given"):
+            raise ValueError(f"method_settings must be 'auto' or 'as_given', not {method_settings!r}")
+        if isinstance(method, str):
+            meth = method_from_preset(method, model=model if method_settings == "auto" else None)
+        else:
+            meth = method
         return cls(m, tok, meth, CovarianceStore(m, tok, **stats_kwargs))
 
     def edit(self, requests: EditRequest | Sequence[EditRequest]) -> EditResult:

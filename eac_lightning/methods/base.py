@@ -68,6 +68,8 @@ class EditMethod:
     every module it touched is restored.
     """
 
+    #: what the settings measured for the model changed in this method's preset (:mod:`eac_lightning.methods.settings`)
+    applied_settings: dict[str, Any] = {}
     #: the modules this method edits, known after :meth:`setup`
     module_names: list[str]
 
