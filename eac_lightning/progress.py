@@ -13,6 +13,7 @@ import time
 from typing import Any, Iterable
 
 from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 from tqdm.auto import tqdm
 
 #: seconds between progress lines when output goes to a file
@@ -62,18 +63,19 @@ class LineProgressBar(TQDMProgressBar):
     """Lightning's tqdm bar; when output goes to a file, a line with count, total and ETA every
     ``FILE_INTERVAL`` seconds (Lightning's own bar only redraws one line)."""
 
-    def _file_mode(self, bar: tqdm) -> tqdm:
-        if not _interactive():
-            bar.fp = _LineWriter()
-            bar.mininterval = bar.maxinterval = FILE_INTERVAL
-            bar.ascii = True
-        return bar
+    def _lines(self, bar: Tqdm, leave: bool) -> Tqdm:
+        if _interactive(sys.stdout):
+            return bar
+        kwargs = {"desc": bar.desc, "disable": bar.disable, "leave": leave, "smoothing": 0,
+                  "bar_format": self.BAR_FORMAT, **tqdm_kwargs()}
+        bar.close()
+        return Tqdm(**{**kwargs, "file": _LineWriter(sys.stdout)})
 
-    def init_train_tqdm(self) -> tqdm:
-        return self._file_mode(super().init_train_tqdm())
+    def init_train_tqdm(self) -> Tqdm:
+        return self._lines(super().init_train_tqdm(), leave=True)
 
-    def init_validation_tqdm(self) -> tqdm:
-        return self._file_mode(super().init_validation_tqdm())
+    def init_validation_tqdm(self) -> Tqdm:
+        return self._lines(super().init_validation_tqdm(), leave=self.trainer.state.fn == "validate")
 
 
 def _raise_interrupt(signum, frame) -> None:
