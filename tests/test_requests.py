@@ -133,9 +133,9 @@ def test_shared_datasets_load_and_a_bad_shared_row_is_named():
     cf = load_requests(data_dir() / "counterfact", limit=5)
     assert len(cf) == 5 and cf[0].subject == "Angola" and cf[0].target_new == "Antarctica"
     assert all(len(r.neighborhood_pairs()) == len(r.neighborhood_prompts) for r in cf)
-    # Row 534 of the shared ZsRE file has an empty 'alt' (target_new): the load stops there, naming it.
-    with pytest.raises(MalformedRequestError, match=r"zsre_mend_train-800.json \(row 534\): field 'target_new'"):
-        load_requests(data_dir() / "zsre")
+    # Rows 534 and 723 of the shipped ZsRE file have an empty 'alt': nothing to edit, left out with a notice each.
+    with pytest.warns(UserWarning, match=r"zsre_mend_train-800.json row 534: field 'alt' is empty"):
+        assert len(load_requests(data_dir() / "zsre")) == 798
 
 
 def test_malformed_request_changes_no_weight(tokenizer, tiny_gpt2):

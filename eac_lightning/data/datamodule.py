@@ -30,8 +30,9 @@ class _EditStream(IterableDataset):
             yield reqs[start : start + dm.batch_size]
 
     def __len__(self) -> int:
-        # The batches still to apply: the progress bar's total and ETA.
-        return -(-(len(self.dm.requests) - self.dm.position) // self.dm.batch_size)
+        # The stream's batches, applied ones included: the progress bar's total and ETA. Lightning counts a resumed
+        # epoch's batches from its checkpoint, so the length must not shrink as the position advances.
+        return -(-len(self.dm.requests) // self.dm.batch_size)
 
 
 class EditDataModule(L.LightningDataModule):
