@@ -112,3 +112,18 @@ def tiny_testbed(_isolated_cache) -> Path:
     folder = shipped_testbed("tiny")
     assert folder is not None, "the package ships testbed:tiny (eac_lightning/assets/testbeds/tiny)"
     return folder
+
+
+@pytest.fixture(scope="module")
+def stats(gpt2, tokenizer, wikitext_lines, tmp_path_factory):
+    """Key statistics of layers 1 and 2 of the module's own ``gpt2`` fixture, over 2048 WikiText tokens."""
+    from eac_lightning.models.adapters import mlp_out_name
+    from eac_lightning.stats.covariance import CovarianceStore
+
+    folder = tmp_path_factory.mktemp("stats")
+    corpus = folder / "corpus.txt"
+    corpus.write_text("\n".join(wikitext_lines[:300]), encoding="utf-8")
+    store = CovarianceStore(gpt2, tokenizer, corpus=str(corpus), num_tokens=2048, seq_len=64, batch_size=8,
+                            directory=folder)
+    store.prefetch([mlp_out_name(gpt2, l) for l in (1, 2)])
+    return store

@@ -18,7 +18,6 @@ from eac_lightning.methods import (
 from eac_lightning.methods.eac import anchor_count
 from eac_lightning.models.adapters import mlp_out_name, weight_view
 from eac_lightning.paths import CONFIGS_DIR
-from eac_lightning.stats.covariance import CovarianceStore
 
 Z = TargetHyperParams(num_steps=8, clamp_norm_factor=0.75)
 CTX = ContextTemplateParams(length_count=[[4, 2]])
@@ -32,17 +31,6 @@ REQS = [
 @pytest.fixture(scope="module")
 def gpt2(tokenizer):
     return make_tiny_model("gpt2", len(tokenizer), seed=1)
-
-
-@pytest.fixture(scope="module")
-def stats(gpt2, tokenizer, wikitext_lines, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("stats")
-    corpus = folder / "corpus.txt"
-    corpus.write_text("\n".join(wikitext_lines[:300]), encoding="utf-8")
-    store = CovarianceStore(gpt2, tokenizer, corpus=str(corpus), num_tokens=2048, seq_len=64, batch_size=8,
-                            directory=folder)
-    store.prefetch([mlp_out_name(gpt2, l) for l in (1, 2)])
-    return store
 
 
 @pytest.mark.parametrize("batch, write_aware", [(1, False), (2, False), (2, True)])

@@ -67,17 +67,6 @@ def _restore(request, gpt2):
     gpt2.load_state_dict(saved)
 
 
-@pytest.fixture(scope="module")
-def stats(gpt2, tokenizer, wikitext_lines, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("stats")
-    corpus = folder / "corpus.txt"
-    corpus.write_text("\n".join(wikitext_lines[:300]), encoding="utf-8")
-    store = CovarianceStore(gpt2, tokenizer, corpus=str(corpus), num_tokens=2048, seq_len=64, batch_size=8,
-                            directory=folder)
-    store.prefetch([mlp_out_name(gpt2, l) for l in (1, 2)])
-    return store
-
-
 def _state(model):
     return {k: v.clone() for k, v in model.state_dict().items()}
 
