@@ -6,13 +6,19 @@ key covariance: cached on disk and excluded from the timings, reported separatel
 sequential setting of the EAC paper). Before each run the edited weights and the method's state are restored, so
 every run edits the same model. One timing is one :meth:`EditMethod.edit` call (validation, target optimisation,
 closed-form write) divided by its batch size; the table reports the median over all edits of all runs, with the
-fastest and slowest. The write step is timed on its own too (``write``), which shows where the time goes.
+fastest and slowest, by wall clock and by CPU time of the process. The write step is timed on its own too
+(``write``), which shows where the time goes.
+
+Beside each median stands the **floor** of a locate-then-edit method: its target optimisation's unavoidable work,
+one forward over the prefix contexts from the edited layer on and one backward per step, for the steps the edit
+really took (:class:`FloorMeter`), so ``× floor`` says how much the rest (keys, closed form, bookkeeping) adds.
 
 Usage::
 
     python benchmarks/edit_speed.py                                  # testbed:tiny (built on first use)
     python benchmarks/edit_speed.py --model testbed:small --edits 5 --repeats 3
     python benchmarks/edit_speed.py --methods rome,rome-eac --edits 10 --batch-size 1
+    python benchmarks/edit_speed.py --model testbed:small --methods rome-eac,memit@10 --edits 20   # side by side
 
 Writes a markdown table to stdout and the raw timings as JSON to ``benchmarks/results/`` (``--out`` to change).
 """
@@ -56,58 +62,121 @@ def machine() -> dict:
     }
 
 
-def steps_of(method) -> int:
-    """Optimisation steps per edit (the dominant cost)."""
-    return int(method.target.num_steps)
+class FloorMeter:
+    """The cost floor of the target optimisations (issue 19): per step, one forward over the active requests'
+    prefix contexts from the edited layer on and one backward, i.e. one :meth:`TargetProblem.loss` and its
+    gradient. While installed it counts, per edit call, the prompts each step ran (requests that reached their
+    target leave the batch); :meth:`floor_s` then times bare loss+gradient evaluations of that call's problems
+    outside the timed region and prices the counted prompt-steps with them."""
+
+    def __init__(self) -> None:
+        from eac_lightning.methods.target import TargetProblem
+
+        self.cls, self.original = TargetProblem, TargetProblem.loss
+        self.prompt_steps = 0
+        self.problems: list = []
+        meter = self
+
+        def counted(problem, delta):
+            if not any(p is problem for p in meter.problems):
+                meter.problems.append(problem)
+            meter.prompt_steps += len(problem._active_texts)
+            return meter.original(problem, delta)
+
+        TargetProblem.loss = counted
+
+    def close(self) -> None:
+        self.cls.loss = self.original
+
+    def reset(self) -> None:
+        self.prompt_steps, self.problems = 0, []
+
+    def floor_s(self, reps: int = 3) -> float | None:
+        """Seconds the counted steps cost at the median speed of a bare step of this call's (last) problem."""
+        if not self.problems:
+            return None
+        problem = self.problems[-1]
+        problem.thaw()
+        times = []
+        for _ in range(reps):
+            delta = torch.zeros_like(problem.v0, requires_grad=True)
+            t0 = time.perf_counter()
+            loss, _ = self.original(problem, delta)
+            torch.autograd.grad(loss, delta)
+            times.append(time.perf_counter() - t0)
+        return self.prompt_steps * statistics.median(times) / len(problem.owner)
 
 
-def bench_method(name: str, model, tok, stats, requests, edits: int, repeats: int, batch_size: int) -> dict:
+def bench_method(spec: str, model, tok, stats, requests, edits: int, repeats: int, batch_size: int) -> dict:
+    """Time ``spec`` ("preset" or "preset@batch_size") over ``repeats`` runs of ``edits`` edits."""
     from eac_lightning.editor import method_from_preset
     from eac_lightning.methods.base import restore_weights, snapshot
 
+    name, _, batch = spec.partition("@")
+    batch_size = int(batch) if batch else batch_size
     method = method_from_preset(name)
     t0 = time.perf_counter()
     method.setup(model, tok, stats)  # templates and statistics: once per run of a real job, not per edit
     setup_s = time.perf_counter() - t0
     saved = snapshot(model, method.module_names)
     state = method.state_dict()
-    per_edit, per_write = [], []
-    for _ in range(repeats):
-        restore_weights(model, saved)
-        method.load_state_dict(state)
-        for start in range(0, edits, batch_size):
-            batch = requests[start:start + batch_size]
-            t0 = time.perf_counter()
-            targets = method.compute_targets(model, tok, batch)
-            t1 = time.perf_counter()
-            method.write(model, tok, targets)
-            t2 = time.perf_counter()
-            per_edit.append((t2 - t0) / len(batch))
-            per_write.append((t2 - t1) / len(batch))
+    per_edit, per_edit_cpu, per_write, floors = [], [], [], []
+    meter = FloorMeter()
+    try:
+        for _ in range(repeats):
+            restore_weights(model, saved)
+            method.load_state_dict(state)
+            for start in range(0, edits, batch_size):
+                batch = requests[start:start + batch_size]
+                meter.reset()
+                t0, c0 = time.perf_counter(), time.process_time()
+                targets = method.compute_targets(model, tok, batch)
+                t1 = time.perf_counter()
+                method.write(model, tok, targets)
+                t2, c2 = time.perf_counter(), time.process_time()
+                per_edit.append((t2 - t0) / len(batch))
+                per_edit_cpu.append((c2 - c0) / len(batch))
+                per_write.append((t2 - t1) / len(batch))
+                floor = meter.floor_s()
+                if floor is not None:
+                    floors.append(floor / len(batch))
+    finally:
+        meter.close()
     restore_weights(model, saved)
+    median = statistics.median(per_edit)
+    floor = statistics.median(floors) if floors else None
     return {
-        "method": name,
+        "method": spec,
         "class": type(method).__name__,
+        "batch_size": batch_size,
         "layers": method.module_names,
-        "steps": steps_of(method),
+        "steps": int(method.target.num_steps),
         "setup_s": setup_s,
-        "median_s_per_edit": statistics.median(per_edit),
+        "median_s_per_edit": median,
+        "median_cpu_s_per_edit": statistics.median(per_edit_cpu),
         "min_s_per_edit": min(per_edit),
         "max_s_per_edit": max(per_edit),
         "median_write_s_per_edit": statistics.median(per_write),
+        "median_floor_s_per_edit": floor,
+        "ratio_to_floor": median / floor if floor else None,
         "timings_s_per_edit": per_edit,
+        "floor_s_per_edit": floors,
     }
 
 
 def markdown(rows: list[dict]) -> str:
     lines = [
-        "| method | median s/edit | min | max | of which write | steps | edited modules |",
-        "|---|---:|---:|---:|---:|---:|---|",
+        "| method | batch | median s/edit | CPU s/edit | min | max | of which write | floor s/edit | × floor | steps "
+        "| edited modules |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
+        floor = "–" if r["median_floor_s_per_edit"] is None else f"{r['median_floor_s_per_edit']:.3f}"
+        ratio = "–" if r["ratio_to_floor"] is None else f"{r['ratio_to_floor']:.2f}"
         lines.append(
-            f"| {r['method']} | {r['median_s_per_edit']:.3f} | {r['min_s_per_edit']:.3f} | {r['max_s_per_edit']:.3f} "
-            f"| {r['median_write_s_per_edit']:.3f} | {r['steps']} | {len(r['layers'])} |"
+            f"| {r['method']} | {r['batch_size']} | {r['median_s_per_edit']:.3f} | {r['median_cpu_s_per_edit']:.3f} "
+            f"| {r['min_s_per_edit']:.3f} | {r['max_s_per_edit']:.3f} | {r['median_write_s_per_edit']:.3f} "
+            f"| {floor} | {ratio} | {r['steps']} | {len(r['layers'])} |"
         )
     return "\n".join(lines)
 
@@ -116,10 +185,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="testbed:tiny", help="testbed:<preset>, a local HF folder or a hub id")
-    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated presets of configs/methods")
+    parser.add_argument("--methods", default=",".join(METHODS),
+                        help="comma-separated presets of configs/methods, each optionally @batch_size (memit@10)")
     parser.add_argument("--edits", type=int, default=5, help="requests edited per run")
     parser.add_argument("--repeats", type=int, default=3, help="runs per method (the same edits each time)")
-    parser.add_argument("--batch-size", type=int, default=1, help="requests per edit call")
+    parser.add_argument("--batch-size", type=int, default=1, help="requests per edit call (where @ gives none)")
     parser.add_argument("--requests", default="counterfact", help="edit requests (file, folder or hub dataset)")
     parser.add_argument("--stats-tokens", type=int, default=20_000, help="tokens of the key covariance (cached)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")

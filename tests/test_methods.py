@@ -28,7 +28,7 @@ from eac_lightning.methods.edit import edit
 from eac_lightning.methods.ft import FTProblem
 from eac_lightning.methods.memit import ResidualTarget, residual_at_subject
 from eac_lightning.methods.rome import RankOneTarget, rank_one_update
-from eac_lightning.methods.target import BatchTargetProblem, TargetProblem, compute_keys
+from eac_lightning.methods.target import TargetProblem, compute_keys
 from eac_lightning.models.adapters import mlp_out_name, weight_view
 from eac_lightning.models.encoding import encode_target
 from eac_lightning.stats.covariance import Covariance, CovarianceStore
@@ -197,7 +197,7 @@ def test_rome_eac_anchors_sparsity_and_smaller_update(gpt2, tokenizer, gamma):
 def test_eac_scores_are_value_times_mean_gradient(gpt2, tokenizer):
     """EAC Eq. 1: score = v* ⊙ ∇L, with ∇L the mean phase-1 gradient and v* = v₀ + δ."""
     templates = _templates(gpt2, tokenizer)
-    problem = TargetProblem(gpt2, tokenizer, REQ, 1, templates, TargetHyperParams(num_steps=6), site="mlp")
+    problem = TargetProblem(gpt2, tokenizer, [REQ], 1, templates, TargetHyperParams(num_steps=6), site="mlp")
     ex = explore(problem, EACHyperParams(phase1_fraction=0.5))
     assert ex.steps == 3
     torch.testing.assert_close(ex.score, (problem.v0 + ex.delta) * ex.grad)
@@ -210,8 +210,7 @@ def test_eac_scores_are_value_times_mean_gradient(gpt2, tokenizer):
 
 def _edited_nll(model, tok, method, request, layer, site) -> float:
     """Target NLL (over the method's prefix contexts) of the model as it is now, through a fresh problem."""
-    problem = TargetProblem(model, tok, request, layer, method.templates, method.target,
-                            site=site)
+    problem = TargetProblem(model, tok, [request], layer, method.templates, method.target, site=site)
     return problem.loss(torch.zeros_like(problem.v0))[1].item()
 
 
@@ -221,11 +220,11 @@ def test_write_aware_rome_optimises_the_edited_models_loss(gpt2, tokenizer, stat
     method = ROME(layer=1, context=CTX, write_aware=True)
     method.setup(gpt2, tokenizer, stats)
     u = method._key_direction(gpt2, tokenizer, REQ)
-    problem = TargetProblem(gpt2, tokenizer, REQ, 1, method.templates, method.target, write_directions={1: u})
-    plain = TargetProblem(gpt2, tokenizer, REQ, 1, method.templates, method.target)
+    problem = TargetProblem(gpt2, tokenizer, [REQ], 1, method.templates, method.target, write_directions={1: u})
+    plain = TargetProblem(gpt2, tokenizer, [REQ], 1, method.templates, method.target)
     delta = torch.randn(problem.v0.shape, generator=torch.Generator().manual_seed(0)) * problem.v0.norm()
     aware, assumed = problem.loss(delta)[1].item(), plain.loss(delta)[1].item()
-    method.write(gpt2, tokenizer, [RankOneTarget(REQ, delta, None)])
+    method.write(gpt2, tokenizer, [RankOneTarget(REQ, delta[0], None)])
     real = _edited_nll(gpt2, tokenizer, method, REQ, 1, "mlp")
     assert real == pytest.approx(aware, rel=1e-4)
     assert abs(real - assumed) > 1e-3 * abs(real)  # the published objective is not the edited model's
@@ -238,13 +237,12 @@ def test_write_aware_memit_batch_optimises_the_edited_models_loss(gpt2, tokenize
     method.setup(gpt2, tokenizer, stats)
     reqs = REQS[:2]
     directions = method._write_directions(gpt2, tokenizer, reqs)
-    problems = [TargetProblem(gpt2, tokenizer, r, 2, method.templates, method.target, site="residual",
-                              write_directions=directions, row=i) for i, r in enumerate(reqs)]
-    joint = BatchTargetProblem(problems)
+    joint = TargetProblem(gpt2, tokenizer, reqs, 2, method.templates, method.target, site="residual",
+                          write_directions=directions)
     delta = torch.randn(joint.v0.shape, generator=torch.Generator().manual_seed(0)) * joint.v0.norm(dim=1, keepdim=True)
-    aware = [p.loss(delta)[1].item() for p in problems]
-    targets = [ResidualTarget(r, p.v0, delta[i], None, {l: a[:, i] for l, a in directions.items()})
-               for i, (r, p) in enumerate(zip(reqs, problems))]
+    aware = joint.loss(delta)[1].tolist()
+    targets = [ResidualTarget(r, joint.v0[i], delta[i], None, {l: a[:, i] for l, a in directions.items()})
+               for i, r in enumerate(reqs)]
     deltas = method.write(gpt2, tokenizer, targets).deltas
     for layer in (1, 2):
         torch.testing.assert_close(deltas[mlp_out_name(gpt2, layer)].double(),
@@ -261,6 +259,51 @@ def test_write_aware_memit_batch_optimises_the_edited_models_loss(gpt2, tokenize
 
 
 # -------------------------------------------------------------------------------------------------------- MEMIT
+
+
+@pytest.mark.parametrize("eac", [None, EACHyperParams(gamma=80.0)], ids=["memit", "memit-eac"])
+def test_batched_targets_equal_one_by_one(gpt2, tokenizer, stats, eac):
+    """A batch's z optimisation runs all requests in one forward per step, each request stopping on its own: the
+    targets (and EAC's anchors) are those of optimising each request alone, and requests stop at different steps."""
+    method = MEMIT(layers=[1, 2], context=CTX, target=Z, eac=eac)
+    method.setup(gpt2, tokenizer, stats)
+    start = method._problem(gpt2, tokenizer, REQS[:3]).loss(torch.zeros(3, gpt2.config.n_embd))[1].detach()
+    # a threshold one request starts below and another reaches within the steps (the random model's NLLs are high)
+    method.target = TargetHyperParams(num_steps=20, clamp_norm_factor=0.75, early_stop_nll=float(start.median()))
+    calls = []
+    loss = TargetProblem.loss
+
+    def counting(self, delta):
+        out = loss(self, delta)
+        calls.append(int((~self.frozen).sum()))
+        return out
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(TargetProblem, "loss", counting)
+        together = method.compute_targets(gpt2, tokenizer, REQS[:3])
+    assert len(set(calls)) > 1  # some requests stopped early while others went on
+    for i, r in enumerate(REQS[:3]):
+        (alone,) = method.compute_targets(gpt2, tokenizer, [r])
+        torch.testing.assert_close(together[i].v0, alone.v0, atol=1e-5, rtol=1e-5)
+        if eac is not None:
+            assert torch.equal(together[i].anchors, alone.anchors)
+        # float32 sums in another order, through 20 Adam steps (which rescale tiny gradients, and EAC's L1 term
+        # flips sign at zero): within 0.5% of the shift's norm
+        torch.testing.assert_close(together[i].delta, alone.delta, atol=5e-3 * float(alone.delta.norm()), rtol=0)
+
+
+def test_logits_at_positions_are_the_full_forwards(gpt2, tokenizer):
+    """The output projection at chosen positions only gives the full forward's logits there."""
+    from eac_lightning.models.tracing import at_positions
+
+    ids = tokenizer(["The Eiffel Tower is in", "Paris is the capital of France"], return_tensors="pt",
+                    padding=True)
+    rows, cols = torch.tensor([0, 1, 1]), torch.tensor([2, 0, 4])
+    with torch.no_grad():
+        full = gpt2(**ids).logits
+        with at_positions(gpt2, rows, cols):
+            few = gpt2(**ids).logits
+    torch.testing.assert_close(few[0], full[rows, cols])
 
 
 def test_memit_woodbury_equals_direct_solve(gpt2, tokenizer, stats):

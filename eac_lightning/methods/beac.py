@@ -55,7 +55,7 @@ from eac_lightning.methods.beac_plan import (
     BEACHyperParams,
     plan_anchors,
 )
-from eac_lightning.methods.eac import EACHyperParams, anchor_count, explore, retrain
+from eac_lightning.methods.eac import EACHyperParams, anchor_count, check_result, explore, retrain
 from eac_lightning.methods.memit import MEMIT, ResidualTarget
 from eac_lightning.methods.target import ContextTemplateParams, TargetHyperParams
 
@@ -99,12 +99,9 @@ class BatchAnchorMixin:
 
     def compute_targets(self, model: nn.Module, tok, requests: Sequence[EditRequest]) -> list[LayeredTarget]:
         self.ensure_setup(model, tok)
-        problems, explorations = [], []
-        for r in requests:  # phase 1 of every edit on the same (current) model, as MEMIT computes a batch
-            problem = self._problem(model, tok, r)
-            problems.append(problem)
-            explorations.append(explore(problem, self.eac))
-        scores = torch.stack([e.score.detach() for e in explorations])
+        problem = self._problem(model, tok, requests)  # phase 1 of the whole batch on the same (current) model
+        exploration = explore(problem, self.eac)
+        scores = exploration.score.detach()
         d = scores.shape[1]
         usage = self.usage if (self.beac.rar and self.usage is not None) else None
         plan = plan_anchors(
@@ -112,13 +109,11 @@ class BatchAnchorMixin:
             start=self.batches % max(1, len(requests)),
         )
         self.last_plan = plan
-        out = []
-        for i, (r, problem, exploration) in enumerate(zip(requests, problems, explorations)):
-            layer_masks = plan.masks[i].to(problem.v0.device)
-            anchors = layer_masks.any(0)
-            delta = retrain(problem, exploration, anchors, self.eac)  # phase 2 on z's anchors (EAC Eq. 3-6)
-            out.append(LayeredTarget(r, problem.v0, delta, anchors, layer_masks=layer_masks))
-        return out
+        layer_masks = plan.masks.to(problem.v0.device)  # (n, L, d)
+        anchors = layer_masks.any(1)
+        deltas = check_result(problem, retrain(problem, exploration, anchors, self.eac))  # phase 2 (EAC Eq. 3-6)
+        return [LayeredTarget(r, problem.v0[i], deltas[i], anchors[i], layer_masks=layer_masks[i])
+                for i, r in enumerate(requests)]
 
     def _layer_residual(self, i: int, targets: list[ResidualTarget], resid: torch.Tensor) -> torch.Tensor:
         """With LAS, layer i writes only the batch's anchors planned there (the per-dimension spreading above);

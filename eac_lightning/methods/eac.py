@@ -38,8 +38,8 @@ from eac_lightning.validation import check
 
 # Any object with ``v0`` (the vector or flattened weights being changed), ``hparams`` (num_steps, lr,
 # early_stop_nll), ``loss(delta) -> (total, nll)``, ``clamp(delta)`` and ``check(loss, step)`` can be
-# compressed: :class:`TargetProblem` (ROME's v*, MEMIT's z), :class:`BatchTargetProblem` (a batch's (n, d) δ,
-# anchors per row) and :class:`eac_lightning.methods.ft.FTProblem`.
+# compressed: :class:`TargetProblem` (ROME's v*, MEMIT's z: a batch's (n, d) δ, anchors per row) and
+# :class:`eac_lightning.methods.ft.FTProblem`.
 
 
 @dataclass
@@ -165,8 +165,8 @@ def retrain(
     start = exploration.delta * m if hp.phase2_start == "warm" else torch.zeros_like(exploration.delta)
     free = start.clone().requires_grad_(True)
     score = exploration.score.abs()
-    eps = hp.eps * (score[mask].mean() if mask.any() else 1.0)
-    alpha = 1.0 / (score + eps)  # EAC Eq. 5
+    anchor_mean = (score * m).sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp_min(1)  # per request (row)
+    alpha = 1.0 / (score + hp.eps * anchor_mean)  # EAC Eq. 5
     if hp.penalty_scale == "relative":  # per request (row) when a batch is optimised together
         mean_alpha = (alpha * m).sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp_min(1)
         l1_scale = 1.0 / (problem.v0.abs().sum(-1, keepdim=True) * mean_alpha)
@@ -196,10 +196,9 @@ def compress(problem: TargetProblem, hp: EACHyperParams | None) -> tuple[torch.T
     return check_result(problem, retrain(problem, exploration, mask, hp)), mask
 
 
-def _names(problem) -> str:
-    if hasattr(problem, "request"):
-        return problem.request.name
-    return ", ".join(r.name for r in getattr(problem, "requests", None) or [p.request for p in problem.problems])
+def _names(problem, rows: torch.Tensor | None = None) -> str:
+    requests = problem.requests if rows is None else [r for r, bad in zip(problem.requests, rows.tolist()) if bad]
+    return ", ".join(r.name for r in requests)
 
 
 def check_result(problem, delta: torch.Tensor) -> torch.Tensor:
@@ -209,13 +208,15 @@ def check_result(problem, delta: torch.Tensor) -> torch.Tensor:
     if not torch.isfinite(delta).all():
         raise EditOptimisationError(f"{_names(problem)}: the optimised target holds NaN/inf (check lr, num_steps and "
                                     "clamp_norm_factor); the edit was rejected and nothing was applied")
-    zero = ~delta.reshape(-1, delta.shape[-1]).any(-1) if delta.dim() > 1 else ~delta.any().reshape(1)
+    zero = ~delta.any(-1)
     if zero.any():
         with torch.no_grad():
             _, nll = problem.loss(delta)
-        if not nll.item() < problem.hparams.early_stop_nll:
+        bad = zero & ~(nll < problem.hparams.early_stop_nll)  # FT: one joint NLL for its single flattened δ
+        if bad.any():
             raise EditOptimisationError(
-                f"{_names(problem)}: the optimised target is zero although the target NLL is {nll.item():.3g} (above "
-                f"early_stop_nll {problem.hparams.early_stop_nll}); the edit was rejected and nothing was applied"
+                f"{_names(problem, bad.reshape(-1) if bad.dim() else None)}: the optimised target is zero although "
+                f"the target NLL is {nll.max().item():.3g} (above early_stop_nll {problem.hparams.early_stop_nll}); "
+                "the edit was rejected and nothing was applied"
             )
     return delta

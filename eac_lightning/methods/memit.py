@@ -25,7 +25,6 @@ from eac_lightning.methods.base import Deltas, Written
 from eac_lightning.methods.eac import EACHyperParams, compress
 from eac_lightning.methods.locate_then_edit import LocateThenEdit
 from eac_lightning.methods.target import (
-    BatchTargetProblem,
     ContextTemplateParams,
     TargetHyperParams,
     TargetProblem,
@@ -116,8 +115,11 @@ class MEMIT(LocateThenEdit):
             self.layers = list(default_layers(model).memit)
         return self.layers
 
-    def _problem(self, model: nn.Module, tok, request: EditRequest) -> TargetProblem:
-        return TargetProblem(model, tok, request, self.layers[-1], self.templates, self.target, site="residual")
+    def _problem(self, model: nn.Module, tok, requests: Sequence[EditRequest],
+                 directions: dict[int, torch.Tensor] | None = None) -> TargetProblem:
+        """The batch's z optimisation at the last critical layer: all its requests in one forward per step."""
+        return TargetProblem(model, tok, requests, self.layers[-1], self.templates, self.target, site="residual",
+                             write_directions=directions)
 
     def _write_directions(self, model: nn.Module, tok, requests: Sequence[EditRequest]) -> dict[int, torch.Tensor]:
         """{layer l: A_l / len(layers)} with A_l (d_k, n) the solve of :meth:`_key_adjoint` for this batch's keys:
@@ -131,23 +133,12 @@ class MEMIT(LocateThenEdit):
 
     def compute_targets(self, model: nn.Module, tok, requests: Sequence[EditRequest]) -> list[ResidualTarget]:
         self.ensure_setup(model, tok)
-        if self.write_aware:
-            directions = self._write_directions(model, tok, requests)
-            problems = [
-                TargetProblem(model, tok, r, self.layers[-1], self.templates, self.target, site="residual",
-                              write_directions=directions, row=i)
-                for i, r in enumerate(requests)
-            ]
-            deltas, anchors = compress(BatchTargetProblem(problems), self.eac)
-            return [ResidualTarget(r, p.v0, deltas[i], None if anchors is None else anchors[i],
-                                   {l: a[:, i] for l, a in directions.items()})
-                    for i, (r, p) in enumerate(zip(requests, problems))]
-        out = []
-        for r in requests:
-            problem = self._problem(model, tok, r)
-            delta, anchors = compress(problem, self.eac)
-            out.append(ResidualTarget(r, problem.v0, delta, anchors))
-        return out
+        directions = self._write_directions(model, tok, requests) if self.write_aware else None
+        problem = self._problem(model, tok, requests, directions)
+        deltas, anchors = compress(problem, self.eac)
+        return [ResidualTarget(r, problem.v0[i], deltas[i], None if anchors is None else anchors[i],
+                               None if directions is None else {l: a[:, i] for l, a in directions.items()})
+                for i, r in enumerate(requests)]
 
     def _key_adjoint(self, i: int, name: str, keys: torch.Tensor) -> torch.Tensor:
         """A_l = (λC + KKᵀ)⁻¹K (d_k, n; float64) of MEMIT Eq. 14, so that ΔW_l = R Aᵀ. Keys (d_k, n)."""

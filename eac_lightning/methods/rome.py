@@ -101,10 +101,10 @@ class ROME(LocateThenEdit):
         out = []
         for r in requests:
             directions = {self.layer: self._key_direction(model, tok, r)} if self.write_aware else None
-            problem = TargetProblem(model, tok, r, self.layer, self.templates, self.target, site="mlp",
+            problem = TargetProblem(model, tok, [r], self.layer, self.templates, self.target, site="mlp",
                                     write_directions=directions)
             delta, anchors = compress(problem, self.eac)
-            out.append(RankOneTarget(r, delta, anchors))
+            out.append(RankOneTarget(r, delta[0], None if anchors is None else anchors[0]))
         return out
 
     def _covariance(self):

@@ -9,13 +9,14 @@ token, makes the model produce the new object:
     subject to ‖δ‖ ≤ clamp · ‖v₀‖,
 
 where v₀ is the hidden value being changed. Nothing below the edited layer changes during the optimisation,
-so its input is computed once per edit (one batched forward over all prefix contexts) and every step runs
-only the layers from the edited one on (:func:`eac_lightning.models.tracing.layers_from`).
+so its input is computed once per batch of edits (one padded forward over every request's prefix contexts) and
+every step runs only the layers from the edited one on (:func:`eac_lightning.models.tracing.layers_from`), with the
+output projection only where the loss reads logits (:func:`eac_lightning.models.tracing.at_positions`).
 
-:class:`TargetProblem` owns that batch and the loss; :func:`optimise_plain` is the base methods' optimiser.
-EAC (:mod:`eac_lightning.methods.eac`) wraps the same problem with its two-phase optimisation. Write-aware targets
-(``write_directions``) add δ wherever the closed-form update will act instead of at the subject only, and
-:class:`BatchTargetProblem` optimises the requests that such an update couples together (docs/methods.md).
+:class:`TargetProblem` owns that batch and the loss, all requests of a batch in one forward/backward per step;
+:func:`optimise_plain` is the base methods' optimiser. EAC (:mod:`eac_lightning.methods.eac`) wraps the same problem
+with its two-phase optimisation. Write-aware targets (``write_directions``) add δ wherever the closed-form update
+will act instead of at the subject only, which couples the batch's requests (docs/methods.md).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from eac_lightning.models.encoding import encode_right_padded, encode_target
 from eac_lightning.models.tracing import (
     add_along_keys,
     add_at_positions,
+    at_positions,
     capture,
     layers_from,
 )
@@ -145,157 +147,182 @@ def compute_keys(
 
 
 class TargetProblem:
-    """The loss of EAC App. B Eq. 9 for one request, as a function of δ at one hooked module.
+    """The loss of EAC App. B Eq. 9 for a batch of requests, as a function of their shifts δ (n, d) at one hooked
+    module: one padded forward over every request's prefix contexts and subject-essence prompt per step, and one
+    backward (MEMIT App.: the z optimisations "could be batched").
+
+    Without write directions the rows are independent: request i's prompts see only δ_i, the loss is the sum of the
+    requests' own losses, so each row's gradient (and Adam's elementwise step) is that of request i optimised alone.
+    A request whose target NLL is reached is frozen (:meth:`freeze`) exactly where its own optimisation would have
+    stopped, and its prompts leave the forward.
 
     Args:
         model, tok: the model being edited and its tokenizer.
-        request: the edit.
+        requests: the edits, one row of δ each.
         layer: the decoder layer whose output (``site="residual"``, MEMIT's z) or MLP output (``site="mlp"``,
-            ROME's v*) receives δ at the last subject token.
+            ROME's v*) receives δ_i at request i's last subject token.
         templates: prefix contexts (first is "{}").
         hparams: optimisation hyper-parameters.
         write_directions: ``None`` adds δ at the last subject token only (as published). Otherwise
-            ``{layer l: u_l}``: δ is added at the MLP output of every such layer at every token t, scaled by
-            u_lᵀk_t for that token's key k_t, which is what the closed-form update ΔW_l = δu_lᵀ will add there
-            (ROME: u = C⁻¹k*/(k*ᵀC⁻¹k*)), so the optimised loss is the edited model's own (docs/methods.md,
-            "Write-aware target"). A matrix U_l (d_k, n) couples the n requests of a batch: δ is then the (n, d)
-            matrix of all their shifts and this request's is row ``row`` (:class:`BatchTargetProblem`).
-        row: this request's row of a batch δ (with matrix ``write_directions``).
+            ``{layer l: U_l}`` with U_l (d_k, n) (or u_l (d_k,) for one request): every token t's MLP output at
+            layer l receives δᵀU_lᵀk_t for its key k_t, which is what the closed-form update ΔW_l = δᵀU_lᵀ will add
+            there (ROME: u = C⁻¹k*/(k*ᵀC⁻¹k*)), so the optimised loss is the edited model's own (docs/methods.md,
+            "Write-aware target"). Such directions couple the requests: they are optimised and stopped together.
     """
 
     def __init__(
         self,
         model: nn.Module,
         tok,
-        request: EditRequest,
+        requests: Sequence[EditRequest],
         layer: int,
         templates: Sequence[str],
         hparams: TargetHyperParams,
         site: str = "mlp",
         write_directions: dict[int, torch.Tensor] | None = None,
-        row: int | None = None,
     ) -> None:
-        self.model, self.request, self.hparams, self.layer, self.row = model, request, hparams, layer, row
+        self.model, self.requests, self.hparams, self.layer = model, list(requests), hparams, layer
         spec = get_spec(model)
         self.write_directions = {mlp_out_name(model, l): u for l, u in (write_directions or {}).items()}
+        self.independent_rows = not self.write_directions
         self.start = min([layer, *(write_directions or {})])
         self.hook_name = mlp_out_name(model, layer) if site == "mlp" else spec.layer(layer)
         device = next(model.parameters()).device
-        target = encode_target(tok, request.target_new)
-        prefix = tok.decode(target[:-1]) if len(target) > 1 else ""
-        prompts = [t.replace("{}", request.prompt_text) + prefix for t in templates]
-        kl_prompts = [hparams.kl_prompt.replace("{}", request.subject)]
-        texts = prompts + kl_prompts
-        self.input_ids, self.mask = encode_right_padded(tok, texts, device)
-        n = len(prompts)
-        self.n_prompts = n
-        lookup = [subject_last_index(tok, t, request.subject) for t in texts]
-        self.rows = torch.arange(len(texts), device=device)
-        self.cols = torch.tensor(lookup, device=device)
-        # Positions whose logits predict the target tokens (the prompt's last token and the target prefix).
-        lengths = self.mask.sum(1)
-        self.pred_rows = torch.arange(n, device=device).repeat_interleave(len(target))
-        self.pred_cols = torch.cat([torch.arange(int(lengths[i]) - len(target), int(lengths[i])) for i in range(n)]).to(device)
-        self.target_ids = torch.tensor(target, device=device).repeat(n)
-        self.n_target = len(target)
+        n_ctx = len(templates)
+        texts, owner, pred_text, pred_pos, pred_ids, pred_weight = [], [], [], [], [], []
+        targets = [encode_target(tok, r.target_new) for r in self.requests]
+        for i, (r, target) in enumerate(zip(self.requests, targets)):
+            prefix = tok.decode(target[:-1]) if len(target) > 1 else ""
+            texts += [t.replace("{}", r.prompt_text) + prefix for t in templates]
+            texts.append(hparams.kl_prompt.replace("{}", r.subject))
+            owner += [i] * (n_ctx + 1)
+        self.input_ids, mask = encode_right_padded(tok, texts, device)
+        lengths = mask.sum(1).tolist()
+        for i, target in enumerate(targets):
+            for j in range(i * (n_ctx + 1), i * (n_ctx + 1) + n_ctx):
+                # the positions whose logits predict the target tokens (the prompt's last token and the target prefix)
+                pred_text += [j] * len(target)
+                pred_pos += range(lengths[j] - len(target), lengths[j])
+                pred_ids += target
+                pred_weight += [1.0 / (n_ctx * len(target))] * len(target)
+        self.owner = torch.tensor(owner, device=device)
+        self.cols = torch.tensor([subject_last_index(tok, t, self.requests[o].subject) for t, o in zip(texts, owner)],
+                                 device=device)
+        self.pred_text = torch.tensor(pred_text, device=device)
+        self.pred_pos = torch.tensor(pred_pos, device=device)
+        self.pred_ids = torch.tensor(pred_ids, device=device)
+        self.pred_weight = torch.tensor(pred_weight, device=device)
+        self.kl_text = torch.arange(n_ctx, len(texts), n_ctx + 1, device=device)
+        first = torch.arange(0, len(texts), n_ctx + 1, device=device)
         # One forward below the edited layer: its input and the value v₀ at the subject are fixed from now on.
-        with torch.no_grad(), capture(model, [spec.layer(self.start), self.hook_name]) as rec:
-            logits = model(input_ids=self.input_ids, attention_mask=self.mask, use_cache=False).logits
-        self.hidden_in = rec[spec.layer(self.start)].input
+        with torch.no_grad(), capture(model, [spec.layer(self.start), self.hook_name]) as rec, \
+                at_positions(model, self.kl_text, self.cols[self.kl_text]):
+            kl_logits = model(input_ids=self.input_ids, attention_mask=mask, use_cache=False).logits[0]
+        self.hidden_in, self.mask = rec[spec.layer(self.start)].input, mask
         # δ and its optimiser state live in float32 (v₀'s dtype); hooks cast δ to the weights' dtype.
-        self.v0 = rec[self.hook_name].output[0, lookup[0]].detach().float()
-        self.kl_rows = torch.arange(n, len(texts), device=device)
-        self.kl_ref = torch.log_softmax(logits[self.kl_rows, self.cols[n:]], dim=-1).detach()
+        self.v0 = rec[self.hook_name].output[first, self.cols[first]].detach().float()
+        self.kl_ref = torch.log_softmax(kl_logits.float(), dim=-1).detach()
+        self.frozen = torch.zeros(len(self.requests), dtype=torch.bool, device=device)
+        self._frozen_nll = torch.zeros(len(self.requests), device=device)
+        self._active_texts = torch.arange(len(texts), device=device)
+
+    def freeze(self, rows: torch.Tensor, nll: torch.Tensor) -> None:
+        """Stop optimising the requests ``rows`` (bool, (n,)), whose NLL ``nll`` reached the target: later losses
+        leave their prompts out of the forward and report this NLL for them (independent rows only)."""
+        self._frozen_nll = torch.where(rows & ~self.frozen, nll.detach(), self._frozen_nll)
+        self.frozen = self.frozen | rows
+        self._active_texts = (~self.frozen[self.owner]).nonzero().squeeze(1)
+
+    def thaw(self) -> None:
+        """Optimise every request again (an optimisation starts)."""
+        self.frozen = torch.zeros_like(self.frozen)
+        self._active_texts = torch.arange(len(self.owner), device=self.owner.device)
 
     def loss(self, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(total loss of Eq. 9 + ROME weight decay, target NLL) for ``delta``."""
-        with self._inserted(delta), layers_from(self.model, self.start) as run:
-            logits = run(self.hidden_in, self.mask)
-        logp = torch.log_softmax(logits[self.pred_rows, self.pred_cols].float(), dim=-1)
-        nll = -logp.gather(1, self.target_ids[:, None]).sum() / (self.n_prompts * self.n_target)
-        kl_logp = torch.log_softmax(logits[self.kl_rows, self.cols[self.n_prompts :]].float(), dim=-1)
-        kl = torch.nn.functional.kl_div(self.kl_ref, kl_logp, log_target=True, reduction="batchmean")
-        own = delta if self.row is None else delta[self.row]
-        decay = self.hparams.weight_decay * own.norm() / self.v0.norm() ** 2
-        return nll + self.hparams.kl_factor * kl + decay, nll
+        """(the batch's total loss of Eq. 9 + ROME's weight decay, each request's target NLL (n,)) for δ (n, d)."""
+        texts = self._active_texts
+        keep = torch.zeros(len(self.owner), dtype=torch.long, device=texts.device)
+        keep[texts] = torch.arange(1, len(texts) + 1, device=texts.device)  # 1 + row in the forward, 0: left out
+        pred = keep[self.pred_text] > 0
+        kl = keep[self.kl_text] > 0
+        pred_rows, kl_rows = keep[self.pred_text[pred]] - 1, keep[self.kl_text[kl]] - 1
+        rows = torch.cat([pred_rows, kl_rows])
+        cols = torch.cat([self.pred_pos[pred], self.cols[self.kl_text[kl]]])
+        owner = self.owner[texts]
+        with self._inserted(delta, owner, self.cols[texts]), layers_from(self.model, self.start) as run, \
+                at_positions(self.model, rows, cols):
+            logits = run(self.hidden_in[texts], self.mask[texts])[0].float()
+        n = len(self.requests)
+        logp = torch.log_softmax(logits[: len(pred_rows)], dim=-1)
+        token_nll = -logp.gather(1, self.pred_ids[pred][:, None]).squeeze(1) * self.pred_weight[pred]
+        nll = torch.zeros(n, device=logits.device).index_add(0, self.owner[self.pred_text[pred]], token_nll)
+        kl_logp = torch.log_softmax(logits[len(pred_rows):], dim=-1)
+        kl_rows_loss = torch.nn.functional.kl_div(self.kl_ref[kl], kl_logp, log_target=True, reduction="none").sum(-1)
+        kl_loss = torch.zeros(n, device=logits.device).index_add(0, self.owner[self.kl_text[kl]], kl_rows_loss)
+        decay = self.hparams.weight_decay * delta.norm(dim=-1) / self.v0.norm(dim=-1) ** 2
+        total = nll + self.hparams.kl_factor * kl_loss + decay
+        active = ~self.frozen
+        return total[active].sum(), torch.where(active, nll, self._frozen_nll)
 
-    def _inserted(self, delta: torch.Tensor) -> ExitStack:
+    def _inserted(self, delta: torch.Tensor, owner: torch.Tensor, cols: torch.Tensor) -> ExitStack:
         stack = ExitStack()
         if not self.write_directions:
-            stack.enter_context(add_at_positions(self.model, self.hook_name, delta, self.rows, self.cols))
+            rows = torch.arange(len(owner), device=owner.device)
+            stack.enter_context(add_at_positions(self.model, self.hook_name, delta[owner], rows, cols))
         for name, u in self.write_directions.items():
             stack.enter_context(add_along_keys(self.model, name, u, delta))
         return stack
 
     def clamp(self, delta: torch.Tensor) -> None:
-        """Project δ in place onto ‖δ‖ ≤ clamp_norm_factor·‖v₀‖."""
-        max_norm = self.hparams.clamp_norm_factor * self.v0.norm()
-        norm = delta.norm()
-        if norm > max_norm:
-            delta.mul_(max_norm / norm)
+        """Project each row δ_i in place onto ‖δ_i‖ ≤ clamp_norm_factor·‖v₀_i‖."""
+        max_norm = self.hparams.clamp_norm_factor * self.v0.norm(dim=-1, keepdim=True)
+        delta.mul_(torch.clamp(max_norm / delta.norm(dim=-1, keepdim=True).clamp_min(1e-30), max=1.0))
 
     def check(self, loss: torch.Tensor, step: int) -> None:
         if not torch.isfinite(loss):
+            what = ", ".join(f"{r.name} (subject {r.subject!r}, target {r.target_new!r})" for r in self.requests)
             raise EditOptimisationError(
-                f"{self.request.name}: target optimisation produced a non-finite loss ({loss.item()}) at step "
-                f"{step} (subject {self.request.subject!r}, target {self.request.target_new!r}); nothing was applied"
+                f"{what}: target optimisation produced a non-finite loss ({loss.item()}) at step {step}; "
+                "nothing was applied"
             )
 
 
-class BatchTargetProblem:
-    """The requests of a batch optimised together, for updates that couple them: δ is (n, d), row i request i's
-    shift, and the loss is the sum of the requests' losses (each sees every row through the write directions).
-
-    Offers what :func:`optimise_plain` and EAC (:func:`eac_lightning.methods.eac.compress`) use, row-wise:
-    ``v0`` (n, d), ``loss``, ``clamp`` (each row onto its own ball), ``check``.
-    """
-
-    def __init__(self, problems: Sequence[TargetProblem]) -> None:
-        self.problems = list(problems)
-        self.hparams = self.problems[0].hparams
-        self.v0 = torch.stack([p.v0 for p in self.problems])
-
-    def loss(self, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(sum of the requests' losses, their largest target NLL: early stopping waits for every request)."""
-        totals, nlls = zip(*(p.loss(delta) for p in self.problems))
-        return torch.stack(totals).sum(), torch.stack(nlls).max()
-
-    def clamp(self, delta: torch.Tensor) -> None:
-        for i, p in enumerate(self.problems):
-            p.clamp(delta[i])
-
-    def check(self, loss: torch.Tensor, step: int) -> None:
-        if not torch.isfinite(loss):
-            names = ", ".join(p.request.name for p in self.problems)
-            raise EditOptimisationError(
-                f"the batch target optimisation of [{names}] produced a non-finite loss ({loss.item()}) at step "
-                f"{step}; nothing was applied"
-            )
-
-
-def adam_descent(problem: TargetProblem | BatchTargetProblem, param: torch.Tensor, steps: int,
+def adam_descent(problem, param: torch.Tensor, steps: int,
                  objective: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
                  first_step: int = 0, early_stop: bool = True,
                  on_grad: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
     """The optimiser of ROME's v*, MEMIT's z and EAC's two phases (EAC App. B Eq. 9): Adam on ``param`` (the
     problem's learning rate) for at most ``steps`` steps of ``objective(param) -> (loss, target NLL)`` (default: the
-    problem's loss), stopping once the NLL is below ``early_stop_nll`` (with ``early_stop``) and projecting
-    ``param`` back into the norm ball after every step. ``on_grad`` sees each step's gradient (EAC's phase 1 scores
-    with them); a non-finite loss raises naming step ``first_step + step``. Returns ``param`` detached."""
+    problem's loss), projecting ``param`` back into the norm ball after every step. With ``early_stop`` it stops
+    once the NLL is below ``early_stop_nll``; for a problem with independent rows (:class:`TargetProblem` without
+    write directions) each row stops on its own: it is frozen at the step where its own optimisation would have
+    ended, which is what optimising the requests one by one gives. ``on_grad`` sees each step's gradient (EAC's
+    phase 1 scores with them); a non-finite loss raises naming step ``first_step + step``. Returns ``param``
+    detached."""
     hp = problem.hparams
     objective = objective or problem.loss
+    per_row = early_stop and getattr(problem, "independent_rows", False)
+    if per_row:
+        problem.thaw()
     opt = torch.optim.Adam([param], lr=hp.lr)
     for step in range(steps):
         loss, nll = objective(param)
         problem.check(loss, first_step + step)
-        if early_stop and nll.item() < hp.early_stop_nll:
-            break
+        if early_stop:
+            done = nll.detach() < hp.early_stop_nll
+            if bool(done.all()):
+                break
+            if per_row and bool(done.any()):
+                problem.freeze(done, nll)
         opt.zero_grad()
         (param.grad,) = torch.autograd.grad(loss, param)
         if on_grad is not None:
             on_grad(param.grad)
+        kept = param.detach()[problem.frozen].clone() if per_row else None
         opt.step()
         with torch.no_grad():
+            if per_row:
+                param[problem.frozen] = kept
             problem.clamp(param)
     return param.detach()
 

@@ -156,6 +156,27 @@ def add_along_keys(model: nn.Module, name: str, direction: torch.Tensor, delta: 
 
 
 @contextmanager
+def at_positions(model: nn.Module, rows: torch.Tensor, cols: torch.Tensor) -> Iterator[None]:
+    """Compute the model's logits only at token positions ``(rows[i], cols[i])``: they come back as (1, P, vocab).
+
+    The target optimisations read a few positions per prompt (the target's and the essence prompt's); the output
+    projection over every position is a large share of a step, the larger the vocabulary (LLaMA-3: 128k). A
+    pre-hook on the output embeddings hands them only those positions' final hidden states, so whatever the model
+    does after the projection (Gemma's soft-capping) still applies.
+    """
+
+    def gather(mod, args):
+        hidden = args[0]
+        return (hidden[rows.to(hidden.device), cols.to(hidden.device)][None], *args[1:])
+
+    handle = model.get_output_embeddings().register_forward_pre_hook(gather)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@contextmanager
 def layers_from(model: nn.Module, start: int) -> Iterator[Callable[..., torch.Tensor]]:
     """Run the model from decoder layer ``start`` on, given that layer's cached input hidden states.
 
