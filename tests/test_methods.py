@@ -306,6 +306,21 @@ def test_logits_at_positions_are_the_full_forwards(gpt2, tokenizer):
     torch.testing.assert_close(few[0], full[rows, cols])
 
 
+def test_keys_read_through_their_layer_are_the_full_forwards(gpt2, tokenizer):
+    """Reading a layer's keys runs the model only up to that layer: same keys as the whole forward."""
+    from eac_lightning.models.tracing import capture, through_layer
+
+    ids = tokenizer(["The Eiffel Tower is in", "Paris is the capital of France"], return_tensors="pt",
+                    padding=True)
+    name = mlp_out_name(gpt2, 1)
+    with torch.no_grad(), capture(gpt2, [name]) as full:
+        gpt2(**ids)
+    with torch.no_grad(), capture(gpt2, [name]) as short, through_layer(gpt2, 1):
+        gpt2(**ids)
+    assert len(gpt2.transformer.h) == gpt2.config.n_layer  # the layer list is whole again
+    torch.testing.assert_close(short[name].input, full[name].input)
+
+
 def test_memit_woodbury_equals_direct_solve(gpt2, tokenizer, stats):
     """The update through the cached factor and Woodbury's identity equals R Kᵀ... with (λC + KKᵀ)⁻¹K solved
     directly in float64 (C damped as in the store)."""

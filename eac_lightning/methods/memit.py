@@ -34,7 +34,7 @@ from eac_lightning.methods.target import (
 from eac_lightning.models.adapters import get_spec, mlp_out_name, weight_view
 from eac_lightning.models.encoding import encode_right_padded
 from eac_lightning.models.loading import default_layers
-from eac_lightning.models.tracing import capture
+from eac_lightning.models.tracing import capture, through_layer
 from eac_lightning.validation import check
 
 
@@ -58,7 +58,7 @@ def residual_at_subject(model: nn.Module, tok, requests: Sequence[EditRequest], 
     ids, mask = encode_right_padded(tok, texts, device)
     idx = torch.tensor([subject_last_index(tok, t, r.subject) for t, r in zip(texts, requests)], device=device)
     name = get_spec(model).layer(layer)
-    with torch.no_grad(), capture(model, [name]) as rec:
+    with torch.no_grad(), capture(model, [name]) as rec, through_layer(model, layer):
         model(input_ids=ids, attention_mask=mask, use_cache=False)
     return rec[name].output[torch.arange(len(texts), device=device), idx]
 

@@ -37,6 +37,7 @@ from eac_lightning.models.tracing import (
     at_positions,
     capture,
     layers_from,
+    through_layer,
 )
 from eac_lightning.validation import check
 
@@ -140,7 +141,7 @@ def compute_keys(
     ids, mask = encode_right_padded(tok, texts, device)
     idx = [subject_last_index(tok, t.replace("{}", r.prompt_text), r.subject) for r in requests for t in templates]
     name = mlp_out_name(model, layer)
-    with torch.no_grad(), capture(model, [name]) as rec:
+    with torch.no_grad(), capture(model, [name]) as rec, through_layer(model, layer):
         model(input_ids=ids, attention_mask=mask, use_cache=False)
     keys = rec[name].input[torch.arange(len(texts), device=device), torch.tensor(idx, device=device)]
     return keys.float().reshape(len(requests), len(templates), -1).mean(1)

@@ -177,6 +177,33 @@ def at_positions(model: nn.Module, rows: torch.Tensor, cols: torch.Tensor) -> It
 
 
 @contextmanager
+def _kept_layers(model: nn.Module, start: int, stop: int | None = None) -> Iterator[nn.ModuleList]:
+    """Temporarily truncate the model's decoder layer list to ``[start:stop]``; yields the full list."""
+    from eac_lightning.models.adapters import get_spec
+
+    parent_name, _, attr = get_spec(model).layers.rpartition(".")
+    parent = model.get_submodule(parent_name)
+    full = getattr(parent, attr)
+    kept = list(full)[start:stop]
+    if len(kept) < len(full):
+        setattr(parent, attr, nn.ModuleList(kept))
+    try:
+        yield full
+    finally:
+        setattr(parent, attr, full)
+
+
+@contextmanager
+def through_layer(model: nn.Module, layer: int) -> Iterator[None]:
+    """Run forwards inside the block only up to decoder layer ``layer`` (and the output projection at one
+    position): for reading keys or residuals at ``layer``, the layers above and the vocabulary projection over
+    every position are wasted work (MEMIT reads them at every critical layer of every batch)."""
+    one = torch.zeros(1, dtype=torch.long)
+    with _kept_layers(model, 0, layer + 1), at_positions(model, one, one):
+        yield
+
+
+@contextmanager
 def layers_from(model: nn.Module, start: int) -> Iterator[Callable[..., torch.Tensor]]:
     """Run the model from decoder layer ``start`` on, given that layer's cached input hidden states.
 
@@ -187,12 +214,6 @@ def layers_from(model: nn.Module, start: int) -> Iterator[Callable[..., torch.Te
     first kept layer exactly ``hidden``, so masks, positions and rotary embeddings are the model's own for every
     family, whatever its embeddings add (GPT-2's and OPT's learned positions, Gemma's scaling).
     """
-    from eac_lightning.models.adapters import get_spec
-
-    spec = get_spec(model)
-    parent_name, _, attr = spec.layers.rpartition(".")
-    parent = model.get_submodule(parent_name)
-    full = getattr(parent, attr)
     given: list[torch.Tensor] = []
 
     def feed(mod, args, kwargs):
@@ -205,11 +226,9 @@ def layers_from(model: nn.Module, start: int) -> Iterator[Callable[..., torch.Te
         ids = torch.zeros(hidden.shape[:2], dtype=torch.long, device=hidden.device)
         return model(input_ids=ids, attention_mask=attention_mask, use_cache=False).logits
 
-    handle = full[start].register_forward_pre_hook(feed, with_kwargs=True)
-    if start > 0:
-        setattr(parent, attr, nn.ModuleList(list(full)[start:]))
-    try:
-        yield run
-    finally:
-        handle.remove()
-        setattr(parent, attr, full)
+    with _kept_layers(model, start) as full:
+        handle = full[start].register_forward_pre_hook(feed, with_kwargs=True)
+        try:
+            yield run
+        finally:
+            handle.remove()
