@@ -81,3 +81,29 @@ def test_flat_easyedit_format_and_errors(tmp_path):
     path.write_text(json.dumps([dict(good, target_new="")]))
     with pytest.raises(MalformedRequestError, match=r"row 0.*'target_new'"):
         EditDataModule(path=str(path), num_retention=0).setup("fit")
+
+
+def test_insertions_continue_the_stream_with_unknown_distinct_subjects():
+    """Beyond the data, the stream edits invented subjects: each distinct and no real subject, written into the
+    record's prompt and paraphrases, with an object of the record's relation; the same seed gives the same stream."""
+    path = str(data_dir() / "counterfact")
+    dm = EditDataModule(path=path, num_edits=2000, batch_size=100, insertions=1500, retention_path="zsre",
+                        num_retention=10)
+    dm.setup("fit")
+    assert len(dm.requests) == 2000 and len(list(dm.train_dataloader())) == 20
+    real, inserted = dm.requests[:500], dm.requests[500:]
+    real_subjects = {r.subject for r in real}
+    assert len({r.subject for r in inserted}) == 1500 and not real_subjects & {r.subject for r in inserted}
+    templates = {(r.prompt, tuple(r.neighborhood_prompts), r.target_true) for r in real}
+    objects = {r.target_new for r in real} | {r.target_true for r in real}
+    for r in inserted:
+        r.validate()
+        assert r.paraphrase_prompts and all(r.subject in q for q in r.paraphrase_prompts)
+        assert r.target_new in objects and r.target_new != r.target_true
+        # a real record's prompt, with its neighbourhood (real facts) and true object unchanged
+        assert (r.prompt, tuple(r.neighborhood_prompts), r.target_true) in templates
+    again = EditDataModule(path=path, num_edits=2000, insertions=1500, retention_path="zsre", num_retention=10)
+    again.setup("fit")
+    assert [r.subject for r in again.requests] == [r.subject for r in dm.requests]
+    with pytest.raises(ValueError, match="retention_path"):
+        EditDataModule(path=path, insertions=10)

@@ -15,7 +15,8 @@ import lightning as L
 from torch.utils.data import DataLoader, IterableDataset
 
 from eac_lightning.data.requests import EditRequest, MalformedRequestError
-from eac_lightning.data.sources import load_requests, source_sha256
+from eac_lightning.data.insertions import insertion_requests
+from eac_lightning.data.sources import iter_records, load_requests, source_sha256
 from eac_lightning.validation import check
 
 
@@ -52,6 +53,10 @@ class EditDataModule(L.LightningDataModule):
         skip_malformed: leave malformed records out (each named in a warning and listed in ``summary.json``)
             instead of failing on the first: records the loader cannot read and records that do not fit the
             model (:meth:`screen`).
+        insertions: continue the stream, after the source's records, with this many edits of facts the model does
+            not know: the records with invented subjects (:mod:`eac_lightning.data.insertions`), for streams longer
+            than the data (AlphaEdit's 2,000 edits, 10,000). Needs ``retention_path``: an insertion's true object
+            is no fact the model knows.
     """
 
     def __init__(
@@ -65,8 +70,13 @@ class EditDataModule(L.LightningDataModule):
         num_retention: int = 100,
         retention_path: str | None = None,
         skip_malformed: bool = False,
+        insertions: int = 0,
     ) -> None:
         super().__init__()
+        check("data.insertions", insertions, integer=True, nonnegative=True)
+        if insertions and not retention_path:
+            raise ValueError("data.insertions needs data.retention_path (e.g. zsre): the stream's own records "
+                             "after the edited ones are insertions, whose true objects the model does not know")
         check("data.num_edits", num_edits, integer=True, low=-1)
         check("data.batch_size", batch_size, integer=True, positive=True)
         check("data.seed", seed, integer=True)
@@ -76,7 +86,7 @@ class EditDataModule(L.LightningDataModule):
         num_edits = None if num_edits == -1 else num_edits
         self.path, self.num_edits, self.batch_size = path, num_edits, batch_size
         self.shuffle, self.seed, self.split, self.num_retention = shuffle, seed, split, num_retention
-        self.retention_path, self.skip_malformed = retention_path, skip_malformed
+        self.retention_path, self.skip_malformed, self.insertions = retention_path, skip_malformed, insertions
         self.requests: list[EditRequest] = []
         self.retention: list[EditRequest] = []
         self.position = 0  # requests already applied
@@ -99,6 +109,10 @@ class EditDataModule(L.LightningDataModule):
         if self.shuffle:
             random.Random(self.seed).shuffle(order)
         self.ordered = [records[i] for i in order]
+        if self.insertions:
+            relations = {(src, row): (rec.get("requested_rewrite") or {}).get("relation_id")
+                         for src, row, rec in iter_records(self.path, self.split) if isinstance(rec, dict)}
+            self.ordered += insertion_requests(records, relations, self.insertions, seed=self.seed)
         if self.retention_path:
             self.retention_pool = load_requests(self.retention_path, split=self.split, limit=self.num_retention,
                                                 skip_malformed=self.skip_malformed, skipped=self.skipped)
