@@ -296,3 +296,19 @@ def test_mixture_of_experts_is_refused_saying_why(family, monkeypatch):
         register_adapter(model, {"layers": "model.layers", "mlp_out": "model.layers.{}.mlp", "mlp": "model.layers.{}.mlp",
                                  "attn": "model.layers.{}.self_attn", "embed": "model.embed_tokens",
                                  "final_norm": "model.norm"})
+
+
+def test_fused_gelu_is_gpt2s_gelu_new(tokenizer):
+    """Loading swaps GPT-2's five-operation gelu_new for torch's fused tanh GELU: same logits, none left."""
+    from transformers.activations import NewGELUActivation
+
+    from eac_lightning.models.loading import fuse_activations
+
+    model = make_tiny_model("gpt2", len(tokenizer), seed=3)
+    ids = tokenizer(["The Eiffel Tower is located in"], return_tensors="pt")["input_ids"]
+    assert any(type(m) is NewGELUActivation for m in model.modules())
+    with torch.no_grad():
+        before = model(ids).logits
+        after = fuse_activations(model)(ids).logits
+    assert not any(type(m) is NewGELUActivation for m in model.modules())
+    torch.testing.assert_close(after, before, atol=1e-5, rtol=1e-5)

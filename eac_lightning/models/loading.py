@@ -54,6 +54,7 @@ def load_model(name: str, dtype: str | torch.dtype = "float32", device: str | to
         model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype), device_map=device_map,
                                                      offload_folder=offload_folder)
     model.eval()
+    fuse_activations(model)
     if adapter is not None:
         register_adapter(model, adapter)
     get_spec(model)  # fail early, naming the architecture, if it cannot be edited
@@ -62,6 +63,20 @@ def load_model(name: str, dtype: str | torch.dtype = "float32", device: str | to
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"  # batched generation pads on the left; edit batches pad explicitly
     return model, tok
+
+
+def fuse_activations(model: nn.Module) -> nn.Module:
+    """Replace GPT-2's ``gelu_new`` modules by torch's fused tanh GELU (transformers' ``gelu_pytorch_tanh``): the
+    same function to float rounding, but ``gelu_new`` is written as five tensor operations and costs about five
+    times as much, forward and backward, a large share of each target-optimisation step on the CPU
+    (docs/benchmarks.md, "Edit speed"). The config is left as it is, so a saved model is unchanged."""
+    from transformers.activations import ACT2FN, NewGELUActivation
+
+    for parent in model.modules():
+        for name, child in parent.named_children():
+            if type(child) is NewGELUActivation:
+                setattr(parent, name, ACT2FN["gelu_pytorch_tanh"])
+    return model
 
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
