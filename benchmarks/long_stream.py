@@ -1,0 +1,210 @@
+"""Long edit streams through the real CLI: AlphaEdit's protocol (2,000 CounterFact edits in batches of 100) and
+10,000-edit streams on the offline testbed, one table per protocol with every metric, drift, time and memory.
+
+Each method runs as a user would run it::
+
+    eac-lightning fit --config configs/bench/long_stream.yaml --config configs/methods/<m>.yaml \\
+        --data.num_edits N --data.batch_size B --data.insertions N-500 [--model.method.init_args.context ...]
+
+The testbed knows 500 CounterFact facts; the stream edits them, then continues with insertions (real CounterFact
+records about invented subjects, ``eac_lightning/data/insertions.py``). Prefix contexts: ``--context LENGTH COUNT``
+replaces the presets' 21 for every locate-then-edit method alike (UltraEdit has none), to fit a CPU budget.
+
+Interrupted runs resume: a method whose run folder holds ``checkpoints/last.ckpt`` but no ``summary.json`` is
+continued with ``--ckpt_path last`` (the project's own resume), and its wall time adds up over the attempts. While a
+run works, its resident memory is sampled every 2 s from ``/proc`` (Linux), so the table shows whether memory stays
+flat along the stream.
+
+    python benchmarks/long_stream.py --methods memit alphaedit ultraedit --edits 2000 --batch-size 100 \\
+        --context 5 2 --tag 2000
+
+Run folders (checkpoints included) go to ``runs/long_stream_<tag>/<method>``; the table and figures to
+``benchmarks/results/long_stream_<tag>.json`` and ``docs/img/long_stream_<tag>.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SHIPPED_FACTS = 500  # CounterFact records in eac_lightning/assets/data/counterfact
+NO_CONTEXT = {"ultraedit", "ft", "ft-en"}
+
+
+def rss_mib(pid: int) -> float | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+def run_method(method: str, args, root: Path) -> dict:
+    """Run (or resume) one method's stream; returns {"wall_s", "memory": [(seconds, MiB), ...], "attempts"}."""
+    log_file = root / "bench.json"
+    done = json.loads(log_file.read_text()) if log_file.exists() else {"wall_s": 0.0, "memory": [], "attempts": 0}
+    if (root / "summary.json").exists() and not args.force:
+        return done
+    cmd = [
+        sys.executable, "-m", "eac_lightning.lightning.cli", "fit",
+        "--config", str(REPO / "configs" / "bench" / "long_stream.yaml"),
+        "--config", str(REPO / "configs" / "methods" / f"{method}.yaml"),
+        "--model.model", args.model,
+        "--data.num_edits", str(args.edits), "--data.batch_size", str(args.batch_size),
+        "--data.insertions", str(max(0, args.edits - SHIPPED_FACTS)),
+        "--eval.every", str(args.eval_every), "--norms.every", str(args.batch_size),
+        "--trainer.default_root_dir", str(root),
+    ]
+    if args.context and method not in NO_CONTEXT:
+        cmd += ["--model.method.init_args.context", f"{{length_count: [[{args.context[0]}, {args.context[1]}]]}}"]
+    if (root / "checkpoints" / "last.ckpt").exists():
+        cmd += ["--ckpt_path", "last"]
+    root.mkdir(parents=True, exist_ok=True)
+    print(" ".join(cmd), flush=True)
+    t0 = time.time()
+    with open(root / "bench.log", "a") as log:
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+        samples: list[tuple[float, float]] = []
+
+        def sample() -> None:
+            while proc.poll() is None:
+                mib = rss_mib(proc.pid)
+                if mib is not None:
+                    samples.append((round(done["wall_s"] + time.time() - t0, 1), round(mib, 1)))
+                time.sleep(2)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        rc = proc.wait()
+        sampler.join()
+    done = {"wall_s": done["wall_s"] + time.time() - t0, "memory": done["memory"] + samples,
+            "attempts": done["attempts"] + 1}
+    log_file.write_text(json.dumps(done) + "\n")
+    if rc != 0:
+        raise SystemExit(f"{method}: the run failed (exit {rc}); see {root / 'bench.log'}. Run again to resume.")
+    return done
+
+
+def mean_norm(summary: dict, key: str) -> float:
+    norms = summary["norms"]
+    return sum(n[key] for n in norms.values()) / len(norms)
+
+
+def row(method: str, root: Path, bench: dict) -> dict:
+    s = json.loads((root / "summary.json").read_text())
+    m, v, g = s["edit_metrics"], s["edit_metrics_variants"], s["general"]
+    memory = [mib for _, mib in bench["memory"]]
+    quarter = len(memory) // 4
+    return {
+        "method": method, "edits": s["edits_applied"], "batch_size": s["batch_size"],
+        "reliability": m["reliability"], "generalization": m["generalization"], "locality": m["locality"],
+        "efficacy_score": v.get("rome_efficacy_score"), "paraphrase_score": v.get("rome_paraphrase_score"),
+        "neighborhood_score": v.get("rome_neighborhood_score"), "gen_efficacy": v.get("gen_efficacy"),
+        "fluency": v.get("fluency"),
+        "fact_retention": g["fact_retention"]["after"] / g["fact_retention"]["before"],
+        "ppl_ratio": g["wikitext2_ppl"]["before"] / g["wikitext2_ppl"]["after"],
+        "sst2": [g["sst2"]["before"], g["sst2"]["after"]] if "sst2" in g else None,
+        "l1_growth": mean_norm(s, "l1_rel_change"), "fro_growth": mean_norm(s, "fro_rel_change"),
+        "seconds_per_edit": s["seconds_per_edit"], "wall_s": bench["wall_s"], "attempts": bench["attempts"],
+        # resident memory in the second and the last quarter of the run: flat when they agree
+        "rss_mib_q2": max(memory[quarter:2 * quarter], default=None),
+        "rss_mib_q4": max(memory[3 * quarter:], default=None),
+        "method_settings": s.get("method_settings"),
+    }
+
+
+def table(rows: list[dict]) -> str:
+    head = ("| method | rel | gen | loc | eff. score | para. score | nbhd score | gen. eff. | fluency | fact ret. "
+            "| ppl ratio | L1 growth | Fro growth | s/edit | wall | RSS MiB (q2 / q4) |")
+    lines = [head, "|---" * 16 + "|"]
+    f = lambda x, p=3: "–" if x is None else f"{x:.{p}f}"  # noqa: E731
+    for r in rows:
+        lines.append(
+            f"| {r['method']} | {f(r['reliability'])} | {f(r['generalization'])} | {f(r['locality'])} "
+            f"| {f(r['efficacy_score'])} | {f(r['paraphrase_score'])} | {f(r['neighborhood_score'])} "
+            f"| {f(r['gen_efficacy'])} | {f(r['fluency'], 2)} | {f(r['fact_retention'])} | {f(r['ppl_ratio'])} "
+            f"| {f(r['l1_growth'], 2)} | {f(r['fro_growth'], 2)} | {f(r['seconds_per_edit'], 2)} "
+            f"| {r['wall_s'] / 60:.0f} min | {f(r['rss_mib_q2'], 0)} / {f(r['rss_mib_q4'], 0)} |")
+    return "\n".join(lines)
+
+
+def read_trace(root: Path) -> list[dict]:
+    """Per evaluation point of metrics.csv: edits so far and the metrics logged there."""
+    with open(next(root.rglob("metrics.csv"))) as fh:
+        return [r for r in csv.DictReader(fh) if r.get("edit/reliability")]
+
+
+def plot(rows: list[dict], out: Path, img: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for r in rows:
+        root = out / r["method"]
+        trace = read_trace(root)
+        xs = [float(t["edits"]) for t in trace]
+        axes[0].plot(xs, [float(t["edit/reliability"]) for t in trace], marker="o", label=r["method"])
+        axes[1].plot(xs, [float(t["general/fact_retention"]) for t in trace if t.get("general/fact_retention")]
+                     [: len(xs)], marker="o", label=r["method"])
+        bench = json.loads((root / "bench.json").read_text())
+        axes[2].plot([t / 60 for t, _ in bench["memory"]], [m for _, m in bench["memory"]], label=r["method"])
+    for ax, title, ylabel in zip(axes, ["reliability of all edits so far", "unedited-fact retention",
+                                        "resident memory"], ["reliability", "fact accuracy", "MiB"]):
+        ax.set_title(title)
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+    axes[0].set_xlabel("edits")
+    axes[1].set_xlabel("edits")
+    axes[2].set_xlabel("minutes")
+    axes[2].legend(fontsize=8)
+    fig.tight_layout()
+    img.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(img, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--methods", nargs="+", default=["memit", "memit-eac", "alphaedit", "alphaedit-eac", "beac",
+                                                     "ultraedit"])
+    ap.add_argument("--model", default="testbed:small")
+    ap.add_argument("--edits", type=int, default=2000)
+    ap.add_argument("--batch-size", type=int, default=100)
+    ap.add_argument("--eval-every", type=int, default=1000, help="edits between evaluations of every edit so far")
+    ap.add_argument("--context", type=int, nargs=2, default=None, metavar=("LENGTH", "COUNT"))
+    ap.add_argument("--tag", required=True, help="names the run folder, results file and plot")
+    ap.add_argument("--force", action="store_true", help="run again methods that already finished")
+    ap.add_argument("--table-only", action="store_true", help="tabulate finished runs, run nothing")
+    args = ap.parse_args(argv)
+    out = REPO / "runs" / f"long_stream_{args.tag}"
+    rows = []
+    for method in args.methods:
+        root = out / method
+        bench = (json.loads((root / "bench.json").read_text()) if args.table_only
+                 else run_method(method, args, root))
+        if (root / "summary.json").exists():
+            rows.append(row(method, root, bench))
+    text = (f"{args.edits} edits in batches of {args.batch_size} on `{args.model}`"
+            f"{f', {args.context[1]} prefix contexts of {args.context[0]} tokens' if args.context else ''}\n\n"
+            + table(rows))
+    print(text)
+    command = "python benchmarks/long_stream.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    (REPO / "benchmarks" / "results" / f"long_stream_{args.tag}.json").write_text(
+        json.dumps({"command": command, "table": text, "rows": rows}, indent=2) + "\n")
+    if rows:
+        plot(rows, out, REPO / "docs" / "img" / f"long_stream_{args.tag}.png")
+
+
+if __name__ == "__main__":
+    main()
