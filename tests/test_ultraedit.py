@@ -44,6 +44,81 @@ def test_running_moments_merged_in_chunks_equal_the_moments_of_all_rows():
 
 
 @pytest.mark.parametrize("tokens", [5, 40])
+def test_ridge_shift_with_the_covariance_metric_solves_its_normal_equations(tokens):
+    """ridge_metric covariance: ΔWᵀ = (KᵀK + λC)⁻¹KᵀV, computed as C⁻¹Kᵀ(KC⁻¹Kᵀ + λI)⁻¹V."""
+    torch.manual_seed(0)
+    k, v = torch.randn(tokens, 12), torch.randn(tokens, 6)
+    a = torch.randn(12, 12, dtype=torch.float64)
+    cov = a @ a.T / 12 + 0.1 * torch.eye(12, dtype=torch.float64)
+    for ridge in (1.0, 0.1):
+        shift = ridge_shift(k, v, ridge, lambda x: torch.linalg.solve(cov, x))
+        kd, vd = k.double(), v.double()
+        torch.testing.assert_close((kd.T @ kd + ridge * cov) @ shift.T, kd.T @ vd, atol=1e-9, rtol=1e-9)
+
+
+@pytest.fixture()
+def corpus_stats(gpt2, tokenizer, wikitext_lines, tmp_path):
+    """Key statistics of the function's ``gpt2`` over 2048 WikiText tokens (the corpus of the prior, too)."""
+    from eac_lightning.stats.covariance import CovarianceStore
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(wikitext_lines[:300]), encoding="utf-8")
+    return CovarianceStore(gpt2, tokenizer, corpus=str(corpus), num_tokens=2048, seq_len=64, batch_size=8,
+                           directory=tmp_path)
+
+
+def test_prior_tokens_seed_the_moments_so_a_first_single_token_turn_writes(gpt2, tokenizer, corpus_stats):
+    """prior_tokens (a documented deviation): the moments start from the features of that many corpus tokens, so
+    the first turn of a single-edit stream is normalised against them; unseeded, a one-token turn's moments hold
+    one row, normalise it to zero and write nothing (module docstring)."""
+    one_token = [EditRequest(prompt="{} is located in", subject="Toko Yasuda", target_new="the", source="test",
+                             source_index=0)]
+    assert len(encode_target(tokenizer, one_token[0].target_new)) == 1
+    plain = UltraEdit(layers=[1], lr=1e-2)
+    plain.setup(gpt2, tokenizer, corpus_stats)
+    assert plain.moments == {}
+    base = snapshot(gpt2, plain.module_names)
+    assert all(d.abs().max() == 0 for d in edit(plain, gpt2, tokenizer, one_token).deltas.values())
+    restore_weights(gpt2, base)
+
+    seeded = UltraEdit(layers=[1], lr=1e-2, prior_tokens=300)
+    seeded.setup(gpt2, tokenizer, corpus_stats)
+    (key, moments), = seeded.moments.items()
+    assert moments.count == 300 and moments.std().min() > 0
+    deltas = edit(seeded, gpt2, tokenizer, one_token).deltas
+    assert all(d.abs().max() > 0 for d in deltas.values())
+    assert seeded.moments[key].count == 301
+    two = UltraEdit(layers=[1, 2], prior_tokens=300)  # modules of one shape share moments: both feed the prior
+    two.setup(gpt2, tokenizer, corpus_stats)
+    assert [m.count for m in two.moments.values()] == [600]
+    restore_weights(gpt2, base)
+    with pytest.raises(ValueError, match="prior_tokens needs"):
+        UltraEdit(layers=[1], prior_tokens=10).setup(gpt2, tokenizer)
+    with pytest.raises(ValueError, match="ridge_metric 'covariance' needs"):
+        UltraEdit(layers=[1], ridge_metric="covariance").setup(gpt2, tokenizer)
+    with pytest.raises(ValueError, match="ridge_metric must be"):
+        UltraEdit(ridge_metric="C")
+
+
+def test_covariance_ridge_write_solves_its_system(gpt2, tokenizer, corpus_stats):
+    """The written shift is the covariance-metric ridge fit of the turn's raw keys to its pseudo values."""
+    method = UltraEdit(layers=[1], lr=1e-2, ridge_metric="covariance")
+    method.setup(gpt2, tokenizer, corpus_stats)
+    feats = method.compute_targets(gpt2, tokenizer, REQS)
+    base = snapshot(gpt2, method.module_names)
+    deltas = method.write(gpt2, tokenizer, feats).deltas
+    name = method.module_names[0]
+    k = feats.keys[name].double()
+    z = method.moments[UltraEdit._shape_key(gpt2, name)].normalise(torch.cat([feats.keys[name],
+                                                                              feats.grads[name]], -1))
+    values = -1e-2 * z[:, :k.shape[1]].pow(2).sum(-1, keepdim=True) * z[:, k.shape[1]:]
+    cov = corpus_stats.get(name).damped
+    lhs = (k.T @ k + cov) @ deltas[name].double().T
+    torch.testing.assert_close(lhs, k.T @ values, atol=1e-5 * values.abs().max().item(), rtol=1e-4)
+    restore_weights(gpt2, base)
+
+
+@pytest.mark.parametrize("tokens", [5, 40])
 def test_ridge_shift_solves_the_normal_equations(tokens):
     """ΔWᵀ = (KᵀK + λI)⁻¹KᵀV, computed through the T×T system, with fewer and with more tokens than key dims."""
     torch.manual_seed(0)
@@ -143,9 +218,9 @@ def test_failed_write_leaves_weights_and_moments_unchanged(gpt2, tokenizer, monk
     real = ridge_shift
     calls = []
 
-    def nan_on_second(k, v, ridge):
+    def nan_on_second(*args):
         calls.append(1)
-        return real(k, v, ridge) * (float("nan") if len(calls) == 2 else 1.0)
+        return real(*args) * (float("nan") if len(calls) == 2 else 1.0)
 
     monkeypatch.setattr("eac_lightning.methods.ultraedit.ridge_shift", nan_on_second)
     with pytest.raises(FloatingPointError, match="not finite"):
@@ -167,9 +242,9 @@ def test_bad_configuration_is_named(gpt2, tokenizer):
     assert deltas["transformer.h.1.mlp.c_fc"].shape == weight_view(gpt2, "transformer.h.1.mlp.c_fc").shape
 
 
-def test_ultraedit_preset_writes_a_turn_of_edits_on_the_testbed(tiny_testbed):
-    """The testbed preset (configs/testbed/ultraedit.yaml) on 20 CounterFact requests in one turn (the measured
-    0.87 of docs/methods.md): reliability >= 0.8, from about 0.1 before."""
+def _testbed_reliability(folder, overrides: dict, single: bool) -> tuple[float, float]:
+    """(before, after) reliability of the testbed preset (configs/testbed/ultraedit.yaml, with ``overrides``) on the
+    quickstart's 20 CounterFact requests: one turn, or a stream of single-edit turns (``single``), as the CLI."""
     import random
 
     from eac_lightning.data.sources import load_requests
@@ -180,17 +255,43 @@ def test_ultraedit_preset_writes_a_turn_of_edits_on_the_testbed(tiny_testbed):
     )
     from eac_lightning.models.loading import load_model
     from eac_lightning.paths import CONFIGS_DIR, data_dir
+    from eac_lightning.stats.covariance import CovarianceStore
 
-    model, tok = load_model(str(tiny_testbed))
+    model, tok = load_model(str(folder))
     method = method_from_preset("ultraedit", CONFIGS_DIR / "testbed" / "ultraedit.yaml")
-    assert (method.layers, method.lr) == ([2, 3], 1e-3)
-    method.setup(model, tok)
+    for k, v in overrides.items():
+        setattr(method, k, v)
+    method.setup(model, tok, CovarianceStore(model, tok, num_tokens=100_000))  # the CLI's stats_tokens
     records = load_requests(data_dir() / "counterfact")
     order = list(range(len(records)))
     random.Random(0).shuffle(order)  # the datamodule's order (seed 0): the quickstart's first 20 edits
     requests = [records[i] for i in order[:20]]
     ref = compute_locality_reference(model, tok, requests)
     before = evaluate_edit_metrics(model, tok, requests, ref, rome_scores=False)["reliability"]
-    edit(method, model, tok, requests)
-    after = evaluate_edit_metrics(model, tok, requests, ref, rome_scores=False)["reliability"]
+    for turn in ([[r] for r in requests] if single else [requests]):
+        edit(method, model, tok, turn)
+    return before, evaluate_edit_metrics(model, tok, requests, ref, rome_scores=False)["reliability"]
+
+
+def test_ultraedit_writes_a_turn_of_edits_on_the_testbed(tiny_testbed):
+    """20 CounterFact requests in one turn (UltraEdit's own protocol: turns of many edits) with the preset's η,
+    layers and covariance ridge but unseeded moments: reliability >= 0.8 (measured 0.89), from about 0.1 before.
+    The seeded moments are for single-edit streams: their rows are per-token gradients, a turn of 20 edits has the
+    gradients of each chunk's mean loss (10 edits, ~30 tokens), ~30 times smaller, and writes ~0.1 (docs/methods.md)."""
+    from eac_lightning.editor import method_from_preset
+    from eac_lightning.paths import CONFIGS_DIR
+
+    method = method_from_preset("ultraedit", CONFIGS_DIR / "testbed" / "ultraedit.yaml")
+    assert (method.layers, method.lr, method.prior_tokens, method.ridge_metric) == ([2, 3], 1e-3, 1024,
+                                                                                     "covariance")
+    before, after = _testbed_reliability(tiny_testbed, {"prior_tokens": 0}, single=False)
     assert before < 0.2 and after >= 0.8
+
+
+def test_seeded_moments_and_covariance_ridge_write_a_single_edit_stream_on_the_testbed(tiny_testbed):
+    """20 single-edit turns on testbed:tiny (the CLI's quickstart stream; docs/methods.md, "UltraEdit"): the
+    preset's two deviations (prior_tokens, ridge_metric covariance) write >= 0.8 (measured 0.87); the published
+    normalisation and ridge with the same η and layers write about half (0.49)."""
+    _, published = _testbed_reliability(tiny_testbed, {"prior_tokens": 0, "ridge_metric": "identity"}, single=True)
+    _, preset = _testbed_reliability(tiny_testbed, {}, single=True)
+    assert published < 0.6 and preset >= 0.8
