@@ -261,15 +261,18 @@ def test_write_aware_memit_batch_optimises_the_edited_models_loss(gpt2, tokenize
 # -------------------------------------------------------------------------------------------------------- MEMIT
 
 
+@pytest.mark.parametrize("per_forward", [4, 2], ids=["one-forward", "chunks-of-2"])
 @pytest.mark.parametrize("eac", [None, EACHyperParams(gamma=80.0)], ids=["memit", "memit-eac"])
-def test_batched_targets_equal_one_by_one(gpt2, tokenizer, stats, eac):
-    """A batch's z optimisation runs all requests in one forward per step, each request stopping on its own: the
-    targets (and EAC's anchors) are those of optimising each request alone, and requests stop at different steps."""
+def test_batched_targets_equal_one_by_one(gpt2, tokenizer, stats, eac, per_forward):
+    """A batch's z optimisation runs its requests in one forward per step (or in chunks of requests_per_forward),
+    each request stopping on its own: the targets (and EAC's anchors) are those of optimising each request alone,
+    and requests stop at different steps."""
     method = MEMIT(layers=[1, 2], context=CTX, target=Z, eac=eac)
     method.setup(gpt2, tokenizer, stats)
     start = method._problem(gpt2, tokenizer, REQS[:3]).loss(torch.zeros(3, gpt2.config.n_embd))[1].detach()
     # a threshold one request starts below and another reaches within the steps (the random model's NLLs are high)
-    method.target = TargetHyperParams(num_steps=20, clamp_norm_factor=0.75, early_stop_nll=float(start.median()))
+    method.target = TargetHyperParams(num_steps=20, clamp_norm_factor=0.75, early_stop_nll=float(start.median()),
+                                      requests_per_forward=per_forward)
     calls = []
     loss = TargetProblem.loss
 

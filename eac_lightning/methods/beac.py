@@ -99,9 +99,10 @@ class BatchAnchorMixin:
 
     def compute_targets(self, model: nn.Module, tok, requests: Sequence[EditRequest]) -> list[LayeredTarget]:
         self.ensure_setup(model, tok)
-        problem = self._problem(model, tok, requests)  # phase 1 of the whole batch on the same (current) model
-        exploration = explore(problem, self.eac)
-        scores = exploration.score.detach()
+        # phase 1 of the whole batch on the same (current) model, in chunks of requests_per_forward
+        problems = [self._problem(model, tok, chunk) for chunk in self._chunks(requests)]
+        explorations = [explore(problem, self.eac) for problem in problems]
+        scores = torch.cat([e.score.detach() for e in explorations])
         d = scores.shape[1]
         usage = self.usage if (self.beac.rar and self.usage is not None) else None
         plan = plan_anchors(
@@ -109,11 +110,16 @@ class BatchAnchorMixin:
             start=self.batches % max(1, len(requests)),
         )
         self.last_plan = plan
-        layer_masks = plan.masks.to(problem.v0.device)  # (n, L, d)
-        anchors = layer_masks.any(1)
-        deltas = check_result(problem, retrain(problem, exploration, anchors, self.eac))  # phase 2 (EAC Eq. 3-6)
-        return [LayeredTarget(r, problem.v0[i], deltas[i], anchors[i], layer_masks=layer_masks[i])
-                for i, r in enumerate(requests)]
+        out, start = [], 0
+        for problem, exploration in zip(problems, explorations):
+            rows = slice(start, start + len(problem.requests))
+            layer_masks = plan.masks[rows].to(problem.v0.device)  # (n, L, d)
+            anchors = layer_masks.any(1)
+            deltas = check_result(problem, retrain(problem, exploration, anchors, self.eac))  # phase 2, Eq. 3-6
+            out += [LayeredTarget(r, problem.v0[i], deltas[i], anchors[i], layer_masks=layer_masks[i])
+                    for i, r in enumerate(problem.requests)]
+            start = rows.stop
+        return out
 
     def _layer_residual(self, i: int, targets: list[ResidualTarget], resid: torch.Tensor) -> torch.Tensor:
         """With LAS, layer i writes only the batch's anchors planned there (the per-dimension spreading above);

@@ -133,12 +133,24 @@ class MEMIT(LocateThenEdit):
 
     def compute_targets(self, model: nn.Module, tok, requests: Sequence[EditRequest]) -> list[ResidualTarget]:
         self.ensure_setup(model, tok)
-        directions = self._write_directions(model, tok, requests) if self.write_aware else None
-        problem = self._problem(model, tok, requests, directions)
-        deltas, anchors = compress(problem, self.eac)
-        return [ResidualTarget(r, problem.v0[i], deltas[i], None if anchors is None else anchors[i],
-                               None if directions is None else {l: a[:, i] for l, a in directions.items()})
-                for i, r in enumerate(requests)]
+        if self.write_aware:  # the write directions couple the batch: one problem
+            directions = self._write_directions(model, tok, requests)
+            problem = self._problem(model, tok, requests, directions)
+            deltas, anchors = compress(problem, self.eac)
+            return [ResidualTarget(r, problem.v0[i], deltas[i], None if anchors is None else anchors[i],
+                                   {l: a[:, i] for l, a in directions.items()}) for i, r in enumerate(requests)]
+        out = []
+        for chunk in self._chunks(requests):
+            problem = self._problem(model, tok, chunk)
+            deltas, anchors = compress(problem, self.eac)
+            out += [ResidualTarget(r, problem.v0[i], deltas[i], None if anchors is None else anchors[i])
+                    for i, r in enumerate(chunk)]
+        return out
+
+    def _chunks(self, requests: Sequence[EditRequest]) -> list[list[EditRequest]]:
+        """The batch in chunks of ``target.requests_per_forward`` (independent targets: chunking changes nothing)."""
+        k = self.target.requests_per_forward
+        return [list(requests[i:i + k]) for i in range(0, len(requests), k)]
 
     def _key_adjoint(self, i: int, name: str, keys: torch.Tensor) -> torch.Tensor:
         """A_l = (λC + KKᵀ)⁻¹K (d_k, n; float64) of MEMIT Eq. 14, so that ΔW_l = R Aᵀ. Keys (d_k, n)."""

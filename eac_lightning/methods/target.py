@@ -59,6 +59,10 @@ class TargetHyperParams:
         kl_factor: weight of the subject-essence KL term (0.0625).
         kl_prompt: the essence prompt p' ("{} is a").
         early_stop_nll: stop once the target NLL falls below this (ROME: 5e-2).
+        requests_per_forward: requests of a batch optimised in one forward/backward per step (MEMIT, AlphaEdit,
+            B-EAC without write-aware targets); a larger batch is optimised in chunks of this many, with the same
+            result (its requests are independent). Memory grows linearly with it (each request brings its N + 1
+            prompts' activations for the backward); 1 is the published one-request-at-a-time optimisation.
     """
 
     num_steps: int = 20
@@ -68,9 +72,11 @@ class TargetHyperParams:
     kl_factor: float = 0.0625
     kl_prompt: str = "{} is a"
     early_stop_nll: float = 5e-2
+    requests_per_forward: int = 4
 
     def __post_init__(self) -> None:
         check("num_steps", self.num_steps, integer=True, positive=True)
+        check("requests_per_forward", self.requests_per_forward, integer=True, positive=True)
         check("lr", self.lr, positive=True)
         check("weight_decay", self.weight_decay, nonnegative=True)
         check("clamp_norm_factor", self.clamp_norm_factor, positive=True)
