@@ -203,7 +203,7 @@ class TargetProblem:
             texts += [t.replace("{}", r.prompt_text) + prefix for t in templates]
             texts.append(hparams.kl_prompt.replace("{}", r.subject))
             owner += [i] * (n_ctx + 1)
-        self.input_ids, mask = encode_right_padded(tok, texts, device)
+        input_ids, mask = encode_right_padded(tok, texts, device)
         lengths = mask.sum(1).tolist()
         for i, target in enumerate(targets):
             for j in range(i * (n_ctx + 1), i * (n_ctx + 1) + n_ctx):
@@ -224,7 +224,7 @@ class TargetProblem:
         # One forward below the edited layer: its input and the value v₀ at the subject are fixed from now on.
         with torch.no_grad(), capture(model, [spec.layer(self.start), self.hook_name]) as rec, \
                 at_positions(model, self.kl_text, self.cols[self.kl_text]):
-            kl_logits = model(input_ids=self.input_ids, attention_mask=mask, use_cache=False).logits[0]
+            kl_logits = model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits[0]
         self.hidden_in, self.mask = rec[spec.layer(self.start)].input, mask
         # δ and its optimiser state live in float32 (v₀'s dtype); hooks cast δ to the weights' dtype.
         self.v0 = rec[self.hook_name].output[first, self.cols[first]].detach().float()
@@ -258,7 +258,8 @@ class TargetProblem:
         owner = self.owner[texts]
         with self._inserted(delta, owner, self.cols[texts]), layers_from(self.model, self.start) as run, \
                 at_positions(self.model, rows, cols):
-            logits = run(self.hidden_in[texts], self.mask[texts])[0].float()
+            width = int(self.mask[texts].sum(1).max())  # right-padded: the active prompts' padding ends here
+            logits = run(self.hidden_in[texts, :width], self.mask[texts, :width])[0].float()
         n = len(self.requests)
         logp = torch.log_softmax(logits[: len(pred_rows)], dim=-1)
         token_nll = -logp.gather(1, self.pred_ids[pred][:, None]).squeeze(1) * self.pred_weight[pred]
