@@ -65,22 +65,24 @@ def machine() -> dict:
 class FloorMeter:
     """The cost floor of the target optimisations (issue 19): per step, one forward over the active requests'
     prefix contexts from the edited layer on and one backward, i.e. one :meth:`TargetProblem.loss` and its
-    gradient. While installed it counts, per edit call, the prompts each step ran (requests that reached their
-    target leave the batch); :meth:`floor_s` then times bare loss+gradient evaluations of that call's problems
-    outside the timed region and prices the counted prompt-steps with them."""
+    gradient. While installed it counts, per edit call and per problem (a batch is optimised in chunks), the prompts
+    each step ran (requests that reached their target leave the forward); :meth:`floor_s` then times bare
+    loss+gradient evaluations of each problem outside the timed region and prices its counted prompt-steps with
+    them."""
 
     def __init__(self) -> None:
         from eac_lightning.methods.target import TargetProblem
 
         self.cls, self.original = TargetProblem, TargetProblem.loss
-        self.prompt_steps = 0
-        self.problems: list = []
+        self.counted: list[list] = []  # [problem, prompt-steps]
         meter = self
 
         def counted(problem, delta):
-            if not any(p is problem for p in meter.problems):
-                meter.problems.append(problem)
-            meter.prompt_steps += len(problem._active_texts)
+            entry = next((e for e in meter.counted if e[0] is problem), None)
+            if entry is None:
+                entry = [problem, 0]
+                meter.counted.append(entry)
+            entry[1] += len(problem._active_texts)
             return meter.original(problem, delta)
 
         TargetProblem.loss = counted
@@ -89,22 +91,24 @@ class FloorMeter:
         self.cls.loss = self.original
 
     def reset(self) -> None:
-        self.prompt_steps, self.problems = 0, []
+        self.counted = []
 
     def floor_s(self, reps: int = 3) -> float | None:
-        """Seconds the counted steps cost at the median speed of a bare step of this call's (last) problem."""
-        if not self.problems:
+        """Seconds the counted steps cost, each problem's at the median speed of its own bare full step."""
+        if not self.counted:
             return None
-        problem = self.problems[-1]
-        problem.thaw()
-        times = []
-        for _ in range(reps):
-            delta = torch.zeros_like(problem.v0, requires_grad=True)
-            t0 = time.perf_counter()
-            loss, _ = self.original(problem, delta)
-            torch.autograd.grad(loss, delta)
-            times.append(time.perf_counter() - t0)
-        return self.prompt_steps * statistics.median(times) / len(problem.owner)
+        total = 0.0
+        for problem, prompt_steps in self.counted:
+            problem.thaw()
+            times = []
+            for _ in range(reps):
+                delta = torch.zeros_like(problem.v0, requires_grad=True)
+                t0 = time.perf_counter()
+                loss, _ = self.original(problem, delta)
+                torch.autograd.grad(loss, delta)
+                times.append(time.perf_counter() - t0)
+            total += prompt_steps * statistics.median(times) / len(problem.owner)
+        return total
 
 
 def bench_method(spec: str, model, tok, stats, requests, edits: int, repeats: int, batch_size: int) -> dict:
