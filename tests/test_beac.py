@@ -191,6 +191,45 @@ def test_without_las_and_rar_beac_is_memit_eac(model_and_stats, tokenizer):
         assert (deltas_b[name] != 0).any(1).all()
 
 
+def test_write_aware_beac_writes_its_anchors_under_the_planned_update(model_and_stats, tokenizer):
+    """Write-aware B-EAC (docs/beac.md § 2.5): z is optimised under ΔW_l = Σ_i δ_i a_{l,i}ᵀ and exactly that is
+    written, so rows outside the batch's anchors stay untouched at every layer; without LAS and RAR it is
+    AlphaEdit-EAC with write-aware targets."""
+    from eac_lightning.methods.alphaedit import AlphaEdit
+
+    hp = BEACHyperParams(max_overlap=1, key_memory=0.0)
+    model, method, stats = fresh(model_and_stats, BEACAlphaEdit, beac=hp, write_aware=True)
+    method.setup(model, tokenizer, stats)
+    targets = method.compute_targets(model, tokenizer, requests(range(4)))
+    assert all(set(t.write_columns) == set(method.layers) for t in targets)
+    union = torch.stack([t.anchors for t in targets]).any(0)
+    deltas = method.write(model, tokenizer, targets).deltas
+    for layer in method.layers:
+        name = mlp_out_name(model, layer)
+        assert (deltas[name][~union] == 0).all() and deltas[name][union].abs().sum() > 0
+        planned = sum(t.delta.double()[:, None] * t.write_columns[layer].double()[None] for t in targets)
+        torch.testing.assert_close(deltas[name].double(), planned.to(deltas[name].device), rtol=1e-5, atol=1e-7)
+    assert method.batches == 1 and len(method.past_kkt) == 3
+    # the ablation grid closes on AlphaEdit-EAC (write-aware)
+    off = BEACHyperParams(las=False, rar=False, key_memory=0.0)
+    model_b, beac, _ = fresh(model_and_stats, BEACAlphaEdit, beac=off, write_aware=True)
+    model_a = copy.deepcopy(model_and_stats[0])
+    alpha_eac = AlphaEdit(**SMALL, eac=EAC, write_aware=True)
+    for got, want in zip(_run(model_b, beac, stats, tokenizer, BATCHES),
+                         _run(model_a, alpha_eac, stats, tokenizer, BATCHES)):
+        for name in alpha_eac.module_names:
+            torch.testing.assert_close(got[name], want[name])
+
+
+def test_write_aware_beac_refuses_what_its_write_cannot_do():
+    with pytest.raises(ValueError, match="key_memory"):
+        BEAC(beac=BEACHyperParams(key_memory=1.0), write_aware=True)
+    method = BEACAlphaEdit(layers=[0, 1, 2], beac=BEACHyperParams(layers_per_anchor=1, key_memory=0.0),
+                           write_aware=True)
+    with pytest.raises(ValueError, match="layers_per_anchor"):
+        method._check_write_aware()
+
+
 def test_memit_residual_hook_is_memit_spreading():
     m = MEMIT(layers=[3, 4, 5])
     resid = torch.randn(8, 3, dtype=torch.float64)

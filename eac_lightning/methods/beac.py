@@ -97,10 +97,24 @@ class BatchAnchorMixin:
         self.history = []
         self.last_plan = None
 
+    def _check_write_aware(self) -> None:
+        if self.write_aware and self.beac.layers_per_anchor not in (None, len(self.layers)):
+            raise ValueError(
+                f"B-EAC: write_aware writes every anchor in every edited layer (δ/L each, docs/beac.md § 2.5); "
+                f"beac.layers_per_anchor={self.beac.layers_per_anchor} plans fewer: set it to null or write_aware "
+                "to false")
+
     def compute_targets(self, model: nn.Module, tok, requests: Sequence[EditRequest]) -> list[LayeredTarget]:
         self.ensure_setup(model, tok)
-        # phase 1 of the whole batch on the same (current) model, in chunks of requests_per_forward
-        problems = [self._problem(model, tok, chunk) for chunk in self._chunks(requests)]
+        self._check_write_aware()
+        # phase 1 of the whole batch on the same (current) model, in chunks of requests_per_forward; write-aware
+        # targets are one problem (the write directions couple the batch, docs/beac.md § 2.5)
+        if self.write_aware:
+            directions = self._write_directions(model, tok, requests)
+            problems = [self._problem(model, tok, requests, directions)]
+        else:
+            directions = None
+            problems = [self._problem(model, tok, chunk) for chunk in self._chunks(requests)]
         explorations = [explore(problem, self.eac) for problem in problems]
         scores = torch.cat([e.score.detach() for e in explorations])
         d = scores.shape[1]
@@ -116,7 +130,9 @@ class BatchAnchorMixin:
             layer_masks = plan.masks[rows].to(problem.v0.device)  # (n, L, d)
             anchors = layer_masks.any(1)
             deltas = check_result(problem, retrain(problem, exploration, anchors, self.eac))  # phase 2, Eq. 3-6
-            out += [LayeredTarget(r, problem.v0[i], deltas[i], anchors[i], layer_masks=layer_masks[i])
+            out += [LayeredTarget(r, problem.v0[i], deltas[i], anchors[i],
+                                  None if directions is None else {l: a[:, i] for l, a in directions.items()},
+                                  layer_masks=layer_masks[i])
                     for i, r in enumerate(problem.requests)]
             start = rows.stop
         return out
@@ -178,6 +194,7 @@ class BEAC(BatchAnchorMixin, MEMIT):
         layers, target, context, mom2_update_weight: as :class:`~eac_lightning.methods.memit.MEMIT`.
         eac: EAC's scoring and retraining (Eq. 1-6); the anchor count per edit is EAC's (γ).
         beac: LAS / RAR switches and bounds.
+        write_aware: optimise z under the update that will be written (as MEMIT's; needs ``key_memory`` 0).
     """
 
     def __init__(
@@ -188,10 +205,14 @@ class BEAC(BatchAnchorMixin, MEMIT):
         mom2_update_weight: float = 20000.0,
         eac: EACHyperParams | None = None,
         beac: BEACHyperParams | None = None,
+        write_aware: bool = False,
     ) -> None:
         super().__init__(layers=layers, target=target, context=context, mom2_update_weight=mom2_update_weight,
-                         eac=eac or EACHyperParams())
+                         eac=eac or EACHyperParams(), write_aware=write_aware)
         self._init_beac(beac)
+        if write_aware and self._remembers_keys():
+            raise ValueError("B-EAC: the write-aware write is MEMIT's solve for every layer at once and does not "
+                             "use RAR's anchor key record: set beac.key_memory to 0 or write_aware to false")
         self.key_record: dict[str, AnchorKeyRecord] = {}  # per edited module (RAR)
 
     base_label = "B-EAC"
@@ -266,6 +287,7 @@ class BEACAlphaEdit(BatchAnchorMixin, AlphaEdit):
         layers, target, context, nullspace_threshold, l2: as :class:`~eac_lightning.methods.alphaedit.AlphaEdit`.
         eac: EAC's scoring and retraining.
         beac: LAS / RAR switches and bounds.
+        write_aware: optimise z under the update that will be written (as AlphaEdit's ``write_aware``).
     """
 
     base_label = "B-EAC (AlphaEdit)"
@@ -279,9 +301,10 @@ class BEACAlphaEdit(BatchAnchorMixin, AlphaEdit):
         l2: float = 10.0,
         eac: EACHyperParams | None = None,
         beac: BEACHyperParams | None = None,
+        write_aware: bool = False,
     ) -> None:
         super().__init__(layers=layers, target=target, context=context, nullspace_threshold=nullspace_threshold,
-                         l2=l2, eac=eac or EACHyperParams())
+                         l2=l2, eac=eac or EACHyperParams(), write_aware=write_aware)
         self._init_beac(beac or BEACHyperParams(key_memory=0.0))
         if self.beac.key_memory > 0:
             raise ValueError(
