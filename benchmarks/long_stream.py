@@ -19,7 +19,9 @@ flat along the stream.
         --context 5 2 --tag 2000
 
 Run folders (checkpoints included) go to ``runs/long_stream_<tag>/<method>``; the table and figures to
-``benchmarks/results/long_stream_<tag>.json`` and ``docs/img/long_stream_<tag>.png``.
+``benchmarks/results/long_stream_<tag>.json`` and ``docs/img/long_stream_<tag>.png``. The results file keeps the
+rows of earlier invocations (each with its command, evaluation trace and memory samples) and a method run again
+replaces its own row, so a table whose methods do not all fit one session is filled over several.
 """
 
 from __future__ import annotations
@@ -99,7 +101,15 @@ def mean_norm(summary: dict, key: str) -> float:
     return sum(n[key] for n in norms.values()) / len(norms)
 
 
-def row(method: str, root: Path, bench: dict) -> dict:
+def thinned(samples: list, most: int = 300) -> list:
+    """At most ``most`` evenly spaced samples (a 2-hour run samples its memory 3,600 times)."""
+    step = max(1, -(-len(samples) // most))
+    return samples[::step]
+
+
+def row(method: str, root: Path, bench: dict, command: str) -> dict:
+    """The method's table row, with its evaluation trace and memory samples, so that the results file alone
+    redraws the table and the plot (run folders need not outlive the session that made them)."""
     s = json.loads((root / "summary.json").read_text())
     m, v, g = s["edit_metrics"], s["edit_metrics_variants"], s["general"]
     memory = [mib for _, mib in bench["memory"]]
@@ -119,6 +129,11 @@ def row(method: str, root: Path, bench: dict) -> dict:
         "rss_mib_q2": max(memory[quarter:2 * quarter], default=None),
         "rss_mib_q4": max(memory[3 * quarter:], default=None),
         "method_settings": s.get("method_settings"),
+        "trace": [{"edits": float(t["edits"]), "reliability": float(t["edit/reliability"]),
+                   "fact_retention": float(t["general/fact_retention"]) if t.get("general/fact_retention") else None}
+                  for t in read_trace(root)],
+        "memory": thinned(bench["memory"]),
+        "command": command,
     }
 
 
@@ -143,7 +158,7 @@ def read_trace(root: Path) -> list[dict]:
         return [r for r in csv.DictReader(fh) if r.get("edit/reliability")]
 
 
-def plot(rows: list[dict], out: Path, img: Path) -> None:
+def plot(rows: list[dict], img: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -151,14 +166,13 @@ def plot(rows: list[dict], out: Path, img: Path) -> None:
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     for r in rows:
-        root = out / r["method"]
-        trace = read_trace(root)
-        xs = [float(t["edits"]) for t in trace]
-        axes[0].plot(xs, [float(t["edit/reliability"]) for t in trace], marker="o", label=r["method"])
-        axes[1].plot(xs, [float(t["general/fact_retention"]) for t in trace if t.get("general/fact_retention")]
-                     [: len(xs)], marker="o", label=r["method"])
-        bench = json.loads((root / "bench.json").read_text())
-        axes[2].plot([t / 60 for t, _ in bench["memory"]], [m for _, m in bench["memory"]], label=r["method"])
+        trace = r.get("trace") or []
+        retained = [t for t in trace if t["fact_retention"] is not None]
+        axes[0].plot([t["edits"] for t in trace], [t["reliability"] for t in trace], marker="o", label=r["method"])
+        axes[1].plot([t["edits"] for t in retained], [t["fact_retention"] for t in retained], marker="o",
+                     label=r["method"])
+        axes[2].plot([t / 60 for t, _ in r.get("memory") or []], [m for _, m in r.get("memory") or []],
+                     label=r["method"])
     for ax, title, ylabel in zip(axes, ["reliability of all edits so far", "unedited-fact retention",
                                         "resident memory"], ["reliability", "fact accuracy", "MiB"]):
         ax.set_title(title)
@@ -188,22 +202,27 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--table-only", action="store_true", help="tabulate finished runs, run nothing")
     args = ap.parse_args(argv)
     out = REPO / "runs" / f"long_stream_{args.tag}"
-    rows = []
+    results = REPO / "benchmarks" / "results" / f"long_stream_{args.tag}.json"
+    command = "python benchmarks/long_stream.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    # Rows of earlier invocations (other methods, other sessions) are kept; a method run again replaces its row.
+    rows = {r["method"]: r for r in json.loads(results.read_text())["rows"]} if results.exists() else {}
     for method in args.methods:
         root = out / method
+        if args.table_only and not (root / "bench.json").exists():
+            continue
         bench = (json.loads((root / "bench.json").read_text()) if args.table_only
                  else run_method(method, args, root))
         if (root / "summary.json").exists():
-            rows.append(row(method, root, bench))
+            rows[method] = row(method, root, bench, rows.get(method, {}).get("command", command)
+                               if args.table_only else command)
+    rows = list(rows.values())
     text = (f"{args.edits} edits in batches of {args.batch_size} on `{args.model}`"
             f"{f', {args.context[1]} prefix contexts of {args.context[0]} tokens' if args.context else ''}\n\n"
             + table(rows))
     print(text)
-    command = "python benchmarks/long_stream.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    (REPO / "benchmarks" / "results" / f"long_stream_{args.tag}.json").write_text(
-        json.dumps({"command": command, "table": text, "rows": rows}, indent=2) + "\n")
-    if rows:
-        plot(rows, out, REPO / "docs" / "img" / f"long_stream_{args.tag}.png")
+    results.write_text(json.dumps({"table": text, "rows": rows}, indent=2) + "\n")
+    if any(r.get("trace") for r in rows):
+        plot([r for r in rows if r.get("trace")], REPO / "docs" / "img" / f"long_stream_{args.tag}.png")
 
 
 if __name__ == "__main__":

@@ -38,10 +38,13 @@ from eac_lightning.progress import LineProgressBar, stop_on_sigterm
 EXTRA_COMMANDS = ("stats", "testbed", "trace", "export", "ask", "rollback")
 
 # The edited model stays in eval mode on purpose (no dropout in target optimisations), and weights change in a
-# callback, not in an optimizer: these three Lightning warnings describe intended behaviour here.
+# callback, not in an optimizer: these three Lightning warnings describe intended behaviour here. The fourth warns that
+# a resumed stream's DataLoader has no state; the stream resumes from the datamodule's position, which every
+# checkpoint holds (data/datamodule.py), so no edit is repeated or skipped.
 warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")
 warnings.filterwarnings("ignore", message=".*ModelCheckpoint with manual optimization.*")
 warnings.filterwarnings("ignore", message=".*configure_optimizers` returned `None`.*")
+warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*")
 
 
 def hyperparameter_help() -> str:
