@@ -70,6 +70,9 @@ METHODS = {
     "B-EAC (AlphaEdit) w/o LAS": "beac-alphaedit beac.las=false",
     "B-EAC (AlphaEdit) w/o RAR": "beac-alphaedit beac.rar=false",
     "AlphaEdit-EAC": "alphaedit-eac",
+    # UltraEdit with its testbed settings (configs/testbed/ultraedit.yaml); the --set values it does not take are
+    # left out (it has no z, λ or clamp)
+    "UltraEdit": "ultraedit layers=[2,3] lr=1e-3",
 }
 
 
@@ -131,13 +134,15 @@ def overlay(method, settings: list[str]) -> dict:
     return {"init_args": init_args}
 
 
-def collisions(targets) -> int:
-    """The most edits of the batch that share one anchor dimension (per layer for B-EAC's plans)."""
+def collisions(targets, n: int) -> int:
+    """The most edits of the batch (``n``) that share one anchor dimension (per layer for B-EAC's plans)."""
+    if not isinstance(targets, list):
+        return n  # no per-edit targets (UltraEdit's features): every edit writes every dimension
     if targets and isinstance(targets[0], LayeredTarget) and targets[0].layer_masks is not None:
         return int(torch.stack([t.layer_masks for t in targets]).sum(0).max())
     masks = [getattr(t, "anchors", None) for t in targets]
     if not masks or masks[0] is None:
-        return len(targets)  # unmasked z: every edit writes every dimension
+        return n  # unmasked z: every edit writes every dimension
     return int(torch.stack(masks).sum(0).max())
 
 
@@ -168,7 +173,7 @@ def run_one(name, preset, base_model, tok, stats, edits, n_batches, size, refere
         write_targets(method, model, tok, targets)
         trace.append({
             "batch": b + 1, "edits": (b + 1) * size, "seconds": round(time.time() - t0, 2),
-            "l1_growth": l1_growth(model, w0), "collisions": collisions(targets.targets),
+            "l1_growth": l1_growth(model, w0), "collisions": collisions(targets.targets, len(batch)),
         })
         print(f"  [{name} {n_batches}x{size}] batch {b + 1}/{n_batches}: {trace[-1]}", flush=True)
     edit_seconds = time.time() - t_start
