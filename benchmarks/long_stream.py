@@ -203,7 +203,9 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     out = REPO / "runs" / f"long_stream_{args.tag}"
     results = REPO / "benchmarks" / "results" / f"long_stream_{args.tag}.json"
-    command = "python benchmarks/long_stream.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    # the command that makes a row (the same without --table-only, which only tabulates it)
+    command = "python benchmarks/long_stream.py " + " ".join(a for a in (sys.argv[1:] if argv is None else argv)
+                                                             if a != "--table-only")
     # Rows of earlier invocations (other methods, other sessions) are kept; a method run again replaces its row.
     rows = {r["method"]: r for r in json.loads(results.read_text())["rows"]} if results.exists() else {}
     for method in args.methods:
@@ -213,8 +215,7 @@ def main(argv: list[str] | None = None) -> None:
         bench = (json.loads((root / "bench.json").read_text()) if args.table_only
                  else run_method(method, args, root))
         if (root / "summary.json").exists():
-            rows[method] = row(method, root, bench, rows.get(method, {}).get("command", command)
-                               if args.table_only else command)
+            rows[method] = row(method, root, bench, command)
     rows = list(rows.values())
     text = (f"{args.edits} edits in batches of {args.batch_size} on `{args.model}`"
             f"{f', {args.context[1]} prefix contexts of {args.context[0]} tokens' if args.context else ''}\n\n"
