@@ -67,8 +67,6 @@ METHODS = {
     # until session 8 this was "B-EAC w/o LAS" (docs/beac.md § 5.10).
     "B-EAC w/o overlap bound": "beac beac.max_overlap=1000000",
     "B-EAC (AlphaEdit)": "beac-alphaedit",
-    "B-EAC (AlphaEdit) w/o LAS": "beac-alphaedit beac.las=false",
-    "B-EAC (AlphaEdit) w/o RAR": "beac-alphaedit beac.rar=false",
     "AlphaEdit-EAC": "alphaedit-eac",
     # UltraEdit with its testbed settings (configs/testbed/ultraedit.yaml); the --set values it does not take are
     # left out (it has no z, λ or clamp)
