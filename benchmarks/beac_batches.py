@@ -60,14 +60,19 @@ METHODS = {
     "MEMIT": "memit",
     "MEMIT-EAC": "memit-eac",
     "AlphaEdit": "alphaedit",
+    "AlphaEdit-EAC": "alphaedit-eac",
+    # B-EAC (the preset, over AlphaEdit's solve) and its ablations (docs/beac.md § 5.13); before session 12 "B-EAC"
+    # named the B-EAC over MEMIT's solve and this one was "B-EAC (AlphaEdit)"
     "B-EAC": "beac",
+    "B-EAC w/o refresh": "beac beac.refresh=0",
     "B-EAC w/o LAS": "beac-no-las",
     "B-EAC w/o RAR": "beac-no-rar",
+    "B-EAC (MEMIT)": "beac-memit",
+    "B-EAC (MEMIT) w/o LAS": "beac-memit-no-las",
+    "B-EAC (MEMIT) w/o RAR": "beac-memit-no-rar",
     # LAS's per-layer anchors without its overlap bound (a bound no cell reaches: each edit takes its top-k);
     # until session 8 this was "B-EAC w/o LAS" (docs/beac.md § 5.10).
-    "B-EAC w/o overlap bound": "beac beac.max_overlap=1000000",
-    "B-EAC (AlphaEdit)": "beac-alphaedit",
-    "AlphaEdit-EAC": "alphaedit-eac",
+    "B-EAC (MEMIT) w/o overlap bound": "beac-memit beac.max_overlap=1000000",
     # UltraEdit with its testbed settings (configs/testbed/ultraedit.yaml); the --set values it does not take are
     # left out (it has no z, λ or clamp)
     "UltraEdit": "ultraedit layers=[2,3] lr=1e-3",

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from eac_lightning.data.requests import EditRequest
+from eac_lightning.methods.base import restore_weights, snapshot
 from eac_lightning.methods.beac import BEAC, BEACAlphaEdit, LayeredTarget
 from eac_lightning.methods.beac_plan import (
     AnchorKeyRecord,
@@ -250,7 +251,8 @@ BATCHES = [[0, 1], [2, 3]]
 
 @pytest.mark.parametrize("cls", [BEAC, BEACAlphaEdit])
 def test_rar_checkpoint_round_trip_and_resume(model_and_stats, tokenizer, cls):
-    hp = BEACHyperParams(max_overlap=1, decay=0.5, key_memory=1.0 if cls is BEAC else 0.0)
+    hp = BEACHyperParams(max_overlap=1, decay=0.5, key_memory=1.0 if cls is BEAC else 0.0,
+                         refresh=0.0 if cls is BEAC else 1.0)
     # Uninterrupted: two batches.
     m_full, meth_full, stats = fresh(model_and_stats, cls, beac=hp)
     _run(m_full, meth_full, stats, tokenizer, BATCHES)
@@ -279,6 +281,7 @@ def test_rar_checkpoint_round_trip_and_resume(model_and_stats, tokenizer, cls):
             assert torch.equal(b.keys, full.keys) and torch.equal(b.weight, full.weight)
             assert torch.equal(b.cells, full.cells)
     assert meth_b.history == meth_full.history and meth_b.batches == 2
+    assert meth_b.refresh_record == meth_full.refresh_record
     assert torch.equal(meth_b.last_plan.masks, meth_full.last_plan.masks)
     # Without the restored record, the second batch is planned differently (the state is what makes them equal).
     m_c, meth_c, _ = fresh(model_and_stats, cls, beac=hp)
@@ -286,9 +289,52 @@ def test_rar_checkpoint_round_trip_and_resume(model_and_stats, tokenizer, cls):
     meth_c.templates = list(meth_a.templates)
     _run(m_c, meth_c, stats, tokenizer, BATCHES[1:])
     assert not torch.equal(meth_c.last_plan.masks, meth_full.last_plan.masks)
-    # The record is rolling: each batch adds 2 edits × k anchors × 3 layers, and the earlier batch decays by 0.5.
+    # The record is rolling: each batch adds its edits (2, and those refreshed) × k anchors × 3 layers, and the
+    # earlier batch decays by 0.5.
     k = math.ceil(model_and_stats[0].config.n_embd * 0.25)
-    assert math.isclose(float(meth_full.usage.sum()), 2 * k * 3 * (1 + 0.5))
+    second = 2 + meth_full.history[-1].get("refreshed", 0)
+    assert math.isclose(float(meth_full.usage.sum()), k * 3 * (second + 2 * 0.5))
+
+
+def test_rar_refresh_rewrites_earlier_edits_that_no_longer_hold(model_and_stats, tokenizer):
+    """RAR's refresh (docs/beac.md § 2.6): an earlier edit whose prompt no longer yields its target joins the next
+    batch (within the budget ceil(refresh·n)), is written with it and moves to the newest slot of the window; an edit
+    the batch makes again is not refreshed; the window travels with the checkpoint."""
+    hp = BEACHyperParams(max_overlap=1, key_memory=0.0, refresh=0.5, refresh_window=2)
+    model, method, stats = fresh(model_and_stats, BEACAlphaEdit, beac=hp)
+    method.setup(model, tokenizer, stats)
+    w0 = snapshot(model, method.module_names)
+    edit(method, model, tokenizer, requests([0, 1, 2, 3]))
+    assert [r.subject for r in method.refresh_record[-1]] == [FACTS[i][1] for i in range(4)]
+    restore_weights(model, w0)  # none of the first batch's edits holds any more
+    # the batch edits fact 3 again: of 0-2, the budget ceil(0.5·2) = 1 is refreshed
+    result = edit(method, model, tokenizer, requests([3, 4]))
+    assert len(result.records) == 2  # the batch's own edits are what the run counts
+    assert method.history[-1]["refreshed"] == 1.0
+    old, newest = method.refresh_record
+    refreshed = newest[2:]
+    assert [r.subject for r in newest[:2]] == [FACTS[3][1], FACTS[4][1]] and len(refreshed) == 1
+    assert refreshed[0].subject in {FACTS[i][1] for i in range(3)}
+    assert {r.subject for r in old} == {FACTS[i][1] for i in range(3)} - {refreshed[0].subject}
+    buf = io.BytesIO()
+    torch.save(method.state_dict(), buf)
+    buf.seek(0)
+    _, restored, _ = fresh(model_and_stats, BEACAlphaEdit, beac=hp)
+    restored.load_state_dict(torch.load(buf, weights_only=True))
+    assert restored.refresh_record == method.refresh_record
+    # the window holds the latest refresh_window batches
+    edit(method, model, tokenizer, requests([5]))
+    assert len(method.refresh_record) == 2 and all(r in newest for r in method.refresh_record[0])
+    assert all(r in method.refresh_record[-1] for r in old if r in sum(method.refresh_record, []))
+    assert method.refresh_record[-1][0].subject == FACTS[5][1]
+
+
+def test_rar_refresh_off_keeps_no_window(model_and_stats, tokenizer):
+    model, method, stats = fresh(model_and_stats, BEACAlphaEdit, beac=BEACHyperParams(max_overlap=1, key_memory=0.0))
+    _run(model, method, stats, tokenizer, BATCHES)
+    assert method.refresh_record == [] and "refreshed" not in method.history[-1]
+    with pytest.raises(ValueError, match="refresh_window"):
+        BEACHyperParams(refresh_window=0)
 
 
 def test_rar_off_keeps_no_record(model_and_stats, tokenizer):
@@ -424,10 +470,13 @@ def test_beac_needs_anchors():
 def test_presets_load():
     from eac_lightning.editor import method_from_preset
 
-    full = method_from_preset("beac")
-    assert isinstance(full, BEAC) and full.beac.las and full.beac.rar and full.label == "B-EAC"
+    full = method_from_preset("beac")  # over AlphaEdit's solve, write-aware, with RAR's refresh
+    assert isinstance(full, BEACAlphaEdit) and full.beac.las and full.beac.rar and full.label == "B-EAC"
+    assert full.write_aware and full.beac.refresh == 0.2 and full.l2 == 10.0
     assert not method_from_preset("beac-no-las").beac.las
     assert not method_from_preset("beac-no-rar").beac.rar
     assert [method_from_preset(p).label for p in ("beac-no-las", "beac-no-rar")] == ["B-EAC w/o LAS", "B-EAC w/o RAR"]
-    over_alphaedit = method_from_preset("beac-alphaedit")
-    assert isinstance(over_alphaedit, BEACAlphaEdit) and over_alphaedit.beac.las and over_alphaedit.l2 == 10.0
+    over_memit = method_from_preset("beac-memit")
+    assert isinstance(over_memit, BEAC) and over_memit.beac.key_memory == 1.0 and over_memit.label == "B-EAC (MEMIT)"
+    assert [method_from_preset(p).label for p in ("beac-memit-no-las", "beac-memit-no-rar")] == [
+        "B-EAC (MEMIT) w/o LAS", "B-EAC (MEMIT) w/o RAR"]

@@ -180,7 +180,7 @@ def test_beac_kill_and_resume_equals_uninterrupted(tmp_path):
         assert torch.equal(rec["key_record"][k]["cells"], r["cells"])
         torch.testing.assert_close(rec["key_record"][k]["keys"], r["keys"], rtol=1e-5, atol=1e-6)
     assert [r["edit"] for r in ledger(runs["killed"])] == list(range(6))
-    assert json.loads((runs["killed"] / "summary.json").read_text())["method"] == "B-EAC"
+    assert json.loads((runs["killed"] / "summary.json").read_text())["method"] == "B-EAC (MEMIT)"
 
 
 def test_lightning_editor_and_edit_function_write_the_same_deltas(full_run):

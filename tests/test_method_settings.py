@@ -14,9 +14,10 @@ def preset(name: str) -> dict:
 
 def test_method_keys_name_the_presets():
     for name in ("rome", "rome-eac", "memit", "memit-eac", "alphaedit", "alphaedit-eac", "ft", "ft-en", "beac",
-                 "beac-alphaedit", "ultraedit"):
+                 "beac-memit", "ultraedit"):
         assert method_key(preset(name)) == name
     assert method_key(preset("beac-no-las")) == "beac"  # ablations share B-EAC's measured settings
+    assert method_key(preset("beac-memit-no-rar")) == "beac-memit"
 
 
 def test_testbed_settings_replace_published_values_and_keep_the_users():

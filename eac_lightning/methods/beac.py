@@ -30,8 +30,10 @@ pile onto the same rows, batch after batch. B-EAC selects the anchors of a whole
   key part (``key_memory`` η > 0, :class:`BEAC`) keeps each earlier edit's keys with its anchor dimensions, and
   MEMIT's solve keeps what those keys read in those rows (row j of ΔW_l solves
   λC + KKᵀ + η Σ_{o anchors j} w_o k_o k_oᵀ, w_o = ρ^age): a new batch does not overwrite earlier edits where
-  they were written. The record, the batch counter and a per-batch history are in :meth:`state_dict`, so a
-  resumed run behaves exactly like an uninterrupted one.
+  they were written. Its refresh (``refresh`` > 0) re-checks the edits of the last batches on the current model
+  before each batch: those whose prompt no longer yields their target join the batch, so their anchors are
+  re-planned on today's weights and written again. The records, the batch counter and a per-batch history are in
+  :meth:`state_dict`, so a resumed run behaves exactly like an uninterrupted one.
 
 The planning itself and RAR's key record are tensor code apart from any model (:mod:`eac_lightning.methods.beac_plan`).
 Here they run as a mixin over MEMIT's code (no copy of it): :class:`BEAC` edits with MEMIT's solve,
@@ -41,7 +43,8 @@ projection because both solves are row-separable in ΔW_l).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import asdict, dataclass
 from typing import Any, Sequence
 
 import torch
@@ -77,6 +80,8 @@ class BatchAnchorMixin:
     batches: int
     history: list[dict[str, float]]
     last_plan: AnchorPlan | None
+    refresh_record: list[list[EditRequest]]  # RAR's refresh window: the edits of the latest batches, oldest first
+    pending: tuple[list[EditRequest], list[EditRequest]] | None  # (new, refreshed) of the batch being edited
 
     base_label: str
 
@@ -96,6 +101,30 @@ class BatchAnchorMixin:
         self.batches = 0
         self.history = []
         self.last_plan = None
+        self.refresh_record = []
+        self.pending = None
+
+    def _refreshing(self) -> bool:
+        return self.beac.rar and self.beac.refresh > 0
+
+    def _refresh_requests(self, model: nn.Module, tok, requests: Sequence[EditRequest]) -> list[EditRequest]:
+        """RAR's refresh (docs/beac.md § 2.6): the earlier edits of the window whose bare prompt no longer yields
+        their target on the current model (teacher-forced exact match), lowest token accuracy first, then oldest; at
+        most ceil(refresh·n) for a batch of n. An earlier edit of a prompt the batch edits again is superseded."""
+        from eac_lightning.evaluation import score_targets  # evaluation builds on methods, not the reverse
+
+        budget = math.ceil(self.beac.refresh * len(requests))
+        again = {r.prompt_text for r in requests}
+        window = [r for batch in self.refresh_record for r in batch if r.prompt_text not in again]
+        if not budget or not window:
+            return []
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            scores = score_targets(model, tok, [r.prompt_text for r in window], [r.target_new for r in window])
+        model.train(was_training)
+        failing = sorted((s.token_accuracy, i) for i, s in enumerate(scores) if not s.exact)
+        return [window[i] for _, i in failing[:budget]]
 
     def _check_write_aware(self) -> None:
         if self.write_aware and self.beac.layers_per_anchor not in (None, len(self.layers)):
@@ -107,6 +136,9 @@ class BatchAnchorMixin:
     def compute_targets(self, model: nn.Module, tok, requests: Sequence[EditRequest]) -> list[LayeredTarget]:
         self.ensure_setup(model, tok)
         self._check_write_aware()
+        refreshed = self._refresh_requests(model, tok, requests) if self._refreshing() else []
+        self.pending = (list(requests), refreshed)
+        requests = list(requests) + refreshed  # refreshed edits are planned, retrained and written with the batch
         # phase 1 of the whole batch on the same (current) model, in chunks of requests_per_forward; write-aware
         # targets are one problem (the write directions couple the batch, docs/beac.md § 2.5)
         if self.write_aware:
@@ -158,6 +190,14 @@ class BatchAnchorMixin:
             summary = {"batch": float(self.batches), "edits": float(len(masks))}
             if self.last_plan is not None and self.last_plan.masks.shape[0] == len(masks):
                 summary.update(self.last_plan.summary())
+            if self.pending is not None and self._refreshing():
+                new, refreshed = self.pending
+                summary["refreshed"] = float(len(refreshed))
+                # the batch's edits (refreshed ones too) become the newest slot of the window
+                moved = {r.prompt_text for r in new + refreshed}
+                kept = [[r for r in batch if r.prompt_text not in moved] for batch in self.refresh_record]
+                self.refresh_record = (kept + [new + refreshed])[-self.beac.refresh_window:]
+            self.pending = None
             self.history.append(summary)
             self.batches += 1
 
@@ -169,6 +209,7 @@ class BatchAnchorMixin:
                 "usage": None if self.usage is None else self.usage.clone(),
                 "batches": self.batches,
                 "history": [dict(h) for h in self.history],
+                "refresh_record": [[asdict(r) for r in batch] for batch in self.refresh_record],
             },
         }
 
@@ -184,6 +225,10 @@ class BatchAnchorMixin:
         self.usage = None if b.get("usage") is None else b["usage"].clone().double()
         self.batches = int(b.get("batches", 0))
         self.history = [dict(h) for h in b.get("history", [])]
+        try:
+            self.refresh_record = [[EditRequest(**r) for r in batch] for batch in b.get("refresh_record", [])]
+        except TypeError as e:
+            raise ValueError(f"B-EAC checkpoint: refresh_record is malformed ({e})") from e
 
 
 class BEAC(BatchAnchorMixin, MEMIT):
@@ -215,7 +260,7 @@ class BEAC(BatchAnchorMixin, MEMIT):
                              "use RAR's anchor key record: set beac.key_memory to 0 or write_aware to false")
         self.key_record: dict[str, AnchorKeyRecord] = {}  # per edited module (RAR)
 
-    base_label = "B-EAC"
+    base_label = "B-EAC (MEMIT)"
 
     def _remembers_keys(self) -> bool:
         return self.beac.rar and self.beac.key_memory > 0
@@ -290,7 +335,7 @@ class BEACAlphaEdit(BatchAnchorMixin, AlphaEdit):
         write_aware: optimise z under the update that will be written (as AlphaEdit's ``write_aware``).
     """
 
-    base_label = "B-EAC (AlphaEdit)"
+    base_label = "B-EAC"
 
     def __init__(
         self,

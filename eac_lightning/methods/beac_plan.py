@@ -43,6 +43,11 @@ class BEACHyperParams:
             B5): row j of ΔW_l keeps what each earlier edit o with an anchor at dimension j reads, with weight
             η·ρ^age(o). 0: the usage record and penalty only. :class:`BEACAlphaEdit` keeps AlphaEdit's own record
             of earlier keys instead (needs 0).
+        refresh: RAR's refresh share (docs/beac.md § 2.6): before each batch of n edits, up to ceil(refresh·n)
+            earlier edits of the window whose bare prompt no longer yields their target on the current model
+            (teacher-forced exact match; lowest token accuracy first, then oldest) join the batch and get their
+            anchors re-planned and re-written. 0: no refresh (needs ``rar``).
+        refresh_window: how many of the latest batches' edits the refresh checks.
     """
 
     las: bool = True
@@ -54,6 +59,8 @@ class BEACHyperParams:
     decay: float = 0.8
     penalty: float = 1.0
     key_memory: float = 1.0
+    refresh: float = 0.0
+    refresh_window: int = 10
 
     def __post_init__(self) -> None:
         check("max_overlap", self.max_overlap, integer=True, positive=True)
@@ -63,6 +70,8 @@ class BEACHyperParams:
         check("decay", self.decay, low=0.0, high=1.0)
         check("penalty", self.penalty, nonnegative=True)
         check("key_memory", self.key_memory, nonnegative=True)
+        check("refresh", self.refresh, low=0.0)
+        check("refresh_window", self.refresh_window, integer=True, positive=True)
 
 
 @dataclass
