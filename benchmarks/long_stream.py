@@ -137,14 +137,21 @@ def row(method: str, root: Path, bench: dict, command: str) -> dict:
     }
 
 
+def mean4(r: dict) -> float:
+    """The composite of the batch-sequential benchmark (docs/beac.md § 5): the mean of reliability, generalisation,
+    locality and general-ability retention, the last being the mean of fact retention and the perplexity ratio."""
+    return (r["reliability"] + r["generalization"] + r["locality"] + (r["fact_retention"] + r["ppl_ratio"]) / 2) / 4
+
+
 def table(rows: list[dict]) -> str:
-    head = ("| method | rel | gen | loc | eff. score | para. score | nbhd score | gen. eff. | fluency | fact ret. "
-            "| ppl ratio | L1 growth | Fro growth | s/edit | wall | RSS MiB (q2 / q4) |")
-    lines = [head, "|---" * 16 + "|"]
+    head = ("| method | mean4 | rel | gen | loc | eff. score | para. score | nbhd score | gen. eff. | fluency "
+            "| fact ret. | ppl ratio | L1 growth | Fro growth | s/edit | wall | RSS MiB (q2 / q4) |")
+    lines = [head, "|---" * 17 + "|"]
     f = lambda x, p=3: "–" if x is None else f"{x:.{p}f}"  # noqa: E731
     for r in rows:
         lines.append(
-            f"| {r['method']} | {f(r['reliability'])} | {f(r['generalization'])} | {f(r['locality'])} "
+            f"| {r['method']} | {f(mean4(r))} | {f(r['reliability'])} | {f(r['generalization'])} "
+            f"| {f(r['locality'])} "
             f"| {f(r['efficacy_score'])} | {f(r['paraphrase_score'])} | {f(r['neighborhood_score'])} "
             f"| {f(r['gen_efficacy'])} | {f(r['fluency'], 2)} | {f(r['fact_retention'])} | {f(r['ppl_ratio'])} "
             f"| {f(r['l1_growth'], 2)} | {f(r['fro_growth'], 2)} | {f(r['seconds_per_edit'], 2)} "
