@@ -109,6 +109,9 @@ def test_las_without_a_bound_takes_each_edits_top_k():
     for usage in (None, torch.rand(3, 40, generator=gen, dtype=torch.float64) * 5):  # with RAR's penalty too
         unbounded = plan_anchors(scores, 6, 3, BEACHyperParams(max_overlap=8), usage)
         assert torch.equal(unbounded.masks, plan_anchors(scores, 6, 3, BEACHyperParams(las=False), usage).masks)
+    # the automatic bound reaches the batch size once k ≥ d / (2·slack) with every anchor in all L layers: at slack 2
+    # and anchors at P50 (the testbed's B-EAC) no cell is bounded, and LAS plans each edit's top-k (docs/beac.md § 5.13)
+    assert [auto_overlap(50, k, 3, 256, 3, 2.0) >= 50 for k in (64, 100, 128, 192)] == [False, False, True, True]
 
 
 def test_rar_penalty_avoids_used_anchors():
