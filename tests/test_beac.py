@@ -452,6 +452,17 @@ def test_load_state_rejects_a_malformed_key_record(model_and_stats):
         method.load_state_dict(state)
 
 
+def test_load_state_rejects_a_malformed_refresh_window_and_changes_nothing(model_and_stats):
+    _, method, _ = fresh(model_and_stats, BEACAlphaEdit, beac=BEACHyperParams(key_memory=0.0, refresh=0.2))
+    state = method.state_dict()
+    state["templates"] = ["{} changed"]
+    state["beac"]["batches"] = 7
+    state["beac"]["refresh_record"] = [[{"prompt": "{} is in", "subject": "X", "target_new": "Y", "shell": "rm"}]]
+    with pytest.raises(ValueError, match="refresh_record is malformed"):
+        method.load_state_dict(state)
+    assert method.batches == 0 and method.templates is None and method.refresh_record == []
+
+
 def test_load_state_rejects_other_layers(model_and_stats):
     _, method, _ = fresh(model_and_stats)
     state = method.state_dict()

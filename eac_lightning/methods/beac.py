@@ -214,21 +214,24 @@ class BatchAnchorMixin:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        super().load_state_dict(state)
+        # Checked first: a foreign or malformed record raises before any of the method's state changes.
         b = state.get("beac")
+        if b is not None:
+            if self.layers is not None and b.get("layers") is not None and list(b["layers"]) != list(self.layers):
+                raise ValueError(f"B-EAC state was recorded for layers {b['layers']}, this method edits {self.layers}")
+            try:
+                window = [[EditRequest(**r) for r in batch] for batch in b.get("refresh_record", [])]
+            except TypeError as e:
+                raise ValueError(f"B-EAC checkpoint: refresh_record is malformed ({e})") from e
+        super().load_state_dict(state)
         if b is None:
             return
-        if self.layers is not None and b.get("layers") is not None and list(b["layers"]) != list(self.layers):
-            raise ValueError(f"B-EAC state was recorded for layers {b['layers']}, this method edits {self.layers}")
         if self.layers is None and b.get("layers") is not None:
             self.layers = list(b["layers"])
         self.usage = None if b.get("usage") is None else b["usage"].clone().double()
         self.batches = int(b.get("batches", 0))
         self.history = [dict(h) for h in b.get("history", [])]
-        try:
-            self.refresh_record = [[EditRequest(**r) for r in batch] for batch in b.get("refresh_record", [])]
-        except TypeError as e:
-            raise ValueError(f"B-EAC checkpoint: refresh_record is malformed ({e})") from e
+        self.refresh_record = window
 
 
 class BEAC(BatchAnchorMixin, MEMIT):
