@@ -328,8 +328,8 @@ class BEAC(BatchAnchorMixin, MEMIT):
 
 
 class BEACAlphaEdit(BatchAnchorMixin, AlphaEdit):
-    """B-EAC on AlphaEdit: B-EAC's anchors written with AlphaEdit's null-space-projected solve (and its
-    accumulated keys of earlier edits).
+    """B-EAC on AlphaEdit, the ``beac`` preset (with ``write_aware`` and RAR's refresh, docs/beac.md § 5.13): B-EAC's
+    anchors written with AlphaEdit's null-space-projected solve (and its accumulated keys of earlier edits).
 
     Args:
         layers, target, context, nullspace_threshold, l2: as :class:`~eac_lightning.methods.alphaedit.AlphaEdit`.
