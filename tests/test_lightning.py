@@ -152,11 +152,11 @@ def test_ddp_two_processes_match_single_process(full_run, tmp_path):
 
 
 def test_beac_kill_and_resume_equals_uninterrupted(tmp_path):
-    """Batch-sequential B-EAC through the CLI: RAR's usage and key records travel in Lightning's checkpoint, so a run
-    killed after two batches and resumed writes what an uninterrupted run writes."""
+    """Batch-sequential B-EAC through the CLI: RAR's usage and key records and its refresh window travel in
+    Lightning's checkpoint, so a run killed after two batches and resumed writes what an uninterrupted run writes."""
     method = {"class_path": "eac_lightning.methods.beac.BEAC",
               "init_args": {"target": {"num_steps": 4, "clamp_norm_factor": 4.0}, "context": {"length_count": [[5, 2]]},
-                            "mom2_update_weight": 10.0, "eac": {"gamma": 80.0}}}
+                            "mom2_update_weight": 10.0, "eac": {"gamma": 80.0}, "beac": {"refresh": 0.5}}}
     extra = {"model": {"method": method}, "data": {"batch_size": 2}}
     runs = {}
     for name in ("full", "killed"):
@@ -175,8 +175,12 @@ def test_beac_kill_and_resume_equals_uninterrupted(tmp_path):
     rec, rec_full = resumed["method_state"]["beac"], uninterrupted["method_state"]["beac"]
     assert rec["batches"] == rec_full["batches"] == 3
     torch.testing.assert_close(rec["usage"], rec_full["usage"])
-    for k, r in rec_full["key_record"].items():
-        assert r["weight"].tolist() == [0.8 ** 2] * 2 + [0.8] * 2 + [1.0] * 2
+    assert rec["refresh_record"] == rec_full["refresh_record"] and len(rec_full["refresh_record"]) == 3
+    refreshed = [int(h["refreshed"]) for h in rec_full["history"]]
+    assert rec["history"] == rec_full["history"] and refreshed[0] == 0 and sum(refreshed) > 0
+    for k, r in rec_full["key_record"].items():  # each batch's edits and refreshed ones, decayed per batch
+        assert r["weight"].tolist() == [0.8 ** 2] * (2 + refreshed[0]) + [0.8] * (2 + refreshed[1]) + [1.0] * (
+            2 + refreshed[2])
         assert torch.equal(rec["key_record"][k]["cells"], r["cells"])
         torch.testing.assert_close(rec["key_record"][k]["keys"], r["keys"], rtol=1e-5, atol=1e-6)
     assert [r["edit"] for r in ledger(runs["killed"])] == list(range(6))
