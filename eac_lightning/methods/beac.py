@@ -118,11 +118,7 @@ class BatchAnchorMixin:
         window = [r for batch in self.refresh_record for r in batch if r.prompt_text not in again]
         if not budget or not window:
             return []
-        was_training = model.training
-        model.eval()
-        with torch.no_grad():
-            scores = score_targets(model, tok, [r.prompt_text for r in window], [r.target_new for r in window])
-        model.train(was_training)
+        scores = score_targets(model, tok, [r.prompt_text for r in window], [r.target_new for r in window])
         failing = sorted((s.token_accuracy, i) for i, s in enumerate(scores) if not s.exact)
         return [window[i] for _, i in failing[:budget]]
 
