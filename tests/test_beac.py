@@ -114,6 +114,28 @@ def test_las_without_a_bound_takes_each_edits_top_k():
     assert [auto_overlap(50, k, 3, 256, 3, 2.0) >= 50 for k in (64, 100, 128, 192)] == [False, False, True, True]
 
 
+def test_las_keeps_alike_edits_apart_while_each_can_fill_its_k():
+    """LAS's separation (docs/beac.md § 2.7): two alike edits (here the same scores, as one subject's two corrections
+    have the same key) take disjoint anchors; with more than d/2 each, they share only what they must."""
+    gen = torch.Generator().manual_seed(4)
+    scores = torch.rand(4, 16, generator=gen)
+    scores[1] = scores[0]
+    apart = torch.zeros(4, 4, dtype=torch.bool)
+    apart[0, 1] = apart[1, 0] = True
+    hp = BEACHyperParams()
+    together = plan_anchors(scores, 8, 3, hp).masks.any(1)
+    assert int((together[0] & together[1]).sum()) == 8  # without separation both take the same top-8
+    for k, shared in ((8, 0), (12, 8)):
+        masks = plan_anchors(scores, k, 3, hp, apart=apart).masks
+        m = masks.any(1)
+        assert (m.sum(1) == k).all() and int((m[0] & m[1]).sum()) == shared
+        assert set(masks.sum(1)[masks.sum(1) > 0].tolist()) == {3}  # still written in every layer
+    # edits not alike to anyone plan as before
+    assert torch.equal(plan_anchors(scores, 8, 3, hp, apart=apart).masks[2:], plan_anchors(scores, 8, 3, hp).masks[2:])
+    with pytest.raises(ValueError, match="alike_cosine"):
+        BEACHyperParams(alike_cosine=1.5)
+
+
 def test_rar_penalty_avoids_used_anchors():
     gen = torch.Generator().manual_seed(2)
     n, d, L, k = 4, 40, 2, 5
@@ -223,6 +245,21 @@ def test_write_aware_beac_writes_its_anchors_under_the_planned_update(model_and_
                          _run(model_a, alpha_eac, stats, tokenizer, BATCHES)):
         for name in alpha_eac.module_names:
             torch.testing.assert_close(got[name], want[name])
+
+
+def test_beac_separates_two_corrections_about_one_subject(model_and_stats, tokenizer):
+    """Two corrections about one subject have the same key at the first edited layer (|cos| 1 in C⁻¹): with
+    ``alike_cosine`` their anchors are disjoint, the other edits' are not separated."""
+    pair = [EditRequest(prompt="{} is located in", subject="Angola", target_new="Europe"),
+            EditRequest(prompt="{} speaks", subject="Angola", target_new="English")]
+    batch = pair + requests([0, 3])
+    hp = BEACHyperParams(key_memory=0.0, alike_cosine=0.9)
+    model, method, stats = fresh(model_and_stats, BEACAlphaEdit, beac=hp, write_aware=True)
+    method.setup(model, tokenizer, stats)
+    alike = method._alike(model, tokenizer, batch)
+    assert alike[0, 1] and alike[1, 0] and not alike[0, 2:].any() and not alike[2, 3]
+    anchors = torch.stack([t.anchors for t in method.compute_targets(model, tokenizer, batch)])
+    assert int((anchors[0] & anchors[1]).sum()) == 0 and anchors[0].any() and anchors[1].any()
 
 
 def test_write_aware_beac_refuses_what_its_write_cannot_do():

@@ -60,7 +60,8 @@ from eac_lightning.methods.beac_plan import (
 )
 from eac_lightning.methods.eac import EACHyperParams, anchor_count, check_result, explore, retrain
 from eac_lightning.methods.memit import MEMIT, ResidualTarget
-from eac_lightning.methods.target import ContextTemplateParams, TargetHyperParams
+from eac_lightning.methods.target import ContextTemplateParams, TargetHyperParams, compute_keys
+from eac_lightning.models.adapters import mlp_out_name
 
 
 @dataclass
@@ -149,7 +150,7 @@ class BatchAnchorMixin:
         usage = self.usage if (self.beac.rar and self.usage is not None) else None
         plan = plan_anchors(
             scores, anchor_count(d, self.eac.gamma), len(self.layers), self.beac, usage,
-            start=self.batches % max(1, len(requests)),
+            start=self.batches % max(1, len(requests)), apart=self._alike(model, tok, requests),
         )
         self.last_plan = plan
         out, start = [], 0
@@ -164,6 +165,18 @@ class BatchAnchorMixin:
                     for i, r in enumerate(problem.requests)]
             start = rows.stop
         return out
+
+    def _alike(self, model: nn.Module, tok, requests: Sequence[EditRequest]) -> torch.Tensor | None:
+        """(n, n) bool: the pairs of the batch whose keys at the first edited layer have |cos| ≥ τ in the key
+        covariance's metric, |k_iᵀC⁻¹k_j| / sqrt(k_iᵀC⁻¹k_i · k_jᵀC⁻¹k_j) (LAS's separation, docs/beac.md § 2.7);
+        None without it."""
+        if not self.beac.las or self.beac.alike_cosine is None or len(requests) < 2:
+            return None
+        layer = self.layers[0]
+        keys = compute_keys(model, tok, requests, layer, self.templates).double().T  # (d_k, n)
+        gram = keys.T @ self.stats.get(mlp_out_name(model, layer)).solve(keys)
+        norm = gram.diagonal().clamp_min(torch.finfo(gram.dtype).tiny).sqrt()
+        return (gram.abs() / norm[:, None] / norm[None, :] >= self.beac.alike_cosine).cpu()
 
     def _layer_residual(self, i: int, targets: list[ResidualTarget], resid: torch.Tensor) -> torch.Tensor:
         """With LAS, layer i writes only the batch's anchors planned there (the per-dimension spreading above);

@@ -48,6 +48,10 @@ class BEACHyperParams:
             (teacher-forced exact match; lowest token accuracy first, then oldest) join the batch and get their
             anchors re-planned and re-written. 0: no refresh (needs ``rar``).
         refresh_window: how many of the latest batches' edits the refresh checks.
+        alike_cosine: τ, LAS's separation of alike edits (docs/beac.md § 2.7): two edits of a batch whose keys at
+            the first edited layer have |cos| ≥ τ in the metric of the key covariance (|k_iᵀC⁻¹k_j| normalised;
+            one subject's corrections: ~1) take disjoint anchor dimensions while each can still fill its k;
+            None: no separation.
     """
 
     las: bool = True
@@ -61,6 +65,7 @@ class BEACHyperParams:
     key_memory: float = 1.0
     refresh: float = 0.0
     refresh_window: int = 10
+    alike_cosine: float | None = None
 
     def __post_init__(self) -> None:
         check("max_overlap", self.max_overlap, integer=True, positive=True)
@@ -72,6 +77,7 @@ class BEACHyperParams:
         check("key_memory", self.key_memory, nonnegative=True)
         check("refresh", self.refresh, low=0.0)
         check("refresh_window", self.refresh_window, integer=True, positive=True)
+        check("alike_cosine", self.alike_cosine, low=0.0, high=1.0)
 
 
 @dataclass
@@ -80,7 +86,8 @@ class AnchorPlan:
 
     ``threshold`` is the refreshed admission threshold: the lowest penalised priority (score share · π) of an
     admitted anchor, median over the edits. ``overlap`` is the most edits sharing one (layer, dimension) cell;
-    ``capacity`` the bound c it was planned under (None without LAS).
+    ``capacity`` the bound c it was planned under (None without LAS); ``alike_pairs`` the pairs of alike edits
+    kept apart (LAS's separation).
     """
 
     masks: torch.Tensor
@@ -88,6 +95,7 @@ class AnchorPlan:
     overlap: int
     capacity: int | None
     anchors_per_edit: list[int]
+    alike_pairs: int = 0
 
     def summary(self) -> dict[str, float]:
         m = self.masks
@@ -97,6 +105,7 @@ class AnchorPlan:
             "capacity": float(self.capacity) if self.capacity is not None else float("nan"),
             "cells": float(m.any(0).sum()),
             "min_anchors": float(min(self.anchors_per_edit)) if self.anchors_per_edit else 0.0,
+            "alike_pairs": float(self.alike_pairs),
         }
 
 
@@ -124,6 +133,7 @@ def plan_anchors(
     hp: BEACHyperParams,
     usage: torch.Tensor | None = None,
     start: int = 0,
+    apart: torch.Tensor | None = None,
 ) -> AnchorPlan:
     """Plan the anchors of a batch (LAS, or per-edit top-k without it) under the RAR penalty of ``usage``.
 
@@ -134,6 +144,8 @@ def plan_anchors(
         hp: the switches and bounds.
         usage: (L, d) rolling usage record, or None.
         start: which edit picks first in the round-robin (rotated per batch).
+        apart: (n, n) bool, the pairs of alike edits (LAS only): an edit does not take a dimension an edit alike to
+            it holds, unless it has no other free anchor left (the separation gives way before the edit's k).
     """
     n, d = scores.shape
     k = min(k, d)
@@ -169,25 +181,32 @@ def plan_anchors(
     got = [0] * n
     stuck = [False] * n
     floor = [math.inf] * n
+    # blocked[i, j]: an edit alike to i holds dimension j
+    blocked = torch.zeros(n, d, dtype=torch.bool)
+    apart = None if apart is None else apart.bool().cpu() & ~torch.eye(n, dtype=torch.bool)
     layer_rank = torch.arange(n_layers, dtype=torch.float64)[:, None]
     for t in range(k):
         # Every edit proposes its best slot on the state at the start of the round (one vectorised pass); in turn
         # order a proposal is taken if its cells are still under the bound, else the edit picks again on the
         # current state. (Its quota and its own anchors only change through its own pick, once per round.)
-        proposals = _proposals(prio, pi, count, cap, per_layer, quota, taken, r, layer_rank)
+        proposals = _proposals(prio, pi, count, cap, per_layer, quota, taken | blocked, r, layer_rank)
         for s in range(n):
             i = (start + t + s) % n
             if stuck[i]:
                 continue
             pick = proposals[i]
-            if pick is None or bool((count[pick[1], pick[0]] >= cap).any()):
-                pick = _best_slot(prio[i], pi, count, cap, per_layer[i], quota, taken[i], r, layer_rank)
-            if pick is None:  # the quota per layer cannot be met: relax it before giving up
+            if pick is None or bool((count[pick[1], pick[0]] >= cap).any()) or bool(blocked[i, pick[0]]):
+                pick = _best_slot(prio[i], pi, count, cap, per_layer[i], quota, taken[i] | blocked[i], r, layer_rank)
+            if pick is None:  # the quota per layer cannot be met: relax it, then the separation, before giving up
+                pick = _best_slot(prio[i], pi, count, cap, None, quota, taken[i] | blocked[i], r, layer_rank)
+            if pick is None and bool(blocked[i].any()):
                 pick = _best_slot(prio[i], pi, count, cap, None, quota, taken[i], r, layer_rank)
             if pick is None:
                 stuck[i] = True
                 continue
             j, layers, value = pick
+            if apart is not None:
+                blocked[apart[i], j] = True
             masks[i, layers, j] = True
             count[layers, j] += 1
             per_layer[i, layers] += 1
@@ -201,7 +220,8 @@ def plan_anchors(
             "max_overlap (or lower min_anchor_fraction)"
         )
     thr = float(torch.tensor(floor, dtype=torch.float64).median()) if n else float("nan")
-    return AnchorPlan(masks, thr, int(count.max()) if n else 0, cap, got)
+    pairs = 0 if apart is None else int(apart.triu(1).sum())
+    return AnchorPlan(masks, thr, int(count.max()) if n else 0, cap, got, pairs)
 
 
 def _layer_key(pi, count, cap, per_layer, quota, layer_rank):
@@ -213,9 +233,9 @@ def _layer_key(pi, count, cap, per_layer, quota, layer_rank):
     return key
 
 
-def _proposals(prio, pi, count, cap, per_layer, quota, taken, r, layer_rank):
+def _proposals(prio, pi, count, cap, per_layer, quota, excluded, r, layer_rank):
     """:func:`_best_slot` of every edit at once (n, L, d), under the per-layer quota; None where none is free."""
-    free = (count < cap)[None] & (per_layer < quota)[:, :, None] & ~taken[:, None, :]
+    free = (count < cap)[None] & (per_layer < quota)[:, :, None] & ~excluded[:, None, :]
     key = _layer_key(pi[None], count[None], cap, per_layer, quota, layer_rank[None])
     key = torch.where(free, key, torch.full_like(key, -math.inf))
     top, idx = torch.topk(key, r, dim=1)  # (n, r, d)
@@ -229,10 +249,11 @@ def _proposals(prio, pi, count, cap, per_layer, quota, taken, r, layer_rank):
     return out
 
 
-def _best_slot(prio_i, pi, count, cap, per_layer_i, quota, taken_i, r, layer_rank):
-    """Edit i's best free anchor: the dimension j (not yet its anchor) with the highest prio·mean π over its r
-    best free layers; layers are ranked by π, then fewest edits in the cell, then index. None if none is free."""
-    free = (count < cap) & ~taken_i[None, :]
+def _best_slot(prio_i, pi, count, cap, per_layer_i, quota, excluded_i, r, layer_rank):
+    """Edit i's best free anchor: the dimension j outside ``excluded_i`` (its own anchors and, under separation,
+    those of alike edits) with the highest prio·mean π over its r best free layers; layers are ranked by π, then
+    fewest edits in the cell, then index. None if none is free."""
+    free = (count < cap) & ~excluded_i[None, :]
     if per_layer_i is not None:
         free &= (per_layer_i < quota)[:, None]
     if not free.any():
