@@ -236,7 +236,7 @@ def test_write_aware_memit_batch_optimises_the_edited_models_loss(gpt2, tokenize
     method = MEMIT(layers=[1, 2], context=CTX, target=Z, mom2_update_weight=1.0, write_aware=True)
     method.setup(gpt2, tokenizer, stats)
     reqs = REQS[:2]
-    directions = method._write_directions(gpt2, tokenizer, reqs)
+    directions = method._write_directions(gpt2, method._batch_keys(gpt2, tokenizer, reqs))
     joint = TargetProblem(gpt2, tokenizer, reqs, 2, method.templates, method.target, site="residual",
                           write_directions=directions)
     delta = torch.randn(joint.v0.shape, generator=torch.Generator().manual_seed(0)) * joint.v0.norm(dim=1, keepdim=True)

@@ -138,8 +138,9 @@ class BatchAnchorMixin:
         requests = list(requests) + refreshed  # refreshed edits are planned, retrained and written with the batch
         # phase 1 of the whole batch on the same (current) model, in chunks of requests_per_forward; write-aware
         # targets are one problem (the write directions couple the batch, docs/beac.md § 2.5)
+        keys = self._batch_keys(model, tok, requests) if self.write_aware else None
         if self.write_aware:
-            directions = self._write_directions(model, tok, requests)
+            directions = self._write_directions(model, keys)
             problems = [self._problem(model, tok, requests, directions)]
         else:
             directions = None
@@ -150,7 +151,7 @@ class BatchAnchorMixin:
         usage = self.usage if (self.beac.rar and self.usage is not None) else None
         plan = plan_anchors(
             scores, anchor_count(d, self.eac.gamma), len(self.layers), self.beac, usage,
-            start=self.batches % max(1, len(requests)), apart=self._alike(model, tok, requests),
+            start=self.batches % max(1, len(requests)), apart=self._alike(model, tok, requests, keys),
         )
         self.last_plan = plan
         out, start = [], 0
@@ -166,14 +167,16 @@ class BatchAnchorMixin:
             start = rows.stop
         return out
 
-    def _alike(self, model: nn.Module, tok, requests: Sequence[EditRequest]) -> torch.Tensor | None:
+    def _alike(self, model: nn.Module, tok, requests: Sequence[EditRequest],
+               keys: dict[int, torch.Tensor] | None = None) -> torch.Tensor | None:
         """(n, n) bool: the pairs of the batch whose keys at the first edited layer have |cos| ≥ τ in the key
         covariance's metric, |k_iᵀC⁻¹k_j| / sqrt(k_iᵀC⁻¹k_i · k_jᵀC⁻¹k_j) (LAS's separation, docs/beac.md § 2.7);
-        None without it."""
+        None without it. ``keys``: the batch's keys (:meth:`_batch_keys`) when the write-aware targets already
+        read them."""
         if not self.beac.las or self.beac.alike_cosine is None or len(requests) < 2:
             return None
         layer = self.layers[0]
-        keys = compute_keys(model, tok, requests, layer, self.templates).double().T  # (d_k, n)
+        keys = keys[layer] if keys is not None else compute_keys(model, tok, requests, layer, self.templates).double().T
         gram = keys.T @ self.stats.get(mlp_out_name(model, layer)).solve(keys)
         norm = gram.diagonal().clamp_min(torch.finfo(gram.dtype).tiny).sqrt()
         return (gram.abs() / norm[:, None] / norm[None, :] >= self.beac.alike_cosine).cpu()

@@ -121,20 +121,21 @@ class MEMIT(LocateThenEdit):
         return TargetProblem(model, tok, requests, self.layers[-1], self.templates, self.target, site="residual",
                              write_directions=directions)
 
-    def _write_directions(self, model: nn.Module, tok, requests: Sequence[EditRequest]) -> dict[int, torch.Tensor]:
-        """{layer l: A_l / len(layers)} with A_l (d_k, n) the solve of :meth:`_key_adjoint` for this batch's keys:
-        when every layer writes its even share of the residual δ, ΔW_l = δᵀA_lᵀ/len(layers) adds
-        δᵀA_lᵀk/len(layers) at a token with key k (write-aware targets)."""
-        out = {}
-        for i, layer in enumerate(self.layers):
-            keys = compute_keys(model, tok, requests, layer, self.templates).double().T
-            out[layer] = self._key_adjoint(i, mlp_out_name(model, layer), keys).float() / len(self.layers)
-        return out
+    def _batch_keys(self, model: nn.Module, tok, requests: Sequence[EditRequest]) -> dict[int, torch.Tensor]:
+        """{critical layer l: K_l (d_k, n), float64}: the batch's keys on the current weights."""
+        return {layer: compute_keys(model, tok, requests, layer, self.templates).double().T for layer in self.layers}
+
+    def _write_directions(self, model: nn.Module, keys: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+        """{layer l: A_l / len(layers)} with A_l (d_k, n) the solve of :meth:`_key_adjoint` for the batch's keys
+        (:meth:`_batch_keys`): when every layer writes its even share of the residual δ, ΔW_l = δᵀA_lᵀ/len(layers)
+        adds δᵀA_lᵀk/len(layers) at a token with key k (write-aware targets)."""
+        return {layer: self._key_adjoint(i, mlp_out_name(model, layer), keys[layer]).float() / len(self.layers)
+                for i, layer in enumerate(self.layers)}
 
     def compute_targets(self, model: nn.Module, tok, requests: Sequence[EditRequest]) -> list[ResidualTarget]:
         self.ensure_setup(model, tok)
         if self.write_aware:  # the write directions couple the batch: one problem
-            directions = self._write_directions(model, tok, requests)
+            directions = self._write_directions(model, self._batch_keys(model, tok, requests))
             problem = self._problem(model, tok, requests, directions)
             deltas, anchors = compress(problem, self.eac)
             return [ResidualTarget(r, problem.v0[i], deltas[i], None if anchors is None else anchors[i],
