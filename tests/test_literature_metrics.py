@@ -11,7 +11,9 @@ from conftest import make_tiny_model
 
 from eac_lightning.data.requests import EditRequest
 from eac_lightning.evaluation import Evaluator, EvaluatorConfig, summary_sections
+from eac_lightning.evaluation import literature_metrics as literature_metrics_module
 from eac_lightning.evaluation.literature_metrics import (
+    evenly_spaced,
     literature_metrics,
     ngram_entropy,
     produces,
@@ -88,3 +90,25 @@ def test_evaluator_reports_the_literature_metrics_among_the_edit_variants(gpt2, 
     assert not any(k in off for k in ("edit/gen_efficacy", "edit/fluency"))
     for k, v in off.items():  # our own metrics are unchanged by the flag
         assert v == on[k] or (math.isnan(v) and math.isnan(on[k])), k
+
+
+def test_fluency_samples_evenly_spaced_edits_while_generation_success_covers_every_edit(gpt2, tokenizer,
+                                                                                       monkeypatch):
+    reqs = [EditRequest(prompt="{} speaks", subject=f"Person {i}", target_new="English",
+                        generation_prompts=[f"Person {i} was born in"], source="test", source_index=i)
+            for i in range(7)]
+    sampled: list[str] = []
+    real_sample = literature_metrics_module.sample_texts
+
+    def spy(model, tok, prompts, *args, **kwargs):
+        sampled.extend(prompts)
+        return real_sample(model, tok, prompts, *args, **kwargs)
+
+    monkeypatch.setattr(literature_metrics_module, "sample_texts", spy)
+    config = EvaluatorConfig(tasks=[], probes=[], rome_scores=False, fluency_max_edits=3)
+    res = Evaluator(config).evaluate(gpt2, tokenizer, reqs, {"argmax": {}})
+    assert sampled == ["Person 0 was born in", "Person 2 was born in", "Person 4 was born in"]
+    assert res["edit/num_edits"] == 7.0 and 0 <= res["edit/gen_efficacy"] <= 1
+    assert evenly_spaced(list(range(10)), 4) == [0, 2, 5, 7] and evenly_spaced([1, 2], 5) == [1, 2]
+    with pytest.raises(ValueError, match="fluency_max_edits"):
+        EvaluatorConfig(fluency_max_edits=0)

@@ -95,15 +95,24 @@ def sample_texts(model: torch.nn.Module, tok: Any, prompts: Sequence[str], max_l
     return texts
 
 
+def evenly_spaced(items: Sequence, most: int | None) -> list:
+    """At most ``most`` of ``items``, evenly spaced from the first (all of them when ``most`` is None or enough)."""
+    if most is None or len(items) <= most:
+        return list(items)
+    return [items[i * len(items) // most] for i in range(most)]
+
+
 def literature_metrics(model: torch.nn.Module, tok: Any, requests: Sequence[EditRequest], batch_size: int = 32,
                        extra_tokens: int = 5, fluency_length: int = 100,
-                       fluency_prompts_per_edit: int | None = None) -> dict[str, float]:
+                       fluency_prompts_per_edit: int | None = None,
+                       fluency_requests: Sequence[EditRequest] | None = None) -> dict[str, float]:
     """``gen_efficacy``, ``gen_paraphrase`` and ``fluency`` of ``requests`` (this rank's share) on ``model``.
 
     Args:
         extra_tokens: greedy tokens decoded beyond the target's own length.
         fluency_length: total tokens of each sampled text (ROME: ``max_out_len`` 100).
         fluency_prompts_per_edit: the first this many generation prompts of each request (None: all, as ROME).
+        fluency_requests: the requests fluency samples from (None: ``requests``), a sample of them on long streams.
     """
     metrics = {k: SumCountMetric().to(model_device(model)) for k in ("gen_efficacy", "gen_paraphrase", "fluency")}
     jobs = [("gen_efficacy", r.prompt_text, r.target_new) for r in requests]
@@ -118,7 +127,7 @@ def literature_metrics(model: torch.nn.Module, tok: Any, requests: Sequence[Edit
             metrics[kind].update([float(produces(decoded[(p, n)], t))
                                   for (k, p, t), n in zip(jobs, lengths) if k == kind])
     prompts = []
-    for r in requests:
+    for r in requests if fluency_requests is None else fluency_requests:
         own = r.generation_prompts or [r.prompt_text]
         prompts += own[:fluency_prompts_per_edit] if fluency_prompts_per_edit is not None else own
     metrics["fluency"].update([ngram_entropy(t) for t in sample_texts(model, tok, prompts, fluency_length,
