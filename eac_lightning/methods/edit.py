@@ -84,11 +84,8 @@ def write_targets(method: EditMethod, model: nn.Module, tok, targets: Targets) -
         score_targets,  # evaluation builds on methods' requests, not the reverse
     )
 
-    was_training = model.training
-    model.eval()
-    scores = score_targets(model, tok, [r.prompt_text for r in targets.requests],
+    scores = score_targets(model, tok, [r.prompt_text for r in targets.requests],  # in eval mode, without grad
                            [r.target_new for r in targets.requests])
-    model.train(was_training)
     norms = written.edit_norms or [None] * len(targets.requests)
     records = [EditRecord(r, n, bool(s.exact), float(s.token_accuracy))
                for r, n, s in zip(targets.requests, norms, scores)]
