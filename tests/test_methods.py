@@ -28,7 +28,8 @@ from eac_lightning.methods.edit import edit
 from eac_lightning.methods.ft import FTProblem
 from eac_lightning.methods.memit import ResidualTarget, residual_at_subject
 from eac_lightning.methods.rome import RankOneTarget, rank_one_update
-from eac_lightning.methods.target import TargetProblem, compute_keys
+from eac_lightning.methods import target as target_module
+from eac_lightning.methods.target import TargetProblem, compute_keys, length_groups
 from eac_lightning.models.adapters import mlp_out_name, weight_view
 from eac_lightning.models.encoding import encode_target
 from eac_lightning.stats.covariance import Covariance, CovarianceStore
@@ -293,6 +294,35 @@ def test_batched_targets_equal_one_by_one(gpt2, tokenizer, stats, eac, per_forwa
         # float32 sums in another order, through 20 Adam steps (which rescale tiny gradients, and EAC's L1 term
         # flips sign at zero): within 0.5% of the shift's norm
         torch.testing.assert_close(together[i].delta, alone.delta, atol=5e-3 * float(alone.delta.norm()), rtol=0)
+
+
+@pytest.mark.parametrize("write_aware", [False, True], ids=["at-subject", "write-aware"])
+def test_forwards_grouped_by_length_equal_one_padded_forward(gpt2, tokenizer, stats, write_aware, monkeypatch):
+    """A step's forwards over groups of alike prompt lengths (no padding beyond each group's longest) give the loss,
+    the NLLs and the gradient of one forward over all prompts padded to the longest, requests frozen or not."""
+    method = MEMIT(layers=[1, 2], context=CTX, target=Z, mom2_update_weight=1.0)
+    method.setup(gpt2, tokenizer, stats)
+    directions = method._write_directions(gpt2, method._batch_keys(gpt2, tokenizer, REQS)) if write_aware else None
+    problem = TargetProblem(gpt2, tokenizer, REQS, 2, method.templates, method.target, site="residual",
+                            write_directions=directions)
+    lengths = problem.mask.sum(1)
+    assert len(length_groups(lengths, 0)) == len(set(lengths.tolist())) > 2  # free forwards: one per length
+    assert len(length_groups(lengths, 10**9)) == 1
+    delta = torch.randn(problem.v0.shape, generator=torch.Generator().manual_seed(0)) * 0.3
+    for frozen in (None, torch.tensor([False, True, False])):
+        if frozen is not None:
+            problem.freeze(frozen, torch.zeros(3))
+        out = {}
+        for cost in (10**9, 0):
+            monkeypatch.setattr(target_module, "FORWARD_COST_TOKENS", cost)
+            d = delta.clone().requires_grad_(True)
+            loss, nll = problem.loss(d)
+            out[cost] = (loss.detach(), nll.detach(), torch.autograd.grad(loss, d)[0])
+        for one, grouped in zip(out[10**9], out[0]):
+            torch.testing.assert_close(grouped, one, atol=1e-5, rtol=1e-4)
+    parts = length_groups(torch.tensor([7, 3, 3, 9, 7, 3]), 0)
+    assert [p.tolist() for p in parts] == [[1, 2, 5], [0, 4], [3]]  # every prompt once, shortest group first
+    assert [p.tolist() for p in length_groups(torch.tensor([7, 3, 3, 9, 7, 3]), 5)] == [[1, 2, 5], [0, 4, 3]]
 
 
 def test_logits_at_positions_are_the_full_forwards(gpt2, tokenizer):
