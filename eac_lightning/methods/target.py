@@ -154,9 +154,10 @@ def compute_keys(
     return keys.float().reshape(len(requests), len(templates), -1).mean(1)
 
 
-# What one more forward costs, in padded prompt tokens: ~20 ms of a forward's and backward's fixed work against
-# ~0.27 ms per token on testbed:small (1 CPU thread). So a single edit's ~22 prompts stay one forward (grouping them
-# was 12 % slower) while a batch of 100 requests, 40-50 % padding, runs 1.8-2.3x faster in 7-8 groups.
+# What one more forward costs, in padded prompt tokens of a 256-wide model: ~20 ms of a forward's and backward's
+# fixed work against ~0.27 ms per token on testbed:small (1 CPU thread). A token's work grows with the width squared
+# and the fixed work does not, so other widths scale it by (256 / width)². On small a single edit's ~22 prompts stay
+# one forward (grouping them was 12 % slower) while a batch of 100 requests, 40-50 % padding, runs ~2x faster.
 FORWARD_COST_TOKENS = 64
 
 
@@ -279,7 +280,8 @@ class TargetProblem:
         entry_text = torch.cat([self.pred_text, self.kl_text])  # the text each read position belongs to
         entry_col = torch.cat([self.pred_pos, self.cols[self.kl_text]])
         logits, entries = [], []
-        for group in length_groups(self.mask[texts].sum(1), FORWARD_COST_TOKENS):
+        forward_cost = round(FORWARD_COST_TOKENS * (256 / self.v0.shape[-1]) ** 2)
+        for group in length_groups(self.mask[texts].sum(1), forward_cost):
             # One forward per group of alike lengths: padding to the batch's longest prompt would be 40-50 % of a
             # batch's tokens (prefix contexts and essence prompts differ by ~20 tokens).
             members = texts[group]
