@@ -81,8 +81,7 @@ class EvaluatorConfig:
         fluency_prompts_per_edit: generation prompts per request that fluency samples from (None: all, as ROME).
         fluency_max_edits: fluency samples from at most this many of the evaluated edits, evenly spaced over the
             stream (None: every edit, as ROME). Fluency is a mean over texts, so a sample estimates it; on a long
-            stream sampling 100 tokens per edit is most of an evaluation (10,000 edits: ~17 of ~24 CPU minutes on
-            ``testbed:small``).
+            stream sampling 100 tokens per edit is most of an evaluation.
     """
 
     tasks: list[str] = field(default_factory=lambda: list(TASK_KEYS))
