@@ -26,6 +26,7 @@ def step_seconds(problem, repeats: int, cost: int) -> list[float]:
     from eac_lightning.methods import target
 
     target.FORWARD_COST_TOKENS, saved = cost, target.FORWARD_COST_TOKENS
+    problem.thaw()  # regroups its prompts under this cost
     try:
         times = []
         for _ in range(repeats):
@@ -37,6 +38,7 @@ def step_seconds(problem, repeats: int, cost: int) -> list[float]:
         return times
     finally:
         target.FORWARD_COST_TOKENS = saved
+        problem.thaw()
 
 
 def main() -> None:
@@ -57,6 +59,7 @@ def main() -> None:
         ContextTemplateParams,
         TargetHyperParams,
         TargetProblem,
+        forward_cost_tokens,
         length_groups,
     )
     from eac_lightning.models.loading import load_model
@@ -78,7 +81,7 @@ def main() -> None:
         for _ in range(args.rounds):
             times["one padded forward"] += step_seconds(problem, 1, ONE_FORWARD)
             times["grouped"] += step_seconds(problem, 1, FORWARD_COST_TOKENS)
-        groups = length_groups(lengths, round(FORWARD_COST_TOKENS * (256 / problem.v0.shape[-1]) ** 2))
+        groups = length_groups(lengths, forward_cost_tokens(problem.v0.shape[-1]))
         grouped_tokens = sum(len(g) * int(lengths[g].max()) for g in groups)
         row = {"requests": n, "prompts": len(lengths), "tokens": int(lengths.sum()),
                "padding_one_forward": 1 - int(lengths.sum()) / (len(lengths) * int(lengths.max())),

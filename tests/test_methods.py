@@ -315,6 +315,7 @@ def test_forwards_grouped_by_length_equal_one_padded_forward(gpt2, tokenizer, st
         out = {}
         for cost in (10**9, 0):
             monkeypatch.setattr(target_module, "FORWARD_COST_TOKENS", cost)
+            problem.freeze(torch.zeros(3, dtype=torch.bool), torch.zeros(3))  # regroup (freezes nothing new)
             d = delta.clone().requires_grad_(True)
             loss, nll = problem.loss(d)
             out[cost] = (loss.detach(), nll.detach(), torch.autograd.grad(loss, d)[0])

@@ -10,11 +10,11 @@ token, makes the model produce the new object:
 
 where v₀ is the hidden value being changed. Nothing below the edited layer changes during the optimisation,
 so its input is computed once per batch of edits (one padded forward over every request's prefix contexts) and
-every step runs only the layers from the edited one on, one forward per group of alike prompt lengths
-(:func:`length_groups`) (:func:`eac_lightning.models.tracing.layers_from`), with the
+every step runs only the layers from the edited one on (:func:`eac_lightning.models.tracing.layers_from`), one
+forward per group of alike prompt lengths (:func:`length_groups`), with the
 output projection only where the loss reads logits (:func:`eac_lightning.models.tracing.at_positions`).
 
-:class:`TargetProblem` owns that batch and the loss, all requests of a batch in one forward/backward per step;
+:class:`TargetProblem` owns that batch and the loss, all requests of a batch in one backward per step;
 :func:`optimise_plain` is the base methods' optimiser. EAC (:mod:`eac_lightning.methods.eac`) wraps the same problem
 with its two-phase optimisation. Write-aware targets (``write_directions``) add δ wherever the closed-form update
 will act instead of at the subject only, which couples the batch's requests (docs/methods.md).
@@ -161,6 +161,11 @@ def compute_keys(
 FORWARD_COST_TOKENS = 64
 
 
+def forward_cost_tokens(width: int) -> int:
+    """:data:`FORWARD_COST_TOKENS` for a model whose hidden states are ``width`` wide."""
+    return round(FORWARD_COST_TOKENS * (256 / width) ** 2)
+
+
 def length_groups(lengths: torch.Tensor, forward_cost: int = FORWARD_COST_TOKENS) -> list[torch.Tensor]:
     """Indices of prompts with ``lengths`` in groups of contiguous lengths, shortest first, minimising the padded
     tokens of all groups plus ``forward_cost`` per group (exact, over the distinct lengths)."""
@@ -260,28 +265,32 @@ class TargetProblem:
         self.kl_ref = torch.log_softmax(kl_logits.float(), dim=-1).detach()
         self.frozen = torch.zeros(len(self.requests), dtype=torch.bool, device=device)
         self._frozen_nll = torch.zeros(len(self.requests), device=device)
-        self._active_texts = torch.arange(len(texts), device=device)
+        self._entry_text = torch.cat([self.pred_text, self.kl_text])  # the text each read position belongs to
+        self._entry_col = torch.cat([self.pred_pos, self.cols[self.kl_text]])
+        self._activate(torch.arange(len(texts), device=device))
 
     def freeze(self, rows: torch.Tensor, nll: torch.Tensor) -> None:
         """Stop optimising the requests ``rows`` (bool, (n,)), whose NLL ``nll`` reached the target: later losses
         leave their prompts out of the forward and report this NLL for them (independent rows only)."""
         self._frozen_nll = torch.where(rows & ~self.frozen, nll.detach(), self._frozen_nll)
         self.frozen = self.frozen | rows
-        self._active_texts = (~self.frozen[self.owner]).nonzero().squeeze(1)
+        self._activate((~self.frozen[self.owner]).nonzero().squeeze(1))
 
     def thaw(self) -> None:
         """Optimise every request again (an optimisation starts)."""
         self.frozen = torch.zeros_like(self.frozen)
-        self._active_texts = torch.arange(len(self.owner), device=self.owner.device)
+        self._activate(torch.arange(len(self.owner), device=self.owner.device))
+
+    def _activate(self, texts: torch.Tensor) -> None:
+        """The prompts later forwards run, and their length groups (they change only when requests freeze)."""
+        self._active_texts = texts
+        self._groups = length_groups(self.mask[texts].sum(1), forward_cost_tokens(self.v0.shape[-1]))
 
     def loss(self, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(the batch's total loss of Eq. 9 + ROME's weight decay, each request's target NLL (n,)) for δ (n, d)."""
-        texts = self._active_texts
-        entry_text = torch.cat([self.pred_text, self.kl_text])  # the text each read position belongs to
-        entry_col = torch.cat([self.pred_pos, self.cols[self.kl_text]])
+        texts, entry_text, entry_col = self._active_texts, self._entry_text, self._entry_col
         logits, entries = [], []
-        forward_cost = round(FORWARD_COST_TOKENS * (256 / self.v0.shape[-1]) ** 2)
-        for group in length_groups(self.mask[texts].sum(1), forward_cost):
+        for group in self._groups:
             # One forward per group of alike lengths: padding to the batch's longest prompt would be 40-50 % of a
             # batch's tokens (prefix contexts and essence prompts differ by ~20 tokens).
             members = texts[group]
