@@ -72,9 +72,10 @@ def test_alphaedit_eac_presets_compose_alphaedit_with_eac():
     assert tb.write_aware and tb.eac is not None and tb.target.clamp_norm_factor == 4.0
 
 
-def _known_stream_reliability(folder, *overlays) -> float:
+def _known_stream_reliability(folder, *overlays, settings_for: str | None = "testbed:tiny") -> float:
     """Reliability after a stream of single edits of the first 20 shipped CounterFact records (all known to
-    testbed:tiny; ``--data.shuffle false`` on the CLI) with the testbed's settings and ``overlays``."""
+    testbed:tiny; ``--data.shuffle false`` on the CLI) with ``overlays`` and, with ``settings_for``, that model's
+    measured settings."""
     from eac_lightning.data.sources import load_requests
     from eac_lightning.evaluation.edit_metrics import compute_locality_reference, evaluate_edit_metrics
     from eac_lightning.methods.edit import edit
@@ -83,7 +84,7 @@ def _known_stream_reliability(folder, *overlays) -> float:
     from eac_lightning.stats.covariance import CovarianceStore
 
     model, tok = load_model(str(folder))
-    method = method_from_preset("alphaedit-eac", *overlays, model="testbed:tiny")
+    method = method_from_preset("alphaedit-eac", *overlays, model=settings_for)
     method.setup(model, tok, CovarianceStore(model, tok, num_tokens=100_000))  # the CLI's stats_tokens
     requests = load_requests(data_dir() / "counterfact", limit=20)
     ref = compute_locality_reference(model, tok, requests)
@@ -93,9 +94,13 @@ def _known_stream_reliability(folder, *overlays) -> float:
 
 
 def test_alphaedit_eac_writes_a_single_edit_stream_on_tiny_with_its_ridge_scaled(tiny_testbed):
-    """AlphaEdit's α = 10 is 5-7 times the null-space energy of tiny's keys and writes none of 20 known facts; the
-    tiny overlay (α 0.3, P50; configs/testbed/alphaedit-eac-tiny.yaml, docs/methods.md) writes >= 0.8 (measured 0.80)."""
-    tiny = CONFIGS_DIR / "testbed" / "alphaedit-eac-tiny.yaml"
-    assert method_from_preset("alphaedit-eac", tiny).l2 == 0.3
-    assert _known_stream_reliability(tiny_testbed) <= 0.1
-    assert _known_stream_reliability(tiny_testbed, tiny) >= 0.8
+    """AlphaEdit's α = 10 is 5-7 times the null-space energy of tiny's keys and writes none of 20 known facts; tiny's
+    measured settings (configs/testbed/auto.yaml: alphaedit-eac.yaml + alphaedit-eac-tiny.yaml, α 0.3, P50;
+    docs/methods.md) apply by default there and write >= 0.8 (measured 0.80); small keeps α = 10."""
+    on_tiny = method_from_preset("alphaedit-eac", model="testbed:tiny")
+    assert (on_tiny.l2, on_tiny.eac.gamma, on_tiny.target.clamp_norm_factor, on_tiny.write_aware) == (
+        0.3, 50.0, 4.0, True)
+    assert method_from_preset("alphaedit-eac", model="testbed:small").l2 == 10.0
+    alpha_10 = CONFIGS_DIR / "testbed" / "alphaedit-eac.yaml"  # the overlay small uses, without tiny's ridge
+    assert _known_stream_reliability(tiny_testbed, alpha_10, settings_for=None) <= 0.1
+    assert _known_stream_reliability(tiny_testbed) >= 0.8

@@ -269,3 +269,22 @@ def test_stats_command_batch_and_length_options_and_import(tiny_gpt2, tokenizer,
     loaded, tok = load_model(str(tmp_path / "m"))  # as a run loads it (the fingerprint keys the cache)
     store = CovarianceStore(loaded, tok, corpus="wikipedia")
     torch.testing.assert_close(store.get("transformer.h.2.mlp.c_proj").matrix, torch.eye(d, dtype=torch.float64))
+
+
+def test_two_writers_of_one_cache_file_both_succeed(tmp_path, monkeypatch):
+    """Runs on one machine share the statistics cache: a second run saving the same matrix while the first is
+    still writing it must not take the first's temporary file away (it did: FileNotFoundError in os.replace)."""
+    path = tmp_path / "fp-layer.pt"
+    real_save = torch.save
+    nested = []
+
+    def save_while_another_writer_finishes(obj, f, *args, **kwargs):
+        real_save(obj, f, *args, **kwargs)
+        if not nested:  # the first writer's save is done but not yet renamed: the second writes in between
+            nested.append(True)
+            cov_mod._atomic_save({"mom2": torch.ones(2, 2), "count": 2}, path)
+
+    monkeypatch.setattr(cov_mod.torch, "save", save_while_another_writer_finishes)
+    cov_mod._atomic_save({"mom2": torch.ones(2, 2), "count": 2}, path)
+    assert torch.load(path, weights_only=True)["count"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fp-layer.pt"]  # no temporary file left behind

@@ -207,7 +207,7 @@ def test_published_preset_composes_after_its_method_preset(compose, path, base):
         assert {"lam": 5.0e-7, "penalty_scale": "absolute"}.items() <= asdict(method.eac).items()
 
 
-# each overlay named after its method preset (composable extras: ultraedit-single.yaml in test_ultraedit.py,
+# each overlay named after its method preset (others: ultraedit-single.yaml in test_ultraedit.py,
 # alphaedit-eac-tiny.yaml in test_alphaedit_eac.py)
 TESTBED_OVERLAYS = sorted(p for p in (REPO / "configs" / "testbed").glob("*.yaml")
                           if p.name != "auto.yaml" and (REPO / "configs" / "methods" / p.name).exists())

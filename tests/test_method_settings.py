@@ -41,3 +41,16 @@ def test_settings_apply_only_where_they_were_measured():
     assert apply_model_settings("testbed:tiny", preset("rome"))[1]
     assert apply_model_settings("testbed:small", preset("rome")) == (preset("rome"), {})
     assert apply_model_settings("gpt2-xl", preset("memit")) == (preset("memit"), {})
+
+
+def test_a_testbed_entry_composes_overlays_measured_for_it_alone():
+    # auto.yaml's {alphaedit-eac: [alphaedit-eac, alphaedit-eac-tiny]} on tiny: both files in order; small the first
+    new, applied = apply_model_settings("testbed:tiny", preset("alphaedit-eac"))
+    assert applied["file"] == "configs/testbed/alphaedit-eac.yaml + configs/testbed/alphaedit-eac-tiny.yaml"
+    assert applied["changed"]["l2"] == [10.0, 0.3] and applied["changed"]["eac.gamma"] == [85.0, 50.0]
+    assert new["init_args"]["target"]["clamp_norm_factor"] == 4.0 and new["init_args"]["write_aware"] is True
+    new, applied = apply_model_settings("testbed:small", preset("alphaedit-eac"))
+    assert applied["file"] == "configs/testbed/alphaedit-eac.yaml" and new["init_args"]["l2"] == 10.0
+    spec = preset("alphaedit-eac")
+    spec["init_args"]["l2"] = 2.0  # the user's own α is kept on tiny too
+    assert apply_model_settings("testbed:tiny", spec)[0]["init_args"]["l2"] == 2.0

@@ -4,9 +4,10 @@ The method presets (``configs/methods/*.yaml``) hold the published hyper-paramet
 On the offline testbed some of them write nothing (MEMIT's λ = 20000 and clamp 0.75: the testbed's keys are ~1e3
 times smaller than GPT2-XL's); the values measured there live in ``configs/testbed/<method>.yaml`` (each file
 says where its values come from), and ``configs/testbed/auto.yaml`` lists which of them were measured to help on
-which testbed. When the model is such a testbed, :func:`apply_model_settings` puts those values in place of the
-published ones, leaf by leaf, and leaves alone every value that differs from the published preset (a value the
-user chose). ``--model.method_settings as_given`` turns this off.
+which testbed (a method may compose several there, for one testbed alone). When the model is such a testbed,
+:func:`apply_model_settings` puts those values in place of the published ones, leaf by leaf, and leaves alone every
+value that differs from the published preset (a value the user chose). ``--model.method_settings as_given`` turns
+this off.
 """
 
 from __future__ import annotations
@@ -35,15 +36,21 @@ def method_key(spec: dict[str, Any]) -> str:
     return key
 
 
-def settings_file(model: str, spec: dict[str, Any]) -> Path | None:
-    """The measured settings for ``spec``'s method on ``model`` (``testbed:<name>``), if there are any."""
+def settings_files(model: str, spec: dict[str, Any]) -> list[Path]:
+    """The measured settings for ``spec``'s method on ``model`` (``testbed:<name>``), in the order they apply.
+
+    ``auto.yaml`` lists per testbed either a method's name (its overlay ``<method>.yaml``) or ``{method: [file,
+    ...]}``: overlays measured for that testbed alone, composed in order (AlphaEdit-EAC's ridge on ``tiny``)."""
     prefix, _, name = model.partition(":")
     if prefix != "testbed":
-        return None
+        return []
     key = method_key(spec)
-    if key not in (yaml.safe_load(AUTO_FILE.read_text(encoding="utf-8")) or {}).get(name, []):
-        return None
-    return SETTINGS_DIR / f"{key}.yaml"
+    for entry in (yaml.safe_load(AUTO_FILE.read_text(encoding="utf-8")) or {}).get(name, []):
+        if entry == key:
+            return [SETTINGS_DIR / f"{key}.yaml"]
+        if isinstance(entry, dict) and key in entry:
+            return [SETTINGS_DIR / f"{stem}.yaml" for stem in entry[key]]
+    return []
 
 
 def _leaves(tree: dict[str, Any], prefix: tuple[str, ...] = ()):
@@ -72,11 +79,18 @@ def apply_model_settings(model: str, spec: dict[str, Any]) -> tuple[dict[str, An
     (empty when nothing applies). A leaf is replaced only where the spec still holds the published preset's value
     (or, where the preset does not name it, any value: the class default).
     """
-    path = settings_file(model, spec)
-    if path is None:
+    paths = settings_files(model, spec)
+    if not paths:
         return spec, {}
-    overlay = (yaml.safe_load(path.read_text(encoding="utf-8")) or {})["model"]["method"].get("init_args", {})
-    published_file = PUBLISHED_DIR / path.name
+    overlay: dict[str, Any] = {}
+    for path in paths:
+        for leaf, value in _leaves(yaml.safe_load(path.read_text(encoding="utf-8"))["model"]["method"]
+                                   .get("init_args", {})):
+            node = overlay
+            for k in leaf[:-1]:
+                node = node.setdefault(k, {})
+            node[leaf[-1]] = value
+    published_file = PUBLISHED_DIR / f"{method_key(spec)}.yaml"
     published = (yaml.safe_load(published_file.read_text(encoding="utf-8"))["model"]["method"].get("init_args", {})
                  if published_file.exists() else {})
     args = _copy(spec.get("init_args") or {})
@@ -94,7 +108,8 @@ def apply_model_settings(model: str, spec: dict[str, Any]) -> tuple[dict[str, An
         if current != value:
             changed[".".join(leaf)] = [None if current is _MISSING else current, value]
         node[leaf[-1]] = value
-    return {**spec, "init_args": args}, ({"file": f"configs/testbed/{path.name}", "changed": changed} if changed else {})
+    files = " + ".join(f"configs/testbed/{p.name}" for p in paths)
+    return {**spec, "init_args": args}, ({"file": files, "changed": changed} if changed else {})
 
 
 def _copy(tree: Any) -> Any:

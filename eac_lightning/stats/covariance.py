@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import os
 import signal
+import tempfile
 import threading
 import time
 import warnings
@@ -300,6 +301,13 @@ def _sigterm_as_interrupt():
 
 
 def _atomic_save(obj, path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    # The cache is shared by every run on the machine: two runs computing one matrix each write a file of their
+    # own and the last rename wins (both hold the same statistics); one fixed temporary name was renamed away
+    # under the other writer.
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
