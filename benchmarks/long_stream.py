@@ -223,6 +223,11 @@ def main(argv: list[str] | None = None) -> None:
                  else run_method(method, args, root))
         if (root / "summary.json").exists():
             rows[method] = row(method, root, bench, command)
+    # Re-read before writing: another invocation (another method, run beside this one) may have added its row.
+    if results.exists():
+        mine = {m for m in args.methods if m in rows}
+        rows = {**{r["method"]: r for r in json.loads(results.read_text())["rows"]},
+                **{m: rows[m] for m in mine}}
     rows = list(rows.values())
     text = (f"{args.edits} edits in batches of {args.batch_size} on `{args.model}`"
             f"{f', {args.context[1]} prefix contexts of {args.context[0]} tokens' if args.context else ''}\n\n"
