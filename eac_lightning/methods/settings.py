@@ -82,20 +82,17 @@ def apply_model_settings(model: str, spec: dict[str, Any]) -> tuple[dict[str, An
     paths = settings_files(model, spec)
     if not paths:
         return spec, {}
-    overlay: dict[str, Any] = {}
+    # the files' leaves merged first (a later file wins), so a leaf set by two files is not taken for the user's
+    overlay: dict[tuple[str, ...], Any] = {}
     for path in paths:
-        for leaf, value in _leaves(yaml.safe_load(path.read_text(encoding="utf-8"))["model"]["method"]
-                                   .get("init_args", {})):
-            node = overlay
-            for k in leaf[:-1]:
-                node = node.setdefault(k, {})
-            node[leaf[-1]] = value
+        overlay.update(_leaves(yaml.safe_load(path.read_text(encoding="utf-8"))["model"]["method"]
+                               .get("init_args", {})))
     published_file = PUBLISHED_DIR / f"{method_key(spec)}.yaml"
     published = (yaml.safe_load(published_file.read_text(encoding="utf-8"))["model"]["method"].get("init_args", {})
                  if published_file.exists() else {})
     args = _copy(spec.get("init_args") or {})
     changed: dict[str, list[Any]] = {}
-    for leaf, value in _leaves(overlay):
+    for leaf, value in overlay.items():
         current = _get(args, leaf)
         reference = _get(published, leaf)
         if reference is not _MISSING and current is not _MISSING and current != reference:
