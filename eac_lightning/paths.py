@@ -8,6 +8,7 @@ the package, in ``eac_lightning/assets/data`` (``PROVENANCE.md`` there names eac
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
@@ -23,11 +24,30 @@ def data_dir() -> Path:
 
 
 def cache_dir() -> Path:
-    """The cache folder for testbeds and statistics: ``$EAC_CACHE_DIR`` or ``~/.cache/eac_lightning``."""
+    """The cache folder for testbeds and statistics: ``$EAC_CACHE_DIR`` or ``~/.cache/eac_lightning``, created if
+    missing. A folder that cannot be created or written raises ``OSError`` naming it and ``EAC_CACHE_DIR``."""
     env = os.environ.get("EAC_CACHE_DIR")
-    path = Path(env) if env else Path.home() / ".cache" / "eac_lightning"
-    path.mkdir(parents=True, exist_ok=True)
+    path = Path(env).expanduser() if env else Path.home() / ".cache" / "eac_lightning"
+    return writable_cache_folder(path)
+
+
+def writable_cache_folder(path: Path) -> Path:
+    """``path`` created if missing; ``OSError`` naming it and ``EAC_CACHE_DIR`` when it cannot be created or
+    written (a read-only or missing home directory, a file in the way, a full disk)."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise OSError(err.errno, _cache_advice(path, f"cannot be created ({err.strerror or err})")) from err
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise PermissionError(errno.EACCES, _cache_advice(path, "is not writable"))
     return path
+
+
+def _cache_advice(path: Path, problem: str) -> str:
+    given = os.environ.get("EAC_CACHE_DIR")
+    where = f"EAC_CACHE_DIR={given}" if given else "the default under your home directory"
+    return (f"the cache folder {path} ({where}) {problem}; set EAC_CACHE_DIR to a writable folder, e.g. "
+            "EAC_CACHE_DIR=/tmp/eac_cache (it keeps covariance statistics and rebuilt testbeds)")
 
 
 def resolve_data_path(path: str | os.PathLike) -> Path:

@@ -190,7 +190,26 @@ class Evaluation(EditObserver):
             st["reference"] = ev.reference(pl_module.lm, pl_module.tokenizer, trainer.datamodule.requests)
             st["before"] = self._run(trainer, pl_module)
             self._record(trainer, pl_module, st["before"])
-        st.setdefault("started", time.time())
+        # Running time: this process's time from here on, added to the running time of the processes before it
+        # (``run_seconds``, checkpointed), so the idle time between a stop and its resume is not counted. A
+        # checkpoint from before ``run_seconds`` existed only has the first start: its processes count from there.
+        now = time.time()
+        self._process_started = now
+        self._earlier_seconds = float(st.get("run_seconds", now - st.get("started", now)))
+        st.setdefault("started", now)
+
+    def _running_seconds(self, pl_module) -> float:
+        """Seconds the run has been running (all its processes; the baseline evaluation of a fresh run excluded);
+        outside fit, the running time recorded in the loaded checkpoint."""
+        st = pl_module.extra_state
+        if getattr(self, "_process_started", None) is None:
+            return float(st.get("run_seconds", time.time() - st.get("started", time.time())))
+        return self._earlier_seconds + time.time() - self._process_started
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        # Before the module's hook, which writes ``extra_state`` into the checkpoint.
+        if getattr(self, "_process_started", None) is not None:
+            pl_module.extra_state["run_seconds"] = self._running_seconds(pl_module)
 
     def on_edit_written(self, trainer, pl_module, result: EditResult, seconds: float) -> None:
         edits = trainer.datamodule.position
@@ -236,7 +255,7 @@ class Evaluation(EditObserver):
             "general": sections["general"],
             "norms": norms,
             "seconds_per_edit": (sum(seconds) / len(seconds)) if seconds else None,
-            "wall_seconds": time.time() - st.get("started", time.time()),
+            "wall_seconds": self._running_seconds(pl_module),  # not the pauses between a stop and its resume
             "skipped_records": list(getattr(trainer.datamodule, "skipped", [])),
         }
         (_log_dir(trainer) / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")

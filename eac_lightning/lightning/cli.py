@@ -117,9 +117,7 @@ class EditingCLI(LightningCLI):
             # One folder per run (no version_N); metrics.csv kept whole across resumes.
             trainer.logger = Namespace(class_path="eac_lightning.lightning.run_folder.RunCSVLogger",
                                        init_args=Namespace(save_dir=str(root), name="", version=""))
-        if trainer.strategy == "ddp":
-            trainer.strategy = Namespace(class_path="eac_lightning.lightning.strategy.EditingDDPStrategy",
-                                         init_args=Namespace())
+        trainer.strategy = _editing_strategy(trainer)
         self.method_settings_applied = _apply_model_settings(cfg.model)
         if self.subcommand == "validate":
             trainer.limit_val_batches = 1  # the one step that evaluates the loaded model state
@@ -158,6 +156,53 @@ class EditingCLI(LightningCLI):
             if isinstance(cb, ModelCheckpoint) and cb.dirpath is None:
                 cb.dirpath = str(Path(trainer.default_root_dir) / "checkpoints")
         return trainer
+
+
+def _device_count(devices, accelerator) -> int:
+    """How many devices ``--trainer.devices`` asks for (``-1``/``"auto"``: the CUDA devices present, else 1)."""
+    if isinstance(devices, (list, tuple)):
+        return len(devices)
+    if isinstance(devices, str):
+        text = devices.strip()
+        if "," in text:
+            return len([d for d in text.split(",") if d.strip()])
+        if text in ("auto", "-1"):
+            devices = -1
+        else:
+            try:
+                devices = int(text)
+            except ValueError:
+                return 1
+    if devices == -1:
+        import torch
+
+        wants_gpu = str(accelerator or "auto").lower() in ("auto", "gpu", "cuda")
+        return torch.cuda.device_count() if wants_gpu and torch.cuda.is_available() else 1
+    return devices if isinstance(devices, int) else 1
+
+
+def _editing_strategy(trainer: Namespace):
+    """The trainer's strategy for an edit stream: ``ddp``, and ``auto`` with several devices or nodes (which
+    Lightning would turn into a DistributedDataParallel wrapper that fails), become the editing DDP strategy
+    (:class:`~eac_lightning.lightning.strategy.EditingDDPStrategy`); a DDP variant that wraps the module is
+    refused with the fix."""
+    strategy = trainer.get("strategy", "auto")
+    if not isinstance(strategy, str):
+        return strategy
+    several = _device_count(trainer.get("devices", 1), trainer.get("accelerator")) > 1 or (
+        (trainer.get("num_nodes") or 1) > 1)
+    if strategy == "auto" and several:
+        if _is_launching_process():
+            print(f"--trainer.devices {trainer.get('devices')}: several devices, so the run uses the editing DDP "
+                  "strategy (--trainer.strategy ddp; docs/multi_device.md)", file=sys.stderr)
+        strategy = "ddp"
+    if strategy.startswith("ddp_"):  # ddp_spawn, ddp_fork, ddp_notebook, ddp_find_unused_parameters_*
+        raise ValueError(f"--trainer.strategy {strategy} wraps the model in DistributedDataParallel, which editing "
+                         "cannot use (no weight has a gradient); use --trainer.strategy ddp, the editing DDP strategy "
+                         "(docs/multi_device.md)")
+    if strategy == "ddp":
+        return Namespace(class_path="eac_lightning.lightning.strategy.EditingDDPStrategy", init_args=Namespace())
+    return strategy
 
 
 def _namespace(tree: dict) -> Namespace:
@@ -275,10 +320,94 @@ def _extra_command(name: str):
     return trace_command
 
 
-def main(args: list[str] | None = None) -> None:
-    """Entry point of ``eac-lightning`` (``args``: for calling from Python/tests; default ``sys.argv``)."""
-    argv = sys.argv[1:] if args is None else list(args)
-    stop_on_sigterm()
+#: Exception classes (by module and name, so that reporting imports nothing) that are refusals with a message to act
+#: on, beside ValueError (bad values and records), OSError (missing or unwritable files, a full disk) and
+#: FloatingPointError (a non-finite edit): the checkpoint, lock, optimisation and testbed errors and Lightning's
+#: configuration errors.
+_REFUSALS = {
+    "eac_lightning.lightning.checkpoint.CorruptCheckpointError",
+    "eac_lightning.lightning.checkpoint.CheckpointMismatchError",
+    "eac_lightning.lightning.run_folder.RunFolderLockedError",
+    "eac_lightning.methods.target.EditOptimisationError",
+    "eac_lightning.testbed.build.ShippedTestbedError",
+    "lightning.fabric.utilities.exceptions.MisconfigurationException",
+    "lightning_fabric.utilities.exceptions.MisconfigurationException",
+    "argparse.ArgumentError",
+    "jsonargparse._common.ArgumentError",
+}
+_PACKAGE_DIR = str(Path(__file__).resolve().parents[1]) + os.sep
+DEBUG_FLAG = "--debug"
+
+
+def _is_refusal(exc: BaseException) -> bool:
+    if isinstance(exc, (ValueError, OSError, FloatingPointError)):
+        return True
+    return any(f"{c.__module__}.{c.__qualname__}" in _REFUSALS for c in type(exc).__mro__)
+
+
+def _raised_in(exc: BaseException) -> str:
+    """The file of the frame that raised ``exc`` (``""`` when unknown)."""
+    tb = exc.__traceback__
+    if tb is None:
+        return ""
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb.tb_frame.f_code.co_filename
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    """``exc`` and the exceptions it was raised from or while handling, outermost first."""
+    out: list[BaseException] = []
+    while exc is not None and all(exc is not e for e in out):
+        out.append(exc)
+        exc = exc.__cause__ or (None if exc.__suppress_context__ else exc.__context__)
+    return out
+
+
+def _refusal(exc: BaseException) -> tuple[BaseException, bool] | None:
+    """The deliberate refusal behind ``exc``, and whether it came out of parsing the arguments; ``None`` for an
+    internal error (a bug), which keeps its traceback.
+
+    Lightning re-raises what a hook raised, and jsonargparse wraps an error raised in a class's ``__init__`` in its
+    own ``ValueError`` listing every candidate type: the message shown is the outermost one the project raised (the
+    innermost of the chain when the project raised none), provided its type is a refusal."""
+    chain = _chain(exc)
+    chosen = next((e for e in chain if _raised_in(e).startswith(_PACKAGE_DIR)), chain[-1])
+    if not _is_refusal(chosen):
+        return None
+    outer = chain[:chain.index(chosen) + 1]
+    usage = any(f"{os.sep}jsonargparse{os.sep}" in _raised_in(e) or "ArgumentError" in type(e).__name__
+                for e in outer)
+    return chosen, usage
+
+
+def _message(exc: BaseException, argv: list[str]) -> str:
+    """``exc``'s message on one line as the user reads it, with the option that gave a refused value where the
+    message starts with its name (``gamma must be <= 100.0, got 101.0``) and the command line holds it."""
+    if isinstance(exc, OSError) and exc.strerror:
+        text = exc.strerror
+        for name in (exc.filename, exc.filename2):
+            if name is not None and str(name) not in text:
+                text += f": {name}"
+    else:
+        text = str(exc).strip() or type(exc).__name__
+    lead = text.split(" ", 1)[0]
+    if " must " in text and lead.replace("_", "").replace(".", "").isalnum():
+        for arg in argv:
+            option = arg.split("=", 1)[0]
+            if option.startswith("--") and (option[2:] == lead or option.endswith("." + lead)):
+                text += f" (set by {option})"
+                break
+    return text
+
+
+def _debugging(argv: list[str]) -> tuple[list[str], bool]:
+    """``argv`` without ``--debug``, and whether tracebacks are wanted (``--debug`` or ``EAC_DEBUG=1``)."""
+    debug = DEBUG_FLAG in argv or os.environ.get("EAC_DEBUG", "").strip().lower() not in ("", "0", "false", "no")
+    return [a for a in argv if a != DEBUG_FLAG], debug
+
+
+def _dispatch(argv: list[str], cli_args: list[str] | None) -> None:
     if argv and argv[0] == "rollback":
         from eac_lightning.lightning.rollback import rollback_command
 
@@ -297,7 +426,7 @@ def main(args: list[str] | None = None) -> None:
     EditingCLI(
         EditingModule,
         EditDataModule,
-        args=args,
+        args=cli_args,
         trainer_defaults={
             "max_epochs": 1,
             "accelerator": "auto",
@@ -318,6 +447,38 @@ def main(args: list[str] | None = None) -> None:
         parser_kwargs={"description": "Sequential model editing. Other commands: " + ", ".join(EXTRA_COMMANDS),
                        "formatter_class": _HelpFormatter},
     )
+
+
+def main(args: list[str] | None = None) -> None:
+    """Entry point of ``eac-lightning`` (``args``: for calling from Python/tests; default ``sys.argv``).
+
+    A refusal (a bad value, a missing or damaged file, a locked run folder, a mismatched checkpoint, a full disk)
+    ends the process with one line on stderr, ``eac-lightning: error: <message>``, and exit status 1 (2 for a value
+    refused while parsing the arguments); any other exception is an internal error and keeps its traceback.
+    ``--debug`` anywhere on the command line, or ``EAC_DEBUG=1``, shows the traceback of a refusal too."""
+    from_command_line = args is None
+    argv, debug = _debugging(sys.argv[1:] if args is None else list(args))
+    if from_command_line and debug:
+        sys.argv[1:] = argv  # what Lightning reads, and re-runs for the other ranks of a DDP run
+        os.environ["EAC_DEBUG"] = "1"  # ... which then debug too
+    stop_on_sigterm()
+    try:
+        _dispatch(argv, None if from_command_line else argv)
+    except SystemExit as exc:
+        if debug or not isinstance(exc.code, str):
+            raise
+        print(f"eac-lightning: error: {exc.code}", file=sys.stderr)  # a refusal spelled as SystemExit("...")
+        raise SystemExit(1) from None
+    except Exception as exc:
+        found = None if debug else _refusal(exc)
+        if found is None:
+            if not debug and hasattr(exc, "add_note"):
+                exc.add_note("eac-lightning: this is an internal error, not a refusal with a fix: please report it "
+                             "with this traceback")
+            raise
+        refusal, usage = found
+        print(f"eac-lightning: error: {_message(refusal, argv)}", file=sys.stderr)
+        raise SystemExit(2 if usage else 1) from None
 
 
 if __name__ == "__main__":

@@ -65,10 +65,7 @@ class RunLock:
                     self.held = True
                     return
                 if held and held.get("host") == me["host"] and _alive(int(held.get("pid", -1))):
-                    raise RunFolderLockedError(
-                        f"run folder {self.root} is in use by process {held['pid']} ({self.path}); wait for it to "
-                        "finish or choose another --trainer.default_root_dir (nothing was written)"
-                    ) from None
+                    raise RunFolderLockedError(self._in_use(int(held["pid"]))) from None
                 if held and held.get("host") != me["host"]:
                     raise RunFolderLockedError(
                         f"run folder {self.root} is locked by process {held.get('pid')} on host {held.get('host')} "
@@ -82,7 +79,39 @@ class RunLock:
                 json.dump(me, fh)
             self.held = True
             return
-        raise RunFolderLockedError(f"could not lock run folder {self.root} ({self.path})")
+        raise RunFolderLockedError(f"could not lock run folder {self.root}: its lock file {self.path} was "
+                                   "replaced by another process while this one took it over; run again, or choose "
+                                   "another --trainer.default_root_dir")
+
+    @staticmethod
+    def command_line(pid: int) -> str | None:
+        """The command line of a live process of this host (``/proc/<pid>/cmdline``), ``None`` where unreadable."""
+        try:
+            raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            return None
+        return " ".join(a.decode("utf-8", "replace") for a in raw.split(b"\0") if a) or None
+
+    def _in_use(self, pid: int) -> str:
+        """The refusal for a lock held by the live process ``pid`` of this host: what runs there (when
+        ``/proc`` tells), and how to clear the lock if that process is not an eac-lightning run on this folder."""
+        cmd = self.command_line(pid)
+        clear = (f"if no eac-lightning run is using this folder, delete {self.path} and run again "
+                 "(nothing was written)")
+        if cmd is None:
+            return (f"run folder {self.root} is in use by process {pid} (lock file {self.path}); wait for it to "
+                    f"finish or choose another --trainer.default_root_dir; {clear}")
+        shown = cmd if len(cmd) <= 60 else cmd[:57] + "..."
+        if "eac_lightning" in cmd or "eac-lightning" in cmd:
+            return (f"run folder {self.root} is in use by process {pid} ({shown}; lock file {self.path}); wait for "
+                    f"it to finish or choose another --trainer.default_root_dir; {clear}")
+        if "python" in Path(cmd.split(" ", 1)[0]).name.lower():
+            # A Python process may run eac-lightning in-process (a test, a notebook): not taken over.
+            return (f"run folder {self.root} is in use by process {pid} ({shown}; lock file {self.path}), a Python "
+                    f"process that may run eac-lightning from Python; {clear}")
+        return (f"run folder {self.root} is in use by process {pid} ({shown}; lock file {self.path}), which is not "
+                "an eac-lightning run: the lock was probably left by a run that ended and its process id reused; "
+                f"{clear}")
 
     def release(self) -> None:
         held = self.holder()

@@ -33,7 +33,7 @@ from torch import nn
 from eac_lightning.models.adapters import key_dim
 from eac_lightning.models.loading import default_stats_corpus
 from eac_lightning.models.tracing import capture
-from eac_lightning.paths import cache_dir, resolve_data_path
+from eac_lightning.paths import cache_dir, resolve_data_path, writable_cache_folder
 from eac_lightning.progress import progress
 
 DEFAULT_CORPUS = "wikitext"  # resolves to the shipped assets/data/wikitext
@@ -147,8 +147,11 @@ class CovarianceStore:
             corpus = default_stats_corpus(model, DEFAULT_CORPUS)
         self.corpus, self.num_tokens, self.seq_len, self.batch_size = corpus, num_tokens, seq_len, batch_size
         self.dtype, self.damping = dtype, damping
-        self.directory = Path(directory) if directory else cache_dir() / "stats"
-        self.directory.mkdir(parents=True, exist_ok=True)
+        if directory:
+            self.directory = Path(directory)
+            self.directory.mkdir(parents=True, exist_ok=True)
+        else:  # an unwritable default names the folder and EAC_CACHE_DIR
+            self.directory = writable_cache_folder(cache_dir() / "stats")
         self.fingerprint = model_fingerprint(model)
         self._memory: dict[str, Covariance] = {}
 
