@@ -16,11 +16,12 @@ import torch
 from torch import nn
 
 from eac_lightning.data.requests import EditRequest, validate_requests
-from eac_lightning.methods.base import EditMethod, restore_weights, snapshot
+from eac_lightning.methods.base import EditMethod, Written, restore_weights, snapshot
 from eac_lightning.methods.edit import EditResult, edit
 from eac_lightning.methods.settings import apply_model_settings
 from eac_lightning.models.loading import load_model
 from eac_lightning.paths import CONFIGS_DIR
+from eac_lightning.session import EditLog, EditSession
 from eac_lightning.stats.covariance import CovarianceStore
 
 METHOD_PRESETS = CONFIGS_DIR / "methods"
@@ -66,18 +67,27 @@ def method_from_preset(name_or_path: str, *overlays: str | Path | dict, model: s
 class Editor:
     """A model, its tokenizer and an editing method, with exact undo.
 
+    The weights and the method's state live in an :class:`~eac_lightning.session.EditSession` with an in-memory edit
+    log: each :meth:`edit` stores its update in low-rank form (ROME: two vectors per edit) and the method's state
+    increment, not a copy of the edited matrices, and :meth:`undo` replays the log from the nearest snapshot.
+
     Args:
-        model, tokenizer: the model to edit (in place).
+        model, tokenizer: the model to edit (in place; it must be unedited).
         method: an :class:`EditMethod` instance.
         stats: key statistics; when omitted, over a testbed's own training-stream sample, else WikiText-2.
+        snapshot_every: take a snapshot of the accumulated deltas and method state every this many edits (only the
+            newest is kept: one copy of the edited matrices), so an undo replays at most that many edits, or from
+            the unedited model when it goes back past the snapshot; 0: no snapshot.
     """
 
-    def __init__(self, model: nn.Module, tokenizer, method: EditMethod, stats: CovarianceStore | None = None):
+    def __init__(self, model: nn.Module, tokenizer, method: EditMethod, stats: CovarianceStore | None = None,
+                 snapshot_every: int = 100):
         self.model, self.tokenizer, self.method = model, tokenizer, method
         self.stats = stats if stats is not None else CovarianceStore(model, tokenizer)
         self.method.setup(model, tokenizer, self.stats)
+        self.session = EditSession(model, method, EditLog(None), snapshot_every)
+        self.session.start({"model": type(model).__name__, "method": type(method).__name__})
         self.requests: list[EditRequest] = []
-        self._undo: list[tuple[int, dict[str, torch.Tensor], dict[str, Any]]] = []
         self.reference: dict[str, Any] = {}  # pre-edit locality reference (EAC Eq. 12) of every request
 
     @classmethod
@@ -106,40 +116,53 @@ class Editor:
         return cls(m, tok, meth, CovarianceStore(m, tok, **stats_kwargs))
 
     def edit(self, requests: EditRequest | Sequence[EditRequest]) -> EditResult:
-        """Apply one batch of edits (:func:`eac_lightning.methods.edit.edit`); returns its deltas and per-edit
-        records (norm of each edit's delta, whether the model now predicts its target)."""
+        """Apply one batch of edits (:func:`eac_lightning.methods.edit.edit`) and log it; returns its deltas and
+        per-edit records (norm of each edit's delta, whether the model now predicts its target)."""
         batch = [requests] if isinstance(requests, EditRequest) else list(requests)
+        if not batch:
+            raise ValueError("Editor.edit needs at least one EditRequest (got an empty batch); nothing was changed")
         validate_requests(batch, self.tokenizer)  # before the locality reference: a malformed record names its field
         self._add_reference(batch)
-        saved = snapshot(self.model, self.method.module_names)
-        state = self.method.state_dict()  # e.g. AlphaEdit's accumulated K_p K_pᵀ: undone with the weights
-        result = edit(self.method, self.model, self.tokenizer, batch)
-        self._undo.append((len(batch), saved, state))
+        try:
+            result = edit(self.method, self.model, self.tokenizer, batch)
+        except BaseException:
+            self.session.materialise()  # a failed write restored its own modules; the weights stay W_base + D
+            raise
+        self.session.commit(Written(result.deltas, None, result.factors), step=self.session.depth + 1,
+                            position=len(self.requests) + len(batch), requests=batch)
         self.requests.extend(batch)
         return result
 
     def undo(self) -> None:
-        """Restore the weights (bit-exactly) and the method's state as they were before the last :meth:`edit`."""
-        if not self._undo:
+        """Return the weights (bit-exactly) and the method's state to what they were before the last :meth:`edit`
+        (the log replayed from the nearest snapshot)."""
+        head = self.session.head
+        parent = self.session.parent(head)
+        if parent is None:
             raise IndexError("nothing to undo")
-        n, saved, state = self._undo.pop()
-        restore_weights(self.model, saved)
-        self.method.load_state_dict(state)
-        del self.requests[-n:]
+        n = len(self.session.log.header(head)["requests"])
+        self.session.checkout(parent, move_head="undo")
+        self.session.log.discard(head)  # an undone edit is gone: the in-memory log keeps one branch
+        del self.requests[len(self.requests) - n:]
+
+    @property
+    def edits_logged(self) -> int:
+        """Edit steps on the current branch of the in-memory log (what :meth:`undo` can take back)."""
+        return self.session.depth
 
     def _add_reference(self, batch: list[EditRequest]) -> None:
         """Record the unedited model's predictions on the batch's out-of-scope prompts (locality is measured
         against the unedited model, as EasyEdit does), swapping the original weights in if edits were made."""
         from eac_lightning.evaluation.edit_metrics import compute_locality_reference
 
-        current = snapshot(self.model, self.method.module_names) if self._undo else None
-        if current is not None:
-            restore_weights(self.model, self._undo[0][1])
+        edited = bool(self.session.deltas)
+        if edited:
+            restore_weights(self.model, self.session.base_weights)
         try:
             ref = compute_locality_reference(self.model, self.tokenizer, batch)
         finally:
-            if current is not None:
-                restore_weights(self.model, current)
+            if edited:
+                self.session.materialise()
         for key, value in ref.items():  # merge the per-prompt tables: a later batch must not replace them
             if isinstance(value, dict):
                 self.reference.setdefault(key, {}).update(value)

@@ -44,3 +44,10 @@ def run_cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc
+
+
+def current_deltas(run_or_checkpoint) -> dict:
+    """D of a run's current state (its HEAD) or of one of its checkpoints: the edit log replayed and checked."""
+    from eac_lightning.lightning.export import load_edited_model
+
+    return load_edited_model(run_or_checkpoint).session.deltas

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from cli_tools import run_cli, write_config
+from cli_tools import current_deltas, run_cli, write_config
 
 from eac_lightning.data.datamodule import EditDataModule
 from eac_lightning.data.requests import (
@@ -31,7 +31,6 @@ from eac_lightning.lightning.checkpoint import (
     CorruptCheckpointError,
     UnsafeCheckpointError,
     load_checkpoint_file,
-    verify_deltas,
 )
 from eac_lightning.lightning.run_folder import (
     RunFolderLockedError,
@@ -52,8 +51,14 @@ def kill_config(path: Path, steps: int = 2) -> Path:
     return path
 
 
-def deltas(ckpt: Path) -> dict[str, torch.Tensor]:
-    return load_checkpoint_file(ckpt)[KEY]["deltas"]
+def deltas(run: Path) -> dict[str, torch.Tensor]:
+    return current_deltas(run)
+
+
+def entry_file(run: Path) -> Path:
+    """The edit-log entry of the run's HEAD."""
+    head = (run / "history" / "HEAD").read_text().strip()
+    return run / "history" / "entries" / f"{head}.safetensors"
 
 
 def copy_run(run: Path, to: Path) -> Path:
@@ -100,50 +105,62 @@ def test_pickled_payload_is_refused_unexecuted(full_run, tmp_path):
 
 
 # ------------------------------------------------------------------------ 2. corrupted deltas are refused
-def test_flipped_bytes_and_altered_values_in_a_delta_are_refused(full_run, tmp_path):
-    from eac_lightning.lightning.cli import export_command
+def test_flipped_bytes_altered_values_and_nan_in_the_edit_log_are_refused(full_run, tmp_path):
+    from eac_lightning.lightning.export import export_command
+    from eac_lightning.session import EditLog, EditLogError
+    from eac_lightning.session.log import read_record
 
-    last = full_run / "checkpoints" / "last.ckpt"
-    (name, delta), = deltas(last).items()
-    raw, blob = last.read_bytes(), bytes(delta.untyped_storage())  # as stored in the zip
-    at = raw.index(blob) + len(blob) // 2  # a byte in the middle of the stored delta tensor
-    flipped = tmp_path / "flipped.ckpt"
-    flipped.write_bytes(raw[:at] + bytes([raw[at] ^ 0xFF]) + raw[at + 1:])
-    with pytest.raises(CorruptCheckpointError, match=f"flipped.ckpt.*delta '{name}'.*sha256"):
-        export_command(str(flipped), str(tmp_path / "out"))
-    for value, why in ((1e38, "sha256"), (float("nan"), "sha256")):
-        ckpt = load_checkpoint_file(last)
-        ckpt[KEY]["deltas"][name][0, 0] = value
-        torch.save(ckpt, tmp_path / "altered.ckpt")
-        with pytest.raises(CorruptCheckpointError, match=f"altered.ckpt.*'{name}'.*{why}"):
-            export_command(str(tmp_path / "altered.ckpt"), str(tmp_path / "out"))
-    # A NaN whose checksum was recomputed is still refused (finiteness check).
-    nan = delta.clone()
-    nan[0, 0] = float("nan")
-    from eac_lightning.lightning.checkpoint import tensor_sha256
-
-    with pytest.raises(CorruptCheckpointError, match="NaN or inf"):
-        verify_deltas("x.ckpt", {name: nan}, {name: tensor_sha256(nan)})
+    run = tmp_path / "run"
+    copy_run(full_run, run)
+    entry = entry_file(run)
+    raw = entry.read_bytes()
+    flipped = raw[:-40] + bytes([raw[-40] ^ 0xFF]) + raw[-39:]  # a byte of the last stored tensor
+    entry.write_bytes(flipped)
+    with pytest.raises(EditLogError, match=f"{entry.name}.*sha256"):
+        export_command(str(run), str(tmp_path / "out"))
+    entry.write_bytes(raw)
+    # An altered value whose checksums were recomputed is a different entry: its id no longer matches the name.
+    header, tensors = read_record(entry)
+    key = next(k for k in tensors if k.startswith("update/"))
+    tensors[key] = tensors[key].clone()
+    tensors[key].view(-1)[0] = 1e30
+    log = EditLog(run / "history")
+    forged = log.append({k: v for k, v in header.items() if k not in ("id", "format", "tensors")}, tensors)
+    (run / "history" / "entries" / f"{forged}.safetensors").replace(entry)
+    (run / "history" / "HEAD").write_text(header["id"] + "\n")
+    with pytest.raises(EditLogError, match=f"holds entry {forged[:16]}, not {header['id'][:16]}"):
+        export_command(str(run), str(tmp_path / "out"))
+    entry.write_bytes(raw)
+    # A consistent entry (its own id, checksums and parent) holding NaN is refused by ask and export alike.
+    tensors[key].view(-1)[0] = float("nan")
+    nan = log.append({**{k: v for k, v in header.items() if k not in ("id", "format", "tensors")}}, tensors)
+    for command in ("export", "ask"):
+        args = (str(run), str(tmp_path / "out")) if command == "export" else (str(run), "--prompt", "Paris is in")
+        proc = run_cli(command, *args, check=False)
+        assert proc.returncode != 0 and "NaN or inf" in proc.stderr and nan[:16] in proc.stderr, proc.stderr[-2000:]
     assert not (tmp_path / "out").exists()
 
 
-def test_fuzzed_checkpoint_bytes_never_load_altered_deltas(full_run, tmp_path):
-    last = full_run / "checkpoints" / "last.ckpt"
-    raw, original = last.read_bytes(), deltas(last)
+def test_fuzzed_edit_log_bytes_never_load_altered_deltas(full_run, tmp_path):
+    from eac_lightning.session import EditLogError
+
+    run = tmp_path / "run"
+    copy_run(full_run, run)
+    original = deltas(run)
+    entry = entry_file(run)
+    raw = entry.read_bytes()
     rng = random.Random(0)
-    bad = tmp_path / "fuzz.ckpt"
     for _ in range(25):
         data = bytearray(raw)
         for _ in range(rng.randint(1, 4)):
             data[rng.randrange(len(data))] = rng.randrange(256)
-        bad.write_bytes(bytes(data))
+        entry.write_bytes(bytes(data))
         try:
-            state = load_checkpoint_file(bad)[KEY]
-            verify_deltas(bad, state["deltas"], state["provenance"]["deltas_sha256"])
-        except (CorruptCheckpointError, CheckpointMismatchError, KeyError, TypeError):
+            loaded = deltas(run)
+        except EditLogError:
             continue
-        for k, d in original.items():  # loaded: the bytes hit something other than the deltas
-            assert torch.equal(state["deltas"][k], d)
+        for k, d in original.items():  # loaded: the bytes hit nothing that matters
+            assert torch.equal(loaded[k], d)
 
 
 # ------------------------------------------------------------------- 3. NaN and degenerate edits are rejected
@@ -403,11 +420,10 @@ def test_rollback_is_bit_identical_to_a_run_stopped_there_and_replays_without_dr
     with pytest.raises(ValueError, match="--drop \\[1\\]"):
         rollback(run, 2, drop=[1])
     event = rollback(run, 2, drop=[2])
-    a, b = deltas(run / "checkpoints" / "last.ckpt"), deltas(stopped / "checkpoints" / "last.ckpt")
+    a, b = deltas(run), deltas(stopped)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert [r["edit"] for r in event["removed"]] == [2, 3]
-    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["edit-step=1.ckpt", "edit-step=2.ckpt",
-                                                                       "last.ckpt"]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last.ckpt"]
     # Replay: the dropped record (ledger edit 2) is left out, the rest follows.
     run_cli("fit", "--config", str(cfg), "--ckpt_path", "last")
     after = read_ledger(run / "edits.jsonl")
@@ -415,4 +431,4 @@ def test_rollback_is_bit_identical_to_a_run_stopped_there_and_replays_without_dr
     edits = [r for r in after if "edit" in r]
     assert [r["source_index"] for r in edits] == [r["source_index"] for r in before[:2]] + [before[3]["source_index"]]
     proc = run_cli("rollback", str(run), "--to-edit", "9", check=False)
-    assert proc.returncode != 0 and "records only 3 edits" in proc.stderr
+    assert proc.returncode != 0 and "holds only 3 edits" in proc.stderr

@@ -11,7 +11,7 @@ from eac_lightning.data.requests import EditRequest
 from eac_lightning.methods import UltraEdit
 from eac_lightning.methods.base import restore_weights, snapshot
 from eac_lightning.methods.edit import edit
-from eac_lightning.methods.ultraedit import RunningMoments, ridge_shift
+from eac_lightning.methods.ultraedit import RunningMoments, ridge_factors, ridge_shift
 from eac_lightning.models.adapters import mlp_out_name, weight_view
 from eac_lightning.models.encoding import encode_target
 from eac_lightning.models.tracing import edit_output
@@ -215,14 +215,15 @@ def test_failed_write_leaves_weights_and_moments_unchanged(gpt2, tokenizer, monk
     moments = method.state_dict()
     before = snapshot(gpt2, method.module_names)
     feats = method.compute_targets(gpt2, tokenizer, REQS[1:])
-    real = ridge_shift
+    real = ridge_factors
     calls = []
 
     def nan_on_second(*args):
         calls.append(1)
-        return real(*args) * (float("nan") if len(calls) == 2 else 1.0)
+        left, right = real(*args)
+        return left * (float("nan") if len(calls) == 2 else 1.0), right
 
-    monkeypatch.setattr("eac_lightning.methods.ultraedit.ridge_shift", nan_on_second)
+    monkeypatch.setattr("eac_lightning.methods.ultraedit.ridge_factors", nan_on_second)
     with pytest.raises(FloatingPointError, match="not finite"):
         method.write(gpt2, tokenizer, feats)
     for name, w in before.items():

@@ -172,9 +172,17 @@ class EditDataModule(L.LightningDataModule):
         return self.requests[: self.position]
 
     def state_dict(self) -> dict[str, Any]:
-        return {"position": self.position, "num_requests": len(self.requests), "dropped": self.dropped}
+        return {"position": self.position, "num_requests": len(self.requests), "dropped": self.dropped,
+                "num_edits": self.num_edits}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "num_edits" in state and state["num_edits"] != self.num_edits:
+            # Lightning resumes the stream's one epoch where it stopped; a stream of another length is another run.
+            was, now = state["num_edits"], self.num_edits
+            raise ValueError(
+                f"--data.num_edits {-1 if now is None else now} differs from the {-1 if was is None else was} this "
+                f"run was started with; resume with --data.num_edits {-1 if was is None else was}, or start a new "
+                "run (another --trainer.default_root_dir) for a longer stream; nothing was changed")
         self.position = int(state["position"])
         # Records a rollback dropped from the replay (``eac-lightning rollback --drop``), named by (source, row).
         self.dropped = [list(x) for x in state.get("dropped", [])]

@@ -2,27 +2,22 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
-
-def _checkpoint_of(run_or_ckpt: str) -> Path:
-    path = Path(run_or_ckpt)
-    if path.is_dir():
-        path = path / "checkpoints" / "last.ckpt"
-    if not path.is_file():
-        raise SystemExit(f"{run_or_ckpt}: neither a checkpoint nor a run folder with checkpoints/last.ckpt")
-    return path
+from eac_lightning.models.adapters import weight_view
 
 
-def _run_prompts(ckpt: Path, count: int) -> list[tuple[str, str]]:
-    """(prompt, new target) of the run's own edits, from the ledger beside the checkpoint."""
-    ledger = ckpt.parent.parent / "edits.jsonl"
+def _run_prompts(run: Path, count: int) -> list[tuple[str, str]]:
+    """(prompt, new target) of the run's own edits, from its ledger (rollback events and a cut-off last line are
+    skipped)."""
+    from eac_lightning.lightning.run_folder import read_ledger
+
+    ledger = run / "edits.jsonl"
     if not ledger.exists():
-        raise SystemExit(f"no prompt given and no edit ledger at {ledger}")
-    rows = [json.loads(line) for line in ledger.read_text(encoding="utf-8").splitlines() if line.strip()]
+        raise FileNotFoundError(f"no prompt given and no edit ledger at {ledger}; give prompts with --prompt")
+    rows = [r for r in read_ledger(ledger) if "edit" in r and "prompt" in r]
     return [(r["prompt"].replace("{}", r["subject"]), r["target_new"]) for r in rows[:count]]
 
 
@@ -34,32 +29,30 @@ def _continue(model, tok, prompts: list[str], max_new_tokens: int) -> list[str]:
     return [" ".join(t.split()) for t in texts]  # one line each
 
 
-def ask_command(run: str, prompt: list[str] | None = None, edits: int = 5, max_new_tokens: int = 8) -> None:
+def ask_command(run: str, prompt: list[str] | str | None = None, edits: int = 5, max_new_tokens: int = 8) -> None:
     """Print the unedited and the edited model's greedy continuation of a prompt, side by side.
 
     Args:
         run: a run folder (``runs/quickstart``) or an eac-lightning checkpoint.
-        prompt: prompts to continue (e.g. ``"The Eiffel Tower is located in"``); none: the first ``edits`` edits of
-            the run's own ledger, with their new targets.
+        prompt: prompts to continue (``--prompt "The Eiffel Tower is located in"``, or a list; prompts may also
+            follow the run folder); none: the first ``edits`` edits of the run's own ledger, with their new targets.
         edits: how many of the run's edits to show when no prompt is given.
         max_new_tokens: length of each continuation.
     """
-    from eac_lightning.lightning.checkpoint import AtomicCheckpointIO
-    from eac_lightning.lightning.module import CKPT_KEY
-    from eac_lightning.methods.base import apply_deltas
-    from eac_lightning.models.loading import load_model
+    from eac_lightning.lightning.export import load_edited_model
 
-    ckpt = _checkpoint_of(run)
-    state = AtomicCheckpointIO().load_checkpoint(ckpt).get(CKPT_KEY)
-    if state is None:
-        raise SystemExit(f"{ckpt} was not written by eac-lightning (no '{CKPT_KEY}' section)")
-    pairs = [(p, "") for p in prompt] if prompt else _run_prompts(ckpt, edits)
-    model, tok = load_model(state["model"])
+    prompt = [prompt] if isinstance(prompt, str) else prompt
+    edited = load_edited_model(run)  # checks the base model and every entry it replays
+    pairs = [(p, "") for p in prompt] if prompt else _run_prompts(edited.run, edits)
     prompts = [p for p, _ in pairs]
-    before = _continue(model, tok, prompts, max_new_tokens)
-    apply_deltas(model, state["deltas"])
+    model, tok, session = edited.model, edited.tokenizer, edited.session
     after = _continue(model, tok, prompts, max_new_tokens)
-    print(f"{state['model']} + {len(state['deltas'])} edited matrices from {ckpt}")
+    with torch.no_grad():
+        for name, w0 in session.base_weights.items():  # the unedited model: base weights back in place
+            weight_view(model, name).copy_(w0)
+    before = _continue(model, tok, prompts, max_new_tokens)
+    print(f"{edited.identity['model']} + {session.depth} edit steps ({len(session.deltas)} edited matrices) from "
+          f"{edited.run}")
     for (p, target), b, a in zip(pairs, before, after):
         print(f"\n{p}" + (f"   (new target: {target})" if target else ""))
         print(f"  unedited: {b}")

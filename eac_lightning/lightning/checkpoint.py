@@ -5,8 +5,9 @@ containers only, so a checkpoint holding any other pickled object is refused bef
 
 Provenance (:func:`provenance`, written by ``EditingModule.on_save_checkpoint``): the base model's fingerprint
 (its config and the unedited bytes of every edited matrix), the method's class and hyper-parameters, the data
-source's hash, seed and the order of the applied edits, and a sha256 of every delta tensor. Resume and export
-check it (:func:`verify_deltas`, :func:`verify_provenance`) and refuse a mismatch naming the file and the field.
+source's hash, seed and the order of the applied edits. The edits themselves are in the run's edit log, whose
+entries carry their own checksums (:mod:`eac_lightning.session.log`). Resume checks the provenance
+(:func:`verify_provenance`) and refuses a mismatch naming the file and the field.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from typing import Any, Sequence
 
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from eac_lightning.session.log import tensor_sha256
 
 
 class CorruptCheckpointError(RuntimeError):
@@ -87,14 +90,6 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 # -- fingerprints ----------------------------------------------------------------------------------------------
-def tensor_sha256(t: torch.Tensor) -> str:
-    """sha256 of a tensor's dtype, shape and raw bytes."""
-    t = t.detach().cpu().contiguous()
-    h = hashlib.sha256(f"{t.dtype}{tuple(t.shape)}".encode())
-    h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
 def _plain(value: Any) -> Any:
     """A hyper-parameter as JSON-comparable plain data."""
     if dataclasses.is_dataclass(value):
@@ -136,11 +131,7 @@ def requests_sha256(requests: Sequence[Any]) -> str:
 
 def provenance(module: Any, datamodule: Any | None) -> dict[str, Any]:
     """What a checkpoint of ``module`` belongs to (see the module docstring)."""
-    out = {
-        "base_model": module.base_fingerprint,
-        "method": method_spec(module.method),
-        "deltas_sha256": {n: tensor_sha256(d) for n, d in module.total_deltas.items()},
-    }
+    out = {"base_model": module.base_fingerprint, "method": method_spec(module.method)}
     if datamodule is not None:
         out["data"] = data_fingerprint(datamodule, datamodule.position)
     return out
@@ -152,28 +143,12 @@ def data_fingerprint(datamodule: Any, applied: int) -> dict[str, Any]:
             "applied": applied, "applied_sha256": requests_sha256(datamodule.requests[:applied])}
 
 
-def verify_deltas(path: Any, deltas: dict[str, torch.Tensor], recorded: dict[str, str] | None) -> None:
-    """Refuse deltas whose bytes differ from their recorded sha256 or that hold NaN/inf."""
-    if recorded is None:
-        raise CheckpointMismatchError(f"checkpoint {path}: field 'deltas_sha256' is missing; it was written "
-                                      "before checkpoints carried checksums and cannot be verified")
-    if set(recorded) != set(deltas):
-        raise CorruptCheckpointError(f"checkpoint {path}: field 'deltas' holds {sorted(deltas)} but its checksums "
-                                     f"name {sorted(recorded)}")
-    for name, d in deltas.items():
-        if tensor_sha256(d) != recorded[name]:
-            raise CorruptCheckpointError(f"checkpoint {path}: delta '{name}' does not match its sha256 (the file "
-                                         "was corrupted or altered); nothing was loaded")
-        if not torch.isfinite(d).all():
-            raise CorruptCheckpointError(f"checkpoint {path}: delta '{name}' holds NaN or inf; nothing was loaded")
-
-
 def verify_provenance(path: Any, recorded: dict[str, Any], current: dict[str, Any],
                       allow_method_change: bool = False) -> None:
     """Refuse a checkpoint written for another base model, method or data stream, naming the field."""
 
     def refuse(field: str, was: Any, now: Any, hint: str = "") -> None:
-        raise CheckpointMismatchError(f"checkpoint {path} belongs to another run: field '{field}' was {was!r} "
+        raise CheckpointMismatchError(f"{path} belongs to another run: field '{field}' was {was!r} "
                                       f"there but is {now!r} here{hint}; nothing was loaded")
 
     was_m, now_m = recorded["method"], current["method"]

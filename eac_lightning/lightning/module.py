@@ -6,13 +6,16 @@ receives them as the step's output, writes them (:func:`~eac_lightning.methods.e
 result to :meth:`EditingModule.apply_written`, the one place the run's weights and deltas change. ``global_step``
 advances once per edit batch, so checkpoint and logging cadence count edits (see :meth:`training_step`).
 
-Checkpoints hold only what editing changed, never the frozen base model: the accumulated delta of every edited
-matrix, the method's state (context templates, AlphaEdit's K_pK_pᵀ, B-EAC's anchor record), the evaluation
-reference, and the RNG states.
+The run's weights and method state live in an :class:`~eac_lightning.session.EditSession` whose edit log is
+``<run>/history`` (:mod:`eac_lightning.session.log`: one compact entry per edit step, snapshots, HEAD). Lightning's
+checkpoint (``checkpoints/last.ckpt``) holds no weights: the id of the log entry it stands at, the stream position,
+loop counters, the callbacks' records, the RNG state and what the run belongs to (base model, method, data).
+Resuming replays the log to that entry, bit-identical to the run that wrote it.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -21,18 +24,18 @@ import torch
 from eac_lightning.data.requests import EditRequest
 from eac_lightning.evaluation.evaluator import EvaluatorConfig
 from eac_lightning.lightning.checkpoint import (
+    CheckpointMismatchError,
     data_fingerprint,
     method_spec,
     model_fingerprint,
     provenance,
-    verify_deltas,
     verify_provenance,
 )
-from eac_lightning.methods.base import Deltas, EditMethod, merge_deltas, snapshot
+from eac_lightning.methods.base import Deltas, EditMethod, Written, snapshot
 from eac_lightning.methods.edit import EditResult, optimise_targets
 from eac_lightning.methods.rome import ROME
-from eac_lightning.models.adapters import weight_view
 from eac_lightning.models.loading import load_model, resolve_model_path
+from eac_lightning.session import EditLog, EditSession
 from eac_lightning.stats.covariance import CovarianceStore
 from eac_lightning.validation import (
     context_limit,
@@ -63,6 +66,10 @@ class EditingModule(L.LightningModule):
             yourself are kept; summary.json lists what changed); ``as_given``: the method exactly as configured.
         allow_method_change: resume a checkpoint written by another method or other hyper-parameters
             (refused otherwise, naming the field that differs).
+        snapshot_every: edit steps between snapshots of the accumulated deltas and method state in the edit log
+            (``history/snapshots``; one is also written at the end of fit, and only the newest is kept). A resume
+            replays at most this many steps; a rollback to before the snapshot replays from the root. A snapshot
+            is the size of the edited matrices (and AlphaEdit's K_pK_pᵀ): docs/benchmarks.md, "Edit log".
     """
 
     def __init__(
@@ -77,6 +84,7 @@ class EditingModule(L.LightningModule):
         evaluation: EvaluatorConfig | None = None,
         method_settings: str = "auto",
         allow_method_change: bool = False,
+        snapshot_every: int = 100,
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
@@ -96,13 +104,16 @@ class EditingModule(L.LightningModule):
         self.method_settings_applied: dict[str, Any] = {}
         self.allow_method_change = allow_method_change
         validate_module_args(stats_tokens=stats_tokens, stats_damping=stats_damping)
+        if isinstance(snapshot_every, bool) or not isinstance(snapshot_every, int) or snapshot_every < 0:
+            raise ValueError(f"--model.snapshot_every must be an edit-step count >= 0, got {snapshot_every!r}")
+        self.snapshot_every = snapshot_every
         self.lm = None
         self.tokenizer = None
         self.stats: CovarianceStore | None = None
-        self.total_deltas: Deltas = {}
-        self.base_weights: dict[str, torch.Tensor] | None = None
+        self.session: EditSession | None = None
         self.base_fingerprint: dict[str, Any] | None = None
         self.extra_state: dict[str, Any] = {}  # callbacks' state that must survive a resume
+        self._resumed = False
 
     # -- model -----------------------------------------------------------------------------------------------
     def configure_model(self) -> None:
@@ -122,23 +133,45 @@ class EditingModule(L.LightningModule):
             self.stats = CovarianceStore(self.lm, self.tokenizer, corpus=self.stats_corpus,
                                          num_tokens=self.stats_tokens, damping=self.stats_damping)
         self.method.setup(self.lm, self.tokenizer, self.stats)
-        if self.base_weights is None:  # copies of the unedited matrices, taken before any delta is applied
-            self.base_weights = snapshot(self.lm, self.method.module_names)
-            self.base_fingerprint = model_fingerprint(self.lm, self.base_weights)
+        if self.session is None:  # the unedited matrices, copied before any delta is applied
+            base = snapshot(self.lm, self.method.module_names)
+            self.base_fingerprint = model_fingerprint(self.lm, base)
+            self.session = EditSession(self.lm, self.method, EditLog(None), self.snapshot_every, base)
         dm = self._datamodule()
         if dm is not None:  # every record is checked against this model before the first edit
             dm.screen(self.tokenizer, context_limit(self.lm), longest_template(self.tokenizer, self.method))
 
-    @torch.no_grad()
-    def materialise(self) -> None:
-        """W = W_base + D for every edited matrix.
+    @property
+    def base_weights(self) -> dict[str, torch.Tensor] | None:
+        return None if self.session is None else self.session.base_weights
 
-        Done after each write and on resume, so an interrupted-and-resumed run holds bit-identical weights to an
-        uninterrupted one (the in-place adds of a write round differently from one add of the accumulated D).
-        """
-        for name, d in self.total_deltas.items():
-            w = weight_view(self.lm, name)
-            w.copy_(self.base_weights[name].to(w.device) + d.to(w))
+    @property
+    def total_deltas(self) -> Deltas:
+        """D, the accumulated change of every edited matrix (float32, CPU)."""
+        return {} if self.session is None else self.session.deltas
+
+    def materialise(self) -> None:
+        """W = W_base + D for every edited matrix (:meth:`EditSession.materialise`)."""
+        self.session.materialise()
+
+    def identity(self) -> dict[str, Any]:
+        """What the edit log's root entry records: the base model and the method (ask and export check them)."""
+        return {"model": self.model_name, "dtype": self.dtype_name, "base_model": self.base_fingerprint,
+                "method": method_spec(self.method)}
+
+    def on_train_start(self) -> None:
+        # A fresh run starts the run folder's edit log (rank 0 writes it; other ranks keep theirs in memory).
+        if self._resumed:
+            return
+        trainer = self.trainer
+        folder = Path(trainer.default_root_dir) / "history" if trainer.global_rank == 0 else None
+        log = EditLog(folder)
+        if log.exists():
+            raise CheckpointMismatchError(
+                f"{folder} holds the edit log of an earlier run; resume it with --ckpt_path last or choose another "
+                "--trainer.default_root_dir (nothing was overwritten)")
+        self.session.log = log
+        self.session.start(self.identity())
 
     def configure_optimizers(self) -> None:
         # No optimizer: weights change only through the closed-form writes. Lightning then steps its no-op
@@ -156,10 +189,21 @@ class EditingModule(L.LightningModule):
         self.optimizers().step()
         return {"targets": targets}
 
-    def apply_written(self, result: EditResult) -> None:
-        """Add a write's deltas to the run's accumulated D and set W = W_base + D (called by ``WeightUpdate``)."""
-        merge_deltas(self.total_deltas, result.deltas)
-        self.materialise()
+    def apply_written(self, result: EditResult, requests: list[EditRequest] = ()) -> str:
+        """Append a write to the edit log and set W = W_base + D (called by ``WeightUpdate`` once the datamodule's
+        position counts the batch). The entry keeps what a rollback to this step needs to resume from it: stream
+        position, Lightning's loop counters (as ``ModelCheckpoint`` would save them now), RNG and data identity.
+        Returns the entry's id."""
+        trainer, dm = self._trainer, self._datamodule()
+        resume: dict[str, Any] = {"rng": torch.get_rng_state()}
+        if trainer is not None:
+            resume.update(global_step=trainer.global_step, epoch=trainer.current_epoch,
+                          loops=trainer._checkpoint_connector._get_loops_state_dict())
+        if dm is not None:
+            resume.update(datamodule=dm.state_dict(), data=data_fingerprint(dm, dm.position))
+        return self.session.commit(
+            Written(result.deltas, None, result.factors), step=trainer.global_step if trainer else 0,
+            position=dm.position if dm is not None else 0, requests=requests, resume=resume)
 
     def validation_step(self, batch, batch_idx: int) -> None:
         return None  # the Evaluation callback measures the model state at validation end
@@ -169,38 +213,66 @@ class EditingModule(L.LightningModule):
         trainer = self._trainer
         return getattr(trainer, "datamodule", None) if trainer is not None else None
 
+    def on_train_end(self) -> None:
+        if self.session.log.folder is not None:
+            self.session.save_snapshot()  # the next resume, rollback, ask or export replays nothing
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["state_dict"] = {}  # the frozen base model is never written
+        checkpoint["state_dict"] = {}  # the frozen base model is never written; the edits are in the edit log
         checkpoint[CKPT_KEY] = {
             "model": self.model_name,
             "dtype": self.dtype_name,
-            "deltas": {k: v.clone() for k, v in self.total_deltas.items()},
-            "method_state": self.method.state_dict(),
+            "head": self.session.head,
             "extra_state": self.extra_state,
             "rng": {"torch": torch.get_rng_state()},
             "provenance": provenance(self, self._datamodule()),
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        path = getattr(self._trainer, "ckpt_path", None) or "(checkpoint)"
+        trainer = self._trainer
+        path = Path(getattr(trainer, "ckpt_path", None) or "(checkpoint)")
         state = checkpoint.get(CKPT_KEY)
         if state is None:
-            raise ValueError(f"{path} was not written by eac-lightning (no 'eac_lightning' section)")
-        if self.base_weights is None:
+            raise CheckpointMismatchError(f"{path} was not written by eac-lightning (no 'eac_lightning' section)")
+        if "head" not in state:
+            raise CheckpointMismatchError(
+                f"{path} holds its edits inside the checkpoint (an eac-lightning format before the edit log); this "
+                "version reads runs whose edits are in <run>/history - re-run the stream with this version")
+        if self.session is None:
             self.setup("fit")
         recorded = state.get("provenance") or {}
-        verify_deltas(path, state["deltas"], recorded.get("deltas_sha256"))
         dm = self._datamodule()
         applied = int(checkpoint.get(type(dm).__qualname__, {}).get("position", 0)) if dm is not None else 0
         current = {"base_model": self.base_fingerprint, "method": method_spec(self.method)}
         if dm is not None:
             current["data"] = data_fingerprint(dm, applied)
-        verify_provenance(path, recorded, current, self.allow_method_change)
-        self.total_deltas = {k: v.float() for k, v in state["deltas"].items()}
-        unknown = set(self.total_deltas) - set(self.base_weights)
-        if unknown:
-            raise ValueError(f"checkpoint edits {sorted(unknown)}, which this method does not edit")
-        self.materialise()
-        self.method.load_state_dict(state["method_state"])
+        verify_provenance(f"checkpoint {path}", recorded, current, self.allow_method_change)
+        run = run_folder_of(path)
+        fitting = trainer is not None and trainer.state.fn == "fit"
+        if fitting and trainer.global_rank == 0 and not _same_folder(run, Path(trainer.default_root_dir)):
+            raise CheckpointMismatchError(
+                f"checkpoint {path} belongs to the run folder {run}, not to --trainer.default_root_dir "
+                f"{trainer.default_root_dir}; resume it in its own folder (--trainer.default_root_dir {run})")
+        self.session.log = EditLog(run / "history")
+        if fitting and trainer.global_rank > 0:  # ranks > 0 replay rank 0's log read-only, then log in memory
+            self.session.checkout(state["head"])
+            self.session.continue_in_memory()
+        else:
+            moved = "resume" if fitting and self.session.log.head() != state["head"] else None
+            self.session.checkout(state["head"], move_head=moved, checkpoint=str(path))
         self.extra_state = state.get("extra_state", {})
         torch.set_rng_state(state["rng"]["torch"])
+        self._resumed = True
+
+
+def run_folder_of(checkpoint: Path) -> Path:
+    """The run folder a checkpoint belongs to (``<run>/checkpoints/last.ckpt``), symlinks resolved."""
+    return Path(checkpoint).resolve().parent.parent
+
+
+def _same_folder(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == b.resolve() or a.exists() and b.exists() and a.samefile(b)
+    except OSError:
+        return False
+

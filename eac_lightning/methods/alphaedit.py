@@ -66,6 +66,7 @@ class AlphaEdit(MEMIT):
         self.l2 = l2
         self.projectors: dict[str, torch.Tensor] = {}
         self.past_kkt: dict[str, torch.Tensor] = {}  # K_p K_pᵀ per edited module
+        self._step_keys: dict[str, torch.Tensor] = {}  # the last batch's keys, what the edit log stores
 
     def setup(self, model: nn.Module, tok, stats=None) -> None:
         super().setup(model, tok, stats)
@@ -89,12 +90,32 @@ class AlphaEdit(MEMIT):
                      keys: dict[str, torch.Tensor] | None) -> None:
         # AlphaEdit accumulates the keys after the whole batch is written: a failed write leaves no trace.
         super()._after_write(model, tok, targets, keys)
-        written = self._written_keys(model, tok, targets, keys)
-        self.past_kkt.update({name: self.past_kkt.get(name, 0) + k @ k.T for name, k in written.items()})
+        # Keys are float32 values (compute_keys), so the log stores them as float32 without loss.
+        self._step_keys = {n: k.float().contiguous() for n, k in self._written_keys(model, tok, targets, keys).items()}
+        self._accumulate_keys(self._step_keys)
+
+    def _accumulate_keys(self, keys: dict[str, torch.Tensor]) -> None:
+        """K_pK_pᵀ += KKᵀ per module (the live write and the edit log's replay both come here)."""
+        for name, k in keys.items():
+            k = k.double()
+            self.past_kkt[name] = self.past_kkt.get(name, 0) + k @ k.T
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "past_kkt": dict(self.past_kkt)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
-        self.past_kkt = dict(state.get("past_kkt", {}))
+        if "past_kkt" in state:  # a logged step holds the batch's keys instead (replay_step)
+            self.past_kkt = dict(state["past_kkt"])
+
+    def step_state(self) -> dict[str, Any]:
+        """The state with the batch's keys K (d_k × n per module) in place of K_pK_pᵀ (d_k × d_k)."""
+        state = super().step_state()
+        state.pop("past_kkt", None)
+        return {**state, "written_keys": dict(self._step_keys)}
+
+    def replay_step(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        keys = state.pop("written_keys", {})
+        super().replay_step(state)
+        self._accumulate_keys(keys)

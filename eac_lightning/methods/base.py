@@ -54,10 +54,14 @@ class Written:
         edit_norms: per request of the batch, the Frobenius norm of its own share of ``deltas`` over all modules
             (ROME: its rank-one update; MEMIT family: its column's term r_i a_iᵀ of every layer's R Aᵀ); None
             where the method writes one joint change for the batch that no request owns (FT on several requests).
+        factors: per module, (left (out, r), right (r, in)) with left @ right = the module's delta: the low-rank
+            form the edit log stores (ROME: the edits' Λ and C⁻¹k* directions; MEMIT family: R and Aᵀ). None or a
+            missing module: stored dense (FT).
     """
 
     deltas: Deltas
     edit_norms: list[float] | None
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
 
 
 class EditMethod:
@@ -108,3 +112,13 @@ class EditMethod:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         pass
+
+    def step_state(self) -> dict[str, Any]:
+        """What the edit log stores of the method's state after a write, for :meth:`replay_step` to reproduce
+        :meth:`state_dict` exactly. Default: the whole (small) state. Methods whose state grows with the stream
+        store the step's increment instead (AlphaEdit: the batch's keys, not K_pK_pᵀ)."""
+        return self.state_dict()
+
+    def replay_step(self, state: dict[str, Any]) -> None:
+        """Advance the state by one logged step (:meth:`step_state`'s output); default: load it."""
+        self.load_state_dict(state)

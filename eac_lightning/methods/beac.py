@@ -274,29 +274,32 @@ class BEAC(BatchAnchorMixin, MEMIT):
             raise ValueError("B-EAC: the write-aware write is MEMIT's solve for every layer at once and does not "
                              "use RAR's anchor key record: set beac.key_memory to 0 or write_aware to false")
         self.key_record: dict[str, AnchorKeyRecord] = {}  # per edited module (RAR)
+        self._step_record: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # the last batch's, for the edit log
 
     base_label = "B-EAC (MEMIT)"
 
     def _remembers_keys(self) -> bool:
         return self.beac.rar and self.beac.key_memory > 0
 
-    def _layer_update(self, i: int, name: str, keys: torch.Tensor,
-                      resid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _layer_factors(self, i: int, name: str, keys: torch.Tensor,
+                       resid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Row j of ΔW_l solves MEMIT's problem plus, for every earlier edit o with an anchor at dimension j,
         η·w_o·(Δw_j·k_o)²: the new batch keeps what o's key reads in o's own anchor rows (B5),
 
             Δw_j = r_j Kᵀ (λC + KKᵀ + η Σ_{o: m_o[j]} w_o k_o k_oᵀ)⁻¹   (m_o: o's anchor dimensions),
 
         computed from MEMIT's Woodbury solve with one small (|o in row j|)² system per row. Rows no earlier edit
-        anchors get MEMIT's update unchanged. The update is linear in R, so request i's own term is the update of
-        R's column i alone; its squared norm is returned per request, as MEMIT's."""
+        anchors get MEMIT's update unchanged. Each row's correction lies in the span of B⁻¹K_old, so ΔW_l =
+        [R | T] [Aᵀ; (B⁻¹K_old)ᵀ] (rank ≤ n + N; T holds each row's correction coefficients), the factors the edit
+        log stores. The update is linear in R, so request i's own term is the update of R's column i alone; its
+        squared norm is returned per request, as MEMIT's."""
         record = self.key_record.get(name) if self._remembers_keys() else None
         if record is None or not len(record.weight):
-            return super()._layer_update(i, name, keys, resid)
+            return super()._layer_factors(i, name, keys, resid)
         dev = keys.device
         old = record.keys.to(dev).T  # (d_k, N)
         adjoint, y = self._metric_solve(name, keys, old)  # B⁻¹K, B⁻¹K_old with B = λC + KKᵀ
-        upd = resid @ adjoint.T  # MEMIT's update (Eq. 14); corrected below in the rows earlier edits anchor
+        coef = torch.zeros(resid.shape[0], old.shape[1], dtype=torch.float64, device=dev)  # T: rows' corrections
         edit_sq = resid.pow(2).sum(0) * adjoint.pow(2).sum(0)  # per request, as if no row were corrected
         g, h = old.T @ y, old.T @ adjoint  # K_oldᵀ B⁻¹ K_old (N, N), K_oldᵀ B⁻¹ K (N, n)
         scale = (self.beac.key_memory * record.weight.to(dev)).sqrt()
@@ -307,11 +310,11 @@ class BEAC(BatchAnchorMixin, MEMIT):
             sc = scale[sel]
             inner = torch.eye(len(sel), dtype=torch.float64, device=dev) + sc[:, None] * g[sel][:, sel] * sc[None]
             t = torch.linalg.solve(inner, sc * (h[sel] @ resid[j]))
-            upd[j] -= (t * sc) @ y[:, sel].T
+            coef[j, sel] = -(t * sc)
             # Request i's row j is resid[j, i]·(a_i − c_i) with c the same correction for a unit residual.
             own = adjoint.T - (torch.linalg.solve(inner, sc[:, None] * h[sel]) * sc[:, None]).T @ y[:, sel].T
             edit_sq += resid[j].pow(2) * (own.pow(2).sum(1) - adjoint.pow(2).sum(0))
-        return upd, edit_sq.clamp_min(0)
+        return torch.cat([resid, coef], 1), torch.cat([adjoint.T, y.T], 0), edit_sq.clamp_min(0)
 
     def _after_write(self, model: nn.Module, tok, targets: list[ResidualTarget],
                      keys: dict[str, torch.Tensor] | None) -> None:
@@ -321,10 +324,18 @@ class BEAC(BatchAnchorMixin, MEMIT):
         # After the whole batch is written: a failed write leaves no trace (B3'). Row j of every edited layer
         # writes residual dimension j, so an edit is kept in the rows of all its anchors (z's mask) at every layer.
         cells = torch.stack([t.anchors for t in targets]).cpu()  # (n, d)
-        for name, k in self._written_keys(model, tok, targets, keys).items():
-            record = self.key_record.get(name)
-            self.key_record[name] = (AnchorKeyRecord(k.T, torch.ones(k.shape[1], dtype=torch.float64), cells)
-                                     if record is None else record.rolled(self.beac.decay, k.T, cells))
+        # Keys are float32 values (compute_keys), so the log stores them as float32 without loss.
+        self._step_record = {name: (k.T.float().contiguous(), cells)
+                             for name, k in self._written_keys(model, tok, targets, keys).items()}
+        self._roll_key_record(self._step_record)
+
+    def _roll_key_record(self, step: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Add one batch's keys (n, d_k) and anchor cells (n, d) per module to RAR's record (the live write and the
+        edit log's replay both come here)."""
+        for name, (keys, cells) in step.items():
+            k, record = keys.double(), self.key_record.get(name)
+            self.key_record[name] = (AnchorKeyRecord(k, torch.ones(len(k), dtype=torch.float64), cells)
+                                     if record is None else record.rolled(self.beac.decay, k, cells))
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
@@ -332,11 +343,27 @@ class BEAC(BatchAnchorMixin, MEMIT):
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        # Parsed first: a malformed record raises before any of the method's state changes.
-        records = {n: AnchorKeyRecord.from_state(n, r)
-                   for n, r in state.get("beac", {}).get("key_record", {}).items()}
+        # Parsed first: a malformed record raises before any of the method's state changes. A logged step holds no
+        # record (its batch's keys instead, :meth:`replay_step`): the current one is kept.
+        held = state.get("beac", {})
+        records = None if "key_record" not in held else {
+            n: AnchorKeyRecord.from_state(n, r) for n, r in held["key_record"].items()}
         super().load_state_dict(state)
-        self.key_record = records
+        if records is not None:
+            self.key_record = records
+
+    def step_state(self) -> dict[str, Any]:
+        """The state without RAR's key record (up to 21 batches of keys), plus this batch's keys and cells."""
+        state = super().step_state()
+        state["beac"].pop("key_record", None)
+        state["beac_step_keys"] = {n: {"keys": k, "cells": c} for n, (k, c) in self._step_record.items()}
+        return state
+
+    def replay_step(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        step = state.pop("beac_step_keys", {})
+        super().replay_step(state)
+        self._roll_key_record({n: (v["keys"], v["cells"]) for n, v in step.items()})
 
 
 class BEACAlphaEdit(BatchAnchorMixin, AlphaEdit):

@@ -41,10 +41,12 @@ class EditRecord:
 
 @dataclass
 class EditResult:
-    """What :func:`write_targets` applied: the batch's deltas per module and one record per request."""
+    """What :func:`write_targets` applied: the batch's deltas per module, one record per request, and the deltas'
+    low-rank factors where the method has them (:class:`~eac_lightning.methods.base.Written`)."""
 
     deltas: Deltas
     records: list[EditRecord]
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
 
     @property
     def delta_norm(self) -> float:
@@ -89,7 +91,7 @@ def write_targets(method: EditMethod, model: nn.Module, tok, targets: Targets) -
     norms = written.edit_norms or [None] * len(targets.requests)
     records = [EditRecord(r, n, bool(s.exact), float(s.token_accuracy))
                for r, n, s in zip(targets.requests, norms, scores)]
-    return EditResult(written.deltas, records)
+    return EditResult(written.deltas, records, written.factors)
 
 
 def edit(method: EditMethod, model: nn.Module, tok, requests: EditRequest | Sequence[EditRequest]) -> EditResult:

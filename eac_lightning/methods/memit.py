@@ -187,6 +187,7 @@ class MEMIT(LocateThenEdit):
         requests = [t.request for t in targets]
         zs = torch.stack([t.v0 + t.delta for t in targets])  # (n, d)
         deltas: Deltas = {}
+        factors = {}
         edit_sq = torch.zeros(len(targets), dtype=torch.float64)
         solved_with: dict[str, torch.Tensor] = {}
         for i, layer in enumerate(self.layers):
@@ -195,14 +196,15 @@ class MEMIT(LocateThenEdit):
             keys = compute_keys(model, tok, requests, layer, self.templates).double().T  # (d_k, n)
             cur = residual_at_subject(model, tok, requests, self.layers[-1])
             resid = self._layer_residual(i, targets, (zs - cur.to(zs.device)).double().T.to(keys.device))  # Eq. 16
-            upd, sq = self._layer_update(i, name, keys, resid)
-            deltas[name] = _apply_update(model, name, upd)
+            left, right, sq = self._layer_factors(i, name, keys, resid)
+            deltas[name] = _apply_update(model, name, left @ right)
+            factors[name] = (left.cpu(), right.cpu())
             edit_sq += sq.cpu()
             solved_with[name] = keys
         # A layer's keys depend only on the layers below it, so the keys each layer was solved with are the batch's
         # keys on the edited model.
         self._after_write(model, tok, targets, solved_with)
-        return Written(deltas, edit_sq.sqrt().tolist())
+        return Written(deltas, edit_sq.sqrt().tolist(), factors)
 
     def _after_write(self, model: nn.Module, tok, targets: list[ResidualTarget],
                      keys: dict[str, torch.Tensor] | None) -> None:
@@ -213,23 +215,31 @@ class MEMIT(LocateThenEdit):
     def _layer_update(self, i: int, name: str, keys: torch.Tensor,
                       resid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """ΔW_l = R Kᵀ(λC + KKᵀ)⁻¹ (MEMIT Eq. 14) = R Aᵀ, for keys (d_k, n) and the layer's residual share R (d, n),
-        and per request i the squared norm of its own term r_i a_iᵀ (‖r_i‖²‖a_i‖², the ledger's per-edit norm).
-        Subclasses may solve per row (B-EAC's anchor key record, :mod:`eac_lightning.methods.beac`)."""
+        and per request i the squared norm of its own term r_i a_iᵀ (‖r_i‖²‖a_i‖², the ledger's per-edit norm)."""
+        left, right, sq = self._layer_factors(i, name, keys, resid)
+        return left @ right, sq
+
+    def _layer_factors(self, i: int, name: str, keys: torch.Tensor,
+                       resid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`_layer_update` as (left, right, per-request squared norms) with ΔW_l = left @ right (here R and
+        Aᵀ, rank n: what the edit log stores). Subclasses may solve per row (B-EAC's anchor key record,
+        :mod:`eac_lightning.methods.beac`)."""
         adjoint = self._key_adjoint(i, name, keys)
-        return resid @ adjoint.T, resid.pow(2).sum(0) * adjoint.pow(2).sum(0)
+        return resid, adjoint.T, resid.pow(2).sum(0) * adjoint.pow(2).sum(0)
 
     def _write_planned(self, model: nn.Module, targets: list[ResidualTarget]) -> Written:
         """Write-aware write: ΔW_l = Σ_i δ_i a_{l,i}ᵀ with the columns the targets were optimised under."""
         deltas: Deltas = {}
+        factors = {}
         delta = torch.stack([t.delta for t in targets]).double()  # (n, d)
         edit_sq = torch.zeros(len(targets), dtype=torch.float64)
         for layer in self.layers:
             name = mlp_out_name(model, layer)
             cols = torch.stack([t.write_columns[layer] for t in targets]).double().to(delta.device)  # (n, d_k)
-            upd = delta.T @ cols
-            deltas[name] = _apply_update(model, name, upd)
+            deltas[name] = _apply_update(model, name, delta.T @ cols)
+            factors[name] = (delta.T.cpu(), cols.cpu())
             edit_sq += (delta.pow(2).sum(1) * cols.pow(2).sum(1)).cpu()
-        return Written(deltas, edit_sq.sqrt().tolist())
+        return Written(deltas, edit_sq.sqrt().tolist(), factors)
 
     def _written_keys(self, model: nn.Module, tok, targets: list[ResidualTarget],
                       keys: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:

@@ -54,7 +54,14 @@ def rank_one_update(weight: torch.Tensor, key: torch.Tensor, delta: torch.Tensor
     Computed in float64 (:func:`key_direction`), cast once to the weight's dtype and device (with a dispatched
     model δ and k* may come from other devices than the weight's).
     """
-    return torch.outer(delta.double(), key_direction(key, cov).to(delta.device)).to(weight)
+    left, right = rank_one_factors(key, delta, cov)
+    return torch.outer(left, right).to(weight)
+
+
+def rank_one_factors(key: torch.Tensor, delta: torch.Tensor, cov=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(δ, C⁻¹k*/(k*ᵀC⁻¹k*)) in float64 on δ's device: :func:`rank_one_update` is their outer product, and the
+    edit log stores the two vectors instead of the matrix."""
+    return delta.double(), key_direction(key, cov).to(delta.device)
 
 
 class ROME(LocateThenEdit):
@@ -123,12 +130,15 @@ class ROME(LocateThenEdit):
         cov = self._covariance()
         w = weight_view(model, name)
         total = torch.zeros_like(w)
-        norms = []
+        norms, lefts, rights = [], [], []
         for t in targets:  # several requests in one step are written one after another, as sequential ROME
             key = compute_keys(model, tok, [t.request], self.layer, self.templates)[0]  # k* on current weights
-            d = rank_one_update(w, key, t.delta, cov)
+            left, right = rank_one_factors(key, t.delta, cov)
+            d = torch.outer(left, right).to(w)  # rank_one_update, with its factors kept for the edit log
             with torch.no_grad():
                 w.add_(d)
             total += d
             norms.append(float(d.double().norm()))
-        return Written({name: total}, norms)
+            lefts.append(left.cpu())
+            rights.append(right.cpu())
+        return Written({name: total}, norms, {name: (torch.stack(lefts, 1), torch.stack(rights))})

@@ -136,12 +136,20 @@ def ridge_shift(keys: torch.Tensor, values: torch.Tensor, ridge: float,
 
     With ``cov_solve`` (x ↦ C⁻¹x, C the keys' covariance) the penalty is λ‖X‖²_C = λ·E_corpus‖Xᵀk‖² instead of
     λ‖X‖²: ΔWᵀ = (KᵀK + λC)⁻¹KᵀV = C⁻¹Kᵀ(KC⁻¹Kᵀ + λI)⁻¹V (``ridge_metric: covariance``)."""
+    left, right = ridge_factors(keys, values, ridge, cov_solve)
+    return left @ right
+
+
+def ridge_factors(keys: torch.Tensor, values: torch.Tensor, ridge: float,
+                  cov_solve: Callable[[torch.Tensor], torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`ridge_shift` as (Xᵀ (d, T), K or (C⁻¹Kᵀ)ᵀ (T, d_k)) with X = (KKᵀ + λI)⁻¹V, or (KC⁻¹Kᵀ + λI)⁻¹V:
+    rank ≤ T tokens, the form the edit log stores."""
     k, v = keys.double(), values.double()
     eye = torch.eye(k.shape[0], dtype=torch.float64, device=k.device)
     if cov_solve is None:
-        return (k.T @ torch.linalg.solve(k @ k.T + ridge * eye, v)).T
+        return torch.linalg.solve(k @ k.T + ridge * eye, v).T, k
     ck = cov_solve(k.T.cpu()).to(k)  # C⁻¹Kᵀ (d_k, T)
-    return (ck @ torch.linalg.solve(k @ ck + ridge * eye, v)).T
+    return torch.linalg.solve(k @ ck + ridge * eye, v).T, ck.T
 
 
 class UltraEdit(EditMethod):
@@ -313,14 +321,15 @@ class UltraEdit(EditMethod):
             key = self._shape_key(model, n)
             feats = torch.cat([features.keys[n], features.grads[n]], dim=-1)
             moments[key] = moments.get(key, RunningMoments.empty(feats.shape[1])).merged(feats)
-        shifts = {}
+        shifts, factors = {}, {}
         for n in self.module_names:
             d_k = features.keys[n].shape[1]
             z = moments[self._shape_key(model, n)].normalise(torch.cat([features.keys[n], features.grads[n]], -1))
             k_hat, g_hat = z[:, :d_k], z[:, d_k:]
             values = -self.lr * k_hat.pow(2).sum(-1, keepdim=True) * g_hat  # v_t = −η‖k̂_t‖²ĝ_t
             solve = self._stats.get(n).solve if self.ridge_metric == "covariance" else None
-            shift = ridge_shift(features.keys[n], values, self.ridge, solve)
+            factors[n] = ridge_factors(features.keys[n], values, self.ridge, solve)
+            shift = factors[n][0] @ factors[n][1]
             if not torch.isfinite(shift).all():
                 raise FloatingPointError(f"UltraEdit shift of {n} is not finite; the turn was not applied")
             shifts[n] = shift
@@ -331,7 +340,8 @@ class UltraEdit(EditMethod):
                 deltas[n] = shift.to(w)
                 w.add_(deltas[n])
         self.moments = moments
-        return Written(deltas, None)  # one ridge fit over the turn's tokens: no request owns a share
+        # one ridge fit over the turn's tokens: no request owns a share
+        return Written(deltas, None, {n: (a.cpu(), b.cpu()) for n, (a, b) in factors.items()})
 
     def state_dict(self) -> dict[str, Any]:
         return {"moments": {k: m.to_state() for k, m in self.moments.items()}}
