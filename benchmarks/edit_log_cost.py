@@ -143,7 +143,7 @@ def part_steps(args) -> list[dict]:
                 # before: the per-step checkpoint of the deltas and the method's whole state
                 old = {"deltas": {n: torch.randn_like(w) for n, w in base.items()}, "method_state": method.state_dict()}
                 path = Path(tmp) / "edit-step.ckpt"
-                before_s = median_seconds(lambda: torch.save(old, path), args.repeats)
+                before_s = median_seconds(lambda payload=old: torch.save(payload, path), args.repeats)
                 before_bytes = path.stat().st_size
                 path.unlink()
                 del old

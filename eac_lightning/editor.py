@@ -123,11 +123,7 @@ class Editor:
             raise ValueError("Editor.edit needs at least one EditRequest (got an empty batch); nothing was changed")
         validate_requests(batch, self.tokenizer)  # before the locality reference: a malformed record names its field
         self._add_reference(batch)
-        try:
-            result = edit(self.method, self.model, self.tokenizer, batch)
-        except BaseException:
-            self.session.materialise()  # a failed write restored its own modules; the weights stay W_base + D
-            raise
+        result = edit(self.method, self.model, self.tokenizer, batch, restore=self.session.materialise)
         self.session.commit(Written(result.deltas, None, result.factors), step=self.session.depth + 1,
                             position=len(self.requests) + len(batch), requests=batch)
         self.requests.extend(batch)

@@ -27,8 +27,6 @@ from eac_lightning.data.requests import (
 from eac_lightning.data.sources import load_requests
 from eac_lightning.lightning.checkpoint import (
     AtomicCheckpointIO,
-    CheckpointMismatchError,
-    CorruptCheckpointError,
     UnsafeCheckpointError,
     load_checkpoint_file,
 )

@@ -203,7 +203,8 @@ class EditingModule(L.LightningModule):
             resume.update(datamodule=dm.state_dict(), data=data_fingerprint(dm, dm.position))
         return self.session.commit(
             Written(result.deltas, None, result.factors), step=trainer.global_step if trainer else 0,
-            position=dm.position if dm is not None else 0, requests=requests, resume=resume)
+            position=dm.position if dm is not None else 0, requests=requests, resume=resume,
+            sync=_from_rank_zero if trainer is not None and trainer.world_size > 1 else None)
 
     def validation_step(self, batch, batch_idx: int) -> None:
         return None  # the Evaluation callback measures the model state at validation end
@@ -263,6 +264,21 @@ class EditingModule(L.LightningModule):
         self.extra_state = state.get("extra_state", {})
         torch.set_rng_state(state["rng"]["torch"])
         self._resumed = True
+
+
+def _from_rank_zero(t: torch.Tensor) -> None:
+    """Overwrite ``t`` (CPU) with rank 0's: every rank adds rank 0's update, so the ranks stay bit-identical. The
+    message is the log entry's factors, not the edited matrices."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if dist.get_backend() == "nccl":  # NCCL moves CUDA tensors only
+        on_device = t.cuda()
+        dist.broadcast(on_device, src=0)
+        t.copy_(on_device.cpu())
+    else:
+        dist.broadcast(t, src=0)
 
 
 def run_folder_of(checkpoint: Path) -> Path:

@@ -7,7 +7,7 @@ Deltas are kept in (out, in) layout for every architecture (see :func:`eac_light
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -91,9 +91,16 @@ class EditMethod:
     def _write(self, model: nn.Module, tok, targets: Any) -> Written:
         raise NotImplementedError
 
-    def write(self, model: nn.Module, tok, targets: Any) -> Written:
-        """The closed-form update; refused (weights restored) if a written delta or weight holds NaN/inf."""
-        saved = snapshot(model, self.module_names)
+    def write(self, model: nn.Module, tok, targets: Any, restore: Callable[[], None] | None = None) -> Written:
+        """The closed-form update; refused (weights restored) if a written delta or weight holds NaN/inf.
+
+        ``restore`` puts the edited modules back as they were before the write (an edit session's W = W_base + D);
+        without it the modules are copied first (a copy of every edited matrix for the duration of the write)."""
+        if restore is None:
+            saved = snapshot(model, self.module_names)
+
+            def restore() -> None:
+                restore_weights(model, saved)
         try:
             written = self._write(model, tok, targets)
             bad = [n for n, d in written.deltas.items()
@@ -103,7 +110,7 @@ class EditMethod:
                                          "the weights were restored")
             return written
         except BaseException:
-            restore_weights(model, saved)
+            restore()
             raise
 
     def state_dict(self) -> dict[str, Any]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -78,10 +78,12 @@ def optimise_targets(method: EditMethod, model: nn.Module, tok, requests: Sequen
     return Targets(batch, targets, started)
 
 
-def write_targets(method: EditMethod, model: nn.Module, tok, targets: Targets) -> EditResult:
-    """Write the batch's targets (atomic: a failed write restores every module it touched) and measure each edit on
-    the edited model."""
-    written = method.write(model, tok, targets.targets)
+def write_targets(method: EditMethod, model: nn.Module, tok, targets: Targets,
+                  restore: Callable[[], None] | None = None) -> EditResult:
+    """Write the batch's targets (atomic: a failed write restores every module it touched, with ``restore`` when
+    the caller can, e.g. an edit session's W = W_base + D, else from a copy) and measure each edit on the edited
+    model."""
+    written = method.write(model, tok, targets.targets, restore)
     from eac_lightning.evaluation import (
         score_targets,  # evaluation builds on methods' requests, not the reverse
     )
@@ -94,8 +96,9 @@ def write_targets(method: EditMethod, model: nn.Module, tok, targets: Targets) -
     return EditResult(written.deltas, records, written.factors)
 
 
-def edit(method: EditMethod, model: nn.Module, tok, requests: EditRequest | Sequence[EditRequest]) -> EditResult:
+def edit(method: EditMethod, model: nn.Module, tok, requests: EditRequest | Sequence[EditRequest],
+         restore: Callable[[], None] | None = None) -> EditResult:
     """Apply one batch of edits with ``method`` (set up on ``model``): :func:`optimise_targets` then
-    :func:`write_targets`."""
+    :func:`write_targets` (``restore``: as there)."""
     batch = [requests] if isinstance(requests, EditRequest) else list(requests)
-    return write_targets(method, model, tok, optimise_targets(method, model, tok, batch))
+    return write_targets(method, model, tok, optimise_targets(method, model, tok, batch), restore)

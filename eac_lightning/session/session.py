@@ -14,7 +14,7 @@ makes it, so a replay of the log equals the run that wrote it bit for bit. The L
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -101,12 +101,15 @@ class EditSession:
         return self.log.header(self.log.lineage(head)[0])
 
     def commit(self, written: Written, *, step: int, position: int, requests: Sequence[Any] = (),
-               resume: dict[str, Any] | None = None, journal: dict[str, Any] | None = None) -> str:
+               resume: dict[str, Any] | None = None, journal: dict[str, Any] | None = None,
+               sync: Callable[[torch.Tensor], None] | None = None) -> str:
         """Append the step the method just wrote (``method.write``'s :class:`Written`) and set W = W_base + D.
 
         ``resume`` is what continuing from this step needs besides weights and method state (stream position,
-        loop counters, RNG); it is kept in the entry for ``rollback``. If the entry cannot be stored (a full disk),
-        the weights and the method state return to HEAD's and the error is raised: nothing of the step remains."""
+        loop counters, RNG); it is kept in the entry for ``rollback``. ``sync`` replaces each stored update tensor in
+        place with one process's (DDP: a broadcast from rank 0), so every rank adds the same update. If the entry
+        cannot be stored (a full disk), the weights and the method state return to HEAD's and the error is raised:
+        nothing of the step remains."""
         tensors: dict[str, torch.Tensor] = {}
         updates: dict[str, dict[str, torch.Tensor]] = {}
         factors = written.factors or {}
@@ -115,6 +118,8 @@ class EditSession:
                 raise EditLogError(f"the method wrote {name}, which this session does not edit")
             updates[name] = compact_update(d, factors.get(name))
             for part, t in updates[name].items():
+                if sync is not None:
+                    sync(t)
                 tensors[f"update/{name}/{part}"] = t
         header = {
             "kind": "step", "parent": self.head, "step": int(step), "position": int(position),
