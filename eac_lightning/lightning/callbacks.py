@@ -14,7 +14,6 @@ from pathlib import Path
 
 import lightning as L
 import torch
-import torch.distributed as dist
 
 from eac_lightning.evaluation.evaluator import Evaluator, format_table, summary_sections
 from eac_lightning.lightning.run_folder import (
@@ -45,19 +44,21 @@ class EditObserver(L.Callback):
 
 class WeightUpdate(L.Callback):
     """Writes the step's targets (``training_step``'s output) with the closed-form update of the method (ROME
-    rank-one, MEMIT/AlphaEdit multi-layer, FT's delta), then calls every :class:`EditObserver`. Under DDP every
-    rank computes the same edit; rank 0's accumulated deltas are then broadcast so the ranks stay identical
-    whatever their floating-point paths."""
+    rank-one, MEMIT/AlphaEdit multi-layer, FT's delta), appends it to the edit log
+    (:meth:`~eac_lightning.lightning.module.EditingModule.apply_written`), then calls every :class:`EditObserver`.
+    Under DDP every rank computes the same edit and rank 0's stored update (the log entry's factors, not the
+    matrices) is broadcast before it is added, so the ranks stay identical whatever their floating-point paths."""
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         targets: Targets = outputs["targets"]
-        result = write_targets(pl_module.method, pl_module.lm, pl_module.tokenizer, targets)
-        pl_module.apply_written(result)
-        if trainer.world_size > 1 and dist.is_available() and dist.is_initialized():
-            for name in pl_module.total_deltas:
-                dist.broadcast(pl_module.total_deltas[name], src=0)
-            pl_module.materialise()
+        result = write_targets(pl_module.method, pl_module.lm, pl_module.tokenizer, targets,
+                               restore=pl_module.materialise)  # a failed write: W = W_base + D again, no copy
         trainer.datamodule.position += len(targets.requests)
+        try:
+            pl_module.apply_written(result, targets.requests)  # the edit log's entry; W = W_base + D
+        except BaseException:
+            trainer.datamodule.position -= len(targets.requests)
+            raise
         seconds = targets.seconds
         pl_module.log("seconds_per_edit", seconds / len(targets.requests), prog_bar=True, logger=False)
         pl_module.log("edits", float(trainer.datamodule.position), prog_bar=True, logger=False)

@@ -5,8 +5,8 @@
     eac-lightning stats --model testbed:small --layers [0,1,2]
     eac-lightning testbed DIR --preset small
     eac-lightning trace --model testbed:small --out DIR
-    eac-lightning export CHECKPOINT OUT_DIR
-    eac-lightning ask RUN_OR_CHECKPOINT ["The Eiffel Tower is located in"]
+    eac-lightning export RUN_OR_CHECKPOINT OUT_DIR
+    eac-lightning ask RUN_OR_CHECKPOINT --prompt "The Eiffel Tower is located in"
     eac-lightning rollback RUN --to-edit K [--drop E ...]
 """
 
@@ -225,37 +225,6 @@ def _apply_model_settings(model_cfg: Namespace) -> dict:
     return applied
 
 
-def export_command(checkpoint: str, out_dir: str) -> None:
-    """Save the edited model of a checkpoint in Hugging Face format (base model + deltas, tokenizer included).
-
-    Args:
-        checkpoint: an eac-lightning checkpoint (``.../checkpoints/last.ckpt``).
-        out_dir: output folder, loadable with ``AutoModelForCausalLM.from_pretrained``.
-    """
-    from eac_lightning.lightning.checkpoint import (
-        model_fingerprint,
-        verify_deltas,
-        verify_provenance,
-    )
-    from eac_lightning.lightning.module import CKPT_KEY
-    from eac_lightning.methods.base import apply_deltas, snapshot
-    from eac_lightning.models.loading import load_model
-
-    ckpt = load_checkpoint_file(checkpoint)
-    if CKPT_KEY not in ckpt:
-        raise SystemExit(f"{checkpoint} was not written by eac-lightning (no '{CKPT_KEY}' section)")
-    state = ckpt[CKPT_KEY]
-    recorded = state.get("provenance") or {}
-    verify_deltas(checkpoint, state["deltas"], recorded.get("deltas_sha256"))
-    model, tok = load_model(state["model"], dtype=state.get("dtype", "float32"))
-    base = model_fingerprint(model, snapshot(model, list(state["deltas"])))
-    verify_provenance(checkpoint, recorded, {"base_model": base, "method": recorded["method"]})
-    apply_deltas(model, state["deltas"])
-    model.save_pretrained(out_dir)
-    tok.save_pretrained(out_dir)
-    print(f"exported {state['model']} with {len(state['deltas'])} edited matrices to {out_dir}")
-
-
 def stats_command(model: str = "testbed:small", layers: list[int] | None = None, corpus: str | None = None,
                   num_tokens: int = 100_000, batch_size: int = 16, seq_len: int = 128, dtype: str = "float32",
                   device: str | None = None, import_file: str | None = None) -> None:
@@ -308,6 +277,8 @@ def _extra_command(name: str):
 
         return ask_command
     if name == "export":
+        from eac_lightning.lightning.export import export_command
+
         return export_command
     if name == "stats":
         return stats_command
@@ -439,8 +410,10 @@ def _dispatch(argv: list[str], cli_args: list[str] | None) -> None:
                 WeightUpdate(),
                 EditLedger(),
                 Plots(),
-                # Every step's state is kept (edit-step=S.ckpt): ``rollback`` returns a run to any of them.
-                ModelCheckpoint(filename="edit-{step}", save_last=True, save_top_k=-1, every_n_train_steps=1),
+                # One checkpoint, overwritten every step: the edits are in the edit log (history/), whose entries
+                # keep what ``rollback`` needs to return to any step. No version counter: a resume under another
+                # spelling of the run folder must not start a last-v1.ckpt beside the run's one current state.
+                ModelCheckpoint(save_last=True, save_top_k=0, every_n_train_steps=1, enable_version_counter=False),
             ],
         },
         save_config_kwargs={"overwrite": True},
