@@ -244,6 +244,8 @@ def test_readers_check_the_run_and_export_never_overwrites(straight, tmp_path):
         fh.write('{"step": 5, "edit": 4, "sou')
     proc = run_cli("ask", str(run), "--edits", "2")
     assert proc.stdout.count("unedited:") == 2
+    proc = run_cli("ask", str(run), "The Eiffel Tower is located in", "Paris is the capital of")  # as README shows
+    assert "Paris is the capital of" in proc.stdout and proc.stdout.count("edited:") == 4
     # export: never onto an existing file or into a non-empty folder unless told.
     (tmp_path / "file").write_text("x")
     (tmp_path / "full").mkdir()
@@ -285,3 +287,29 @@ def test_a_longer_stream_on_resume_is_refused_naming_the_setting(straight, tmp_p
     proc = run_cli("fit", "--config", str(cfg), "--ckpt_path", "last", "--data.num_edits", "6", check=False)
     assert proc.returncode != 0 and "--data.num_edits 6 differs from the 4" in proc.stderr
     assert _equal_deltas(run, straight)
+
+
+def test_a_step_that_cannot_be_logged_leaves_weights_and_method_state_as_they_were(model, model_and_stats, tokenizer,
+                                                                                  tmp_path, monkeypatch):
+    stats = model_and_stats[1]
+    c_max = float(torch.linalg.eigvalsh(stats.get(mlp_out_name(model, 1)).matrix).max())
+    method = _methods(c_max)["alphaedit"]()
+    method.setup(model, tokenizer, stats)
+    log = EditLog(tmp_path / "history")
+    session = EditSession(model, method, log)
+    session.start({})
+    result = edit(method, model, tokenizer, REQS[:2], restore=session.materialise)
+    session.commit(Written(result.deltas, None, result.factors), step=1, position=2, requests=REQS[:2])
+    weights = {n: weight_view(model, n).clone() for n in method.module_names}
+    state, head = method.state_dict(), log.head()
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    result = edit(method, model, tokenizer, REQS[2:4], restore=session.materialise)  # written in place, state moved
+    monkeypatch.setattr(log, "append", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        session.commit(Written(result.deltas, None, result.factors), step=2, position=4, requests=REQS[2:4])
+    assert log.head() == head
+    assert all(torch.equal(weights[n], weight_view(model, n)) for n in weights)
+    assert _same(state, method.state_dict())

@@ -299,6 +299,7 @@ _REFUSALS = {
     "eac_lightning.lightning.checkpoint.CorruptCheckpointError",
     "eac_lightning.lightning.checkpoint.CheckpointMismatchError",
     "eac_lightning.lightning.run_folder.RunFolderLockedError",
+    "eac_lightning.session.log.EditLogError",
     "eac_lightning.methods.target.EditOptimisationError",
     "eac_lightning.testbed.build.ShippedTestbedError",
     "lightning.fabric.utilities.exceptions.MisconfigurationException",
@@ -378,6 +379,22 @@ def _debugging(argv: list[str]) -> tuple[list[str], bool]:
     return [a for a in argv if a != DEBUG_FLAG], debug
 
 
+def _ask_prompts(rest: list[str]) -> list[str]:
+    """``ask RUN "prompt" ["prompt" ...]``: prompts after the run folder become ``--prompt [...]``."""
+    import json
+
+    kept, prompts, i = rest[:1], [], 1
+    while i < len(rest):
+        arg = rest[i]
+        if arg.startswith("--"):
+            kept += rest[i:i + (1 if "=" in arg else 2)]
+            i += 1 if "=" in arg else 2
+        else:
+            prompts.append(arg)
+            i += 1
+    return kept + (["--prompt", json.dumps(prompts)] if prompts else [])
+
+
 def _dispatch(argv: list[str], cli_args: list[str] | None) -> None:
     if argv and argv[0] == "rollback":
         from eac_lightning.lightning.rollback import rollback_command
@@ -392,6 +409,8 @@ def _dispatch(argv: list[str], cli_args: list[str] | None) -> None:
             rest = [{"--import": "--import_file", "--layer": "--layers"}.get(a, a) for a in rest]
             rest = [f"[{rest[i]}]" if i and rest[i - 1] == "--layers" and not rest[i].startswith("[") else a
                     for i, a in enumerate(rest)]
+        if argv[0] == "ask":
+            rest = _ask_prompts(rest)
         CLI(_extra_command(argv[0]), args=rest)
         return
     EditingCLI(
