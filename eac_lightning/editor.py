@@ -18,7 +18,7 @@ from torch import nn
 from eac_lightning.data.requests import EditRequest, validate_requests
 from eac_lightning.methods.base import EditMethod, Written, restore_weights, snapshot
 from eac_lightning.methods.edit import EditResult, edit
-from eac_lightning.methods.settings import apply_model_settings
+from eac_lightning.methods.settings import apply_model_settings, leaves
 from eac_lightning.models.loading import load_model
 from eac_lightning.paths import CONFIGS_DIR
 from eac_lightning.session import EditLog, EditSession
@@ -38,9 +38,9 @@ def method_from_preset(name_or_path: str, *overlays: str | Path | dict, model: s
     """Instantiate the method of ``configs/methods/<name>.yaml`` (or of a YAML file's ``model.method``), with the
     ``model.method`` of each overlay file (e.g. ``configs/testbed/rome.yaml``) merged over it in order, as a second
     ``--config`` does on the command line; a dict overlay is such a ``model.method`` itself (``{"init_args": ...}``).
-    With ``model``, the settings measured for that model then replace the published values the spec still holds
-    (:func:`eac_lightning.methods.settings.apply_model_settings`; what changed is in the method's
-    ``applied_settings``)."""
+    With ``model``, the settings resolver (:func:`eac_lightning.methods.settings.apply_model_settings`) puts the
+    settings measured for that model in place of the preset's, except those you gave: a dict overlay's and those of
+    an overlay file outside the project's configs. The method's ``applied_settings`` records each source."""
     import yaml
     from jsonargparse import ArgumentParser
 
@@ -51,12 +51,16 @@ def method_from_preset(name_or_path: str, *overlays: str | Path | dict, model: s
         known = ", ".join(sorted(p.stem for p in METHOD_PRESETS.glob("*.yaml")))
         raise FileNotFoundError(f"no method preset {name_or_path!r} (known: {known})")
     spec = yaml.safe_load(path.read_text())["model"]["method"]
+    given: set[tuple[str, ...]] = set()
+    package = CONFIGS_DIR.resolve()
     for overlay in overlays:
         over = overlay if isinstance(overlay, dict) else yaml.safe_load(Path(overlay).read_text())["model"]["method"]
+        if isinstance(overlay, dict) or package not in Path(overlay).resolve().parents:
+            given |= {leaf for leaf, _ in leaves(over.get("init_args") or {})}
         spec = _merged(spec, over)
     applied: dict[str, Any] = {}
     if model is not None:
-        spec, applied = apply_model_settings(model, spec)
+        spec, applied = apply_model_settings(model, spec, given)
     parser = ArgumentParser(exit_on_error=False)
     parser.add_argument("--method", type=EditMethod)
     method = parser.instantiate_classes(parser.parse_object({"method": spec})).method

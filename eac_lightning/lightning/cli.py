@@ -103,6 +103,10 @@ class EditingCLI(LightningCLI):
     def subcommands() -> dict[str, set[str]]:
         return {k: v for k, v in LightningCLI.subcommands().items() if k in ("fit", "validate")}
 
+    def parse_arguments(self, parser, args) -> None:
+        self._argv = list(sys.argv[1:] if args is None else args)  # what was given: the settings resolver reads it
+        super().parse_arguments(parser, args)
+
     def add_arguments_to_parser(self, parser) -> None:
         parser.epilog = hyperparameter_help()
         parser.add_lightning_class_args(Evaluation, "eval")
@@ -118,7 +122,7 @@ class EditingCLI(LightningCLI):
             trainer.logger = Namespace(class_path="eac_lightning.lightning.run_folder.RunCSVLogger",
                                        init_args=Namespace(save_dir=str(root), name="", version=""))
         trainer.strategy = _editing_strategy(trainer)
-        self.method_settings_applied = _apply_model_settings(cfg.model)
+        self.method_settings_applied = _apply_model_settings(cfg.model, self._argv)
         if self.subcommand == "validate":
             trainer.limit_val_batches = 1  # the one step that evaluates the loaded model state
         if self.subcommand == "fit" and not cfg.get("ckpt_path") and any((root / "checkpoints").glob("*.ckpt")):
@@ -209,20 +213,20 @@ def _namespace(tree: dict) -> Namespace:
     return Namespace(**{k: _namespace(v) if isinstance(v, dict) else v for k, v in tree.items()})
 
 
-def _apply_model_settings(model_cfg: Namespace) -> dict:
-    """Put the model's measured method settings in the config (``--model.method_settings auto``, the default;
-    :mod:`eac_lightning.methods.settings`); returns what changed, which summary.json records."""
-    from eac_lightning.methods.settings import apply_model_settings
+def _apply_model_settings(model_cfg: Namespace, argv: list[str]) -> dict:
+    """Resolve the method's settings (:mod:`eac_lightning.methods.settings`: preset, then the model's measured
+    settings with ``--model.method_settings auto``, the default, then yours as the command line gave them); prints
+    each setting's source once and returns the record summary.json keeps."""
+    from eac_lightning.methods.settings import apply_model_settings, describe, given_leaves
 
     if model_cfg.get("method_settings", "auto") != "auto" or model_cfg.get("method") is None:
         return {}
-    spec, applied = apply_model_settings(model_cfg.model, model_cfg.method.as_dict())
-    if applied:
+    spec, record = apply_model_settings(model_cfg.model, model_cfg.method.as_dict(), given_leaves(argv))
+    if record.get("changed"):
         model_cfg.method = _namespace(spec)
-        print(f"method settings for {model_cfg.model} from {applied['file']}: " + ", ".join(
-            f"{k} {a} -> {b}" for k, (a, b) in applied["changed"].items()) + " (--model.method_settings as_given "
-            "keeps the configured values)", file=sys.stderr)
-    return applied
+    if record and _is_launching_process():
+        print(describe(record, model_cfg.model), file=sys.stderr)
+    return record
 
 
 def stats_command(model: str = "testbed:small", layers: list[int] | None = None, corpus: str | None = None,

@@ -62,8 +62,10 @@ class EditingModule(L.LightningModule):
         stats_damping: ε of the damped solve (C + ε·tr(C)/d·I).
         evaluation: what the evaluation callback and ``validate`` measure.
         method_settings: ``auto``: on a testbed, the method's measured testbed settings
-            (``configs/testbed/<method>.yaml``) replace the published preset values it still holds (values you set
-            yourself are kept; summary.json lists what changed); ``as_given``: the method exactly as configured.
+            (``configs/testbed/<method>.yaml``) replace the preset's, except the settings you gave (the settings
+            resolver, :mod:`eac_lightning.methods.settings`; summary.json records each source). Applied by the CLI
+            and ``Editor.load`` before the method is built; a method object passed here is taken as given.
+            ``as_given``: the method exactly as configured.
         allow_method_change: resume a checkpoint written by another method or other hyper-parameters
             (refused otherwise, naming the field that differs).
         snapshot_every: edit steps between snapshots of the accumulated deltas and method state in the edit log

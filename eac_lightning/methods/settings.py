@@ -1,13 +1,19 @@
-"""Method settings measured for a model, applied over the published ones.
+"""The settings resolver: where each method setting comes from, in one place.
 
-The method presets (``configs/methods/*.yaml``) hold the published hyper-parameters, set for GPT2-XL-sized models.
-On the offline testbed some of them write nothing (MEMIT's λ = 20000 and clamp 0.75: the testbed's keys are ~1e3
-times smaller than GPT2-XL's); the values measured there live in ``configs/testbed/<method>.yaml`` (each file
-says where its values come from), and ``configs/testbed/auto.yaml`` lists which of them were measured to help on
-which testbed (a method may compose several there, for one testbed alone). When the model is such a testbed,
-:func:`apply_model_settings` puts those values in place of the published ones, leaf by leaf, and leaves alone every
-value that differs from the published preset (a value the user chose). ``--model.method_settings as_given`` turns
-this off.
+A method's settings resolve in three layers, later ones winning:
+
+1. **preset**: the class defaults and the project's config files (``configs/methods/*.yaml``: the published
+   hyper-parameters, set for GPT2-XL-sized models; ``configs/quickstart.yaml``, ``configs/bench/*``);
+2. **measured**: on an offline testbed, the values measured there (``configs/testbed/<method>.yaml``, each file says
+   where its values come from; ``configs/testbed/auto.yaml`` lists which apply on which testbed). Some published
+   values write nothing on an 8.5M-parameter model (MEMIT's λ = 20000 and clamp 0.75);
+3. **yours**: every value you give, on the command line or in a config file of your own, whatever its value (the
+   parser's record of what was given decides, never a comparison of values: :func:`given_leaves`).
+
+:func:`apply_model_settings` does it for the CLI, ``Editor.load`` and :func:`~eac_lightning.editor.method_from_preset`
+(``EditingModule(method=...)`` with a method object takes that object as yours). The record it returns says each
+setting's source; the CLI prints it once and ``summary.json`` keeps it. ``--model.method_settings as_given`` skips
+layer 2.
 """
 
 from __future__ import annotations
@@ -22,7 +28,6 @@ from eac_lightning.paths import CONFIGS_DIR
 #: the folder of the measured settings, and the file naming which apply on which testbed
 SETTINGS_DIR = CONFIGS_DIR / "testbed"
 AUTO_FILE = SETTINGS_DIR / "auto.yaml"
-PUBLISHED_DIR = CONFIGS_DIR / "methods"
 _EAC_SUFFIX = {"rome": "-eac", "memit": "-eac", "alphaedit": "-eac", "ft": "-en"}
 
 
@@ -53,10 +58,11 @@ def settings_files(model: str, spec: dict[str, Any]) -> list[Path]:
     return []
 
 
-def _leaves(tree: dict[str, Any], prefix: tuple[str, ...] = ()):
+def leaves(tree: dict[str, Any], prefix: tuple[str, ...] = ()):
+    """(path, value) of every leaf of a nested mapping (an empty mapping is a leaf)."""
     for k, v in tree.items():
         if isinstance(v, dict) and v:
-            yield from _leaves(v, prefix + (k,))
+            yield from leaves(v, prefix + (k,))
         else:
             yield prefix + (k,), v
 
@@ -72,31 +78,33 @@ def _get(tree: dict[str, Any] | None, path: tuple[str, ...]) -> Any:
 _MISSING = object()
 
 
-def apply_model_settings(model: str, spec: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """``spec`` with the measured settings for ``model`` in place of the published values.
+def apply_model_settings(model: str, spec: dict[str, Any],
+                         given: set[tuple[str, ...]] | frozenset = frozenset()) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``spec`` with the measured settings for ``model`` in place of every setting not in ``given`` (the leaves of
+    ``init_args`` you gave, as :func:`given_leaves` reads them; a given prefix such as ``("eac",)`` covers its
+    leaves).
 
-    Returns the new spec and a record of what changed: ``{"file": ..., "changed": {"v.num_steps": [20, 40], ...}}``
-    (empty when nothing applies). A leaf is replaced only where the spec still holds the published preset's value
-    (or, where the preset does not name it, any value: the class default).
+    Returns the new spec and the record of where settings came from: ``{"file": ..., "changed": {"eac.gamma": [85.0,
+    50.0], ...}, "sources": {"eac.gamma": "measured", "target.lr": "yours", ...}}`` (``sources`` names the measured
+    and your settings; every other one is the preset's). Empty when nothing is measured for the model and you gave
+    nothing.
     """
     paths = settings_files(model, spec)
+    yours = {".".join(leaf): "yours" for leaf in sorted(given)}
     if not paths:
-        return spec, {}
-    # the files' leaves merged first (a later file wins), so a leaf set by two files is not taken for the user's
+        return spec, ({"file": None, "changed": {}, "sources": yours} if yours else {})
     overlay: dict[tuple[str, ...], Any] = {}
-    for path in paths:
-        overlay.update(_leaves(yaml.safe_load(path.read_text(encoding="utf-8"))["model"]["method"]
+    for path in paths:  # a later file wins
+        overlay.update(leaves(yaml.safe_load(path.read_text(encoding="utf-8"))["model"]["method"]
                                .get("init_args", {})))
-    published_file = PUBLISHED_DIR / f"{method_key(spec)}.yaml"
-    published = (yaml.safe_load(published_file.read_text(encoding="utf-8"))["model"]["method"].get("init_args", {})
-                 if published_file.exists() else {})
     args = _copy(spec.get("init_args") or {})
     changed: dict[str, list[Any]] = {}
+    sources = dict(yours)
     for leaf, value in overlay.items():
+        if any(leaf[:len(g)] == g for g in given):
+            continue  # yours
         current = _get(args, leaf)
-        reference = _get(published, leaf)
-        if reference is not _MISSING and current is not _MISSING and current != reference:
-            continue  # the user's own value
+        sources[".".join(leaf)] = "measured"
         node = args
         for k in leaf[:-1]:
             if not isinstance(node.get(k), dict):
@@ -106,7 +114,58 @@ def apply_model_settings(model: str, spec: dict[str, Any]) -> tuple[dict[str, An
             changed[".".join(leaf)] = [None if current is _MISSING else current, value]
         node[leaf[-1]] = value
     files = " + ".join(f"configs/testbed/{p.name}" for p in paths)
-    return {**spec, "init_args": args}, ({"file": files, "changed": changed} if changed else {})
+    return {**spec, "init_args": args}, {"file": files, "changed": changed, "sources": sources}
+
+
+def describe(record: dict[str, Any], model: str) -> str:
+    """One line naming each setting's source (what the CLI prints once)."""
+    measured = [f"{k} {a} -> {b}" for k, (a, b) in record.get("changed", {}).items()]
+    yours = [k for k, v in record.get("sources", {}).items() if v == "yours"]
+    parts = []
+    if measured:
+        parts.append(f"measured for {model} ({record['file']}): " + ", ".join(measured))
+    if yours:
+        parts.append("yours: " + ", ".join(yours))
+    return "method settings: " + "; ".join(parts + ["the rest: the preset and the class defaults "
+                                                    "(--model.method_settings as_given skips the measured ones)"])
+
+
+def given_leaves(argv: list[str], package_dir: Path = CONFIGS_DIR) -> set[tuple[str, ...]]:
+    """The method settings (paths under ``init_args``) a command line gives: ``--model.method.init_args.X.Y V``
+    (or ``--model.method.X.Y``, ``=V``), a ``--model.method``/``init_args`` mapping, and every method setting of a
+    ``--config`` file outside the project's own configs (``package_dir``: presets, the quickstart and bench configs
+    are the preset layer)."""
+    out: set[tuple[str, ...]] = set()
+    package = Path(package_dir).resolve()
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        i += 1
+        if not arg.startswith("--"):
+            continue
+        key, eq, value = arg.partition("=")
+        if not eq:
+            value = argv[i] if i < len(argv) and not argv[i].startswith("--") else None
+            i += value is not None
+        if key == "--config" and value:
+            path = Path(value).resolve()
+            if path.is_file() and package not in path.parents:
+                method = ((yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("model") or {}).get("method")
+                if isinstance(method, dict):
+                    out |= {leaf for leaf, _ in leaves(method.get("init_args") or {})}
+        elif key.startswith("--model.method."):
+            rest = key[len("--model.method."):]
+            rest = rest[len("init_args."):] if rest.startswith("init_args.") else rest
+            if rest == "init_args":
+                parsed = yaml.safe_load(value) if value else None
+                out |= {leaf for leaf, _ in leaves(parsed)} if isinstance(parsed, dict) else set()
+            elif rest not in ("class_path", "help"):
+                out.add(tuple(rest.split(".")))
+        elif key == "--model.method" and value:
+            parsed = yaml.safe_load(value)
+            if isinstance(parsed, dict):
+                out |= {leaf for leaf, _ in leaves(parsed.get("init_args") or {})}
+    return out
 
 
 def _copy(tree: Any) -> Any:
