@@ -1,4 +1,4 @@
-"""When can concurrent edits of a MEMIT batch conflict? Key similarity and anchor saturation (docs/beac.md § 5.6, § 5.8).
+"""When can concurrent edits of a MEMIT batch conflict? Key similarity and anchor saturation (docs/beac.md § 5.7).
 
 MEMIT writes a batch with one least-squares solve per layer, ΔW_l = R Kᵀ(λC + KKᵀ)⁻¹, which is row-separable:
 row j of ΔW_l only has to map each edit's key k_i to its residual R[j, i]. Two edits that share row j (an anchor
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--context", type=int, nargs=2, default=[5, 2], metavar=("LENGTH", "COUNT"))
     ap.add_argument("--gamma", type=float, default=85.0, help="EAC's anchor percentile (for n·k/d)")
     ap.add_argument("--pairs", action="store_true",
-                    help="batches of two corrections per subject (beac_batches.py --pairs batch; docs/beac.md § 5.8)")
+                    help="batches of two corrections per subject (beac_batches.py --pairs batch; docs/beac.md § 5.4)")
     ap.add_argument("--pool", type=int, default=500, help="with --pairs: the requests the pairs are built from")
     ap.add_argument("--out", default=None, help="results JSON")
     args = ap.parse_args(argv)

@@ -14,14 +14,14 @@ and, after every batch, the L1 norm growth of the edited matrices, Σ_l ‖W_l �
 anchor collisions (the most edits of a batch sharing one (layer, dimension) anchor).
 
 Results go to a JSON file (rewritten after every run; ``--resume`` skips runs already in it) and plots to
-docs/img/. The intended run (docs/beac.md Sec. 5 says what was run instead, and why)::
+docs/img/ (``--img-dir``). A run over both schedules (docs/beac.md § 5 gives the command of every published table)::
 
     nice python benchmarks/beac_batches.py --model testbed:small --schedules 10x50 20x25 --tag small
 
 Every method gets the same z optimisation and prefix contexts (``--context`` overrides the presets' contexts for
 all methods alike, to fit a CPU budget). ``--order-seed N`` edits the same requests in another order (other
-batches); ``--seed-table`` prints the spread of one results file per order (docs/beac.md § 5.6); ``--pairs``
-edits two corrections about each subject (docs/beac.md § 5.8).
+batches); ``--seed-table`` prints the spread of one results file per order (docs/beac.md § 5.1); ``--pairs``
+edits two corrections about each subject (docs/beac.md § 5.4).
 """
 
 from __future__ import annotations
@@ -61,8 +61,8 @@ METHODS = {
     "MEMIT-EAC": "memit-eac",
     "AlphaEdit": "alphaedit",
     "AlphaEdit-EAC": "alphaedit-eac",
-    # B-EAC (the preset, over AlphaEdit's solve) and its ablations (docs/beac.md § 5.13); before session 12 "B-EAC"
-    # named the B-EAC over MEMIT's solve and this one was "B-EAC (AlphaEdit)"
+    # B-EAC (the preset, over AlphaEdit's solve) and its ablations (docs/beac.md § 5.2-5.3). Older results files
+    # (beac_small-e20-*.json) name the B-EAC over MEMIT's solve "B-EAC" and this one "B-EAC (AlphaEdit)"
     "B-EAC": "beac",
     "B-EAC w/o refresh": "beac beac.refresh=0",
     "B-EAC w/o LAS": "beac-no-las",
@@ -70,8 +70,8 @@ METHODS = {
     "B-EAC (MEMIT)": "beac-memit",
     "B-EAC (MEMIT) w/o LAS": "beac-memit-no-las",
     "B-EAC (MEMIT) w/o RAR": "beac-memit-no-rar",
-    # LAS's per-layer anchors without its overlap bound (a bound no cell reaches: each edit takes its top-k);
-    # until session 8 this was "B-EAC w/o LAS" (docs/beac.md § 5.10).
+    # LAS's per-layer anchors without its overlap bound (a bound no cell reaches: each edit takes its top-k;
+    # docs/beac.md § 5.6).
     "B-EAC (MEMIT) w/o overlap bound": "beac-memit beac.max_overlap=1000000",
     # UltraEdit with its testbed settings (configs/testbed/ultraedit.yaml); the --set values it does not take are
     # left out (it has no z, λ or clamp)
@@ -80,7 +80,7 @@ METHODS = {
 
 
 def second_corrections(edits: list[EditRequest], size: int, data: str) -> list[EditRequest]:
-    """Two corrections about each subject in every batch (docs/beac.md § 5.8): the first half of ``edits`` keeps its
+    """Two corrections about each subject in every batch (docs/beac.md § 5.4): the first half of ``edits`` keeps its
     own records; each of them gets a second request about the same subject made from a record of the second half
     with another relation (CounterFact's relation_id): its prompt, new object, paraphrases with the subject swapped
     in, and neighbourhood prompts. Each batch of ``size`` holds size/2 subjects with both of their corrections."""
@@ -319,7 +319,7 @@ def main(argv=None) -> None:
     ap.add_argument("--order-seed", type=int, default=0,
                     help="shuffle the edits with this seed before batching (0: file order)")
     ap.add_argument("--pairs", choices=["batch"], default=None,
-                    help="two corrections about each subject in every batch (docs/beac.md § 5.8)")
+                    help="two corrections about each subject in every batch (docs/beac.md § 5.4)")
     ap.add_argument("--probes", default="zsre", help="facts never edited, for fact retention")
     ap.add_argument("--n-probes", type=int, default=300)
     ap.add_argument("--ppl-tokens", type=int, default=4096)
@@ -339,7 +339,7 @@ def main(argv=None) -> None:
                          "print the table and plot")
     ap.add_argument("--rename", nargs="+", default=[], metavar="OLD=NEW",
                     help="with --merge: rename these methods of the merged files (a preset whose meaning changed, "
-                         "e.g. \"B-EAC w/o LAS=B-EAC w/o overlap bound\" for runs before session 8)")
+                         "e.g. \"B-EAC=B-EAC (MEMIT)\" for a file that names the MEMIT-based B-EAC \"B-EAC\")")
     ap.add_argument("--seed-table", nargs="+", default=None, metavar="JSON",
                     help="only print the spread over order seeds of these results files (one per --order-seed)")
     args = ap.parse_args(argv)

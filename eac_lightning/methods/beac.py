@@ -367,7 +367,7 @@ class BEAC(BatchAnchorMixin, MEMIT):
 
 
 class BEACAlphaEdit(BatchAnchorMixin, AlphaEdit):
-    """B-EAC on AlphaEdit, the ``beac`` preset (with ``write_aware`` and RAR's refresh, docs/beac.md § 5.13): B-EAC's
+    """B-EAC on AlphaEdit, the ``beac`` preset (with ``write_aware`` and RAR's refresh, docs/beac.md § 5.2): B-EAC's
     anchors written with AlphaEdit's null-space-projected solve (and its accumulated keys of earlier edits).
 
     Args:

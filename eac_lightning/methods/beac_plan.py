@@ -33,7 +33,7 @@ class BEACHyperParams:
             times the slack); c ≥ the batch size: no bound (each edit takes its top-k, still written per layer).
         overlap_slack: headroom of the automatic c (≥ 1).
         layers_per_anchor: r, in how many of the edited layers each anchor dimension of an edit is written
-            (None: all L, MEMIT's spreading, the measured best: docs/beac.md § 5; 1: each dimension in one
+            (None: all L, MEMIT's spreading, the measured best: docs/beac.md § 5.6; 1: each dimension in one
             layer, the widest spread).
         min_anchor_fraction: an edit that cannot get all its k anchors under the overlap bound keeps the ones it
             got if they are at least this share of k; below it the batch is rejected (raise ``max_overlap``).
