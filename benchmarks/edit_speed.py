@@ -66,7 +66,7 @@ def machine() -> dict:
 
 
 class FloorMeter:
-    """The cost floor of the target optimisations (issue 19): per step, one forward over the active requests'
+    """The cost floor of the target optimisations: per step, one forward over the active requests'
     prefix contexts from the edited layer on and one backward, i.e. one :meth:`TargetProblem.loss` and its
     gradient. While installed it counts, per edit call and per problem (a batch is optimised in chunks), the prompts
     each step ran (requests that reached their target leave the forward); :meth:`floor_s` then times bare

@@ -1,4 +1,4 @@
-"""Testbed build time and quality (issue 3), and the checks that choose and justify its edit layers.
+"""Testbed build time and quality, and the checks that choose and justify its edit layers.
 
 1. **Build** one preset from scratch and report wall time (corpus + tokenizer + training + measurements), training
    time, the process's CPU time, the machine's load average before and after (the CPU may be shared: a load above

@@ -199,7 +199,7 @@ def test_short_corpus_warns_and_is_keyed_by_the_tokens_seen(tiny_gpt2, tokenizer
 
 @pytest.mark.parametrize("signal_kind", ["ctrl-c", "sigterm"])
 def test_interrupt_saves_the_partial_sums_at_once(tiny_gpt2, tokenizer, corpus, names, tmp_path, signal_kind):
-    """An interrupt before the first 30-s save still leaves the batches done (issue 18)."""
+    """An interrupt before the first 30-s save still leaves the batches done."""
     import os
     import signal
 

@@ -113,7 +113,7 @@ def test_malformed_request_changes_nothing(model, model_and_stats, tokenizer):
 
 def test_failed_optimisation_changes_nothing(model, model_and_stats, tokenizer):
     hp = TargetHyperParams()
-    hp.weight_decay = float("nan")  # refused when built (issue 17); set afterwards it makes the optimisation NaN
+    hp.weight_decay = float("nan")  # refused when built; set afterwards it makes the optimisation NaN
     method = ROME(layer=1, context=CTX, target=hp)
     editor = Editor(model, tokenizer, method, model_and_stats[1])
     original = _state(model)

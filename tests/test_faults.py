@@ -1,6 +1,6 @@
-"""Faults, hostile files and bad input (issue 17): each numbered case of the issue ends in a clear refusal or a correct
-result with nothing lost. Bounded: one 4-edit run on testbed:tiny is shared; the other CLI calls resume it, are refused
-before any model loads, or run at most 4 edits."""
+"""Faults, hostile files and bad input: each case ends in a clear refusal or a correct result with nothing lost.
+Bounded: one 4-edit run on testbed:tiny is shared; the other CLI calls resume it, are refused before any model loads,
+or run at most 4 edits."""
 
 from __future__ import annotations
 

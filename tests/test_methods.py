@@ -480,7 +480,7 @@ def test_ft_and_ft_en_reduce_the_target_loss_within_the_norm_bound(gpt2, tokeniz
 
 
 def _nan_after_validation(hp, **fields):
-    """Hyper-parameters refuse NaN when built (issue 17); set afterwards, they make the optimisation itself produce
+    """Hyper-parameters refuse NaN when built; set afterwards, they make the optimisation itself produce
     NaN, the fault these tests inject."""
     for k, v in fields.items():
         setattr(hp, k, v)

@@ -1,4 +1,4 @@
-"""The offline knowledge testbed (issue 3): corpus, packing, a real tiny build, causal tracing, ROME on it.
+"""The offline knowledge testbed: corpus, packing, a real tiny build, causal tracing, ROME on it.
 
 The reference ``tiny`` testbed ships in the package (``tiny_testbed`` fixture, conftest.py) and is shared by every
 test here; the build tests train quick variants of it into the session's temporary cache.
@@ -228,7 +228,7 @@ def test_a_corrupt_shipped_file_is_named(tmp_path):
 @pytest.mark.parametrize(("preset", "n_edits"), [("rome", 10), ("rome-eac", 20)])
 def test_single_edits_take_on_tiny(tiny_testbed, preset, n_edits):
     """Single ROME and ROME-EAC edits at the tiny preset's layer, with the testbed overlays (write-aware v*;
-    configs/testbed/<preset>.yaml), take on at least 0.9 of the CounterFact facts (issue 3: ROME over 10, issue 4:
+    configs/testbed/<preset>.yaml), take on at least 0.9 of the CounterFact facts (ROME over 10,
     ROME-EAC over 20; measured 1.00 and 0.95 over 20, docs/testbed.md) and stay local (0.865 / 0.865 measured)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

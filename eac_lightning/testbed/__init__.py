@@ -1,5 +1,5 @@
 """The offline knowledge testbed: a GPT-2 trained from scratch on real CounterFact/ZsRE facts, WikiText-2 and
-SST-2, so that editing methods have real knowledge to edit where no model hub is reachable (issue 3).
+SST-2, so that editing methods have real knowledge to edit where no model hub is reachable.
 
 ``testbed:tiny`` and ``testbed:small`` ship inside the package (:func:`testbed_path`); other presets are built
 into the cache on first use (:func:`ensure_testbed`). A folder loads with ``AutoModelForCausalLM`` /

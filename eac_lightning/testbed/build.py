@@ -80,7 +80,7 @@ def write_stats_corpus(out: str | os.PathLike, packer: SequencePacker, tok, seed
 
 
 def first_token_accuracy(model, tok, prompts: Sequence[str], targets: Sequence[str], batch_size: int = 64) -> float:
-    """Share of prompts whose greedy next token is the first token of ``" " + target`` (issue 3's fact accuracy)."""
+    """Share of prompts whose greedy next token is the first token of ``" " + target`` (the testbed's fact accuracy)."""
     from eac_lightning.evaluation.probes import greedy_matches
 
     if not prompts:

@@ -1,6 +1,6 @@
 """The testbed's training corpus, built from real records only.
 
-What goes in (issue 3; the recipe follows what the issue reports earlier experiments found):
+What goes in (the recipe follows what earlier testbed experiments found, docs/testbed.md):
 
 * **Facts** from CounterFact (ROME and flat EasyEdit formats) and ZsRE (MEND format), read with
   the format converters of :mod:`eac_lightning.data.sources`. Each record's *true* fact is trained under its own prompt,

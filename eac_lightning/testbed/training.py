@@ -1,12 +1,12 @@
 """Training the offline knowledge testbed: a GPT-2 causal LM trained from scratch on real facts.
 
-The recipe and its reasons (issue 3; Meng et al., 2022, "Locating and Editing Factual Associations in GPT"):
+The recipe and its reasons (docs/testbed.md; Meng et al., 2022, "Locating and Editing Factual Associations in GPT"):
 packed blocks with variable random prefixes, several templates per relation, held-out paraphrases, and the
 **subject-bottleneck mask**: in a share of the fact sentences, the tokens after the subject may not attend to the
 subject's earlier tokens, only to its last one. ROME and MEMIT edit the MLP at the last subject token and assume
 that the attribute is read from there ("subject enrichment", Geva et al., 2023, "Dissecting Recall of Factual
 Associations in Auto-Regressive Language Models"). Small models trained from scratch instead read the subject
-from all its tokens (measured in issue 3: subject-site ROME reached 0.80 reliability at best); the mask is a
+from all its tokens (measured on earlier testbed builds: subject-site ROME reached 0.80 reliability at best); the mask is a
 training-time augmentation that makes the last subject token carry the subject. The saved model is a plain GPT-2
 evaluated with the ordinary causal mask.
 """
