@@ -129,7 +129,8 @@ class Editor:
         self._add_reference(batch)
         result = edit(self.method, self.model, self.tokenizer, batch, restore=self.session.materialise)
         self.session.commit(Written(result.deltas, None, result.factors), step=self.session.depth + 1,
-                            position=len(self.requests) + len(batch), requests=batch)
+                            position=len(self.requests) + len(batch), requests=batch,
+                            refreshed=[rec.request for rec in result.records if rec.refreshed])
         self.requests.extend(batch)
         return result
 

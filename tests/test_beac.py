@@ -349,12 +349,14 @@ def test_rar_refresh_rewrites_earlier_edits_that_no_longer_hold(model_and_stats,
     restore_weights(model, w0)  # none of the first batch's edits holds any more
     # the batch edits fact 3 again: of 0-2, the budget ceil(0.5·2) = 1 is refreshed
     result = edit(method, model, tokenizer, requests([3, 4]))
-    assert len(result.records) == 2  # the batch's own edits are what the run counts
+    # the batch's own edits are what the run counts; the refreshed one is written, measured and recorded after them
+    assert [rec.refreshed for rec in result.records] == [False, False, True]
     assert method.history[-1]["refreshed"] == 1.0
     old, newest = method.refresh_record
     refreshed = newest[2:]
     assert [r.subject for r in newest[:2]] == [FACTS[3][1], FACTS[4][1]] and len(refreshed) == 1
     assert refreshed[0].subject in {FACTS[i][1] for i in range(3)}
+    assert result.records[2].request == refreshed[0] and result.records[2].delta_norm > 0
     assert {r.subject for r in old} == {FACTS[i][1] for i in range(3)} - {refreshed[0].subject}
     buf = io.BytesIO()
     torch.save(method.state_dict(), buf)

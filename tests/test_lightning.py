@@ -199,7 +199,12 @@ def test_beac_kill_and_resume_equals_uninterrupted(tmp_path):
             2 + refreshed[2])
         assert torch.equal(rec["key_record"][k]["cells"], r["cells"])
         assert torch.equal(rec["key_record"][k]["keys"], r["keys"])
-    assert [r["edit"] for r in ledger(runs["killed"])] == list(range(6))
+    lines = ledger(runs["killed"])
+    assert [r["edit"] for r in lines if "edit" in r] == list(range(6))
+    # every write is recorded: the refreshed edits too, once each, though the run was killed and resumed
+    again = [(r["step"], r["subject"]) for r in lines if r.get("refreshed")]
+    assert len(again) == sum(refreshed) and again == [(r["step"], r["subject"]) for r in ledger(runs["full"])
+                                                      if r.get("refreshed")]
     assert json.loads((runs["killed"] / "summary.json").read_text())["method"] == "B-EAC (MEMIT)"
 
 

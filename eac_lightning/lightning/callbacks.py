@@ -18,6 +18,7 @@ import torch
 from eac_lightning.evaluation.evaluator import Evaluator, format_table, summary_sections
 from eac_lightning.lightning.run_folder import (
     RunCSVLogger,
+    ledger_until,
     read_ledger,
     trim_metrics,
     write_lines,
@@ -70,30 +71,32 @@ class WeightUpdate(L.Callback):
 class EditLedger(EditObserver):
     """``edits.jsonl``: one line per applied edit: step, position in the stream, source row, case id, subject,
     prompt, target, seconds, the norm of its own delta and of its batch's, and whether the edited model now
-    predicts its target (teacher-forced, right after the write). On resume, lines past the checkpoint are dropped
-    so no edit appears twice."""
+    predicts its target (teacher-forced, right after the write). An earlier edit the method wrote again with the
+    batch (B-EAC's refresh) gets a line with ``"refreshed": true`` in place of ``edit``. On resume, lines past the
+    checkpoint are dropped so no edit appears twice."""
 
     def on_train_start(self, trainer, pl_module) -> None:
         self.path = _log_dir(trainer) / "edits.jsonl"
         if trainer.global_rank != 0:
             return
-        applied = trainer.datamodule.position
-        # Edits past the checkpoint are dropped; events (a rollback) stay as history.
-        write_lines(self.path, [r for r in read_ledger(self.path) if r.get("edit", -1) < applied])
+        # Lines past the checkpoint are dropped; events (a rollback) stay as history.
+        write_lines(self.path, ledger_until(read_ledger(self.path), trainer.datamodule.position, trainer.global_step))
 
     def on_edit_written(self, trainer, pl_module, result: EditResult, seconds: float) -> None:
         if trainer.global_rank != 0:
             return
-        n = len(result.records)
+        n = sum(not rec.refreshed for rec in result.records)
         first = trainer.datamodule.position - n
         batch_norm = result.delta_norm
         with open(self.path, "a", encoding="utf-8") as fh:
             for i, rec in enumerate(result.records):
                 r = rec.request
+                # a refreshed earlier edit has no stream position of its own: "refreshed" instead of "edit"
+                where = {"refreshed": True} if rec.refreshed else {"edit": first + i, "seconds": round(seconds / n, 4)}
                 fh.write(json.dumps({
-                    "step": trainer.global_step, "edit": first + i, "source": r.source,
+                    "step": trainer.global_step, **where, "source": r.source,
                     "source_index": r.source_index, "case_id": r.case_id, "subject": r.subject,
-                    "prompt": r.prompt, "target_new": r.target_new, "seconds": round(seconds / n, 4),
+                    "prompt": r.prompt, "target_new": r.target_new,
                     "delta_norm": rec.delta_norm, "batch_delta_norm": batch_norm,
                     "success": rec.success, "target_accuracy": rec.target_accuracy,
                 }, ensure_ascii=False) + "\n")

@@ -205,7 +205,8 @@ class EditingModule(L.LightningModule):
             resume.update(datamodule=dm.state_dict(), data=data_fingerprint(dm, dm.position))
         return self.session.commit(
             Written(result.deltas, None, result.factors), step=trainer.global_step if trainer else 0,
-            position=dm.position if dm is not None else 0, requests=requests, resume=resume,
+            position=dm.position if dm is not None else 0, requests=requests,
+            refreshed=[rec.request for rec in result.records if rec.refreshed], resume=resume,
             sync=_from_rank_zero if trainer is not None and trainer.world_size > 1 else None)
 
     def validation_step(self, batch, batch_idx: int) -> None:

@@ -22,7 +22,14 @@ from typing import Any, Sequence
 
 from eac_lightning.lightning.checkpoint import AtomicCheckpointIO, load_checkpoint_file
 from eac_lightning.lightning.export import locate
-from eac_lightning.lightning.run_folder import RunLock, keep_csv_rows, read_ledger, trim_metrics, write_lines
+from eac_lightning.lightning.run_folder import (
+    RunLock,
+    keep_csv_rows,
+    ledger_until,
+    read_ledger,
+    trim_metrics,
+    write_lines,
+)
 from eac_lightning.session import EditLog, EditLogError
 
 DATAMODULE_KEY = "EditDataModule"
@@ -112,7 +119,7 @@ def _rollback(root: Path, to_edit: int, drop: list[int]) -> dict[str, Any]:
                                             "target_new")} for r in removed],
         "dropped_from_replay": drop,
     }
-    write_lines(ledger_path, [r for r in ledger if r.get("edit", -1) < to_edit] + [event])
+    write_lines(ledger_path, ledger_until(ledger, to_edit, target["step"]) + [event])
     trim_metrics(root / "metrics.csv", target["step"])
     keep_csv_rows(root / "norms.csv", lambda r: int(float(r["edits"])) <= to_edit)
     summary = root / "summary.json"

@@ -183,6 +183,19 @@ def read_ledger(path: Path) -> list[dict[str, Any]]:
     return out
 
 
+def ledger_until(records: list[dict[str, Any]], edits: int, step: int) -> list[dict[str, Any]]:
+    """The ledger lines of a run standing after ``edits`` edits (edit step ``step``): its edits, the refreshed
+    edits written up to that step, and every event (a rollback)."""
+    def kept(r: dict[str, Any]) -> bool:
+        if "edit" in r:
+            return r["edit"] < edits
+        if r.get("refreshed"):
+            return int(r.get("step", 0)) <= step
+        return True
+
+    return [r for r in records if kept(r)]
+
+
 def write_lines(path: Path, records: list[dict[str, Any]]) -> None:
     """Rewrite a JSONL file atomically."""
     tmp = path.with_name(path.name + ".tmp")

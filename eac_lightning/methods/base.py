@@ -120,6 +120,14 @@ class EditMethod:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         pass
 
+    def written_requests(self, targets: Any) -> list[EditRequest] | None:
+        """The requests ``targets`` write, in order: the batch's, then any earlier edits the method writes again with
+        it (B-EAC's refresh), so every write is measured and recorded. Default: a list of per-request targets'
+        ``request`` fields; None (the batch alone) for a method whose targets are one joint change (FT)."""
+        if isinstance(targets, list) and all(hasattr(t, "request") for t in targets):
+            return [t.request for t in targets]
+        return None
+
     def step_state(self) -> dict[str, Any]:
         """What the edit log stores of the method's state after a write, for :meth:`replay_step` to reproduce
         :meth:`state_dict` exactly. Default: the whole (small) state. Methods whose state grows with the stream

@@ -10,7 +10,7 @@ benchmarks call :func:`edit`. So every weight change of every entry point passes
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import torch
@@ -31,18 +31,21 @@ class EditRecord:
         success: the edited model predicts every target token, teacher-forced on the bare prompt (EasyEdit's
             reliability of this one edit, exact-match form).
         target_accuracy: the share of target tokens it predicts (EasyEdit's token accuracy, EAC Eq. 10).
+        refreshed: an earlier edit written again with this batch (:attr:`Targets.refreshed`), not a new one.
     """
 
     request: EditRequest
     delta_norm: float | None
     success: bool
     target_accuracy: float
+    refreshed: bool = False  # an earlier edit the method wrote again with this batch (B-EAC's refresh)
 
 
 @dataclass
 class EditResult:
-    """What :func:`write_targets` applied: the batch's deltas per module, one record per request, and the deltas'
-    low-rank factors where the method has them (:class:`~eac_lightning.methods.base.Written`)."""
+    """What :func:`write_targets` applied: the batch's deltas per module, one record per request written (the batch's,
+    then any refreshed earlier edits), and the deltas' low-rank factors where the method has them
+    (:class:`~eac_lightning.methods.base.Written`)."""
 
     deltas: Deltas
     records: list[EditRecord]
@@ -61,6 +64,8 @@ class Targets:
     requests: list[EditRequest]
     targets: Any  # the method's own (ROME: rank-one targets; MEMIT family: residual targets; FT: weight change)
     started: float  # time.perf_counter() when the batch began (seconds per edit cover optimisation and write)
+    #: earlier edits the method writes again with the batch (B-EAC's refresh), after the batch's own
+    refreshed: list[EditRequest] = field(default_factory=list)
 
     @property
     def seconds(self) -> float:
@@ -75,7 +80,9 @@ def optimise_targets(method: EditMethod, model: nn.Module, tok, requests: Sequen
     batch = validate_requests(list(requests), tok)
     with torch.enable_grad():
         targets = method.compute_targets(model, tok, batch)
-    return Targets(batch, targets, started)
+    written = method.written_requests(targets)
+    refreshed = list(written[len(batch):]) if written is not None and len(written) > len(batch) else []
+    return Targets(batch, targets, started, refreshed)
 
 
 def write_targets(method: EditMethod, model: nn.Module, tok, targets: Targets,
@@ -88,11 +95,12 @@ def write_targets(method: EditMethod, model: nn.Module, tok, targets: Targets,
         score_targets,  # evaluation builds on methods' requests, not the reverse
     )
 
-    scores = score_targets(model, tok, [r.prompt_text for r in targets.requests],  # in eval mode, without grad
-                           [r.target_new for r in targets.requests])
-    norms = written.edit_norms or [None] * len(targets.requests)
-    records = [EditRecord(r, n, bool(s.exact), float(s.token_accuracy))
-               for r, n, s in zip(targets.requests, norms, scores)]
+    requests = targets.requests + targets.refreshed  # every request the write wrote, each measured and recorded
+    scores = score_targets(model, tok, [r.prompt_text for r in requests],  # in eval mode, without grad
+                           [r.target_new for r in requests])
+    norms = written.edit_norms or [None] * len(requests)
+    records = [EditRecord(r, n, bool(s.exact), float(s.token_accuracy), refreshed=i >= len(targets.requests))
+               for i, (r, n, s) in enumerate(zip(requests, norms, scores))]
     return EditResult(written.deltas, records, written.factors)
 
 

@@ -101,10 +101,11 @@ class EditSession:
         return self.log.header(self.log.lineage(head)[0])
 
     def commit(self, written: Written, *, step: int, position: int, requests: Sequence[Any] = (),
-               resume: dict[str, Any] | None = None, journal: dict[str, Any] | None = None,
-               sync: Callable[[torch.Tensor], None] | None = None) -> str:
+               refreshed: Sequence[Any] = (), resume: dict[str, Any] | None = None,
+               journal: dict[str, Any] | None = None, sync: Callable[[torch.Tensor], None] | None = None) -> str:
         """Append the step the method just wrote (``method.write``'s :class:`Written`) and set W = W_base + D.
 
+        ``requests`` are the step's new edits, ``refreshed`` the earlier ones it wrote again (B-EAC's refresh).
         ``resume`` is what continuing from this step needs besides weights and method state (stream position,
         loop counters, RNG); it is kept in the entry for ``rollback``. ``sync`` replaces each stored update tensor in
         place with one process's (DDP: a broadcast from rank 0), so every rank adds the same update. If the entry
@@ -124,6 +125,7 @@ class EditSession:
         header = {
             "kind": "step", "parent": self.head, "step": int(step), "position": int(position),
             "requests": [_request_identity(r) for r in requests],
+            "refreshed": [_request_identity(r) for r in refreshed],
             "updates": {n: "dense" if "dense" in p else "low_rank" for n, p in updates.items()},
             "method": flatten(self.method.step_state(), "method", tensors),
             "resume": flatten(resume or {}, "resume", tensors),
