@@ -103,14 +103,14 @@ def test_las_is_deterministic_and_rotates():
 
 def test_las_without_a_bound_takes_each_edits_top_k():
     """A bound no cell reaches (c ≥ n) leaves each edit its own top-k, in every layer: the plan of the ablation
-    "B-EAC w/o overlap bound" (docs/beac.md § 5.10) is w/o LAS's, still written per layer."""
+    "B-EAC (MEMIT) w/o overlap bound" (docs/beac.md § 5.6) is w/o LAS's, still written per layer."""
     gen = torch.Generator().manual_seed(3)
     scores = torch.randn(8, 40, generator=gen)
     for usage in (None, torch.rand(3, 40, generator=gen, dtype=torch.float64) * 5):  # with RAR's penalty too
         unbounded = plan_anchors(scores, 6, 3, BEACHyperParams(max_overlap=8), usage)
         assert torch.equal(unbounded.masks, plan_anchors(scores, 6, 3, BEACHyperParams(las=False), usage).masks)
     # the automatic bound reaches the batch size once k ≥ d / (2·slack) with every anchor in all L layers: at slack 2
-    # and anchors at P50 (the testbed's B-EAC) no cell is bounded, and LAS plans each edit's top-k (docs/beac.md § 5.13)
+    # and anchors at P50 (the testbed's B-EAC) no cell is bounded, and LAS plans each edit's top-k (docs/beac.md § 5.3)
     assert [auto_overlap(50, k, 3, 256, 3, 2.0) >= 50 for k in (64, 100, 128, 192)] == [False, False, True, True]
 
 
