@@ -206,19 +206,28 @@ def part_editor(args) -> list[dict]:
     session.start({})
     (name, w0), = session.base_weights.items()
     proc = psutil.Process()
-    rss0 = proc.memory_info().rss
+    rss = []
     for step in range(1, args.editor_edits + 1):
         factors = {name: (torch.randn(w0.shape[0], 1, dtype=torch.float64), torch.randn(1, w0.shape[1], dtype=torch.float64))}
         session.commit(Written({name: torch.zeros(()).expand(w0.shape)}, None, factors), step=step, position=step,
                        requests=synthetic_requests(1))
+        rss.append(proc.memory_info().rss)
     held = sum(t.numel() * t.element_size() for _, ts in session.log._entries.values() for t in ts.values())
-    t = time.perf_counter()
-    session.checkout(session.parent())
-    undo_s = time.perf_counter() - t
+    undo = []
+    for _ in range(3):  # the last edits, replayed from the snapshot after edit 100
+        t = time.perf_counter()
+        session.checkout(session.parent(), move_head="undo")
+        undo.append(time.perf_counter() - t)
+    undo_s = statistics.median(undo)
+    # after the first edit D exists; after the snapshot (edit SNAPSHOT_EVERY) its copy too: growth between them
+    # and after them is the log's
+    first, last = rss[0], rss[-1]
     row = {"width": "gpt-j", "method": "rome", "edits": args.editor_edits,
            "before_bytes_per_edit": w0.numel() * w0.element_size(),  # the snapshot of the matrix Editor kept per edit
            "after_bytes_per_edit": held // args.editor_edits,
-           "rss_growth_bytes_per_edit": (proc.memory_info().rss - rss0) // args.editor_edits,
+           "rss_growth_bytes_per_edit_before_snapshot": (rss[SNAPSHOT_EVERY - 2] - first) // (SNAPSHOT_EVERY - 2),
+           "rss_growth_bytes_per_edit_after_snapshot": (last - rss[SNAPSHOT_EVERY]) // max(1, len(rss) - SNAPSHOT_EVERY - 1),
+           "rss_first_to_last_bytes": last - first,
            "undo_s": round(undo_s, 3), "matrix_shape": list(w0.shape)}
     print(json.dumps(row), flush=True)
     return [row]
@@ -233,7 +242,7 @@ def _fit_config(folder: Path, model_dir: Path, num_edits: int) -> Path:
         "model": {"model": str(model_dir), "method_settings": "as_given", "stats_tokens": 2000,
                   "method": {"class_path": "eac_lightning.methods.ROME",
                              "init_args": {"layer": 1, "target": {"num_steps": 3}, "context": {"length_count": [[5, 1]]}}},
-                  "evaluation": {"tasks": [], "probes": [], "rome_scores": False, "fluency": False}},
+                  "evaluation": {"tasks": [], "probes": [], "rome_scores": False, "literature_metrics": False}},
         "data": {"path": "counterfact", "num_edits": num_edits, "num_retention": 0, "shuffle": False},
         "eval": {"every": 0},
     }
@@ -320,8 +329,10 @@ def table(results: dict) -> str:
     for r in results.get("editor", []):
         out += ["", f"Editor at GPT-J width ({r['matrix_shape'][0]} x {r['matrix_shape'][1]}, ROME, {r['edits']} edits): "
                 f"{r['after_bytes_per_edit'] / 1e3:,.1f} KB held per edit (before: {r['before_bytes_per_edit'] / 1e6:,.0f} MB, "
-                f"a copy of the matrix), RSS growth {r['rss_growth_bytes_per_edit'] / 1e6:,.2f} MB per edit (the one "
-                f"snapshot, taken every {SNAPSHOT_EVERY} edits, included); undo of the last edit {r['undo_s']} s."]
+                f"a copy of the matrix); the process's RSS grew {r['rss_growth_bytes_per_edit_before_snapshot'] / 1e3:,.0f} KB per "
+                f"edit before the snapshot at edit {SNAPSHOT_EVERY} and {r['rss_growth_bytes_per_edit_after_snapshot'] / 1e3:,.0f} "
+                f"KB per edit after it (the snapshot itself: one copy of the matrix, kept once); undo of one of the "
+                f"last edits (replayed from the snapshot) {r['undo_s']} s (median of 3)."]
     fit = results.get("fit", [])
     if fit:
         out += ["", "| fit at GPT2-XL width (2 layers), ROME | edits | run folder MB | MB per edit | entry MB | "
@@ -353,6 +364,9 @@ def main() -> None:
         return
     torch.set_num_threads(1)
     rows = {"steps": part_steps, "editor": part_editor, "fit": part_fit}[args.part](args)
+    if args.part == "steps":  # rows of other widths and methods, measured by other invocations, are kept
+        ran = {(r["width"], r["method"]) for r in rows}
+        rows = [r for r in results.get("steps", []) if (r["width"], r["method"]) not in ran] + rows
     results[args.part] = rows
     results.setdefault("commands", {})[args.part] = "OMP_NUM_THREADS=1 python benchmarks/edit_log_cost.py " + " ".join(
         sys.argv[1:])

@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save
+from safetensors.torch import save_file
 
 FORMAT = "eac-lightning/edit-log/1"
 HEADER_KEY = "eac_lightning"
@@ -49,7 +49,10 @@ def flatten(obj: Any, prefix: str, tensors: dict[str, torch.Tensor]) -> Any:
     """``obj`` (nested dicts, lists, tuples, tensors and plain values) as a JSON tree whose tensors are moved to
     ``tensors`` under path-like keys (``{"__tensor__": key}`` marks where each was)."""
     if isinstance(obj, torch.Tensor):
-        tensors[prefix] = obj.detach().cpu().contiguous().clone()
+        t = obj.detach().cpu().contiguous()  # not copied: the log copies what it keeps in memory
+        if any(t.untyped_storage().data_ptr() == u.untyped_storage().data_ptr() for u in tensors.values()):
+            t = t.clone()  # safetensors stores each tensor's own bytes
+        tensors[prefix] = t
         return {"__tensor__": prefix}
     if isinstance(obj, dict):
         if all(isinstance(k, str) and not k.startswith("__") for k in obj):
@@ -110,27 +113,52 @@ def compact_update(dense: torch.Tensor, factors: tuple[torch.Tensor, torch.Tenso
 
 
 def expand_update(parts: dict[str, torch.Tensor]) -> torch.Tensor:
-    """ΔW (float32, CPU) of a stored update. The one place a stored update becomes a matrix: the live run and every
-    replay add exactly this, which is why a replay is bit-identical to the run that wrote the log."""
+    """ΔW (float32, CPU) of a stored update."""
     if "dense" in parts:
         return parts["dense"]
     return parts["left"] @ parts["right"]
 
 
+def add_update(total: torch.Tensor | None, parts: dict[str, torch.Tensor]) -> torch.Tensor:
+    """D + ΔW in place (D = ``total``; a new tensor when None). The one place a stored update enters D: the live
+    run and every replay add exactly this, which is why a replay is bit-identical to the run that wrote the log."""
+    if total is None:
+        return expand_update(parts).clone()
+    if "dense" in parts:
+        return total.add_(parts["dense"])
+    return total.addmm_(parts["left"], parts["right"])
+
+
+def check_parts(parts: dict[str, torch.Tensor], shape: tuple[int, ...], name: str, where: str) -> None:
+    """Refuse a stored update that is not exactly ``shape`` (one that would merely broadcast too) or not finite."""
+    got = tuple(parts["dense"].shape) if "dense" in parts else (
+        parts["left"].shape[0], parts["right"].shape[1]) if parts["left"].shape[1] == parts["right"].shape[0] else None
+    if got != tuple(shape):
+        raise EditLogError(f"edit log {where}: the update of {name} has shape {got}, the matrix {tuple(shape)} "
+                           "(another model's log?); nothing was loaded")
+    if not all(torch.isfinite(t).all() for t in parts.values()):
+        raise EditLogError(f"edit log {where}: the update of {name} holds NaN or inf; nothing was loaded")
+
+
 # -- files -----------------------------------------------------------------------------------------------------
-def _atomic_write(path: Path, data: bytes) -> None:
+def _atomic(path: Path, write) -> None:
+    """``write(tmp)`` then rename ``tmp`` over ``path``: an interrupted or failed write leaves no partial file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
+        write(tmp)
         os.replace(tmp, path)
     except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
-        if isinstance(err, OSError):
-            raise OSError(err.errno, f"cannot write {path} ({err.strerror or err}); nothing of this step was "
-                                     "recorded, the previous state is intact") from err
+        if isinstance(err, OSError) or "No space left" in str(err):
+            raise OSError(getattr(err, "errno", None) or 28, f"cannot write {path} ({err}); nothing of this step "
+                          "was recorded, the previous state is intact") from err
         raise
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    _atomic(path, lambda tmp: Path(tmp).write_bytes(data))
 
 
 def _write_record(path: Path, header: dict[str, Any], tensors: dict[str, torch.Tensor]) -> str:
@@ -141,7 +169,7 @@ def _write_record(path: Path, header: dict[str, Any], tensors: dict[str, torch.T
     if path.name == "{id}.safetensors":
         path = path.with_name(f"{ident}.safetensors")
     meta = {HEADER_KEY: json.dumps({**header, "id": ident}, allow_nan=True)}
-    _atomic_write(path, save(tensors, metadata=meta))
+    _atomic(path, lambda tmp: save_file(tensors, tmp, metadata=meta))  # streamed: no copy of a large snapshot
     return ident
 
 

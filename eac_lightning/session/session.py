@@ -2,8 +2,8 @@
 
 It keeps the base weights (one copy of each edited matrix, taken before any edit), the accumulated deltas D, the
 :class:`~eac_lightning.session.log.EditLog` and its HEAD. The edited model always holds W = W_base + D, and D is the
-in-order sum of the stored updates on HEAD's branch, each added as :func:`~eac_lightning.session.log.expand_update`
-makes it, so a replay of the log equals the run that wrote it bit for bit. The LightningModule, the notebook
+in-order sum of the stored updates on HEAD's branch, each added by :func:`~eac_lightning.session.log.add_update`,
+so a replay of the log equals the run that wrote it bit for bit. The LightningModule, the notebook
 :class:`~eac_lightning.editor.Editor`, ``rollback``, ``ask``, ``export`` and the benchmarks all go through it.
 
     session = EditSession(model, method, EditLog(run / "history"))
@@ -24,8 +24,9 @@ from eac_lightning.models.adapters import weight_view
 from eac_lightning.session.log import (
     EditLog,
     EditLogError,
+    add_update,
+    check_parts,
     compact_update,
-    expand_update,
     flatten,
     unflatten,
 )
@@ -68,7 +69,10 @@ class EditSession:
         for name, w0 in self.base_weights.items():
             w = weight_view(self.model, name)
             d = self.deltas.get(name)
-            w.copy_(w0.to(w.device) if d is None else w0.to(w.device) + d.to(w))
+            if d is None:
+                w.copy_(w0)
+            else:
+                torch.add(w0.to(w.device), d.to(w), out=w)  # no temporary of the matrix's size
 
     # -- writing ---------------------------------------------------------------------------------------------
     def start(self, identity: dict[str, Any]) -> str:
@@ -138,8 +142,7 @@ class EditSession:
                 self.checkout(head)  # the method's own state moved with its write: replayed back
             raise
         for name, parts in updates.items():
-            d = expand_update(parts)
-            self.deltas[name] = self.deltas[name] + d if name in self.deltas else d.clone()
+            self.deltas[name] = add_update(self.deltas.get(name), parts)
         self.depth += 1
         self.materialise()
         if self.snapshot_every and self.depth % self.snapshot_every == 0:
@@ -171,7 +174,7 @@ class EditSession:
             deltas = {k[len("delta/"):]: t.clone() for k, t in tensors.items() if k.startswith("delta/")}
             where = f"snapshot {line[start][:16]}"
             for name, d in deltas.items():
-                self._check_update(name, d, where)
+                self._check_update(name, {"dense": d}, where)
             state = unflatten(header["method"], tensors)
         else:
             start = 0
@@ -185,10 +188,13 @@ class EditSession:
             for name in header["updates"]:
                 parts = {p: tensors[f"update/{name}/{p}"] for p in ("dense", "left", "right")
                          if f"update/{name}/{p}" in tensors}
-                d = expand_update(parts)
-                self._check_update(name, d, f"entry {ident_i[:16]}")
-                deltas[name] = deltas[name] + d if name in deltas else d.clone()
+                self._check_update(name, parts, f"entry {ident_i[:16]}")
+                deltas[name] = add_update(deltas.get(name), parts)
             self.method.replay_step(unflatten(header["method"], tensors))
+        for name, d in deltas.items():  # factors were finite; their products could still overflow
+            if not torch.isfinite(d).all():
+                raise EditLogError(f"edit log: replaying to {ident[:16]} makes the delta of {name} non-finite; "
+                                   "nothing was loaded")
         self.deltas, self.depth = deltas, len(line) - 1
         self.materialise()
         if move_head:
@@ -200,16 +206,12 @@ class EditSession:
             out["resume"] = unflatten(header["resume"], tensors)
         return out
 
-    def _check_update(self, name: str, d: torch.Tensor, where: str) -> None:
+    def _check_update(self, name: str, parts: dict[str, torch.Tensor], where: str) -> None:
         w0 = self.base_weights.get(name)
         if w0 is None:
             raise EditLogError(f"edit log {where} updates {name}, which this method does not edit "
                                f"({', '.join(self.base_weights)})")
-        if tuple(d.shape) != tuple(w0.shape):  # exact: an update that merely broadcasts is refused
-            raise EditLogError(f"edit log {where}: the update of {name} has shape {tuple(d.shape)}, the matrix "
-                               f"{tuple(w0.shape)} (another model's log?); nothing was loaded")
-        if not torch.isfinite(d).all():
-            raise EditLogError(f"edit log {where}: the update of {name} holds NaN or inf; nothing was loaded")
+        check_parts(parts, tuple(w0.shape), name, where)
 
     def lineage_headers(self, ident: str | None = None) -> list[dict[str, Any]]:
         """The headers of HEAD's branch (or ``ident``'s), root first."""
