@@ -40,7 +40,7 @@ def method_from_preset(name_or_path: str, *overlays: str | Path | dict, model: s
     ``--config`` does on the command line; a dict overlay is such a ``model.method`` itself (``{"init_args": ...}``).
     With ``model``, the settings resolver (:func:`eac_lightning.methods.settings.apply_model_settings`) puts the
     settings measured for that model in place of the preset's, except those you gave: a dict overlay's and those of
-    an overlay file outside the project's configs. The method's ``applied_settings`` records each source."""
+    an overlay file outside the project's configs. The method's ``method_settings`` records each source."""
     import yaml
     from jsonargparse import ArgumentParser
 
@@ -64,7 +64,7 @@ def method_from_preset(name_or_path: str, *overlays: str | Path | dict, model: s
     parser = ArgumentParser(exit_on_error=False)
     parser.add_argument("--method", type=EditMethod)
     method = parser.instantiate_classes(parser.parse_object({"method": spec})).method
-    method.applied_settings = applied
+    method.method_settings = applied
     return method
 
 
@@ -101,7 +101,7 @@ class Editor:
         """Load ``model`` (``testbed:<preset>``, a folder or a hub id) and a method (preset name or instance).
 
         A preset name on a testbed gets the settings measured there (``method_settings="auto"``, as on the command
-        line; ``editor.method.applied_settings`` says what changed); ``"as_given"`` keeps the preset's values.
+        line; ``editor.method.method_settings`` says where each setting came from); ``"as_given"`` keeps the preset's values.
 
         ``device``: where the model, keys and statistics live (default: CUDA when available, else the CPU);
         ``dtype``: the weights' dtype (``"bfloat16"``...; keys, statistics and solves stay float32/float64 and

@@ -12,7 +12,7 @@ from eac_lightning.stats.covariance import (
     Covariance,
     CovarianceStore,
     _token_windows,
-    model_fingerprint,
+    stats_cache_key,
 )
 
 SEQ, BATCH, TOKENS = 32, 4, 32 * 4 * 3  # three batches
@@ -75,18 +75,18 @@ def test_cache_hit_does_not_recompute(tiny_gpt2, tokenizer, corpus, names, tmp_p
 
 
 def test_fingerprint_follows_the_weights(tiny_gpt2):
-    fp = model_fingerprint(tiny_gpt2)
+    fp = stats_cache_key(tiny_gpt2)
     name = mlp_out_name(tiny_gpt2, 0)
     w = tiny_gpt2.get_submodule(name).weight
     saved = w.detach().clone()
     with torch.no_grad():
         w[0, 0] += 1.0
     try:
-        assert model_fingerprint(tiny_gpt2) != fp
+        assert stats_cache_key(tiny_gpt2) != fp
     finally:
         with torch.no_grad():
             w.copy_(saved)
-    assert model_fingerprint(tiny_gpt2) == fp
+    assert stats_cache_key(tiny_gpt2) == fp
 
 
 def test_resume_after_interruption(tiny_gpt2, tokenizer, corpus, names, tmp_path, monkeypatch):

@@ -250,7 +250,7 @@ class Evaluation(EditObserver):
             norms[name]["l1_after"] = norms[name].pop("l1")
         summary = {
             "method": pl_module.method.label,
-            "method_settings": pl_module.method_settings_applied or pl_module.method_settings,
+            "method_settings": pl_module.method.method_settings or pl_module.method_settings,
             "model": pl_module.model_name,
             "edits_applied": trainer.datamodule.position,
             "batch_size": trainer.datamodule.batch_size,

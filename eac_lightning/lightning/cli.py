@@ -122,7 +122,7 @@ class EditingCLI(LightningCLI):
             trainer.logger = Namespace(class_path="eac_lightning.lightning.run_folder.RunCSVLogger",
                                        init_args=Namespace(save_dir=str(root), name="", version=""))
         trainer.strategy = _editing_strategy(trainer)
-        self.method_settings_applied = _apply_model_settings(cfg.model, self._argv)
+        self.settings_record = _apply_model_settings(cfg.model, self._argv)
         if self.subcommand == "validate":
             trainer.limit_val_batches = 1  # the one step that evaluates the loaded model state
         if self.subcommand == "fit" and not cfg.get("ckpt_path") and any((root / "checkpoints").glob("*.ckpt")):
@@ -148,7 +148,7 @@ class EditingCLI(LightningCLI):
         super()._parse_ckpt_path()
 
     def instantiate_trainer(self, **kwargs):
-        self.model.method_settings_applied = self.method_settings_applied
+        self.model.method.method_settings = self.settings_record
         config = self._get(self.config_init, "trainer", default={})
         chosen = config.get("callbacks") or []
         if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in chosen):

@@ -102,8 +102,6 @@ class EditingModule(L.LightningModule):
         if method_settings not in ("auto", "as_given"):
             raise ValueError(f"--model.method_settings must be 'auto' or 'as_given', not {method_settings!r}")
         self.method_settings = method_settings
-        #: what ``method_settings: auto`` changed (set by the CLI, which applies it before the method is built)
-        self.method_settings_applied: dict[str, Any] = {}
         self.allow_method_change = allow_method_change
         validate_module_args(stats_tokens=stats_tokens, stats_damping=stats_damping)
         if isinstance(snapshot_every, bool) or not isinstance(snapshot_every, int) or snapshot_every < 0:

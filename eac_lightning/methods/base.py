@@ -72,8 +72,9 @@ class EditMethod:
     every module it touched is restored.
     """
 
-    #: what the settings measured for the model changed in this method's preset (:mod:`eac_lightning.methods.settings`)
-    applied_settings: dict[str, Any] = {}
+    #: where this method's settings came from, as the settings resolver recorded it (:mod:`eac_lightning.methods.settings`;
+    #: summary.json's ``method_settings``): the measured settings it changed and the ones you gave
+    method_settings: dict[str, Any] = {}
     #: the modules this method edits, known after :meth:`setup`
     module_names: list[str]
 

@@ -152,6 +152,11 @@ class FT(EditMethod):
         self.eac = eac
         self.module_names: list[str] = []
 
+    @property
+    def label(self) -> str:
+        """``FT`` or ``FT-EN`` (with the elastic net), as the presets are named."""
+        return "FT-EN" if self.eac is not None else "FT"
+
     def setup(self, model: nn.Module, tok, stats=None) -> None:
         if self.layers is None:
             self.layers = [default_layers(model).rome]

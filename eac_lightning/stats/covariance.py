@@ -39,8 +39,10 @@ from eac_lightning.progress import progress
 DEFAULT_CORPUS = "wikitext"  # resolves to the shipped assets/data/wikitext
 
 
-def model_fingerprint(model: nn.Module) -> str:
-    """A short hash of the model's config and weights (names, shapes and a sample of values)."""
+def stats_cache_key(model: nn.Module) -> str:
+    """A short hash of the model's config and weights (names, shapes and a sample of values): the key statistics
+    cached for one model are not used for another. (A run's base-model identity is
+    :func:`eac_lightning.lightning.checkpoint.model_fingerprint`.)"""
     h = hashlib.sha256()
     cfg = getattr(model, "config", None)
     h.update((cfg.to_json_string(use_diff=False) if cfg is not None else type(model).__name__).encode())
@@ -152,7 +154,7 @@ class CovarianceStore:
             self.directory.mkdir(parents=True, exist_ok=True)
         else:  # an unwritable default names the folder and EAC_CACHE_DIR
             self.directory = writable_cache_folder(cache_dir() / "stats")
-        self.fingerprint = model_fingerprint(model)
+        self.fingerprint = stats_cache_key(model)
         self._memory: dict[str, Covariance] = {}
 
     def path(self, module_name: str, num_tokens: int | None = None) -> Path:
