@@ -1,6 +1,6 @@
 """Cost of B-EAC's solve with RAR's anchor key record (docs/beac.md § 4, B5).
 
-Times one layer's update, :meth:`BEAC._layer_update`, for a batch of n edits against records of N earlier edits
+Times one layer's update, :meth:`BEACMEMIT._layer_update`, for a batch of n edits against records of N earlier edits
 (each anchoring (100-γ) % of the dimensions): N = 0 is MEMIT's Woodbury solve; N = n/(1-ρ) is the record's effective
 size at decay ρ, and N = n·21 its largest (entries fade below the floor after 21 batches at ρ = 0.8). Keys and
 residuals are random (the cost does not depend on their values); C is the model's own. Median of ``--repeats``::
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from eac_lightning.methods.beac import BEAC
+from eac_lightning.methods.beac import BEACMEMIT
 from eac_lightning.methods.beac_plan import AnchorKeyRecord, BEACHyperParams
 from eac_lightning.models.loading import default_layers, load_model
 from eac_lightning.stats.covariance import CovarianceStore
@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
 
     model, tok = load_model(args.model)
-    method = BEAC(layers=list(default_layers(model).memit), mom2_update_weight=10.0,
+    method = BEACMEMIT(layers=list(default_layers(model).memit), mom2_update_weight=10.0,
                   beac=BEACHyperParams(decay=args.decay))
     method.setup(model, tok, CovarianceStore(model, tok))
     name = method.module_names[0]

@@ -87,7 +87,7 @@ def synthetic_requests(n: int):
 def method_for(kind: str, model, batch: int):
     """The method object with the state a real run of ``kind`` holds after a step (shapes, not values)."""
     from eac_lightning.methods import MEMIT, ROME, AlphaEdit, EACHyperParams
-    from eac_lightning.methods.beac import BEACAlphaEdit
+    from eac_lightning.methods.beac import BEAC
     from eac_lightning.models.adapters import mlp_out_name, weight_view
 
     layers = list(range(LAYERS))
@@ -99,7 +99,7 @@ def method_for(kind: str, model, batch: int):
     elif kind == "alphaedit":
         m = AlphaEdit(layers=layers)
     elif kind == "beac":
-        m = BEACAlphaEdit(layers=layers)
+        m = BEAC(layers=layers)
     else:
         raise ValueError(kind)
     m.module_names = [mlp_out_name(model, l) for l in ([1] if kind.startswith("rome") else layers)]

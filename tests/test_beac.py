@@ -12,7 +12,7 @@ import torch
 
 from eac_lightning.data.requests import EditRequest
 from eac_lightning.methods.base import restore_weights, snapshot
-from eac_lightning.methods.beac import BEAC, BEACAlphaEdit, LayeredTarget
+from eac_lightning.methods.beac import BEAC, BEACMEMIT, LayeredTarget
 from eac_lightning.methods.beac_plan import (
     AnchorKeyRecord,
     AnchorPlan,
@@ -171,7 +171,7 @@ def model_and_stats(tokenizer):
     return model, stats
 
 
-def fresh(model_and_stats, cls=BEAC, **kw):
+def fresh(model_and_stats, cls=BEACMEMIT, **kw):
     model, stats = model_and_stats
     m = copy.deepcopy(model)
     return m, cls(**SMALL, eac=EAC, **kw), stats
@@ -224,7 +224,7 @@ def test_write_aware_beac_writes_its_anchors_under_the_planned_update(model_and_
     from eac_lightning.methods.alphaedit import AlphaEdit
 
     hp = BEACHyperParams(max_overlap=1, key_memory=0.0)
-    model, method, stats = fresh(model_and_stats, BEACAlphaEdit, beac=hp, write_aware=True)
+    model, method, stats = fresh(model_and_stats, BEAC, beac=hp, write_aware=True)
     method.setup(model, tokenizer, stats)
     targets = method.compute_targets(model, tokenizer, requests(range(4)))
     assert all(set(t.write_columns) == set(method.layers) for t in targets)
@@ -238,7 +238,7 @@ def test_write_aware_beac_writes_its_anchors_under_the_planned_update(model_and_
     assert method.batches == 1 and len(method.past_kkt) == 3
     # the ablation grid closes on AlphaEdit-EAC (write-aware)
     off = BEACHyperParams(las=False, rar=False, key_memory=0.0)
-    model_b, beac, _ = fresh(model_and_stats, BEACAlphaEdit, beac=off, write_aware=True)
+    model_b, beac, _ = fresh(model_and_stats, BEAC, beac=off, write_aware=True)
     model_a = copy.deepcopy(model_and_stats[0])
     alpha_eac = AlphaEdit(**SMALL, eac=EAC, write_aware=True)
     for got, want in zip(_run(model_b, beac, stats, tokenizer, BATCHES),
@@ -254,7 +254,7 @@ def test_beac_separates_two_corrections_about_one_subject(model_and_stats, token
             EditRequest(prompt="{} speaks", subject="Angola", target_new="English")]
     batch = pair + requests([0, 3])
     hp = BEACHyperParams(key_memory=0.0, alike_cosine=0.9)
-    model, method, stats = fresh(model_and_stats, BEACAlphaEdit, beac=hp, write_aware=True)
+    model, method, stats = fresh(model_and_stats, BEAC, beac=hp, write_aware=True)
     method.setup(model, tokenizer, stats)
     alike = method._alike(model, tokenizer, batch)
     assert alike[0, 1] and alike[1, 0] and not alike[0, 2:].any() and not alike[2, 3]
@@ -264,8 +264,8 @@ def test_beac_separates_two_corrections_about_one_subject(model_and_stats, token
 
 def test_write_aware_beac_refuses_what_its_write_cannot_do():
     with pytest.raises(ValueError, match="key_memory"):
-        BEAC(beac=BEACHyperParams(key_memory=1.0), write_aware=True)
-    method = BEACAlphaEdit(layers=[0, 1, 2], beac=BEACHyperParams(layers_per_anchor=1, key_memory=0.0),
+        BEACMEMIT(beac=BEACHyperParams(key_memory=1.0), write_aware=True)
+    method = BEAC(layers=[0, 1, 2], beac=BEACHyperParams(layers_per_anchor=1, key_memory=0.0),
                            write_aware=True)
     with pytest.raises(ValueError, match="layers_per_anchor"):
         method._check_write_aware()
@@ -289,10 +289,10 @@ def _run(model, method, stats, tokenizer, batches):
 BATCHES = [[0, 1], [2, 3]]
 
 
-@pytest.mark.parametrize("cls", [BEAC, BEACAlphaEdit])
+@pytest.mark.parametrize("cls", [BEACMEMIT, BEAC])
 def test_rar_checkpoint_round_trip_and_resume(model_and_stats, tokenizer, cls):
-    hp = BEACHyperParams(max_overlap=1, decay=0.5, key_memory=1.0 if cls is BEAC else 0.0,
-                         refresh=0.0 if cls is BEAC else 1.0)
+    hp = BEACHyperParams(max_overlap=1, decay=0.5, key_memory=1.0 if cls is BEACMEMIT else 0.0,
+                         refresh=0.0 if cls is BEACMEMIT else 1.0)
     # Uninterrupted: two batches.
     m_full, meth_full, stats = fresh(model_and_stats, cls, beac=hp)
     _run(m_full, meth_full, stats, tokenizer, BATCHES)
@@ -314,7 +314,7 @@ def test_rar_checkpoint_round_trip_and_resume(model_and_stats, tokenizer, cls):
     for name in meth_full.module_names:
         assert torch.equal(weight_view(m_b, name), weight_view(m_full, name)), name
     assert torch.equal(meth_b.usage, meth_full.usage)
-    if cls is BEAC:  # RAR's anchor key record (B5) travels with the checkpoint too
+    if cls is BEACMEMIT:  # RAR's anchor key record (B5) travels with the checkpoint too
         assert set(state["beac"]["key_record"]) == set(meth_full.module_names)
         for name in meth_full.module_names:
             b, full = meth_b.key_record[name], meth_full.key_record[name]
@@ -341,7 +341,7 @@ def test_rar_refresh_rewrites_earlier_edits_that_no_longer_hold(model_and_stats,
     batch (within the budget ceil(refresh·n)), is written with it and moves to the newest slot of the window; an edit
     the batch makes again is not refreshed; the window travels with the checkpoint."""
     hp = BEACHyperParams(max_overlap=1, key_memory=0.0, refresh=0.5, refresh_window=2)
-    model, method, stats = fresh(model_and_stats, BEACAlphaEdit, beac=hp)
+    model, method, stats = fresh(model_and_stats, BEAC, beac=hp)
     method.setup(model, tokenizer, stats)
     w0 = snapshot(model, method.module_names)
     edit(method, model, tokenizer, requests([0, 1, 2, 3]))
@@ -361,7 +361,7 @@ def test_rar_refresh_rewrites_earlier_edits_that_no_longer_hold(model_and_stats,
     buf = io.BytesIO()
     torch.save(method.state_dict(), buf)
     buf.seek(0)
-    _, restored, _ = fresh(model_and_stats, BEACAlphaEdit, beac=hp)
+    _, restored, _ = fresh(model_and_stats, BEAC, beac=hp)
     restored.load_state_dict(torch.load(buf, weights_only=True))
     assert restored.refresh_record == method.refresh_record
     # the window holds the latest refresh_window batches
@@ -372,7 +372,7 @@ def test_rar_refresh_rewrites_earlier_edits_that_no_longer_hold(model_and_stats,
 
 
 def test_rar_refresh_off_keeps_no_window(model_and_stats, tokenizer):
-    model, method, stats = fresh(model_and_stats, BEACAlphaEdit, beac=BEACHyperParams(max_overlap=1, key_memory=0.0))
+    model, method, stats = fresh(model_and_stats, BEAC, beac=BEACHyperParams(max_overlap=1, key_memory=0.0))
     _run(model, method, stats, tokenizer, BATCHES)
     assert method.refresh_record == [] and "refreshed" not in method.history[-1]
     with pytest.raises(ValueError, match="refresh_window"):
@@ -413,7 +413,7 @@ def test_anchor_key_record_drops_faded_entries():
 
 
 def test_anchor_key_record_solve_is_the_per_row_problem(model_and_stats, tokenizer):
-    """The Woodbury rows of :meth:`BEAC._layer_update` equal the direct solve of (B5) row by row:
+    """The Woodbury rows of :meth:`BEACMEMIT._layer_update` equal the direct solve of (B5) row by row:
     Δw_j = r_j Kᵀ(λC + KKᵀ + η Σ_{o anchors j} w_o k_o k_oᵀ)⁻¹."""
     model, method, stats = fresh(model_and_stats, beac=BEACHyperParams(key_memory=2.0))
     method.setup(model, tokenizer, stats)
@@ -492,7 +492,7 @@ def test_load_state_rejects_a_malformed_key_record(model_and_stats):
 
 
 def test_load_state_rejects_a_malformed_refresh_window_and_changes_nothing(model_and_stats):
-    _, method, _ = fresh(model_and_stats, BEACAlphaEdit, beac=BEACHyperParams(key_memory=0.0, refresh=0.2))
+    _, method, _ = fresh(model_and_stats, BEAC, beac=BEACHyperParams(key_memory=0.0, refresh=0.2))
     state = method.state_dict()
     state["templates"] = ["{} changed"]
     state["beac"]["batches"] = 7
@@ -512,24 +512,24 @@ def test_load_state_rejects_other_layers(model_and_stats):
 
 def test_key_memory_is_for_memits_solve_only():
     with pytest.raises(ValueError, match="key_memory"):
-        BEACAlphaEdit(beac=BEACHyperParams(key_memory=1.0))
+        BEAC(beac=BEACHyperParams(key_memory=1.0))
 
 
 def test_beac_needs_anchors():
     with pytest.raises(ValueError, match="anchors"):
-        BEAC(eac=EACHyperParams(anchors="none"))
+        BEACMEMIT(eac=EACHyperParams(anchors="none"))
 
 
 def test_presets_load():
     from eac_lightning.editor import method_from_preset
 
     full = method_from_preset("beac")  # over AlphaEdit's solve, write-aware, with RAR's refresh
-    assert isinstance(full, BEACAlphaEdit) and full.beac.las and full.beac.rar and full.label == "B-EAC"
+    assert isinstance(full, BEAC) and full.beac.las and full.beac.rar and full.label == "B-EAC"
     assert full.write_aware and full.beac.refresh == 0.2 and full.l2 == 10.0
     assert not method_from_preset("beac-no-las").beac.las
     assert not method_from_preset("beac-no-rar").beac.rar
     assert [method_from_preset(p).label for p in ("beac-no-las", "beac-no-rar")] == ["B-EAC w/o LAS", "B-EAC w/o RAR"]
     over_memit = method_from_preset("beac-memit")
-    assert isinstance(over_memit, BEAC) and over_memit.beac.key_memory == 1.0 and over_memit.label == "B-EAC (MEMIT)"
+    assert isinstance(over_memit, BEACMEMIT) and over_memit.beac.key_memory == 1.0 and over_memit.label == "B-EAC (MEMIT)"
     assert [method_from_preset(p).label for p in ("beac-memit-no-las", "beac-memit-no-rar")] == [
         "B-EAC (MEMIT) w/o LAS", "B-EAC (MEMIT) w/o RAR"]

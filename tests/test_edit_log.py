@@ -26,7 +26,7 @@ from eac_lightning.methods import (
     edit,
 )
 from eac_lightning.methods.base import Written
-from eac_lightning.methods.beac import BEAC
+from eac_lightning.methods.beac import BEACMEMIT
 from eac_lightning.methods.beac_plan import BEACHyperParams
 from eac_lightning.models.adapters import mlp_out_name, weight_view
 from eac_lightning.session import EditLog, EditLogError, EditSession
@@ -64,7 +64,7 @@ def _methods(c_max: float) -> dict:
     return {
         "rome-eac": lambda: ROME(layer=1, context=CTX, target=Z, eac=EACHyperParams(gamma=80.0)),
         "alphaedit": lambda: AlphaEdit(layers=[1, 2], context=CTX, target=Z, nullspace_threshold=c_max * 2),
-        "beac-memit": lambda: BEAC(layers=[1, 2], context=CTX, target=Z, mom2_update_weight=10.0,
+        "beac-memit": lambda: BEACMEMIT(layers=[1, 2], context=CTX, target=Z, mom2_update_weight=10.0,
                                    eac=EACHyperParams(gamma=80.0), beac=BEACHyperParams(key_memory=1.0)),
         "ultraedit": lambda: UltraEdit(layers=[1, 2], lr=1e-2),
         "ft": lambda: FT(layers=[1]),

@@ -170,7 +170,7 @@ def test_ddp_two_processes_match_single_process(full_run, tmp_path):
 def test_beac_kill_and_resume_equals_uninterrupted(tmp_path):
     """Batch-sequential B-EAC through the CLI: RAR's usage and key records and its refresh window travel in
     Lightning's checkpoint, so a run killed after two batches and resumed writes what an uninterrupted run writes."""
-    method = {"class_path": "eac_lightning.methods.beac.BEAC",
+    method = {"class_path": "eac_lightning.methods.beac.BEACMEMIT",
               "init_args": {"target": {"num_steps": 4, "clamp_norm_factor": 4.0}, "context": {"length_count": [[5, 2]]},
                             "mom2_update_weight": 10.0, "eac": {"gamma": 80.0}, "beac": {"refresh": 0.5}}}
     extra = {"model": {"method": method}, "data": {"batch_size": 2}}

@@ -72,7 +72,7 @@ def hyperparameter_help() -> str:
         ("beac (B-EAC)", BEACHyperParams),
     ]
     lines = ["method settings (e.g. --model.method.init_args.eac.gamma 80 or a config's model.method.init_args; "
-             "a method's own arguments: --model.method.help ROME|MEMIT|AlphaEdit|FT|BEAC):"]
+             "a method's own arguments: --model.method.help ROME|MEMIT|AlphaEdit|UltraEdit|FT|BEAC|BEACMEMIT):"]
     for title, cls in groups:
         docs = {p.arg_name: " ".join(p.description.split()) for p in parse(cls.__doc__).params}
         lines.append(f"  {title}:")

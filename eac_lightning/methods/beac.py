@@ -27,7 +27,7 @@ pile onto the same rows, batch after batch. B-EAC selects the anchors of a whole
   ranked by the penalised priority |score_i[j]| / max|score_i| · π[l, j], π = 1 / (1 + β·U/mean(U)), so heavily
   used anchors are avoided, and the admission threshold is the order statistic of that priority that yields the
   batch's budget (n·k anchors, n·k·r/L per layer), refreshed every batch rather than fixed on the raw score. Its
-  key part (``key_memory`` η > 0, :class:`BEAC`) keeps each earlier edit's keys with its anchor dimensions, and
+  key part (``key_memory`` η > 0, :class:`BEACMEMIT`) keeps each earlier edit's keys with its anchor dimensions, and
   MEMIT's solve keeps what those keys read in those rows (row j of ΔW_l solves
   λC + KKᵀ + η Σ_{o anchors j} w_o k_o k_oᵀ, w_o = ρ^age): a new batch does not overwrite earlier edits where
   they were written. Its refresh (``refresh`` > 0) re-checks the edits of the last batches on the current model
@@ -36,8 +36,8 @@ pile onto the same rows, batch after batch. B-EAC selects the anchors of a whole
   :meth:`state_dict`, so a resumed run behaves exactly like an uninterrupted one.
 
 The planning itself and RAR's key record are tensor code apart from any model (:mod:`eac_lightning.methods.beac_plan`).
-Here they run as a mixin over MEMIT's code (no copy of it): :class:`BEAC` edits with MEMIT's solve,
-:class:`BEACAlphaEdit` with AlphaEdit's null-space-projected solve (the per-row masking commutes with the
+Here they run as a mixin over MEMIT's code (no copy of it): :class:`BEACMEMIT` edits with MEMIT's solve,
+:class:`BEAC` with AlphaEdit's null-space-projected solve (the per-row masking commutes with the
 projection because both solves are row-separable in ΔW_l).
 """
 
@@ -246,7 +246,7 @@ class BatchAnchorMixin:
         self.refresh_record = window
 
 
-class BEAC(BatchAnchorMixin, MEMIT):
+class BEACMEMIT(BatchAnchorMixin, MEMIT):
     """B-EAC on MEMIT: EAC-compressed z, anchors planned per batch and layer (LAS) under a rolling record of earlier
     edits (RAR), written with MEMIT's solve (row by row where the record holds earlier edits' anchors).
 
@@ -366,7 +366,7 @@ class BEAC(BatchAnchorMixin, MEMIT):
         self._roll_key_record({n: (v["keys"], v["cells"]) for n, v in step.items()})
 
 
-class BEACAlphaEdit(BatchAnchorMixin, AlphaEdit):
+class BEAC(BatchAnchorMixin, AlphaEdit):
     """B-EAC on AlphaEdit, the ``beac`` preset (with ``write_aware`` and RAR's refresh, docs/beac.md § 5.2): B-EAC's
     anchors written with AlphaEdit's null-space-projected solve (and its accumulated keys of earlier edits).
 
@@ -395,6 +395,6 @@ class BEACAlphaEdit(BatchAnchorMixin, AlphaEdit):
         self._init_beac(beac or BEACHyperParams(key_memory=0.0))
         if self.beac.key_memory > 0:
             raise ValueError(
-                "BEACAlphaEdit keeps AlphaEdit's own record of earlier keys (past_kkt); beac.key_memory applies to "
-                "BEAC (MEMIT's solve) only: set it to 0"
+                "BEAC keeps AlphaEdit's own record of earlier keys (past_kkt); beac.key_memory applies to "
+                "BEACMEMIT (MEMIT's solve) only: set it to 0"
             )

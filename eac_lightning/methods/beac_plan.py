@@ -39,9 +39,9 @@ class BEACHyperParams:
             got if they are at least this share of k; below it the batch is rejected (raise ``max_overlap``).
         decay: ρ, the per-batch decay of the usage record (its memory is about 1/(1-ρ) batches).
         penalty: β, the strength of the usage penalty π = 1/(1 + β·U/mean U).
-        key_memory: η, the weight of RAR's anchor key record in the solve of :class:`BEAC` (docs/beac.md § 2.3,
+        key_memory: η, the weight of RAR's anchor key record in the solve of :class:`BEACMEMIT` (docs/beac.md § 2.3,
             B5): row j of ΔW_l keeps what each earlier edit o with an anchor at dimension j reads, with weight
-            η·ρ^age(o). 0: the usage record and penalty only. :class:`BEACAlphaEdit` keeps AlphaEdit's own record
+            η·ρ^age(o). 0: the usage record and penalty only. :class:`BEAC` keeps AlphaEdit's own record
             of earlier keys instead (needs 0).
         refresh: RAR's refresh share (docs/beac.md § 2.6): before each batch of n edits, up to ceil(refresh·n)
             earlier edits of the window whose bare prompt no longer yields their target on the current model

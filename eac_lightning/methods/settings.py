@@ -35,7 +35,7 @@ def method_key(spec: dict[str, Any]) -> str:
     """The preset name of a method spec (``{"class_path": ..., "init_args": ...}``): ``rome``, ``rome-eac``,
     ``memit-eac``, ``ft-en``, ``beac`` (B-EAC over AlphaEdit's solve), ``beac-memit``, ..."""
     cls = spec["class_path"].rsplit(".", 1)[-1]
-    key = {"BEACAlphaEdit": "beac", "BEAC": "beac-memit"}.get(cls, cls.lower())
+    key = {"BEAC": "beac", "BEACMEMIT": "beac-memit"}.get(cls, cls.lower())
     if spec.get("init_args", {}).get("eac") is not None:
         key += _EAC_SUFFIX.get(key, "")
     return key
