@@ -15,6 +15,7 @@ Resuming replays the log to that entry, bit-identical to the run that wrote it.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,7 @@ from eac_lightning.lightning.checkpoint import (
 from eac_lightning.methods.base import Deltas, EditMethod, Written, snapshot
 from eac_lightning.methods.edit import EditResult, optimise_targets
 from eac_lightning.methods.rome import ROME
+from eac_lightning.models.adapters import weight_view
 from eac_lightning.models.loading import load_model, resolve_model_path
 from eac_lightning.session import EditLog, EditSession
 from eac_lightning.stats.covariance import CovarianceStore
@@ -68,6 +70,10 @@ class EditingModule(L.LightningModule):
             ``as_given``: the method exactly as configured.
         allow_method_change: resume a checkpoint written by another method or other hyper-parameters
             (refused otherwise, naming the field that differs).
+        device_map: place a model larger than one device with accelerate's big-model dispatch: ``auto`` or
+            {module name: device index | "cpu" | "disk"} (docs/multi_device.md). The edited layers and the input
+            embeddings must stay resident (a device or "cpu"); the run prints where each part went.
+        offload_folder: where ``device_map``'s "disk" modules are kept.
         snapshot_every: edit steps between snapshots of the accumulated deltas and method state in the edit log
             (``history/snapshots``; one is also written at the end of fit, and only the newest is kept). A resume
             replays at most this many steps; a rollback to before the snapshot replays from the root. A snapshot
@@ -87,6 +93,8 @@ class EditingModule(L.LightningModule):
         method_settings: str = "auto",
         allow_method_change: bool = False,
         snapshot_every: int = 100,
+        device_map: str | dict[str, int | str] | None = None,
+        offload_folder: str | None = None,
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
@@ -107,6 +115,11 @@ class EditingModule(L.LightningModule):
         if isinstance(snapshot_every, bool) or not isinstance(snapshot_every, int) or snapshot_every < 0:
             raise ValueError(f"--model.snapshot_every must be an edit-step count >= 0, got {snapshot_every!r}")
         self.snapshot_every = snapshot_every
+        if device_map is not None and not (device_map == "auto" or isinstance(device_map, dict)):
+            raise ValueError(f"--model.device_map must be 'auto' or a mapping {{module: device}}, got {device_map!r}")
+        if isinstance(device_map, dict) and "disk" in device_map.values() and not offload_folder:
+            raise ValueError("--model.device_map puts modules on 'disk': give --model.offload_folder DIR for them")
+        self.device_map, self.offload_folder = device_map, offload_folder
         self.lm = None
         self.tokenizer = None
         self.stats: CovarianceStore | None = None
@@ -119,13 +132,41 @@ class EditingModule(L.LightningModule):
     def configure_model(self) -> None:
         if self.lm is not None:
             return
-        self.lm, self.tokenizer = load_model(self.model_path, dtype=self.dtype_name, adapter=self.adapter)
-        for p in self.lm.parameters():
+        lm, self.tokenizer = load_model(self.model_path, dtype=self.dtype_name, adapter=self.adapter,
+                                        device_map=self.device_map, offload_folder=self.offload_folder)
+        for p in lm.parameters():
             p.requires_grad_(False)  # targets are optimised through hooks; weights change only by closed forms
+        if self.device_map is None:
+            self.lm = lm
+        else:
+            # A placed model is not a submodule: Lightning moves its module to one device, which would undo the
+            # placement (and cannot move disk-offloaded weights).
+            object.__setattr__(self, "lm", lm)
+            self._report_placement()
+
+    def _report_placement(self) -> None:
+        placed: dict[str, list[str]] = {}
+        for module, where in (getattr(self.lm, "hf_device_map", None) or {}).items():
+            placed.setdefault(str(where), []).append(module or "(whole model)")
+        if not self._trainer or self.trainer.global_rank == 0:
+            print("model placement (--model.device_map): " + "; ".join(
+                f"{where}: {', '.join(mods[:6])}{f' and {len(mods) - 6} more' if len(mods) > 6 else ''}"
+                for where, mods in placed.items()), file=sys.stderr)
+
+    def _check_resident(self) -> None:
+        """The edited matrices are written in place and the inputs go where the embeddings are: neither may be
+        offloaded to disk (accelerate keeps those weights on the meta device)."""
+        embed = self.lm.get_input_embeddings()
+        named = [(n, weight_view(self.lm, n)) for n in self.method.module_names]
+        named.append(("input embeddings", embed.weight))
+        off = [n for n, w in named if w.device.type == "meta"]
+        if off:
+            raise ValueError(f"--model.device_map offloads {', '.join(off)} to disk; the edited layers and the input "
+                             "embeddings must stay on a device or 'cpu': map them (their decoder layers) to one")
 
     def setup(self, stage: str) -> None:
         self.configure_model()
-        if self._trainer is not None:
+        if self._trainer is not None and self.device_map is None:
             # Lightning moves the module to the accelerator only after setup(); the key statistics and context
             # templates below run forwards of the model, so it goes to its device first (same place, moved once).
             self.lm.to(self.trainer.strategy.root_device)
@@ -133,6 +174,8 @@ class EditingModule(L.LightningModule):
             self.stats = CovarianceStore(self.lm, self.tokenizer, corpus=self.stats_corpus,
                                          num_tokens=self.stats_tokens, damping=self.stats_damping)
         self.method.setup(self.lm, self.tokenizer, self.stats)
+        if self.device_map is not None:
+            self._check_resident()
         if self.session is None:  # the unedited matrices, copied before any delta is applied
             base = snapshot(self.lm, self.method.module_names)
             self.base_fingerprint = model_fingerprint(self.lm, base)
