@@ -288,3 +288,33 @@ def test_two_writers_of_one_cache_file_both_succeed(tmp_path, monkeypatch):
     cov_mod._atomic_save({"mom2": torch.ones(2, 2), "count": 2}, path)
     assert torch.load(path, weights_only=True)["count"] == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fp-layer.pt"]  # no temporary file left behind
+
+
+@pytest.mark.slow
+def test_statistics_on_two_processes_equal_one_process_and_export_the_published_format(tiny_gpt2, tokenizer, corpus,
+                                                                                      tmp_path):
+    """``eac-lightning stats --devices 2 --accelerator cpu``: each process reads every other window, the float64
+    sums are all-reduced; the exported mom2 files (ROME/MEMIT's format) of one and two processes agree."""
+    import os
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    tiny_gpt2.save_pretrained(tmp_path / "m")
+    tokenizer.save_pretrained(tmp_path / "m")
+    args = ["stats", "--model", str(tmp_path / "m"), "--layers", "[1, 2]", "--corpus", corpus, "--num_tokens", "500",
+            "--batch_size", "2", "--seq_len", "16", "--accelerator", "cpu"]
+    out = {}
+    for devices in (1, 2):
+        env = {**os.environ, "EAC_CACHE_DIR": str(tmp_path / f"cache{devices}"), "OMP_NUM_THREADS": "1"}
+        proc = subprocess.run([sys.executable, "-m", "eac_lightning.lightning.cli", *args, "--devices", str(devices),
+                               "--export_file", str(tmp_path / f"c{devices}.npz")], env=env, capture_output=True,
+                              text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        out[devices] = {layer: np.load(tmp_path / f"c{devices}-layer{layer}.npz") for layer in (1, 2)}
+    for layer in (1, 2):
+        one, two = out[1][layer], out[2][layer]
+        assert int(one["mom2.count"]) == int(two["mom2.count"]) == 500
+        np.testing.assert_allclose(two["mom2.mom2"], one["mom2.mom2"], rtol=1e-6, atol=1e-9 * abs(one["mom2.mom2"]).max())
+        assert abs(one["mom2.mom2"]).max() > 0

@@ -2,7 +2,7 @@
 
     eac-lightning fit --config configs/quickstart.yaml [--config configs/methods/memit-eac.yaml] [--data.num_edits 50]
     eac-lightning validate --config configs/quickstart.yaml --ckpt_path runs/quickstart/checkpoints/last.ckpt
-    eac-lightning stats --model testbed:small --layers [0,1,2]
+    eac-lightning stats --model testbed:small --layers [0,1,2] [--devices 2 --accelerator cpu] [--export_file C.npz]
     eac-lightning testbed DIR --preset small
     eac-lightning trace --model testbed:small --out DIR
     eac-lightning export RUN_OR_CHECKPOINT OUT_DIR
@@ -231,8 +231,10 @@ def _apply_model_settings(model_cfg: Namespace, argv: list[str]) -> dict:
 
 def stats_command(model: str = "testbed:small", layers: list[int] | None = None, corpus: str | None = None,
                   num_tokens: int = 100_000, batch_size: int = 16, seq_len: int = 128, dtype: str = "float32",
-                  device: str | None = None, import_file: str | None = None) -> None:
-    """Precompute (and cache) the key covariance C = E[kkᵀ] of the edited layers, or import published ones.
+                  device: str | None = None, import_file: str | None = None, export_file: str | None = None,
+                  accelerator: str = "auto", devices: int = 1, num_nodes: int = 1) -> None:
+    """Precompute (and cache) the key covariance C = E[kkᵀ] of the edited layers, import published ones, or export
+    them in the published format.
 
     Args:
         model: ``testbed:<preset>``, a local folder or a hub id.
@@ -243,10 +245,18 @@ def stats_command(model: str = "testbed:small", layers: list[int] | None = None,
         batch_size: windows per forward pass (bounds memory with ``seq_len``).
         seq_len: tokens per window.
         dtype: the model's weights' dtype (statistics accumulate in float64 whatever it is).
-        device: where the model runs (default: CUDA when available, else the CPU).
+        device: where the model runs in one process (default: CUDA when available, else the CPU).
         import_file: a ROME/MEMIT ``mom2`` ``.npz`` (``mom2.mom2``, ``mom2.count``) to use for the one layer in
             ``layers`` instead of computing it; cached under ``corpus`` and ``num_tokens``, so a run with
             ``--model.stats_corpus CORPUS --model.stats_tokens N`` uses it. Spelled ``--import`` too.
+        export_file: write each layer's statistics as a ``mom2`` ``.npz`` that ``--import_file`` (and ROME's,
+            MEMIT's and EasyEdit's code) reads; with several layers, ``-layer<N>`` is added before the suffix.
+        accelerator: with ``devices`` or ``num_nodes`` above 1, the processes' accelerator (``cpu``, ``gpu``,
+            ``auto``): Lightning Fabric starts one process per device, each reads its share of the corpus windows
+            and the float64 sums are all-reduced (equal to one process up to float64 rounding). Resumable as one
+            process is: each keeps its partial sums.
+        devices: processes per node.
+        num_nodes: nodes.
     """
     import torch
 
@@ -254,7 +264,22 @@ def stats_command(model: str = "testbed:small", layers: list[int] | None = None,
     from eac_lightning.models.loading import default_layers, load_model
     from eac_lightning.stats.covariance import CovarianceStore
 
+    shard: dict = {}
+    if devices > 1 or num_nodes > 1:
+        from lightning.fabric import Fabric
+
+        fabric = Fabric(accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy="ddp")
+        fabric.launch()  # one process per device (this command runs again in each)
+
+        def all_reduce(t: torch.Tensor) -> None:
+            t.copy_(fabric.all_reduce(t, reduce_op="sum"))
+
+        shard = {"rank": fabric.global_rank, "world_size": fabric.world_size, "all_reduce": all_reduce}
+        device = str(fabric.device)
+    elif accelerator in ("cpu", "gpu", "cuda"):
+        device = device or ("cpu" if accelerator == "cpu" else "cuda")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    lead = shard.get("rank", 0) == 0
     m, tok = load_model(model, dtype=dtype, device=device)
     if import_file is not None:
         if not layers or len(layers) != 1:
@@ -268,11 +293,20 @@ def stats_command(model: str = "testbed:small", layers: list[int] | None = None,
     if layers is None:
         d = default_layers(m)
         layers = sorted({d.rome, *d.memit})
-    store = CovarianceStore(m, tok, corpus=corpus, num_tokens=num_tokens, seq_len=seq_len, batch_size=batch_size)
+    store = CovarianceStore(m, tok, corpus=corpus, num_tokens=num_tokens, seq_len=seq_len, batch_size=batch_size,
+                            **shard)
     names = [mlp_out_name(m, l) for l in layers]
     store.prefetch(names)
-    for n in names:
-        print(f"{n}: {store.get(n).count} tokens, {store.path(n, store.get(n).count)}")
+    if not lead:
+        return
+    for layer, n in zip(layers, names):
+        line = f"{n}: {store.get(n).count} tokens, {store.path(n, store.get(n).count)}"
+        if export_file is not None:
+            out = Path(export_file)
+            if len(names) > 1:
+                out = out.with_name(f"{out.stem}-layer{layer}{out.suffix or '.npz'}")
+            line += f"; exported to {store.export_mom2(n, out)}"
+        print(line)
 
 
 def _extra_command(name: str):

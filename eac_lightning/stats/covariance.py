@@ -132,6 +132,9 @@ class CovarianceStore:
         dtype: the dtype of the accumulated statistics on disk.
         damping: ε of the damped solve (relative to the mean eigenvalue tr(C)/d).
         directory: cache folder (default ``<cache_dir>/stats``).
+        rank, world_size, all_reduce: several processes share one pass (``eac-lightning stats --devices N``):
+            process ``rank`` reads every ``world_size``-th window of the corpus and ``all_reduce`` (an in-place
+            sum over the processes, e.g. Fabric's) adds the float64 sums and counts; rank 0 writes the cache.
     """
 
     def __init__(
@@ -145,6 +148,9 @@ class CovarianceStore:
         dtype: torch.dtype = torch.float64,
         damping: float = 1e-2,
         directory: str | os.PathLike | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+        all_reduce=None,
     ) -> None:
         self.model, self.tokenizer = model, tokenizer
         if corpus is None:
@@ -158,6 +164,7 @@ class CovarianceStore:
             self.directory = writable_cache_folder(cache_dir() / "stats")
         self.fingerprint = stats_cache_key(model)
         self._memory: dict[str, Covariance] = {}
+        self.rank, self.world_size, self.all_reduce = rank, world_size, all_reduce
 
     def path(self, module_name: str, num_tokens: int | None = None) -> Path:
         """The cache file of ``module_name``'s statistics over ``num_tokens`` tokens (default: the requested)."""
@@ -203,7 +210,8 @@ class CovarianceStore:
         accumulated on the model's device, partial sums saved every 30 s and on an interrupt (Ctrl-C, SIGTERM)
         so that a rerun resumes where this one stopped."""
         group = hashlib.sha256("|".join([*names, str(self.corpus)]).encode()).hexdigest()[:8]
-        partial = self.directory / f"{self.fingerprint}-{group}-{self.num_tokens}.partial.pt"
+        shard = f"-r{self.rank}of{self.world_size}" if self.world_size > 1 else ""
+        partial = self.directory / f"{self.fingerprint}-{group}-{self.num_tokens}{shard}.partial.pt"
         state = {"sums": {}, "count": 0, "windows": 0}
         if partial.exists():
             try:
@@ -212,23 +220,30 @@ class CovarianceStore:
                 partial.unlink()  # an interrupted write of the partial file: start over
         device = next(self.model.parameters()).device
         state["sums"] = {n: s.to(device) for n, s in state["sums"].items()}
-        windows = _token_windows(self.tokenizer, self.corpus, self.seq_len)
+        # Window i of the corpus holds tokens [i·seq_len, (i+1)·seq_len) of the num_tokens; this process reads the
+        # windows i ≡ rank (mod world_size), and the last one needed is cut at num_tokens.
+        needed = -(-self.num_tokens // self.seq_len)
+        mine = [i for i in range(needed) if i % self.world_size == self.rank]
+        tokens_of = {i: min(self.seq_len, self.num_tokens - i * self.seq_len) for i in mine}
+        goal = sum(tokens_of.values())
+        windows = (w for i, w in enumerate(_token_windows(self.tokenizer, self.corpus, self.seq_len))
+                   if i % self.world_size == self.rank)
         for _ in range(state["windows"]):  # skip what the partial sums already hold
             next(windows, None)
-        bar = progress(total=self.num_tokens, initial=state["count"], desc=f"key covariance ({len(names)} layers)",
-                       unit="tok", unit_scale=True)
+        bar = progress(total=goal, initial=state["count"], desc=f"key covariance ({len(names)} layers)",
+                       unit="tok", unit_scale=True, disable=self.rank != 0)
         t0, tokens0, last_save = time.time(), state["count"], time.time()
         was_training = self.model.training
         self.model.eval()
         try:
             with torch.no_grad(), capture(self.model, names) as rec, _sigterm_as_interrupt():
-                while state["count"] < self.num_tokens:
-                    wanted = -(-(self.num_tokens - state["count"]) // self.seq_len)  # windows still needed
+                while state["windows"] < len(mine):
+                    wanted = len(mine) - state["windows"]  # this process's windows still needed
                     batch = [w for _, w in zip(range(min(self.batch_size, wanted)), windows)]
                     if not batch:
                         break
                     self.model(input_ids=torch.stack(batch).to(device), use_cache=False)
-                    take = min(len(batch) * self.seq_len, self.num_tokens - state["count"])
+                    take = sum(tokens_of[i] for i in mine[state["windows"]:state["windows"] + len(batch)])
                     for n in names:
                         k = rec[n].input.reshape(-1, rec[n].input.shape[-1])[:take].to(self.dtype)
                         state["sums"][n] = state["sums"][n] + k.T @ k if n in state["sums"] else k.T @ k
@@ -246,17 +261,40 @@ class CovarianceStore:
         finally:
             bar.close()
             self.model.train(was_training)
+        if self.all_reduce is not None:  # the processes' float64 sums and counts added
+            total = torch.tensor([float(state["count"])], dtype=torch.float64, device=device)
+            self.all_reduce(total)
+            for n in names:
+                if n not in state["sums"]:
+                    d = key_dim(self.model, n)
+                    state["sums"][n] = torch.zeros(d, d, dtype=self.dtype, device=device)
+                self.all_reduce(state["sums"][n])
+            state["count"] = int(total.item())
         count = state["count"]
         if count == 0:
             raise RuntimeError(f"corpus {self.corpus!r} yielded no {self.seq_len}-token window")
         if count < self.num_tokens:
             _warn_short(self.corpus, count, self.num_tokens)
         for n in names:
-            _atomic_save({"mom2": state["sums"][n].cpu(), "count": count}, self.path(n, count))
-            if count < self.num_tokens:
-                self._short_marker(n).write_text(str(count))
+            if self.rank == 0:
+                _atomic_save({"mom2": state["sums"][n].cpu(), "count": count}, self.path(n, count))
+                if count < self.num_tokens:
+                    self._short_marker(n).write_text(str(count))
             self._memory[n] = Covariance(state["sums"][n].cpu().double() / count, count, self.damping)
         partial.unlink(missing_ok=True)
+
+    def export_mom2(self, module_name: str, npz_path: str | os.PathLike) -> Path:
+        """Write ``module_name``'s statistics as a ROME/MEMIT ``layer_stats`` ``.npz`` (``mom2.mom2``: the (d, d)
+        sum Σ k kᵀ in float64, ``mom2.count``), the format :meth:`import_mom2` reads, so a lab computes them once
+        and shares the file."""
+        import numpy as np
+
+        cov = self.get(module_name)
+        path = Path(npz_path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "wb") as fh:
+            np.savez(fh, **{"mom2.mom2": (cov.matrix * cov.count).numpy(), "mom2.count": np.array(cov.count)})
+        return path
 
     def import_mom2(self, module_name: str, npz_path: str | os.PathLike) -> Covariance:
         """Use published key statistics for ``module_name``: a ROME/MEMIT ``layer_stats`` ``.npz`` holding
