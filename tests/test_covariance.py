@@ -318,3 +318,15 @@ def test_statistics_on_two_processes_equal_one_process_and_export_the_published_
         assert int(one["mom2.count"]) == int(two["mom2.count"]) == 500
         np.testing.assert_allclose(two["mom2.mom2"], one["mom2.mom2"], rtol=1e-6, atol=1e-9 * abs(one["mom2.mom2"]).max())
         assert abs(one["mom2.mom2"]).max() > 0
+
+
+def test_the_convergence_report_shrinks_to_the_full_count(tiny_gpt2, tokenizer, corpus, names):
+    from eac_lightning.stats.covariance import convergence_report
+
+    report = convergence_report(tiny_gpt2, tokenizer, names, corpus, 600, seq_len=16, batch_size=4,
+                                fractions=(1 / 8, 1 / 2), holdout_windows=4)
+    for rows in report.values():
+        assert [r["tokens"] for r in rows] == [75, 300]
+        assert rows[0]["relative_change"] > rows[1]["relative_change"] > 0  # more tokens, closer to the full C
+    with pytest.raises(ValueError, match="lower --num_tokens"):
+        convergence_report(tiny_gpt2, tokenizer, names, corpus, 10**7, seq_len=16)

@@ -232,7 +232,7 @@ def _apply_model_settings(model_cfg: Namespace, argv: list[str]) -> dict:
 def stats_command(model: str = "testbed:small", layers: list[int] | None = None, corpus: str | None = None,
                   num_tokens: int = 100_000, batch_size: int = 16, seq_len: int = 128, dtype: str = "float32",
                   device: str | None = None, import_file: str | None = None, export_file: str | None = None,
-                  accelerator: str = "auto", devices: int = 1, num_nodes: int = 1) -> None:
+                  accelerator: str = "auto", devices: int = 1, num_nodes: int = 1, convergence: bool = False) -> None:
     """Precompute (and cache) the key covariance C = E[kkᵀ] of the edited layers, import published ones, or export
     them in the published format.
 
@@ -257,6 +257,9 @@ def stats_command(model: str = "testbed:small", layers: list[int] | None = None,
             process is: each keeps its partial sums.
         devices: processes per node.
         num_nodes: nodes.
+        convergence: also report how much the solve C⁻¹k still moves as tokens are added (relative change on
+            held-out keys for C over 1/32 ... 1/2 of ``num_tokens``; one more pass over the corpus, one process):
+            when the last figures are small, more tokens would not change the edits much.
     """
     import torch
 
@@ -299,6 +302,13 @@ def stats_command(model: str = "testbed:small", layers: list[int] | None = None,
     store.prefetch(names)
     if not lead:
         return
+    if convergence:
+        from eac_lightning.stats.covariance import convergence_report
+
+        report = convergence_report(m, tok, names, store.corpus, num_tokens, seq_len, batch_size, store.damping)
+        for n, rows in report.items():
+            print(f"{n}: relative change of C^-1 k on held-out keys against {num_tokens} tokens: " + ", ".join(
+                f"{r['tokens']} tok {r['relative_change']:.3g}" for r in rows))
     for layer, n in zip(layers, names):
         line = f"{n}: {store.get(n).count} tokens, {store.path(n, store.get(n).count)}"
         if export_file is not None:

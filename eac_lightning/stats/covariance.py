@@ -318,6 +318,61 @@ class CovarianceStore:
         return self._memory[module_name]
 
 
+def convergence_report(model: nn.Module, tokenizer, names: Sequence[str], corpus: str, num_tokens: int,
+                       seq_len: int = 128, batch_size: int = 16, damping: float = 1e-2,
+                       fractions: Sequence[float] = (1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2),
+                       holdout_windows: int = 16) -> dict[str, list[dict[str, float]]]:
+    """How much the solve C⁻¹k that every edit uses still moves as tokens are added: for C over each fraction of
+    ``num_tokens``, the relative change ‖C_t⁻¹K − C_N⁻¹K‖_F / ‖C_N⁻¹K‖_F on held-out keys K (the
+    ``holdout_windows`` windows that follow the ``num_tokens``), damped as the runs solve. Returns {module: [{"tokens",
+    "relative_change"}, ...]}. One pass over the corpus (it keeps a copy of the sums per fraction: d_k² floats
+    each)."""
+    marks = sorted({max(1, int(f * num_tokens)) for f in fractions} | {num_tokens})
+    sums: dict[str, torch.Tensor] = {}
+    snaps: dict[int, dict[str, torch.Tensor]] = {}
+    held: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+    count, device = 0, next(model.parameters()).device
+    windows = _token_windows(tokenizer, corpus, seq_len)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), capture(model, names) as rec:
+            spare = 0
+            while spare < holdout_windows:
+                batch = [w for _, w in zip(range(batch_size), windows)]
+                if not batch:
+                    break
+                model(input_ids=torch.stack(batch).to(device), use_cache=False)
+                keys = {n: rec[n].input.reshape(-1, rec[n].input.shape[-1]).double().cpu() for n in names}
+                for row in range(0, len(batch) * seq_len, seq_len):  # window by window: milestones fall inside
+                    if count >= num_tokens:
+                        for n in names:
+                            held[n].append(keys[n][row:row + seq_len])
+                        spare += 1
+                        continue
+                    pos = 0
+                    while pos < seq_len and count < num_tokens:
+                        take = min(seq_len - pos, min(m for m in marks if m > count) - count)
+                        for n in names:
+                            k = keys[n][row + pos:row + pos + take]
+                            sums[n] = sums[n] + k.T @ k if n in sums else k.T @ k
+                        count, pos = count + take, pos + take
+                        if count in marks:
+                            snaps[count] = {n: sums[n].clone() for n in names}
+    finally:
+        model.train(was_training)
+    if count < num_tokens or not any(held.values()):
+        raise ValueError(f"corpus {corpus!r} holds fewer than {num_tokens} tokens plus {holdout_windows} held-out "
+                         f"windows of {seq_len}: lower --num_tokens for the convergence report")
+    out: dict[str, list[dict[str, float]]] = {}
+    for n in names:
+        keys = torch.cat(held[n]).T  # (d_k, m)
+        final = Covariance(snaps[num_tokens][n] / num_tokens, num_tokens, damping).solve(keys)
+        out[n] = [{"tokens": t, "relative_change": float((Covariance(snaps[t][n] / t, t, damping).solve(keys) - final)
+                                                         .norm() / final.norm())} for t in marks if t < num_tokens]
+    return out
+
+
 def _on_cpu(state: dict) -> dict:
     return {**state, "sums": {n: s.cpu() for n, s in state["sums"].items()}}
 
