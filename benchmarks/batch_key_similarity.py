@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import torch
 from beac_batches import (
     second_corrections,  # a sibling script: python puts benchmarks/ on the path
 )
+from beac_tables import similarity_table
 
 from eac_lightning.data.sources import load_requests
 from eac_lightning.methods.eac import anchor_count
@@ -75,7 +77,8 @@ def main(argv: list[str] | None = None) -> dict:
     d = model.config.hidden_size
     k = anchor_count(d, args.gamma)
     report = {"model": args.model, "batch": args.batch, "batches": args.batches, "pairs": args.pairs, "d": d,
-              "anchors_per_edit": k, "saturation": args.batch * k / d, "layers": {}}
+              "anchors_per_edit": k, "saturation": args.batch * k / d, "layers": {},
+              "command": "python benchmarks/batch_key_similarity.py " + " ".join(sys.argv[1:] if argv is None else argv)}
     n = args.batch
     same_subject = torch.zeros(n, n, dtype=torch.bool)  # with --pairs: i and i + n/2 are one subject's corrections
     if args.pairs:
@@ -102,6 +105,7 @@ def main(argv: list[str] | None = None) -> dict:
               f"p90 {row['cos_plain']['p90']:.3f} max {row['cos_plain']['max']:.3f}"
               + (f"; one subject's two corrections: median {row['cos_cinv_same_subject']['median']:.3f} "
                  f"min {row['cos_cinv_same_subject']['min']:.3f}" if args.pairs else ""))
+    print(similarity_table([report]))
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
     return report

@@ -37,6 +37,7 @@ from pathlib import Path
 
 import torch
 import yaml
+from beac_tables import seed_table, table  # a results file's tables (benchmarks/beac_tables.py, no torch)
 
 from eac_lightning.data.requests import EditRequest, validate_requests
 from eac_lightning.data.sources import iter_records, load_requests
@@ -258,56 +259,6 @@ def plot(results, base, img_dir: Path, tag: str) -> list[str]:
         ax.grid(axis="y", alpha=0.3)
     save(fig, axes, 7, f"beac_metrics_{tag}.png")
     return written
-
-
-def table(results) -> str:
-    cols = ["reliability", "generalization", "locality", "general_ability_retention", "mean4", "fact_retention",
-            "wikitext2_ppl", "l1_growth", "edit_seconds"]
-    lines = []
-    for sched, runs in results.items():
-        lines.append(f"\n{sched}\n| method | rel | gen | loc | GA ret. | mean4 | fact ret. | ppl | L1 growth | max collisions | "
-                     "ROME efficacy | s |")
-        lines.append("|---" * 12 + "|")
-        for name, r in runs.items():
-            coll = max(t["collisions"] for t in r["trace"])
-            vals = [r[c] for c in cols]
-            lines.append(
-                f"| {name} | " + " | ".join(
-                    f"{v:.3f}" if i < 6 else (f"{v:.1f}" if i == 6 else (f"{v:.4f}" if i == 7 else f"{v:.0f}"))
-                    for i, v in enumerate(vals[:-1])
-                ) + f" | {coll} | {r['metrics'].get('rome_efficacy_score', float('nan')):.3f} | {vals[-1]:.0f} |"
-            )
-    return "\n".join(lines)
-
-
-def seed_table(files: list[str]) -> str:
-    """Per schedule and method: each results file's figures (one file per ``--order-seed``), their mean and sample
-    standard deviation, and each method's mean4 difference to the first method and to B-EAC, paired by seed."""
-    import statistics
-
-    parts = [json.loads(Path(f).read_text()) for f in files]
-    seeds = [part["meta"]["order_seed"] if isinstance(part["meta"], dict) else part["meta"][0].get("order_seed", 0)
-             for part in parts]
-    lines = []
-    cols = ["reliability", "general_ability_retention", "mean4", "l1_growth"]
-    for sched in [s for s in parts[0]["results"] if all(s in p["results"] for p in parts)]:
-        methods = [m for m in parts[0]["results"][sched] if all(m in p["results"][sched] for p in parts)]
-        lines.append(f"\n{sched}, order seeds {seeds}\n| method | " + " | ".join(
-            f"{c} (per seed)" for c in ("rel", "GA ret.", "mean4", "L1 growth")) + " | mean4 mean ± sd | "
-            f"Δmean4 vs {methods[0]} (per seed) | Δmean4 vs B-EAC (per seed) |")
-        lines.append("|---" * 8 + "|")
-        ref = [p["results"][sched][methods[0]]["mean4"] for p in parts]
-        full = [p["results"][sched]["B-EAC"]["mean4"] for p in parts] if "B-EAC" in methods else None
-        for m in methods:
-            rows = [p["results"][sched][m] for p in parts]
-            cells = [" / ".join(f"{r[c]:.3f}" if c != "l1_growth" else f"{r[c]:.2f}" for r in rows) for c in cols]
-            m4 = [r["mean4"] for r in rows]
-            sd = statistics.stdev(m4) if len(m4) > 1 else float("nan")
-            diff = " / ".join(f"{a - b:+.3f}" for a, b in zip(m4, ref))
-            diff_full = " / ".join(f"{a - b:+.3f}" for a, b in zip(m4, full)) if full else "-"
-            lines.append(f"| {m} | " + " | ".join(cells) + f" | {statistics.mean(m4):.3f} ± {sd:.3f} | {diff} | "
-                         f"{diff_full} |")
-    return "\n".join(lines)
 
 
 def main(argv=None) -> None:

@@ -48,6 +48,26 @@ def run(method: str, args, root: Path) -> dict:
             "l1_rel_change": {k: v["l1_rel_change"] for k, v in summary["norms"].items()}}
 
 
+def settings_cell(settings) -> str:
+    """What ``--model.method_settings auto`` changed (``name old→new``), or "published": the preset as written."""
+    changed = settings.get("changed") if isinstance(settings, dict) else None
+    return ", ".join(f"{k} {old}→{new}" for k, (old, new) in changed.items()) if changed else "published"
+
+
+def table(rows: list[dict]) -> str:
+    """The docs' method table (README, docs/benchmarks.md): edit metrics of all edits on the final model."""
+    def rel(x: float) -> str:  # 20 edits: steps of 0.05, two decimals where they are exact
+        return f"{x:.2f}" if round(x, 2) == round(x, 3) else f"{x:.3f}"
+
+    lines = ["| method | batch | reliability | generalization | locality | s/edit | settings |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        e = r["edit_metrics"]
+        lines.append(f"| {r['method']} | {r['batch_size']} | {rel(e['reliability'])} | {e['generalization']:.3f} | "
+                     f"{e['locality']:.3f} | {r['seconds_per_edit']:.2f} | {settings_cell(r['method_settings'])} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="testbed:small")
@@ -56,20 +76,14 @@ def main() -> None:
     ap.add_argument("--beac-batch-size", type=int, default=10, help="B-EAC is a batch method: 2 batches of 10")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
+    command = "python benchmarks/method_table.py " + " ".join(sys.argv[1:])
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for m in args.methods:
             rows.append(run(m, args, Path(tmp)))
-            args.out.write_text(json.dumps({"model": args.model, "num_edits": args.num_edits, "rows": rows},
-                                           indent=2) + "\n")
-    print("| method | batch | reliability | generalization | locality | s/edit | settings changed |")
-    print("|---|---|---|---|---|---|---|")
-    for r in rows:
-        e = r["edit_metrics"]
-        changed = ", ".join((r["method_settings"] or {}).get("changed", {})) if isinstance(r["method_settings"],
-                                                                                          dict) else "-"
-        print(f"| {r['method']} | {r['batch_size']} | {e['reliability']:.3f} | {e['generalization']:.3f} | "
-              f"{e['locality']:.3f} | {r['seconds_per_edit']:.2f} | {changed or '-'} |")
+            args.out.write_text(json.dumps({"model": args.model, "num_edits": args.num_edits, "command": command,
+                                            "rows": rows}, indent=2) + "\n")
+    print(table(rows))
 
 
 if __name__ == "__main__":

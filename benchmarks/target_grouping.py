@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -39,6 +40,20 @@ def step_seconds(problem, repeats: int, cost: int) -> list[float]:
     finally:
         target.FORWARD_COST_TOKENS = saved
         problem.thaw()
+
+
+def table(results: list[dict]) -> str:
+    """The rows of one or more results files: per problem, one padded forward against the grouped forwards."""
+    lines = [("| requests | prefix contexts (count × tokens) | write-aware | prompts | one padded forward | grouped "
+              "| padding (one / grouped) | groups | speed-up |"), "|---:|---|---|---:|---:|---:|---:|---:|---:|"]
+    for res in results:
+        length, count = res["contexts"]
+        for r in res["rows"]:
+            lines.append(f"| {r['requests']} | {count} × {length} | {'yes' if res['write_aware'] else 'no'} "
+                         f"| {r['prompts']} | {r['median_s one padded forward']:.3f} s | {r['median_s grouped']:.3f} s "
+                         f"| {r['padding_one_forward']:.0%} / {r['padding_grouped']:.0%} | {r['groups']} "
+                         f"| {r['speedup']:.2f} |")
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -92,9 +107,12 @@ def main() -> None:
         print(f"{n:>4} requests, {row['prompts']} prompts: one forward {row['median_s one padded forward']:.3f} s "
               f"({row['padding_one_forward']:.0%} padding), {row['groups']} groups {row['median_s grouped']:.3f} s "
               f"({row['padding_grouped']:.0%} padding): {row['speedup']:.2f}x", flush=True)
+    results = {"model": args.model, "contexts": args.contexts, "write_aware": args.write_aware,
+               "threads": args.threads, "command": "python benchmarks/target_grouping.py " + " ".join(sys.argv[1:]),
+               "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"model": args.model, "contexts": args.contexts, "write_aware": args.write_aware,
-                                    "threads": args.threads, "rows": rows}, indent=2) + "\n")
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    print(table([results]))
 
 
 if __name__ == "__main__":

@@ -150,6 +150,16 @@ def rome_check(folder: Path, n_edits: int, layers: list[int], presets: list[str]
     return out
 
 
+def trace_table(trace: dict) -> str:
+    """The causal trace's average indirect effect by layer (a report's ``trace``), as docs/testbed.md shows it."""
+    layers = range(len(trace["mlp_last_subject_token"]))
+    lines = ["| AIE by layer | " + " | ".join(str(i) for i in layers) + " |", "|---" * (len(layers) + 1) + "|"]
+    for key, label in (("mlp_last_subject_token", "MLP at the last subject token"),
+                       ("mlp_last_token", "MLP at the last token"), ("attn_last_token", "attention at the last token")):
+        lines.append(f"| {label} | " + " | ".join(f"{v:.3f}" for v in trace[key]) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--preset", default="small")
@@ -176,7 +186,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.set and args.install:
         ap.error("--install builds the preset as defined; a --set variant is not testbed:<preset>")
 
-    report: dict = {"preset": args.preset, "seed": args.seed, "set": json.loads(args.set or "{}")}
+    report: dict = {"preset": args.preset, "seed": args.seed, "set": json.loads(args.set or "{}"),
+                    "command": "python benchmarks/testbed_build.py " + " ".join(sys.argv[1:] if argv is None else argv)}
     if args.model:
         from eac_lightning.models.loading import resolve_model_path
 
