@@ -163,6 +163,12 @@ def _eval_throughput(data):
     return "\n".join(ln for ln in data[0].splitlines() if ln.startswith("|"))
 
 
+def _shipped_precision(data):
+    from shipped_precision import table
+
+    return table(data[0])
+
+
 def _trace(data):
     from testbed_build import trace_table
 
@@ -323,6 +329,10 @@ TABLES: dict[str, Table] = {
     "eval_throughput_small": Table(
         (f"{RESULTS}eval_throughput-testbed-small.txt",), _eval_throughput,
         "python benchmarks/eval_throughput.py --model testbed:small --runs 3"),
+    "shipped_precision_small": Table(
+        (f"{RESULTS}shipped_precision_small.json",), _shipped_precision,
+        "python benchmarks/shipped_precision.py --build /tmp/tb/small --shipped eac_lightning/assets/testbeds/small "
+        "--out benchmarks/results/shipped_precision_small.json"),
     "trace_tiny": Table(
         (f"{RESULTS}testbed_tiny.json",), _trace,
         "python benchmarks/testbed_build.py --model testbed:tiny --rome-edits 16 --rome-layers 0,1 --trace-facts 40 "
