@@ -114,16 +114,20 @@ def tiny_testbed(_isolated_cache) -> Path:
     return folder
 
 
-@pytest.fixture(scope="module")
-def stats(gpt2, tokenizer, wikitext_lines, tmp_path_factory):
-    """Key statistics of layers 1 and 2 of the module's own ``gpt2`` fixture, over 2048 WikiText tokens."""
+def wikitext_stats(model, tokenizer, wikitext_lines, folder: Path):
+    """Key statistics of layers 1 and 2 of ``model`` over 2048 WikiText tokens, cached in ``folder``."""
     from eac_lightning.models.adapters import mlp_out_name
     from eac_lightning.stats.covariance import CovarianceStore
 
-    folder = tmp_path_factory.mktemp("stats")
     corpus = folder / "corpus.txt"
     corpus.write_text("\n".join(wikitext_lines[:300]), encoding="utf-8")
-    store = CovarianceStore(gpt2, tokenizer, corpus=str(corpus), num_tokens=2048, seq_len=64, batch_size=8,
+    store = CovarianceStore(model, tokenizer, corpus=str(corpus), num_tokens=2048, seq_len=64, batch_size=8,
                             directory=folder)
-    store.prefetch([mlp_out_name(gpt2, l) for l in (1, 2)])
+    store.prefetch([mlp_out_name(model, l) for l in (1, 2)])
     return store
+
+
+@pytest.fixture(scope="module")
+def stats(gpt2, tokenizer, wikitext_lines, tmp_path_factory):
+    """Key statistics of layers 1 and 2 of the module's own ``gpt2`` fixture, over 2048 WikiText tokens."""
+    return wikitext_stats(gpt2, tokenizer, wikitext_lines, tmp_path_factory.mktemp("stats"))

@@ -12,7 +12,6 @@ import subprocess
 import sys
 import time
 import types
-from pathlib import Path
 
 import pytest
 from cli_tools import REPO, write_config

@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 from cli_tools import current_deltas, run_cli, write_config
-from conftest import make_tiny_model
+from conftest import make_tiny_model, wikitext_stats
 
 from eac_lightning.data.requests import EditRequest
 from eac_lightning.editor import Editor
@@ -30,7 +30,6 @@ from eac_lightning.methods.beac import BEACMEMIT
 from eac_lightning.methods.beac_plan import BEACHyperParams
 from eac_lightning.models.adapters import mlp_out_name, weight_view
 from eac_lightning.session import EditLog, EditLogError, EditSession
-from eac_lightning.stats.covariance import CovarianceStore
 
 CTX = ContextTemplateParams(length_count=[[4, 2]])
 Z = TargetHyperParams(num_steps=4, clamp_norm_factor=4.0)
@@ -43,13 +42,7 @@ REQS = [EditRequest(prompt="{} is located in", subject=s, target_new=t, source="
 @pytest.fixture(scope="module")
 def model_and_stats(tokenizer, wikitext_lines, tmp_path_factory):
     model = make_tiny_model("gpt2", len(tokenizer), seed=3)
-    folder = tmp_path_factory.mktemp("log_stats")
-    corpus = folder / "corpus.txt"
-    corpus.write_text("\n".join(wikitext_lines[:300]), encoding="utf-8")
-    stats = CovarianceStore(model, tokenizer, corpus=str(corpus), num_tokens=2048, seq_len=64, batch_size=8,
-                            directory=folder)
-    stats.prefetch([mlp_out_name(model, l) for l in (1, 2)])
-    return model, stats
+    return model, wikitext_stats(model, tokenizer, wikitext_lines, tmp_path_factory.mktemp("log_stats"))
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ from unittest import mock
 import pytest
 import torch
 import yaml
-from conftest import REPO, make_tiny_model
+from conftest import REPO, make_tiny_model, wikitext_stats
 
 from eac_lightning.data.requests import EditRequest, MalformedRequestError
 from eac_lightning.editor import METHOD_PRESETS, Editor, method_from_preset
@@ -23,7 +23,6 @@ from eac_lightning.methods import (
     TargetHyperParams,
 )
 from eac_lightning.models.adapters import mlp_out_name
-from eac_lightning.stats.covariance import CovarianceStore
 
 CTX = ContextTemplateParams(length_count=[[4, 2]])
 Z = TargetHyperParams(num_steps=6, clamp_norm_factor=0.75)
@@ -39,13 +38,7 @@ OWN_PRESETS = ["rome", "rome-eac", "memit", "memit-eac", "alphaedit", "ft", "ft-
 @pytest.fixture(scope="module")
 def model_and_stats(tokenizer, wikitext_lines, tmp_path_factory):
     model = make_tiny_model("gpt2", len(tokenizer), seed=2)
-    folder = tmp_path_factory.mktemp("editor_stats")
-    corpus = folder / "corpus.txt"
-    corpus.write_text("\n".join(wikitext_lines[:300]), encoding="utf-8")
-    stats = CovarianceStore(model, tokenizer, corpus=str(corpus), num_tokens=2048, seq_len=64, batch_size=8,
-                            directory=folder)
-    stats.prefetch([mlp_out_name(model, l) for l in (1, 2)])
-    return model, stats
+    return model, wikitext_stats(model, tokenizer, wikitext_lines, tmp_path_factory.mktemp("editor_stats"))
 
 
 @pytest.fixture
