@@ -66,14 +66,17 @@ def known_facts(model: torch.nn.Module, tok: Any, requests: Sequence[EditRequest
 
 def wikitext2_tokens(tok: Any, path: str | os.PathLike | None = None, max_tokens: int = 4096) -> list[int]:
     """The first ``max_tokens`` tokens of the WikiText-2 test file (``wikitext/wikitext-2_test.txt`` in the offline
-    data folder by default), read as raw text. Only a prefix of the text is tokenised (doubling until enough)."""
+    data folder by default), read as raw text. Only a prefix of the text is tokenised (doubling until enough),
+    and at most ``max_tokens + 1`` tokens of it (the one past the end shows the prefix was long enough): an
+    explicit bound, so the tokenizer does not warn that the text is longer than the model's context (the
+    perplexity reads it in windows that fit)."""
     file = resolve_data_path(path) if path is not None else data_dir() / "wikitext" / "wikitext-2_test.txt"
     if not file.exists():
         raise FileNotFoundError(f"{file}: WikiText-2 test file not found")
     text = file.read_text(encoding="utf-8")
     chars = max(1024, 8 * max_tokens)
     while True:
-        ids = tok(text[:chars], add_special_tokens=False)["input_ids"]
+        ids = tok(text[:chars], add_special_tokens=False, truncation=True, max_length=max_tokens + 1)["input_ids"]
         if len(ids) > max_tokens or chars >= len(text):
             return list(ids[:max_tokens])
         chars *= 2

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
@@ -45,6 +46,20 @@ def model_max_length(model: torch.nn.Module, default: int = 2048) -> int:
     return default
 
 
+_CUT_NOTED = False
+
+
+def note_cut_prompts(cut: int, total: int, room: int) -> None:
+    """Say once per process that prompts were cut from the left to fit the model's context (every later cut goes
+    unreported: the truncation is by design, docs/evaluation.md)."""
+    global _CUT_NOTED
+    if cut and not _CUT_NOTED:
+        _CUT_NOTED = True
+        warnings.warn(f"{cut} of {total} prompts are too long for the model's {room}-token context together with "
+                      "their answer: they are cut from the left, keeping the end where the answer is asked for "
+                      "(later cuts are not reported)", UserWarning, stacklevel=3)
+
+
 @contextmanager
 def inference(model: torch.nn.Module) -> Iterator[None]:
     """Eval mode and no grad for the duration, restoring the training flag afterwards."""
@@ -72,12 +87,55 @@ def _accepted_kwargs(model: torch.nn.Module) -> set[str]:
     return _ACCEPTS_CACHE[cls]
 
 
+def cache_kwarg(model: torch.nn.Module) -> str:
+    """The name under which ``model.forward`` takes a KV cache and its output returns one: ``cache`` where the
+    forward declares it (transformers >= 5.24, which still accepts ``past_key_values`` with a FutureWarning until
+    5.40), else ``past_key_values`` (transformers 5.15 - 5.23, and models written against them).
+
+    A forward that declares neither (only ``**kwargs``) gets the name of the installed transformers release."""
+    names = _accepted_kwargs(model)
+    if "cache" in names:
+        return "cache"
+    if "past_key_values" in names or not _transformers_renamed_cache():
+        return "past_key_values"
+    return "cache"
+
+
+_RENAMED_CACHE: bool | None = None
+
+
+def _transformers_renamed_cache() -> bool:
+    """Whether the installed transformers names the KV cache ``cache`` (5.24 and later)."""
+    global _RENAMED_CACHE
+    if _RENAMED_CACHE is None:
+        try:
+            import transformers
+            from packaging.version import Version
+
+            _RENAMED_CACHE = Version(transformers.__version__).release >= (5, 24)
+        except (ImportError, ValueError):
+            _RENAMED_CACHE = False
+    return _RENAMED_CACHE
+
+
+def output_cache(model: torch.nn.Module, out: Any) -> Any:
+    """The KV cache a forward pass of ``model`` returned (None when it returned none), read under the name the
+    output declares (:func:`cache_kwarg`), so no deprecated alias is touched."""
+    name = cache_kwarg(model)
+    fields = getattr(out, "__dataclass_fields__", None)
+    if fields is not None and name not in fields:  # an output class that still declares the other name
+        name = "past_key_values" if name == "cache" else "cache"
+    return getattr(out, name, None)
+
+
 def forward(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor | None = None,
-            logits_to_keep: int = 0, **extra: Any) -> Any:
+            logits_to_keep: int = 0, cache: Any = None, **extra: Any) -> Any:
     """Call a causal LM with the optional arguments it supports.
 
     ``position_ids`` make left padding exact (otherwise a padded row would start at position > 0);
-    ``logits_to_keep`` avoids computing the vocab projection for positions nobody reads.
+    ``logits_to_keep`` avoids computing the vocab projection for positions nobody reads; ``cache`` (a KV cache a
+    previous call returned, read with :func:`output_cache`) is passed under the name the model declares
+    (:func:`cache_kwarg`).
     """
     names = _accepted_kwargs(model)
     kwargs: dict[str, Any] = dict(input_ids=input_ids, attention_mask=attention_mask, **extra)
@@ -85,6 +143,8 @@ def forward(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor, p
         kwargs["position_ids"] = position_ids
     if logits_to_keep and "logits_to_keep" in names:
         kwargs["logits_to_keep"] = logits_to_keep
+    if cache is not None:
+        kwargs[cache_kwarg(model)] = cache
     out = model(**kwargs)
     logits = out if isinstance(out, Tensor) else out.logits
     if logits_to_keep and logits.shape[1] > logits_to_keep:
@@ -209,8 +269,11 @@ def continue_on_cache(model: torch.nn.Module, cache: Any, prev_mask: Tensor, con
     left-padded prompts with attention mask ``prev_mask``; position ids continue each prompt."""
     cont, cont_mask = right_pad(conts, pad, device)  # right-padded: each continuation starts right after its prompt
     full_mask = torch.cat([prev_mask, cont_mask], dim=1)
-    cont_pos = prev_mask.sum(-1, keepdim=True) + torch.arange(cont.shape[1], device=device)
-    _, logits = forward(model, cont, full_mask, cont_pos, past_key_values=cache, use_cache=True)
+    # A real token's position is within the model's context (its prompt was cut to leave room); the padding after a
+    # short continuation is masked and unread, but its position must exist too.
+    cont_pos = (prev_mask.sum(-1, keepdim=True) + torch.arange(cont.shape[1], device=device)).clamp(
+        max=model_max_length(model) - 1)
+    _, logits = forward(model, cont, full_mask, cont_pos, cache=cache, use_cache=True)
     return logits.float()
 
 
@@ -235,7 +298,8 @@ def score_targets(model: torch.nn.Module, tok: Any, prompts: Sequence[str],
       full ``prompt + target[:-1]`` rows instead (``share_prompts=False`` forces that).
 
     Both paths give the same numbers as scoring each pair alone (up to float rounding); prompts too long for the
-    model are truncated from the left (the end of the prompt conditions the answer).
+    model are truncated from the left (the end of the prompt conditions the answer), which is said once per
+    process (:func:`note_cut_prompts`).
     """
     if len(prompts) != len(targets):
         raise ValueError(f"{len(prompts)} prompts but {len(targets)} targets")
@@ -252,6 +316,10 @@ def score_targets(model: torch.nn.Module, tok: Any, prompts: Sequence[str],
             raise ValueError(f"prompt {p!r} tokenises to nothing: no position predicts the first target token")
         if not target_ids[i]:
             raise ValueError(f"target {targets[i]!r} of prompt {p!r} tokenises to nothing")
+    longest: dict[str, int] = {}
+    for p, t in zip(prompts, target_ids):
+        longest[p] = max(longest.get(p, 0), len(t))
+    note_cut_prompts(sum(len(enc[p]) + n - 1 > max_len for p, n in longest.items()), len(longest), max_len)
     c_prompt, c_target, riders = _carriers(prompts, target_ids)
     results: list[TargetScore | None] = [None] * len(prompts)
     with inference(model):
@@ -299,7 +367,7 @@ def _score_shared(model, enc, c_prompt, c_target, riders, target_ids, results, b
         if single:
             _read_riders(last[[b for b, _ in single]].unsqueeze(1), [0] * len(single), [c for _, c in single],
                          riders, target_ids, results)
-        past = getattr(out, "past_key_values", None) if multi else None
+        past = output_cache(model, out) if multi else None
         # Continuations are a few tokens long: take up to 4x more rows per pass, within the token count of a
         # batch of 16-token rows, so the fixed cost of a forward pass is spread over more targets.
         width = max((len(c_target[c]) - 1 for _, c in multi), default=1)
@@ -333,7 +401,9 @@ def greedy_generate(model: torch.nn.Module, tok: Any, prompts: Sequence[str | Se
         on_prompt: called after each batch's prompt pass as ``on_prompt(indices, cache, attention_mask,
             last_logits)`` (before decoding changes the cache), so a caller can reuse the prompt pass.
 
-    Position ids come from the attention mask, so a row decodes the same tokens alone or in a batch.
+    Position ids come from the attention mask, so a row decodes the same tokens alone or in a batch. A prompt too
+    long for the model's context with its ``max_new_tokens`` is cut from the left (said once per process,
+    :func:`note_cut_prompts`).
     """
     if not len(prompts):
         return []
@@ -348,6 +418,8 @@ def greedy_generate(model: torch.nn.Module, tok: Any, prompts: Sequence[str | Se
     for i, enc in zip(texts, encode_prompts(tok, [prompts[i] for i in texts])):  # one batched tokenizer call
         ids_list[i] = enc
     max_len = model_max_length(model)
+    note_cut_prompts(sum(len(ids) > max(1, max_len - lim) for ids, lim in zip(ids_list, limits)), len(ids_list),
+                     max_len)
     ids_list = [ids[-max(1, max_len - lim):] for ids, lim in zip(ids_list, limits)]
     eos = getattr(tok, "eos_token_id", None) if stop_at_eos else None
     flags = _newline_flags(tok, model) if stop_at_newline else None
@@ -359,7 +431,7 @@ def greedy_generate(model: torch.nn.Module, tok: Any, prompts: Sequence[str | Se
                 continue
             ids, mask, pos = left_pad([ids_list[i] for i in batch], pad, device)
             res, logits = forward(model, ids, mask, pos, logits_to_keep=1, use_cache=True)
-            past = res.past_key_values
+            past = output_cache(model, res)
             if on_prompt is not None:
                 on_prompt(batch, past, mask, logits[:, -1].float())
             done = [limits[i] <= 0 for i in batch]
@@ -382,10 +454,11 @@ def greedy_generate(model: torch.nn.Module, tok: Any, prompts: Sequence[str | Se
                 if all(done) or step == steps - 1:
                     break
                 mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
-                pos = pos[:, -1:] + 1
+                # a row that is done decodes on unread; its position must stay within the model's context
+                pos = (pos[:, -1:] + 1).clamp(max=max_len - 1)
                 res, logits = forward(model, nxt.unsqueeze(-1), mask, pos, logits_to_keep=1,
-                                      past_key_values=past, use_cache=True)
-                past = res.past_key_values
+                                      cache=past, use_cache=True)
+                past = output_cache(model, res)
     return out
 
 

@@ -25,10 +25,25 @@ def pad_token_id(tok: Any) -> int:
 
 def encode_prompts(tok: Any, prompts: Sequence[str]) -> list[list[int]]:
     """Token ids of prompts with the tokenizer's special tokens (a BOS for Llama-style tokenizers), as EasyEdit and
-    ROME tokenise the prompt part."""
+    ROME tokenise the prompt part.
+
+    The ids come back whole, however long: every caller fits them to the model's context itself (the scoring
+    engine cuts a long prompt from the left, keeping the end where the answer is asked for, and says so once), so
+    the tokenizer's own check of their length (:func:`encode_long`) does not apply."""
     if not prompts:
         return []
-    return [list(ids) for ids in tok(list(prompts))["input_ids"]]
+    return encode_long(tok, prompts, add_special_tokens=True)
+
+
+def encode_long(tok: Any, texts: Sequence[str], add_special_tokens: bool = False) -> list[list[int]]:
+    """Token ids of texts that may be longer than the model's context, for a caller that cuts or splits them into
+    windows before any of them reaches the model (task prompts, a statistics corpus, a text to window).
+
+    A tokenizer warns once that a sequence longer than its ``model_max_length`` "will result in indexing errors";
+    that check is for ids fed to the model as they are, which these never are. ``verbose=False`` turns it off for
+    this call only (in a tokenizer call it governs the messages about lengths, padding and truncation, nothing
+    else); the caller handles the length."""
+    return [list(ids) for ids in tok(list(texts), add_special_tokens=add_special_tokens, verbose=False)["input_ids"]]
 
 
 def encode_target(tok: Any, target: str) -> list[int]:
