@@ -317,6 +317,10 @@ TABLES: dict[str, Table] = {
         (f"{RESULTS}sequential_tiny/results.json",), _sequential(),
         "python benchmarks/sequential_edits.py --model testbed:tiny --methods rome rome-eac memit memit-eac "
         "--num-edits 500 --eval-every 50 --out /tmp/s3/seq500"),
+    "sequential_tiny60": Table(
+        (f"{RESULTS}sequential_tiny60/results.json",), _sequential(),
+        "OMP_NUM_THREADS=1 python benchmarks/sequential_edits.py --model testbed:tiny --methods rome rome-eac memit "
+        "memit-eac --num-edits 60 --eval-every 0 --out /tmp/seq_tiny60"),
     "sequential_tiny_overlay": Table(
         (f"{RESULTS}sequential_tiny_overlay/results.json",),
         _sequential({"ROME, published": "rome", "ROME + testbed overlay": "rome+testbed",

@@ -66,6 +66,8 @@ def test_settings_apply_only_where_they_were_measured():
     # ROME's overlay was measured on tiny; on small the published ROME writes more (docs/testbed.md)
     assert apply_model_settings("testbed:tiny", preset("rome"))[1]
     assert apply_model_settings("testbed:small", preset("rome")) == (preset("rome"), {})
+    # ROME-EAC's overlay was measured for single edits; in a stream it drifts more than ROME: not by default
+    assert apply_model_settings("testbed:tiny", preset("rome-eac")) == (preset("rome-eac"), {})
     assert apply_model_settings("gpt2-xl", preset("memit")) == (preset("memit"), {})
 
 
