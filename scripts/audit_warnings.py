@@ -29,13 +29,13 @@ PACKAGE = str(Path(importlib.util.find_spec("eac_lightning").origin).resolve().p
 #: (file suffix, message start): FutureWarnings raised inside a dependency by the dependency's own code, that no call
 #: of the project can avoid. Each is printed as such, never silently passed.
 KNOWN_THIRD_PARTY = [
-    # Lightning's CombinedLoader builds torch's deprecated LeafSpec on every fit (torch 2.13 warns; lightning 2.4.0 to
-    # 2.6.6 all do it: Lightning-AI/pytorch-lightning#21326).
+    # Lightning's CombinedLoader builds torch's deprecated LeafSpec on every fit (torch 2.13 warns; seen with
+    # lightning 2.4.0 and 2.6.6, the ends of its range here; Lightning-AI/pytorch-lightning#21326).
     ("lightning/pytorch/utilities/_pytree.py", "`isinstance(treespec, LeafSpec)` is deprecated"),
 ]
 
 LOG_PATTERNS = re.compile(r"deprecat|indexing errors", re.IGNORECASE)
-CACHE_NAMES = re.compile(r"past_key_values|cache_params|\bcache\b")
+CACHE_NAMES = re.compile(r"past_key_values|cache_params")
 
 
 class _Log(logging.Handler):
@@ -51,7 +51,7 @@ class _Log(logging.Handler):
 
 def classify(category: type[Warning], filename: str, message: str) -> str:
     """``"fail"``, ``"third-party"`` (known, allowed) or ``"ignore"`` for one recorded warning."""
-    ours = str(Path(filename).resolve()).startswith(PACKAGE)
+    ours = str(Path(filename).resolve()).startswith(PACKAGE + "/")
     if issubclass(category, FutureWarning):
         if not ours and any(filename.replace("\\", "/").endswith(f) and message.startswith(m)
                             for f, m in KNOWN_THIRD_PARTY):
