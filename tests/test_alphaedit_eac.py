@@ -93,6 +93,7 @@ def _known_stream_reliability(folder, *overlays, settings_for: str | None = "tes
     return evaluate_edit_metrics(model, tok, requests, ref, rome_scores=False)["reliability"]
 
 
+@pytest.mark.slow
 def test_alphaedit_eac_writes_a_single_edit_stream_on_tiny_with_its_ridge_scaled(tiny_testbed):
     """AlphaEdit's α = 10 is 5-7 times the null-space energy of tiny's keys and writes none of 20 known facts; tiny's
     measured settings (configs/testbed/auto.yaml: alphaedit-eac.yaml + alphaedit-eac-tiny.yaml, α 0.3, P50;

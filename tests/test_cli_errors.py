@@ -240,6 +240,7 @@ def test_a_fresh_run_counts_from_its_start(monkeypatch):
     assert module.extra_state["started"] == 500.0
 
 
+@pytest.mark.slow
 def test_a_resumed_run_leaves_the_pause_out_of_wall_seconds(tmp_path, monkeypatch, capsys):
     root = tmp_path / "run"
     cfg = write_config(tmp_path / "cfg.yaml", root, num_edits=2, extra={"eval": {"every": 0}})

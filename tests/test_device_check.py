@@ -20,6 +20,7 @@ def _script():
     return module
 
 
+@pytest.mark.slow
 def test_smoke_run_reports_every_method_of_both_families(tmp_path):
     out = tmp_path / "device_check.json"
     report = _script().main(["--smoke", "--out", str(out)])

@@ -96,6 +96,7 @@ def test_editor_load_takes_dtype_and_device(tmp_path, tokenizer):
         Editor.load(str(tmp_path), "rome", dtype="int8")
 
 
+@pytest.mark.slow
 def test_float16_on_cpu_edits_without_a_non_finite_loss(tiny_testbed):
     """float16 weights on the CPU: the quickstart's ROME-EAC once stopped at a NaN loss at step 1 on this request
     (δ and ‖v₀‖² were float16); the optimisation now runs in float32 and the edit is finite and float16."""

@@ -85,6 +85,7 @@ class Payload:
 
 
 # ---------------------------------------------------------------------------- 1. checkpoints never run code
+@pytest.mark.slow
 def test_pickled_payload_is_refused_unexecuted(full_run, tmp_path):
     marker, evil = tmp_path / "pwned", tmp_path / "evil.ckpt"
     torch.save({KEY: {"deltas": {}, "payload": Payload(marker)}}, evil)
@@ -103,6 +104,7 @@ def test_pickled_payload_is_refused_unexecuted(full_run, tmp_path):
 
 
 # ------------------------------------------------------------------------ 2. corrupted deltas are refused
+@pytest.mark.slow
 def test_flipped_bytes_altered_values_and_nan_in_the_edit_log_are_refused(full_run, tmp_path):
     from eac_lightning.lightning.export import export_command
     from eac_lightning.session import EditLog, EditLogError
@@ -139,6 +141,7 @@ def test_flipped_bytes_altered_values_and_nan_in_the_edit_log_are_refused(full_r
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_fuzzed_edit_log_bytes_never_load_altered_deltas(full_run, tmp_path):
     from eac_lightning.session import EditLogError
 
@@ -200,6 +203,7 @@ def test_infinite_learning_rate_is_refused_at_config_time(tmp_path):
 
 
 # ------------------------------------------------------------------- 4. resume verifies what a checkpoint is for
+@pytest.mark.slow
 def test_resume_refuses_another_method_data_or_base_model(full_run, tmp_path):
     cfg = copy_run(full_run, tmp_path / "run")
     cases = [
@@ -326,6 +330,7 @@ def test_bad_arguments_are_refused_by_name(make, name):
 
 
 # ------------------------------------------------------------ 6, 7, 10. run folder: lock, history, faults
+@pytest.mark.slow
 def test_run_folder_lock(tmp_path, full_run):
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
@@ -363,6 +368,7 @@ def test_full_disk_keeps_the_previous_checkpoint_and_no_tmp(tmp_path, monkeypatc
     assert torch.equal(load_checkpoint_file(path)["a"], torch.ones(2))
 
 
+@pytest.mark.slow
 def test_kill_resume_keeps_history_skips_bad_records_and_tolerates_a_cut_ledger_line(tmp_path, full_run):
     records = json.loads((data_dir() / "counterfact" / "counterfact_500.json").read_text())[:5]
     bad_subject = json.loads(json.dumps(records[0]))
@@ -392,6 +398,7 @@ def test_kill_resume_keeps_history_skips_bad_records_and_tolerates_a_cut_ledger_
     assert not (root / ".lock").exists()
 
 
+@pytest.mark.slow
 def test_a_chosen_logger_keeps_the_run_resumable(tmp_path):
     root = tmp_path / "run"
     cfg = write_config(tmp_path / "cfg.yaml", root, num_edits=3)
@@ -407,6 +414,7 @@ def test_a_chosen_logger_keeps_the_run_resumable(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ rollback
+@pytest.mark.slow
 def test_rollback_is_bit_identical_to_a_run_stopped_there_and_replays_without_dropped(full_run, tmp_path):
     from eac_lightning.lightning.rollback import rollback
 

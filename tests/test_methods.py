@@ -550,6 +550,7 @@ def _greedy_hits(model, tok, requests) -> list[bool]:
 P50 = EACHyperParams(gamma=50.0, lam=0.1, mu=0.05)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("write_aware", "eac", "at_least"), [(False, None, 4), (False, P50, 4), (True, None, 6),
                                                                (True, P50, 5)],
                          ids=["rome", "rome-eac-p50", "rome-write-aware", "rome-eac-p50-write-aware"])
@@ -574,6 +575,7 @@ def test_rome_makes_the_target_the_greedy_continuation(testbed, write_aware, eac
     assert sum(hits) >= at_least, f"{'ROME-EAC' if eac else 'ROME'} wrote {sum(hits)} of 8 known facts: {hits}"
 
 
+@pytest.mark.slow
 def test_memit_batch_of_eight_succeeds(testbed):
     """A write-aware MEMIT batch of 8 known facts, over the testbed's two MEMIT layers, makes target_new the greedy
     continuation of at least 6 (7, 7, 7 measured on three batches; the published targets: 6, 4, 3)."""
@@ -591,6 +593,7 @@ def test_memit_batch_of_eight_succeeds(testbed):
         model.load_state_dict(saved)
 
 
+@pytest.mark.slow
 def test_memit_batch_of_eight_realises_its_targets(testbed):
     """MEMIT's batch closed form (Eq. 14-16) writes all 8 targets at once: afterwards the residual at each prompt's
     last subject token is within 25% of ‖z − h‖ of its z (0.07-0.22 measured; λ = 10 and clamp 4 because the

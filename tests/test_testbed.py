@@ -123,6 +123,7 @@ def test_late_read_mask():
     assert late.equal(plain)
 
 
+@pytest.mark.slow
 def test_build_is_deterministic(tmp_path):
     kw = dict(preset="tiny", progress=False, epochs=1, max_facts_per_path=6, wikitext_paragraphs=20, ppl_tokens=500)
     a = build_testbed(tmp_path / "a", **kw)
@@ -174,6 +175,7 @@ def test_tiny_testbed_loads_with_auto_classes_and_knows_its_facts(tiny_testbed):
     assert accuracy >= 0.9
 
 
+@pytest.mark.slow
 def test_ensure_testbed_builds_once_into_the_cache():
     quick = get_preset("tiny").replace(epochs=1, max_facts_per_path=6, wikitext_paragraphs=20, ppl_tokens=500)
     folder = ensure_testbed(quick, progress=False)
@@ -183,7 +185,7 @@ def test_ensure_testbed_builds_once_into_the_cache():
     assert not [p for p in folder.parent.iterdir() if p.name.startswith(".")]  # no temp build left over
 
 
-@pytest.mark.parametrize("preset", ["tiny", "small"])
+@pytest.mark.parametrize("preset", ["tiny", pytest.param("small", marks=pytest.mark.slow)])
 def test_shipped_testbeds_match_their_fingerprint_and_know_their_facts(preset):
     """The reference builds load by name with no build, their files match the sha256 recorded when they were
     shipped, they were built from the preset's current recipe, and their weights still know the facts."""
@@ -225,6 +227,7 @@ def test_a_corrupt_shipped_file_is_named(tmp_path):
         verify_shipped(copy)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("preset", "n_edits"), [("rome", 10), ("rome-eac", 20)])
 def test_single_edits_take_on_tiny(tiny_testbed, preset, n_edits):
     """Single ROME and ROME-EAC edits at the tiny preset's layer, with the testbed overlays (write-aware v*;

@@ -279,6 +279,7 @@ def _testbed_reliability(folder, overrides: dict, single: bool) -> tuple[float, 
     return before, evaluate_edit_metrics(model, tok, requests, ref, rome_scores=False)["reliability"]
 
 
+@pytest.mark.slow
 def test_ultraedit_writes_a_turn_of_edits_on_the_testbed(tiny_testbed):
     """20 CounterFact requests in one turn (UltraEdit's own protocol: turns of many edits) with the testbed preset's
     η and layers (published normalisation and ridge): reliability >= 0.8 (measured 0.87), from about 0.1 before.
@@ -293,6 +294,7 @@ def test_ultraedit_writes_a_turn_of_edits_on_the_testbed(tiny_testbed):
     assert before < 0.2 and after >= 0.8
 
 
+@pytest.mark.slow
 def test_seeded_moments_and_covariance_ridge_write_a_single_edit_stream_on_the_testbed(tiny_testbed):
     """20 single-edit turns on testbed:tiny (the CLI's quickstart stream; docs/methods.md, "UltraEdit"): the
     single-edit overlay's two deviations (prior_tokens, ridge_metric covariance) write >= 0.8 (measured 0.87); the
