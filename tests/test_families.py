@@ -30,7 +30,7 @@ def test_rome_edit_through_the_editor_on_every_family(tokenizer, corpus, family)
     stats = CovarianceStore(model, tokenizer, corpus=str(corpus), num_tokens=1024, seq_len=64, batch_size=8,
                             directory=corpus.parent)
     method = ROME(layer=1, context=ContextTemplateParams(length_count=[[3, 1]]), target=TargetHyperParams(num_steps=5))
-    editor = Editor(model, tokenizer, method, stats)
+    method.setup(model, tokenizer, stats)
     name = mlp_out_name(model, 1)
     cov = stats.get(name)
     assert cov.matrix.shape == (weight_view(model, name).shape[1],) * 2  # keys in (batch, seq, d) layout (OPT)
@@ -44,7 +44,8 @@ def test_rome_edit_through_the_editor_on_every_family(tokenizer, corpus, family)
     assert torch.linalg.matrix_rank(d.double(), rtol=1e-5) == 1
     torch.testing.assert_close(w1 @ k, w0 @ k + targets[0].delta, atol=1e-4 * (1 + (w0 @ k).abs().max().item()),
                                rtol=1e-4)
-    # and through Editor.edit, which undoes exactly
+    # and through Editor.edit, which undoes exactly (the Editor owns the weights from here: W = W_base + D)
+    editor = Editor(model, tokenizer, method, stats)
     before = weight_view(model, name).detach().clone()
     editor.edit(REQ)
     assert not torch.equal(weight_view(model, name), before)

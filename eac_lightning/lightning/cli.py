@@ -45,6 +45,8 @@ warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")
 warnings.filterwarnings("ignore", message=".*ModelCheckpoint with manual optimization.*")
 warnings.filterwarnings("ignore", message=".*configure_optimizers` returned `None`.*")
 warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*")
+# Lightning's own use of a deprecated torch pytree API (not a call of ours): printed on every fit otherwise.
+warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning)
 
 
 def hyperparameter_help() -> str:
