@@ -127,7 +127,12 @@ class Editor:
             raise ValueError("Editor.edit needs at least one EditRequest (got an empty batch); nothing was changed")
         validate_requests(batch, self.tokenizer)  # before the locality reference: a malformed record names its field
         self._add_reference(batch)
-        result = edit(self.method, self.model, self.tokenizer, batch, restore=self.session.materialise)
+        try:
+            result = edit(self.method, self.model, self.tokenizer, batch, restore=self.session.materialise)
+        except FloatingPointError:
+            # a write refused after the method recorded it (AlphaEdit's keys, B-EAC's records): the log's state back
+            self.session.checkout(self.session.head)
+            raise
         self.session.commit(Written(result.deltas, None, result.factors), step=self.session.depth + 1,
                             position=len(self.requests) + len(batch), requests=batch,
                             refreshed=[rec.request for rec in result.records if rec.refreshed])

@@ -227,3 +227,28 @@ def test_testbed_overlay_composes_after_its_method_preset(compose, path, tmp_pat
             _subset_matches(method.eac, kept, f"{path} <- {path.name}")
         if "context" in base:  # UltraEdit has no prefix contexts
             assert method.context.length_count == base["context"]["length_count"]
+
+
+def test_a_refused_write_leaves_the_method_state_of_the_last_edit(model, model_and_stats, tokenizer, monkeypatch):
+    """AlphaEdit records a batch's keys inside its write; a write refused afterwards (a non-finite result) must not
+    leave them in K_pK_pᵀ: the Editor returns the method to its logged state."""
+    stats = model_and_stats[1]
+    c = stats.get(mlp_out_name(model, 1)).matrix
+    method = AlphaEdit(layers=[1, 2], context=CTX, target=Z, nullspace_threshold=float(torch.linalg.eigvalsh(c).max()) * 2)
+    editor = Editor(model, tokenizer, method, stats)
+    editor.edit(REQS[0])
+    kept = {n: k.clone() for n, k in method.past_kkt.items()}
+    weights = _state(model)
+    real = type(method)._write
+
+    def poisoned(self, *args):
+        written = real(self, *args)  # the keys are recorded in here
+        for d in written.deltas.values():
+            d.view(-1)[0] = float("nan")
+        return written
+
+    monkeypatch.setattr(type(method), "_write", poisoned)
+    with pytest.raises(FloatingPointError, match="NaN/inf"):
+        editor.edit(REQS[1])
+    assert all(torch.equal(method.past_kkt[n], kept[n]) for n in kept)
+    assert _equal(model, weights) and editor.requests == REQS[:1]
