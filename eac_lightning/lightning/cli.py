@@ -4,7 +4,7 @@
     eac-lightning validate --config configs/quickstart.yaml --ckpt_path runs/quickstart/checkpoints/last.ckpt
     eac-lightning stats --model testbed:small --layers [0,1,2] [--devices 2 --accelerator cpu] [--export_file C.npz]
     eac-lightning testbed DIR --preset small
-    eac-lightning trace --model testbed:small --out DIR
+    eac-lightning trace testbed:small DIR
     eac-lightning export RUN_OR_CHECKPOINT OUT_DIR
     eac-lightning ask RUN_OR_CHECKPOINT --prompt "The Eiffel Tower is located in"
     eac-lightning rollback RUN --to-edit K [--drop E ...]
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -503,6 +504,7 @@ def main(args: list[str] | None = None) -> None:
     if from_command_line and debug:
         sys.argv[1:] = argv  # what Lightning reads, and re-runs for the other ranks of a DDP run
         os.environ["EAC_DEBUG"] = "1"  # ... which then debug too
+    previous = signal.getsignal(signal.SIGTERM)
     stop_on_sigterm()
     try:
         _dispatch(argv, None if from_command_line else argv)
@@ -521,6 +523,9 @@ def main(args: list[str] | None = None) -> None:
         refusal, usage = found
         print(f"eac-lightning: error: {_message(refusal, argv)}", file=sys.stderr)
         raise SystemExit(2 if usage else 1) from None
+    finally:
+        if not from_command_line:  # called from Python (a notebook, a test): its own SIGTERM handling comes back
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":
