@@ -120,13 +120,29 @@ def model_fingerprint(lm: torch.nn.Module, base_weights: dict[str, torch.Tensor]
     return {"config_sha256": config, "weights_sha256": {n: tensor_sha256(w) for n, w in base_weights.items()}}
 
 
-def requests_sha256(requests: Sequence[Any]) -> str:
-    """sha256 of a list of edit requests in order (their identity and content)."""
-    h = hashlib.sha256()
+def requests_sha256(requests: Sequence[Any], h: Any = None) -> str:
+    """sha256 of a list of edit requests in order (their identity and content); ``h``: a running hash to continue."""
+    h = hashlib.sha256() if h is None else h
     for r in requests:
         h.update(json.dumps([r.source, r.source_index, r.case_id, r.prompt, r.subject, r.target_new],
                             default=str).encode() + b"\n")
     return h.hexdigest()
+
+
+class _AppliedHash:
+    """:func:`requests_sha256` of a stream's first n requests, continued from the last n asked for: every edit step
+    and checkpoint asks for the next prefix, and hashing the whole prefix each time is quadratic in the stream."""
+
+    def __init__(self) -> None:
+        self.requests: Sequence[Any] | None = None
+        self.n, self.h = 0, hashlib.sha256()
+
+    def __call__(self, requests: Sequence[Any], n: int) -> str:
+        if requests is not self.requests or n < self.n:
+            self.requests, self.n, self.h = requests, 0, hashlib.sha256()
+        requests_sha256(requests[self.n:n], self.h)
+        self.n = n
+        return self.h.hexdigest()
 
 
 def provenance(module: Any, datamodule: Any | None) -> dict[str, Any]:
@@ -139,8 +155,9 @@ def provenance(module: Any, datamodule: Any | None) -> dict[str, Any]:
 
 def data_fingerprint(datamodule: Any, applied: int) -> dict[str, Any]:
     """The edit stream's source, seed and order, and the identity of its first ``applied`` edits."""
+    running = datamodule.__dict__.setdefault("_applied_hash", _AppliedHash())
     return {"source_sha256": datamodule.source_sha256, "seed": datamodule.seed, "shuffle": datamodule.shuffle,
-            "applied": applied, "applied_sha256": requests_sha256(datamodule.requests[:applied])}
+            "applied": applied, "applied_sha256": running(datamodule.requests, applied)}
 
 
 def verify_provenance(path: Any, recorded: dict[str, Any], current: dict[str, Any],

@@ -353,9 +353,9 @@ class BEACMEMIT(BatchAnchorMixin, MEMIT):
             self.key_record = records
 
     def step_state(self) -> dict[str, Any]:
-        """The state without RAR's key record (up to 21 batches of keys), plus this batch's keys and cells."""
-        state = super().step_state()
-        state["beac"].pop("key_record", None)
+        """The state without RAR's key record (up to 21 batches of keys, not even copied), plus this batch's keys and
+        cells."""
+        state = super().state_dict()
         state["beac_step_keys"] = {n: {"keys": k, "cells": c} for n, (k, c) in self._step_record.items()}
         return state
 

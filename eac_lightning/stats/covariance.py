@@ -81,9 +81,11 @@ def iter_corpus_texts(corpus: str, split: str = "train") -> Iterator[str]:
 
 
 def _token_windows(tokenizer, corpus: str, seq_len: int) -> Iterator[torch.Tensor]:
+    from eac_lightning.models.encoding import encode_long
+
     buf: list[int] = []
     for text in iter_corpus_texts(corpus):
-        buf.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+        buf.extend(encode_long(tokenizer, [text])[0])  # split into windows below: never fed whole to the model
         while len(buf) >= seq_len:
             yield torch.tensor(buf[:seq_len])
             buf = buf[seq_len:]
