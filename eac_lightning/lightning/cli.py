@@ -46,6 +46,8 @@ warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")
 warnings.filterwarnings("ignore", message=".*ModelCheckpoint with manual optimization.*")
 warnings.filterwarnings("ignore", message=".*configure_optimizers` returned `None`.*")
 warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*")
+# The edit stream is read in the main process (num_workers=0), so the length of its IterableDataset is exact.
+warnings.filterwarnings("ignore", message=".*Your `IterableDataset` has `__len__` defined.*")
 # Lightning's own use of a deprecated torch pytree API (not a call of ours): printed on every fit otherwise.
 warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning)
 
@@ -470,6 +472,7 @@ def _dispatch(argv: list[str], cli_args: list[str] | None) -> None:
         args=cli_args,
         trainer_defaults={
             "max_epochs": 1,
+            "log_every_n_steps": 1,  # metrics are logged by the callbacks when they measure; no interval to warn about
             "accelerator": "auto",
             "devices": 1,
             "num_sanity_val_steps": 0,
