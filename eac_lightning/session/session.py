@@ -4,7 +4,7 @@ It keeps the base weights (one copy of each edited matrix, taken before any edit
 :class:`~eac_lightning.session.log.EditLog` and its HEAD. The edited model always holds W = W_base + D, and D is the
 in-order sum of the stored updates on HEAD's branch, each added by :func:`~eac_lightning.session.log.add_update`,
 so a replay of the log equals the run that wrote it bit for bit. The LightningModule, the notebook
-:class:`~eac_lightning.editor.Editor`, ``rollback``, ``ask``, ``export`` and the benchmarks all go through it.
+:class:`~eac_lightning.editor.Editor`, ``ask`` and ``export`` go through it; ``rollback`` reads the same log.
 
     session = EditSession(model, method, EditLog(run / "history"))
     session.start(identity)              # the root entry: base model, method, its state after setup
@@ -96,13 +96,6 @@ class EditSession:
         self.log.append(header, tensors)
         self.depth = 0
         self.save_snapshot()
-
-    def root(self) -> dict[str, Any]:
-        """The root entry's header (what the run edits: its ``identity``)."""
-        head = self.head
-        if head is None:
-            raise EditLogError("the edit log has no entries")
-        return self.log.header(self.log.lineage(head)[0])
 
     def commit(self, written: Written, *, step: int, position: int, requests: Sequence[Any] = (),
                refreshed: Sequence[Any] = (), resume: dict[str, Any] | None = None,
@@ -212,8 +205,3 @@ class EditSession:
             raise EditLogError(f"edit log {where} updates {name}, which this method does not edit "
                                f"({', '.join(self.base_weights)})")
         check_parts(parts, tuple(w0.shape), name, where)
-
-    def lineage_headers(self, ident: str | None = None) -> list[dict[str, Any]]:
-        """The headers of HEAD's branch (or ``ident``'s), root first."""
-        ident = ident or self.head
-        return [] if ident is None else [self.log.header(i) for i in self.log.lineage(ident)]
