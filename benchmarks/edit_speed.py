@@ -8,7 +8,7 @@ every run edits the same model. One timing is one :meth:`EditMethod.edit` call (
 closed-form write) divided by its batch size; the table reports the median over all edits of all runs, with the
 fastest and slowest, by wall clock and by CPU time of the process, and the **mean** CPU time per edit (all runs'
 CPU time over all their edits): what a stream of such edits costs. Compare methods on the mean: a batch's timing is
-already its edits' mean, and single edits are skewed (an edit that never reaches ``early_stop_nll`` runs every
+already its edits' mean, and single edits are skewed (an edit that never meets the stopping rule runs every
 step), so their median sits below their mean. The write step is timed on its own too
 (``write``), which shows where the time goes.
 

@@ -36,8 +36,8 @@ from eac_lightning.methods.target import (
 )
 from eac_lightning.validation import check
 
-# Any object with ``v0`` (the vector or flattened weights being changed), ``hparams`` (num_steps, lr,
-# early_stop_nll), ``loss(delta) -> (total, nll)``, ``clamp(delta)`` and ``check(loss, step)`` can be
+# Any object with ``v0`` (the vector or flattened weights being changed), ``hparams`` (num_steps, lr, early_stop),
+# ``loss(delta) -> (loss, NLL, each request's loss)``, ``clamp(delta)``, ``check(loss, step)`` and ``last_update`` can be
 # compressed: :class:`TargetProblem` (ROME's v*, MEMIT's z: a batch's (n, d) δ, anchors per row) and
 # :class:`eac_lightning.methods.ft.FTProblem`.
 
@@ -115,7 +115,7 @@ def explore(problem: TargetProblem, hp: EACHyperParams) -> Exploration:
         last[:] = [grad]
 
     delta = adam_descent(problem, torch.zeros_like(problem.v0, requires_grad=True), steps, early_stop=False,
-                         on_grad=record)
+                         on_grad=record, last_update=True)  # phase 2 continues: every phase-1 forward updates
     g = grad_sum / steps if hp.gradient == "mean" else last[0]
     return Exploration(delta=delta, grad=g, score=saliency(problem.v0, delta, g, hp), steps=steps)
 
@@ -174,12 +174,12 @@ def retrain(
     else:
         l1_scale = l2_scale = 1.0
 
-    def objective(free: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def objective(free: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         z = free * m  # EAC Eq. 3: non-anchors stay exactly zero
-        loss, nll = problem.loss(z)
+        loss, nll, total = problem.loss(z)  # the stopping rule reads the request's own loss, without the net's terms
         if hp.elastic_net:
             loss = loss + hp.lam * (l1_scale * alpha * z.abs()).sum() + hp.mu * (l2_scale * z.pow(2)).sum()  # Eq. 4-6
-        return loss, nll
+        return loss, nll, total
 
     return adam_descent(problem, free, steps, objective, first_step=exploration.steps) * m
 
@@ -203,7 +203,7 @@ def _names(problem, rows: torch.Tensor | None = None) -> str:
 
 def check_result(problem, delta: torch.Tensor) -> torch.Tensor:
     """Refuse a degenerate optimisation result before anything is written: a δ with NaN/inf, or a δ (a row of a
-    batch's δ) that is exactly zero although the target is not yet reached (NLL above ``early_stop_nll``: a
+    batch's δ) that is exactly zero although the target is not yet reached (NLL above ``early_stop``: a
     zero clamp radius or a step so large that nothing usable survived)."""
     if not torch.isfinite(delta).all():
         raise EditOptimisationError(f"{_names(problem)}: the optimised target holds NaN/inf (check lr, num_steps and "
@@ -211,12 +211,12 @@ def check_result(problem, delta: torch.Tensor) -> torch.Tensor:
     zero = ~delta.any(-1)
     if zero.any():
         with torch.no_grad():
-            _, nll = problem.loss(delta)
-        bad = zero & ~(nll < problem.hparams.early_stop_nll)  # FT: one joint NLL for its single flattened δ
+            nll = problem.loss(delta)[1]
+        bad = zero & ~(nll < problem.hparams.early_stop)  # FT: one joint NLL for its single flattened δ
         if bad.any():
             raise EditOptimisationError(
                 f"{_names(problem, bad.reshape(-1) if bad.dim() else None)}: the optimised target is zero although "
-                f"the target NLL is {nll.max().item():.3g} (above early_stop_nll {problem.hparams.early_stop_nll}); "
+                f"the target NLL is {nll.max().item():.3g} (above early_stop {problem.hparams.early_stop}); "
                 "the edit was rejected and nothing was applied"
             )
     return delta

@@ -36,19 +36,19 @@ class FTHyperParams:
         num_steps: gradient steps per edit batch (25).
         lr: Adam learning rate (5e-4).
         norm_constraint: L∞ bound on each weight's change (5e-4).
-        early_stop_nll: stop once the mean target NLL falls below this.
+        early_stop: stop once the mean target NLL falls below this.
     """
 
     num_steps: int = 25
     lr: float = 5e-4
     norm_constraint: float = 5e-4
-    early_stop_nll: float = 1e-2
+    early_stop: float = 1e-2
 
     def __post_init__(self) -> None:
         check("num_steps", self.num_steps, integer=True, positive=True)
         check("lr", self.lr, positive=True)
         check("norm_constraint", self.norm_constraint, positive=True, finite=False)  # inf: unconstrained (LLaMA)
-        check("early_stop_nll", self.early_stop_nll, nonnegative=True)
+        check("early_stop", self.early_stop, nonnegative=True)
 
 
 @dataclass
@@ -61,6 +61,8 @@ class FTTarget:
 
 class FTProblem:
     """Teacher-forced target NLL as a function of the flattened weight change of the fine-tuned modules."""
+
+    last_update = True  # ROME's FT loop updates after every forward (num_steps updates)
 
     def __init__(self, model: nn.Module, tok, requests: Sequence[EditRequest], layers: list[int], hp: FTHyperParams):
         self.model, self.hparams, self.requests = model, hp, list(requests)
@@ -95,7 +97,7 @@ class FTProblem:
             i += n
         return out
 
-    def loss(self, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def loss(self, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         parts = self.split(delta)
         hooks = []
         for name, d in zip(self.names, parts):
@@ -110,7 +112,7 @@ class FTProblem:
                 h.remove()
         logp = torch.log_softmax(logits[self.pred_rows, self.pred_cols].float(), dim=-1)
         nll = -logp.gather(1, self.targets[:, None]).mean()
-        return nll, nll
+        return nll, nll, nll  # (loss, NLL, loss): FT's loss is the NLL
 
     def clamp(self, delta: torch.Tensor) -> None:
         delta.clamp_(-self.hparams.norm_constraint, self.hparams.norm_constraint)

@@ -53,13 +53,18 @@ class TargetHyperParams:
     MEMIT Eq. 16; EAC App. B Eq. 9). Defaults: ROME's GPT2-XL values (MEMIT's default differs in the clamp, 0.75).
 
     Args:
-        num_steps: gradient steps (ROME/MEMIT GPT2-XL: 20).
+        num_steps: forward passes of the published loop (ROME/MEMIT GPT2-XL: 20): each checks the stopping rule,
+            all but the last are followed by an Adam update, so ``num_steps`` − 1 updates at most (ROME's
+            ``compute_v``, MEMIT's/AlphaEdit's ``compute_z``: ``if it == v_num_grad_steps - 1: break``).
         lr: Adam learning rate (0.5).
         weight_decay: ROME's decay factor on ‖δ‖/‖v₀‖² (0.5).
         clamp_norm_factor: ‖δ‖ is projected onto the ball of radius factor·‖v₀‖ (ROME 4, MEMIT 0.75).
         kl_factor: weight of the subject-essence KL term (0.0625).
         kl_prompt: the essence prompt p' ("{} is a").
-        early_stop_nll: stop once the target NLL falls below this (ROME: 5e-2).
+        early_stop: stop once the quantity named by ``early_stop_on`` falls below this (ROME/MEMIT: 5e-2).
+        early_stop_on: ``total``: the request's whole loss, target NLL + KL term + weight decay, as the published
+            ROME/MEMIT/AlphaEdit code (``if loss < 5e-2: break``); ``nll``: the target NLL alone, which stops
+            sooner (the decay term alone can keep the total above the threshold when ‖v₀‖ is small).
         requests_per_forward: requests of a batch optimised in one forward/backward per step (MEMIT, AlphaEdit,
             B-EAC without write-aware targets); a larger batch is optimised in chunks of this many, with the same
             result (its requests are independent). Memory grows linearly with it (each request brings its N + 1
@@ -72,7 +77,8 @@ class TargetHyperParams:
     clamp_norm_factor: float = 4.0
     kl_factor: float = 0.0625
     kl_prompt: str = "{} is a"
-    early_stop_nll: float = 5e-2
+    early_stop: float = 5e-2
+    early_stop_on: str = "total"
     requests_per_forward: int = 4
 
     def __post_init__(self) -> None:
@@ -82,7 +88,9 @@ class TargetHyperParams:
         check("weight_decay", self.weight_decay, nonnegative=True)
         check("clamp_norm_factor", self.clamp_norm_factor, positive=True)
         check("kl_factor", self.kl_factor, nonnegative=True)
-        check("early_stop_nll", self.early_stop_nll, nonnegative=True)
+        check("early_stop", self.early_stop, nonnegative=True)
+        if self.early_stop_on not in ("total", "nll"):
+            raise ValueError(f"early_stop_on must be 'total' or 'nll', got {self.early_stop_on!r}")
         if not isinstance(self.kl_prompt, str) or self.kl_prompt.count("{}") != 1:
             raise ValueError(f"kl_prompt must contain '{{}}' once (where the subject goes), got {self.kl_prompt!r}")
 
@@ -211,6 +219,8 @@ class TargetProblem:
             "Write-aware target"). Such directions couple the requests: they are optimised and stopped together.
     """
 
+    last_update = False  # the published loop: its last forward only checks the stopping rule (num_steps − 1 updates)
+
     def __init__(
         self,
         model: nn.Module,
@@ -265,14 +275,17 @@ class TargetProblem:
         self.kl_ref = torch.log_softmax(kl_logits.float(), dim=-1).detach()
         self.frozen = torch.zeros(len(self.requests), dtype=torch.bool, device=device)
         self._frozen_nll = torch.zeros(len(self.requests), device=device)
+        self._frozen_total = torch.zeros(len(self.requests), device=device)
         self._entry_text = torch.cat([self.pred_text, self.kl_text])  # the text each read position belongs to
         self._entry_col = torch.cat([self.pred_pos, self.cols[self.kl_text]])
         self._activate(torch.arange(len(texts), device=device))
 
-    def freeze(self, rows: torch.Tensor, nll: torch.Tensor) -> None:
-        """Stop optimising the requests ``rows`` (bool, (n,)), whose NLL ``nll`` reached the target: later losses
-        leave their prompts out of the forward and report this NLL for them (independent rows only)."""
-        self._frozen_nll = torch.where(rows & ~self.frozen, nll.detach(), self._frozen_nll)
+    def freeze(self, rows: torch.Tensor, nll: torch.Tensor, total: torch.Tensor) -> None:
+        """Stop optimising the requests ``rows`` (bool, (n,)), which met the stopping rule: later losses leave their
+        prompts out of the forward and report these NLLs and losses for them (independent rows only)."""
+        new = rows & ~self.frozen
+        self._frozen_nll = torch.where(new, nll.detach(), self._frozen_nll)
+        self._frozen_total = torch.where(new, total.detach(), self._frozen_total)
         self.frozen = self.frozen | rows
         self._activate((~self.frozen[self.owner]).nonzero().squeeze(1))
 
@@ -286,8 +299,9 @@ class TargetProblem:
         self._active_texts = texts
         self._groups = length_groups(self.mask[texts].sum(1), forward_cost_tokens(self.v0.shape[-1]))
 
-    def loss(self, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(the batch's total loss of Eq. 9 + ROME's weight decay, each request's target NLL (n,)) for δ (n, d)."""
+    def loss(self, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(the batch's loss of Eq. 9 + ROME's weight decay, each request's target NLL (n,), each request's own
+        loss (n,)) for δ (n, d); the last two detached. At δ = 0 a request's loss is its NLL (KL and decay vanish)."""
         texts, entry_text, entry_col = self._active_texts, self._entry_text, self._entry_col
         logits, entries = [], []
         for group in self._groups:
@@ -320,7 +334,8 @@ class TargetProblem:
         decay = self.hparams.weight_decay * delta.norm(dim=-1) / self.v0.norm(dim=-1) ** 2
         total = nll + self.hparams.kl_factor * kl_loss + decay
         active = ~self.frozen
-        return total[active].sum(), torch.where(active, nll, self._frozen_nll)
+        return (total[active].sum(), torch.where(active, nll.detach(), self._frozen_nll),
+                torch.where(active, total.detach(), self._frozen_total))
 
     def _inserted(self, delta: torch.Tensor, owner: torch.Tensor, cols: torch.Tensor) -> ExitStack:
         stack = ExitStack()
@@ -346,32 +361,41 @@ class TargetProblem:
 
 
 def adam_descent(problem, param: torch.Tensor, steps: int,
-                 objective: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
+                 objective: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None,
                  first_step: int = 0, early_stop: bool = True,
-                 on_grad: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
+                 on_grad: Callable[[torch.Tensor], None] | None = None,
+                 last_update: bool | None = None) -> torch.Tensor:
     """The optimiser of ROME's v*, MEMIT's z and EAC's two phases (EAC App. B Eq. 9): Adam on ``param`` (the
-    problem's learning rate) for at most ``steps`` steps of ``objective(param) -> (loss, target NLL)`` (default: the
-    problem's loss), projecting ``param`` back into the norm ball after every step. With ``early_stop`` it stops
-    once the NLL is below ``early_stop_nll``; for a problem with independent rows (:class:`TargetProblem` without
-    write directions) each row stops on its own: it is frozen at the step where its own optimisation would have
-    ended, which is what optimising the requests one by one gives. ``on_grad`` sees each step's gradient (EAC's
-    phase 1 scores with them); a non-finite loss raises naming step ``first_step + step``. Returns ``param``
+    problem's learning rate) over ``steps`` forwards of ``objective(param) -> (loss, target NLL, the request's own
+    loss)`` (default: the problem's loss), projecting ``param`` back into the norm ball after every update. With
+    ``early_stop`` it stops once the quantity ``hparams.early_stop_on`` names (the whole loss as published, or the
+    NLL) is below ``hparams.early_stop``; for a problem with independent rows
+    (:class:`TargetProblem` without write directions) each row stops on its own: it is frozen at the step where its
+    own optimisation would have ended, which is what optimising the requests one by one gives. ``last_update``
+    False is the published ROME/MEMIT loop, whose last forward only checks the rule (``steps`` − 1 updates); True
+    updates after every forward; None takes the problem's ``last_update``. ``on_grad`` sees each update's gradient
+    (EAC's phase 1 scores with them); a non-finite loss raises naming step ``first_step + step``. Returns ``param``
     detached."""
     hp = problem.hparams
     objective = objective or problem.loss
+    if last_update is None:
+        last_update = problem.last_update
+    on_total = getattr(hp, "early_stop_on", "nll") == "total"
     per_row = early_stop and getattr(problem, "independent_rows", False)
     if per_row:
         problem.thaw()
     opt = torch.optim.Adam([param], lr=hp.lr)
     for step in range(steps):
-        loss, nll = objective(param)
+        loss, nll, total = objective(param)
         problem.check(loss, first_step + step)
         if early_stop:
-            done = nll.detach() < hp.early_stop_nll
+            done = (total if on_total else nll) < hp.early_stop
             if bool(done.all()):
                 break
             if per_row and bool(done.any()):
-                problem.freeze(done, nll)
+                problem.freeze(done, nll, total)
+        if not last_update and step == steps - 1:
+            break
         opt.zero_grad()
         (param.grad,) = torch.autograd.grad(loss, param)
         if on_grad is not None:
