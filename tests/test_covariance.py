@@ -246,6 +246,35 @@ def test_import_of_published_mom2_npz(tiny_gpt2, tokenizer, names, tmp_path):
         store.import_mom2(names[0], tmp_path / "wrong.npz")
 
 
+def test_exported_mom2_is_read_by_the_published_loader(tiny_gpt2, tokenizer, names, tmp_path):
+    """The export carries ``sample_size``: ROME's, MEMIT's and EasyEdit's ``runningstats.load_cached_state(cache,
+    {"sample_size": mom2_n_samples})`` reads ``dat["sample_size"]`` (a file without it raised KeyError there), and
+    ``SecondMoment.load_state_dict`` reads ``mom2.count`` and ``mom2.mom2``; the file imports back unchanged."""
+    import numpy as np
+
+    store = CovarianceStore(tiny_gpt2, tokenizer, corpus="wikipedia", directory=tmp_path / "a")
+    d = tiny_gpt2.get_submodule(names[0]).weight.shape[0]
+    keys = torch.randn(300, d, dtype=torch.float64)
+    store.import_mom2(names[0], _npz(tmp_path / "in.npz", keys.T @ keys, 300))
+    out = store.export_mom2(names[0], tmp_path / f"{names[0]}_float32_mom2_100000.npz")
+    with np.load(out) as dat:  # the published loader's checks, in its order
+        assert {"sample_size": 100_000} == {a: int(dat[a]) for a in ["sample_size"]}
+        count, mom2 = int(dat["mom2.count"]), torch.from_numpy(dat["mom2.mom2"])
+    assert count == 300
+    torch.testing.assert_close(mom2 / count, keys.T @ keys / 300)
+    with np.load(store.export_mom2(names[0], tmp_path / "other.npz", sample_size=1000)) as dat:
+        assert int(dat["sample_size"]) == 1000
+    again = CovarianceStore(tiny_gpt2, tokenizer, corpus="wikipedia", directory=tmp_path / "b").import_mom2(names[0], out)
+    torch.testing.assert_close(again.matrix, keys.T @ keys / 300)
+
+
+def _npz(path, mom2: torch.Tensor, count: int):
+    import numpy as np
+
+    np.savez(path, **{"mom2.mom2": mom2.numpy(), "mom2.count": np.array(count)})
+    return path
+
+
 def test_stats_command_batch_and_length_options_and_import(tiny_gpt2, tokenizer, corpus, tmp_path, capsys,
                                                            monkeypatch):
     import numpy as np

@@ -285,17 +285,23 @@ class CovarianceStore:
             self._memory[n] = Covariance(state["sums"][n].cpu().double() / count, count, self.damping)
         partial.unlink(missing_ok=True)
 
-    def export_mom2(self, module_name: str, npz_path: str | os.PathLike) -> Path:
+    def export_mom2(self, module_name: str, npz_path: str | os.PathLike, sample_size: int = 100_000) -> Path:
         """Write ``module_name``'s statistics as a ROME/MEMIT ``layer_stats`` ``.npz`` (``mom2.mom2``: the (d, d)
         sum Σ k kᵀ in float64, ``mom2.count``), the format :meth:`import_mom2` reads, so a lab computes them once
-        and shares the file."""
+        and shares the file.
+
+        ``sample_size`` is recorded as the file's ``sample_size``: the published readers (ROME's, MEMIT's and
+        EasyEdit's ``runningstats.load_cached_state``) compare it with their ``mom2_n_samples`` (100,000 in every
+        published hyper-parameter file) and fail on a file without it; they find the file as
+        ``<stats_dir>/<model>/<dataset>_stats/<module>_float32_mom2_<sample_size>.npz``."""
         import numpy as np
 
         cov = self.get(module_name)
         path = Path(npz_path)
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "wb") as fh:
-            np.savez(fh, **{"mom2.mom2": (cov.matrix * cov.count).numpy(), "mom2.count": np.array(cov.count)})
+            np.savez(fh, **{"mom2.mom2": (cov.matrix * cov.count).numpy(), "mom2.count": np.array(cov.count),
+                            "sample_size": np.array(sample_size)})
         return path
 
     def import_mom2(self, module_name: str, npz_path: str | os.PathLike) -> Covariance:
