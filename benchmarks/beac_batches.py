@@ -76,7 +76,7 @@ METHODS = {
     "B-EAC (MEMIT) w/o overlap bound": "beac-memit beac.max_overlap=1000000",
     # UltraEdit with its testbed settings (configs/testbed/ultraedit.yaml); the --set values it does not take are
     # left out (it has no z, λ or clamp)
-    "UltraEdit": "ultraedit layers=[2,3] lr=1e-3",
+    "UltraEdit": "ultraedit layers=[2,3] value_step_size=1e-3",
 }
 
 

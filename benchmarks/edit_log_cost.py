@@ -89,7 +89,7 @@ def synthetic_requests(n: int):
 def method_for(kind: str, model, batch: int):
     """The method object with the state a real run of ``kind`` holds after a step (shapes, not values)."""
     from eac_lightning.methods import MEMIT, ROME, AlphaEdit, EACHyperParams
-    from eac_lightning.methods.beac import BEAC
+    from eac_lightning.methods.beac import BEAC, BEACHyperParams
     from eac_lightning.models.adapters import mlp_out_name, weight_view
 
     layers = list(range(LAYERS))
@@ -101,7 +101,9 @@ def method_for(kind: str, model, batch: int):
     elif kind == "alphaedit":
         m = AlphaEdit(layers=layers)
     elif kind == "beac":
-        m = BEAC(layers=layers)
+        # the settings these costs were measured with (before BEAC's defaults became the beac preset's: no refresh,
+        # the published z)
+        m = BEAC(layers=layers, write_aware=False, beac=BEACHyperParams(key_memory=0.0))
     else:
         raise ValueError(kind)
     m.module_names = [mlp_out_name(model, l) for l in ([1] if kind.startswith("rome") else layers)]

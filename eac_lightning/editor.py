@@ -18,7 +18,7 @@ from torch import nn
 from eac_lightning.data.requests import EditRequest, validate_requests
 from eac_lightning.methods.base import EditMethod, Written, restore_weights, snapshot
 from eac_lightning.methods.edit import EditResult, edit
-from eac_lightning.methods.settings import apply_model_settings, leaves
+from eac_lightning.methods.settings import apply_model_settings, check_renamed, leaves
 from eac_lightning.models.loading import load_model
 from eac_lightning.paths import CONFIGS_DIR
 from eac_lightning.session import EditLog, EditSession
@@ -58,11 +58,15 @@ def method_from_preset(name_or_path: str, *overlays: str | Path | dict, model: s
         if isinstance(overlay, dict) or package not in Path(overlay).resolve().parents:
             given |= {leaf for leaf, _ in leaves(over.get("init_args") or {})}
         spec = _merged(spec, over)
-    applied: dict[str, Any] = {}
-    if model is not None:
-        spec, applied = apply_model_settings(model, spec, given)
+    check_renamed(spec, str(path))
     parser = ArgumentParser(exit_on_error=False)
     parser.add_argument("--method", type=EditMethod)
+    applied: dict[str, Any] = {}
+    if model is not None:
+        # every setting at its value, the class defaults filled in, as the command line's parser hands it to the
+        # resolver (the record names a measured setting's preset value even where the preset file leaves it out)
+        spec = parser.parse_object({"method": spec}).method.as_dict()
+        spec, applied = apply_model_settings(model, spec, given)
     method = parser.instantiate_classes(parser.parse_object({"method": spec})).method
     method.method_settings = applied
     return method

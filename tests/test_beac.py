@@ -341,7 +341,7 @@ def test_rar_refresh_rewrites_earlier_edits_that_no_longer_hold(model_and_stats,
     batch (within the budget ceil(refresh·n)), is written with it and moves to the newest slot of the window; an edit
     the batch makes again is not refreshed; the window travels with the checkpoint."""
     hp = BEACHyperParams(max_overlap=1, key_memory=0.0, refresh=0.5, refresh_window=2)
-    model, method, stats = fresh(model_and_stats, BEAC, beac=hp)
+    model, method, stats = fresh(model_and_stats, BEAC, beac=hp, write_aware=False)
     method.setup(model, tokenizer, stats)
     w0 = snapshot(model, method.module_names)
     edit(method, model, tokenizer, requests([0, 1, 2, 3]))
@@ -361,7 +361,7 @@ def test_rar_refresh_rewrites_earlier_edits_that_no_longer_hold(model_and_stats,
     buf = io.BytesIO()
     torch.save(method.state_dict(), buf)
     buf.seek(0)
-    _, restored, _ = fresh(model_and_stats, BEAC, beac=hp)
+    _, restored, _ = fresh(model_and_stats, BEAC, beac=hp, write_aware=False)
     restored.load_state_dict(torch.load(buf, weights_only=True))
     assert restored.refresh_record == method.refresh_record
     # the window holds the latest refresh_window batches

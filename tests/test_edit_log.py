@@ -59,7 +59,7 @@ def _methods(c_max: float) -> dict:
         "alphaedit": lambda: AlphaEdit(layers=[1, 2], context=CTX, target=Z, nullspace_threshold=c_max * 2),
         "beac-memit": lambda: BEACMEMIT(layers=[1, 2], context=CTX, target=Z, mom2_update_weight=10.0,
                                    eac=EACHyperParams(gamma=80.0), beac=BEACHyperParams(key_memory=1.0)),
-        "ultraedit": lambda: UltraEdit(layers=[1, 2], lr=1e-2),
+        "ultraedit": lambda: UltraEdit(layers=[1, 2], value_step_size=1e-2),
         "ft": lambda: FT(layers=[1]),
     }
 

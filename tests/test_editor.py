@@ -213,20 +213,22 @@ def test_testbed_overlay_composes_after_its_method_preset(compose, path, tmp_pat
     alike."""
     assert "measured here" in path.read_text(), path
     overlay = yaml.safe_load(path.read_text())["model"]["method"]["init_args"]
-    preset_args = yaml.safe_load((METHOD_PRESETS / path.name).read_text())["model"]["method"]["init_args"]
-    write_aware = True in (overlay.get("write_aware"), preset_args.get("write_aware"))  # B-EAC's preset has it
+    preset = method_from_preset(path.stem)  # the preset file states only what differs from the class defaults
+    write_aware = True in (overlay.get("write_aware"), getattr(preset, "write_aware", None))  # B-EAC's default
     assert write_aware or "not write-aware" in path.read_text(), path  # B-EAC over MEMIT says why not
     hub_name = tmp_path / "model.yaml"  # a hub name is not resolved at parse time; testbed:small would be built
     hub_name.write_text("model:\n  model: gpt2\n")
     composed = compose(METHOD_PRESETS / path.name, path, hub_name).method
     for method in (composed, method_from_preset(path.stem, path)):
         _subset_matches(method, overlay, str(path))
-        base = yaml.safe_load((METHOD_PRESETS / path.name).read_text())["model"]["method"]["init_args"]
-        if base.get("eac"):  # the EAC values the overlay does not name stay the preset's
-            kept = {k: v for k, v in base["eac"].items() if k not in overlay.get("eac", {})}
+        if getattr(preset, "eac", None):  # the EAC values the overlay does not name stay the preset's
+            kept = {k: v for k, v in asdict(preset.eac).items() if k not in overlay.get("eac", {})}
             _subset_matches(method.eac, kept, f"{path} <- {path.name}")
-        if "context" in base:  # UltraEdit has no prefix contexts
-            assert method.context.length_count == base["context"]["length_count"]
+        if hasattr(preset, "context"):  # UltraEdit has no prefix contexts
+            assert method.context.length_count == preset.context.length_count
+        if hasattr(preset, "target"):  # the target settings the overlay does not name stay the preset's
+            kept = {k: v for k, v in asdict(preset.target).items() if k not in overlay.get("target", {})}
+            _subset_matches(method.target, kept, f"{path} <- {path.name}")
 
 
 def test_a_refused_write_leaves_the_method_state_of_the_last_edit(model, model_and_stats, tokenizer, monkeypatch):

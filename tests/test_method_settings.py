@@ -10,7 +10,16 @@ from eac_lightning.paths import CONFIGS_DIR
 
 
 def preset(name: str) -> dict:
-    return yaml.safe_load((CONFIGS_DIR / "methods" / f"{name}.yaml").read_text())["model"]["method"]
+    """The preset's method as the command line's parser hands it to the resolver: every setting at its value (the
+    file states only what differs from the class defaults)."""
+    from jsonargparse import ArgumentParser
+
+    from eac_lightning.methods import EditMethod
+
+    spec = yaml.safe_load((CONFIGS_DIR / "methods" / f"{name}.yaml").read_text())["model"]["method"]
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_argument("--method", type=EditMethod)
+    return parser.parse_object({"method": spec}).method.as_dict()
 
 
 def test_method_keys_name_the_presets():

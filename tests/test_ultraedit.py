@@ -74,14 +74,14 @@ def test_prior_tokens_seed_the_moments_so_a_first_single_token_turn_writes(gpt2,
     one_token = [EditRequest(prompt="{} is located in", subject="Toko Yasuda", target_new="the", source="test",
                              source_index=0)]
     assert len(encode_target(tokenizer, one_token[0].target_new)) == 1
-    plain = UltraEdit(layers=[1], lr=1e-2)
+    plain = UltraEdit(layers=[1], value_step_size=1e-2)
     plain.setup(gpt2, tokenizer, corpus_stats)
     assert plain.moments == {}
     base = snapshot(gpt2, plain.module_names)
     assert all(d.abs().max() == 0 for d in edit(plain, gpt2, tokenizer, one_token).deltas.values())
     restore_weights(gpt2, base)
 
-    seeded = UltraEdit(layers=[1], lr=1e-2, prior_tokens=300)
+    seeded = UltraEdit(layers=[1], value_step_size=1e-2, prior_tokens=300)
     seeded.setup(gpt2, tokenizer, corpus_stats)
     (key, moments), = seeded.moments.items()
     assert moments.count == 300 and moments.std().min() > 0
@@ -102,7 +102,7 @@ def test_prior_tokens_seed_the_moments_so_a_first_single_token_turn_writes(gpt2,
 
 def test_covariance_ridge_write_solves_its_system(gpt2, tokenizer, corpus_stats):
     """The written shift is the covariance-metric ridge fit of the turn's raw keys to its pseudo values."""
-    method = UltraEdit(layers=[1], lr=1e-2, ridge_metric="covariance")
+    method = UltraEdit(layers=[1], value_step_size=1e-2, ridge_metric="covariance")
     method.setup(gpt2, tokenizer, corpus_stats)
     feats = method.compute_targets(gpt2, tokenizer, REQS)
     base = snapshot(gpt2, method.module_names)
@@ -162,7 +162,7 @@ def test_features_are_the_keys_and_output_gradients_at_target_predicting_tokens(
 
 
 def test_write_solves_the_least_squares_system_of_the_normalised_pseudo_values(gpt2, tokenizer):
-    method = UltraEdit(layers=[1, 2], lr=1e-2)
+    method = UltraEdit(layers=[1, 2], value_step_size=1e-2)
     method.setup(gpt2, tokenizer)
     before = snapshot(gpt2, method.module_names)
     feats = method.compute_targets(gpt2, tokenizer, REQS)
@@ -185,7 +185,7 @@ def test_write_solves_the_least_squares_system_of_the_normalised_pseudo_values(g
 
 
 def test_moments_survive_a_state_dict_round_trip_and_resume_gives_the_same_edit(gpt2, tokenizer):
-    method = UltraEdit(layers=[2], lr=1e-2)
+    method = UltraEdit(layers=[2], value_step_size=1e-2)
     method.setup(gpt2, tokenizer)
     base = snapshot(gpt2, method.module_names)
     edit(method, gpt2, tokenizer, REQS[:2])
@@ -194,14 +194,14 @@ def test_moments_survive_a_state_dict_round_trip_and_resume_gives_the_same_edit(
     uninterrupted = edit(method, gpt2, tokenizer, REQS[2:]).deltas
 
     restore_weights(gpt2, after_first)
-    resumed = UltraEdit(layers=[2], lr=1e-2)
+    resumed = UltraEdit(layers=[2], value_step_size=1e-2)
     resumed.setup(gpt2, tokenizer)
     resumed.load_state_dict({k: {s: {f: (v.clone() if torch.is_tensor(v) else v) for f, v in m.items()}
                                  for s, m in moments.items()} for k, moments in state.items()})
     again = edit(resumed, gpt2, tokenizer, REQS[2:]).deltas
     name = method.module_names[0]
     torch.testing.assert_close(again[name], uninterrupted[name], atol=0, rtol=0)
-    fresh = UltraEdit(layers=[2], lr=1e-2)  # without the moments the same turn is a different edit
+    fresh = UltraEdit(layers=[2], value_step_size=1e-2)  # without the moments the same turn is a different edit
     fresh.setup(gpt2, tokenizer)
     restore_weights(gpt2, after_first)
     assert not torch.allclose(edit(fresh, gpt2, tokenizer, REQS[2:]).deltas[name], uninterrupted[name])
@@ -209,7 +209,7 @@ def test_moments_survive_a_state_dict_round_trip_and_resume_gives_the_same_edit(
 
 
 def test_failed_write_leaves_weights_and_moments_unchanged(gpt2, tokenizer, monkeypatch):
-    method = UltraEdit(layers=[1, 2], lr=1e-2)
+    method = UltraEdit(layers=[1, 2], value_step_size=1e-2)
     method.setup(gpt2, tokenizer)
     edit(method, gpt2, tokenizer, REQS[:1])
     moments = method.state_dict()
@@ -289,7 +289,8 @@ def test_ultraedit_writes_a_turn_of_edits_on_the_testbed(tiny_testbed):
     from eac_lightning.paths import CONFIGS_DIR
 
     method = method_from_preset("ultraedit", CONFIGS_DIR / "testbed" / "ultraedit.yaml")
-    assert (method.layers, method.lr, method.prior_tokens, method.ridge_metric) == ([2, 3], 1e-3, 0, "identity")
+    assert (method.layers, method.value_step_size, method.prior_tokens, method.ridge_metric) == (
+        [2, 3], 1e-3, 0, "identity")
     before, after = _testbed_reliability(tiny_testbed, {}, single=False)
     assert before < 0.2 and after >= 0.8
 

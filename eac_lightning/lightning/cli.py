@@ -110,6 +110,7 @@ class EditingCLI(LightningCLI):
 
     def parse_arguments(self, parser, args) -> None:
         self._argv = list(sys.argv[1:] if args is None else args)  # what was given: the settings resolver reads it
+        _refuse_renamed_method_settings(self._argv)
         super().parse_arguments(parser, args)
 
     def add_arguments_to_parser(self, parser) -> None:
@@ -212,6 +213,18 @@ def _editing_strategy(trainer: Namespace):
     if strategy == "ddp":
         return Namespace(class_path="eac_lightning.lightning.strategy.EditingDDPStrategy", init_args=Namespace())
     return strategy
+
+
+def _refuse_renamed_method_settings(argv: list[str]) -> None:
+    """A method setting given under its old name is refused with the new one (a usage error, as the parser's), not
+    with the parser's unknown-key error (:data:`eac_lightning.methods.settings.RENAMED`)."""
+    import argparse
+
+    from eac_lightning.methods.settings import renamed_in_argv
+
+    refusal = renamed_in_argv(argv)
+    if refusal:
+        raise argparse.ArgumentError(None, refusal)
 
 
 def _namespace(tree: dict) -> Namespace:

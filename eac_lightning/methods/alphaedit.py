@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from eac_lightning.methods.eac import EACHyperParams
-from eac_lightning.methods.memit import MEMIT, ResidualTarget
+from eac_lightning.methods.memit import MEMIT, MEMIT_CONTEXT, MEMIT_TARGET, ResidualTarget
 from eac_lightning.methods.target import ContextTemplateParams, TargetHyperParams
 from eac_lightning.validation import check
 
@@ -37,7 +37,8 @@ def null_space_projector(cov: torch.Tensor, threshold: float) -> torch.Tensor:
 
 class AlphaEdit(MEMIT):
     """AlphaEdit: null-space-projected MEMIT with accumulated keys of earlier edits. Defaults: AlphaEdit's GPT2-XL
-    hyper-parameters (``configs/methods/alphaedit.yaml``).
+    hyper-parameters (jianghoucheng/AlphaEdit hparams/AlphaEdit/gpt2-xl.json: MEMIT's z and contexts,
+    nullspace_threshold 2e-2, L2 10).
 
     Args:
         layers: the critical layers (as MEMIT).
@@ -52,8 +53,8 @@ class AlphaEdit(MEMIT):
     def __init__(
         self,
         layers: list[int] | None = None,
-        target: TargetHyperParams | None = None,
-        context: ContextTemplateParams | None = None,
+        target: TargetHyperParams = MEMIT_TARGET,
+        context: ContextTemplateParams = MEMIT_CONTEXT,
         nullspace_threshold: float = 2e-2,
         l2: float = 10.0,
         eac: EACHyperParams | None = None,

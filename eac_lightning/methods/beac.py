@@ -43,6 +43,7 @@ projection because both solves are row-separable in ΔW_l).
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import asdict, dataclass
 from typing import Any, Sequence
@@ -59,7 +60,7 @@ from eac_lightning.methods.beac_plan import (
     plan_anchors,
 )
 from eac_lightning.methods.eac import EACHyperParams, anchor_count, check_result, explore, retrain
-from eac_lightning.methods.memit import MEMIT, ResidualTarget
+from eac_lightning.methods.memit import MEMIT, MEMIT_CONTEXT, MEMIT_TARGET, ResidualTarget
 from eac_lightning.methods.target import ContextTemplateParams, TargetHyperParams, compute_keys
 from eac_lightning.models.adapters import mlp_out_name
 
@@ -97,7 +98,7 @@ class BatchAnchorMixin:
             raise ValueError("B-EAC needs EAC hyper-parameters (eac: ...) for its anchor scores and retraining")
         if self.eac.anchors == "none":
             raise ValueError("B-EAC selects anchors; eac.anchors='none' (elastic net only) has none to plan")
-        self.beac = beac or BEACHyperParams()
+        self.beac = copy.deepcopy(beac) if beac is not None else BEACHyperParams()
         self.usage = None
         self.batches = 0
         self.history = []
@@ -260,10 +261,10 @@ class BEACMEMIT(BatchAnchorMixin, MEMIT):
     def __init__(
         self,
         layers: list[int] | None = None,
-        target: TargetHyperParams | None = None,
-        context: ContextTemplateParams | None = None,
+        target: TargetHyperParams = MEMIT_TARGET,
+        context: ContextTemplateParams = MEMIT_CONTEXT,
         mom2_update_weight: float = 20000.0,
-        eac: EACHyperParams | None = None,
+        eac: EACHyperParams | None = EACHyperParams(),
         beac: BEACHyperParams | None = None,
         write_aware: bool = False,
     ) -> None:
@@ -366,15 +367,26 @@ class BEACMEMIT(BatchAnchorMixin, MEMIT):
         self._roll_key_record({n: (v["keys"], v["cells"]) for n, v in step.items()})
 
 
+#: B-EAC's settings over AlphaEdit's solve, the ``beac`` preset's (ours, not published: only B-EAC's abstract is
+#: public). AlphaEdit keeps its own record of earlier keys, so RAR's key record is off (key_memory 0); RAR refreshes
+#: earlier edits that no longer hold, up to 20 % of the batch (docs/beac.md § 2.6; 0.2 and 0.5 measured level,
+#: § 5.3); LAS keeps alike edits apart, keys with |cos| >= 0.9 in C⁻¹ such as one subject's corrections (§ 2.7,
+#: § 5.4). The rest are BEACHyperParams' defaults, B-EAC over MEMIT's solve's too.
+BEAC_SETTINGS = BEACHyperParams(key_memory=0.0, refresh=0.2, alike_cosine=0.9)
+
+
 class BEAC(BatchAnchorMixin, AlphaEdit):
-    """B-EAC on AlphaEdit, the ``beac`` preset (with ``write_aware`` and RAR's refresh, docs/beac.md § 5.2): B-EAC's
-    anchors written with AlphaEdit's null-space-projected solve (and its accumulated keys of earlier edits).
+    """B-EAC on AlphaEdit, the recommended batch-sequential editor and the ``beac`` preset: B-EAC's anchors written
+    with AlphaEdit's null-space-projected solve (and its accumulated keys of earlier edits). Defaults: AlphaEdit's
+    (z, contexts, null space, α), EAC's (:class:`~eac_lightning.methods.eac.EACHyperParams`), :data:`BEAC_SETTINGS`
+    and the write-aware z (docs/beac.md § 2.5, § 5.2).
 
     Args:
         layers, target, context, nullspace_threshold, l2: as :class:`~eac_lightning.methods.alphaedit.AlphaEdit`.
         eac: EAC's scoring and retraining.
         beac: LAS / RAR switches and bounds.
-        write_aware: optimise z under the update that will be written (as AlphaEdit's ``write_aware``).
+        write_aware: optimise z under the update that will be written (as AlphaEdit's ``write_aware``; on by
+            default here: B-EAC's anchors are planned per layer, and the write-aware z is optimised for them).
     """
 
     base_label = "B-EAC"
@@ -382,17 +394,17 @@ class BEAC(BatchAnchorMixin, AlphaEdit):
     def __init__(
         self,
         layers: list[int] | None = None,
-        target: TargetHyperParams | None = None,
-        context: ContextTemplateParams | None = None,
+        target: TargetHyperParams = MEMIT_TARGET,
+        context: ContextTemplateParams = MEMIT_CONTEXT,
         nullspace_threshold: float = 2e-2,
         l2: float = 10.0,
-        eac: EACHyperParams | None = None,
-        beac: BEACHyperParams | None = None,
-        write_aware: bool = False,
+        eac: EACHyperParams | None = EACHyperParams(),
+        beac: BEACHyperParams = BEAC_SETTINGS,
+        write_aware: bool = True,
     ) -> None:
         super().__init__(layers=layers, target=target, context=context, nullspace_threshold=nullspace_threshold,
                          l2=l2, eac=eac or EACHyperParams(), write_aware=write_aware)
-        self._init_beac(beac or BEACHyperParams(key_memory=0.0))
+        self._init_beac(beac if beac is not None else BEAC_SETTINGS)
         if self.beac.key_memory > 0:
             raise ValueError(
                 "BEAC keeps AlphaEdit's own record of earlier keys (past_kkt); beac.key_memory applies to "

@@ -10,6 +10,7 @@ W ⊙ ∇L, phase 2 adds λ Σ α|Δ| + μ‖Δ‖² (α = 1/(|score| + ε)); th
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 from typing import Sequence
@@ -147,10 +148,11 @@ class FT(EditMethod):
         eac: elastic net (and optional anchors) on the weight change; None for plain FT.
     """
 
-    def __init__(self, layers: list[int] | None = None, target: FTHyperParams | None = None,
+    def __init__(self, layers: list[int] | None = None, target: FTHyperParams = FTHyperParams(),
                  eac: EACHyperParams | None = None) -> None:
         self.layers = sorted(layers) if layers is not None else None
-        self.target = target or FTHyperParams()
+        # a copy: the signature's default instance is shared by every FT built without a target
+        self.target = copy.deepcopy(target) if target is not None else FTHyperParams()
         self.eac = eac
         self.module_names: list[str] = []
 

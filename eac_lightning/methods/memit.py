@@ -14,6 +14,7 @@ triangular solve and an n×n solve instead of a fresh d×d inverse.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -74,14 +75,23 @@ def _apply_update(model: nn.Module, name: str, upd: torch.Tensor) -> torch.Tenso
     return upd
 
 
+#: MEMIT's published z optimisation: ROME's except the clamp (kmeng01/memit hparams/MEMIT/gpt2-xl.json, the same in
+#: jianghoucheng/AlphaEdit hparams/MEMIT/gpt2-xl.json: v_num_grad_steps 20, v_lr 0.5, v_weight_decay 0.5,
+#: clamp_norm_factor 0.75, kl_factor 0.0625). AlphaEdit's and B-EAC's default too.
+MEMIT_TARGET = TargetHyperParams(clamp_norm_factor=0.75)
+#: MEMIT's prefix contexts (kmeng01/memit memit/memit_main.py get_context_templates: [(10, 5)], "{}" + 5 texts);
+#: AlphaEdit's code uses the same.
+MEMIT_CONTEXT = ContextTemplateParams(length_count=[[10, 5]])
+
+
 class MEMIT(LocateThenEdit):
     """MEMIT, optionally with EAC on its z optimisation. Defaults: MEMIT's GPT2-XL hyper-parameters
-    (``configs/methods/memit.yaml``).
+    (:data:`MEMIT_TARGET`, :data:`MEMIT_CONTEXT`, λ 20000); the layers are the model's.
 
     Args:
         layers: the critical layers, ascending; z is optimised at the last one. None: the model's default.
         target: the z optimisation (EAC App. B Eq. 9 at the residual stream); default MEMIT's (clamp 0.75).
-        context: prefix contexts for keys and z.
+        context: prefix contexts for keys and z; default MEMIT's ([[10, 5]]).
         mom2_update_weight: λ of (λC + KKᵀ) (GPT2-XL 20000, GPT-J and LLaMA-3-8B 15000).
         eac: Editing Anchor Compression of z; None for plain MEMIT.
         write_aware: False optimises z with δ at the last subject token of layer L only (as published). True
@@ -95,8 +105,8 @@ class MEMIT(LocateThenEdit):
     def __init__(
         self,
         layers: list[int] | None = None,
-        target: TargetHyperParams | None = None,
-        context: ContextTemplateParams | None = None,
+        target: TargetHyperParams = MEMIT_TARGET,
+        context: ContextTemplateParams = MEMIT_CONTEXT,
         mom2_update_weight: float = 20000.0,
         eac: EACHyperParams | None = None,
         write_aware: bool = False,
@@ -108,7 +118,11 @@ class MEMIT(LocateThenEdit):
 
     @staticmethod
     def default_target() -> TargetHyperParams:
-        return TargetHyperParams(clamp_norm_factor=0.75)
+        return copy.deepcopy(MEMIT_TARGET)
+
+    @staticmethod
+    def default_context() -> ContextTemplateParams:
+        return copy.deepcopy(MEMIT_CONTEXT)
 
     def edited_layers(self, model: nn.Module) -> list[int]:
         if self.layers is None:

@@ -18,7 +18,7 @@ from torch import nn
 from eac_lightning.data.requests import EditRequest
 from eac_lightning.methods.base import Written
 from eac_lightning.methods.eac import EACHyperParams, compress
-from eac_lightning.methods.locate_then_edit import LocateThenEdit
+from eac_lightning.methods.locate_then_edit import ROME_CONTEXT, ROME_TARGET, LocateThenEdit
 from eac_lightning.methods.target import (
     ContextTemplateParams,
     TargetHyperParams,
@@ -66,7 +66,8 @@ def rank_one_factors(key: torch.Tensor, delta: torch.Tensor, cov=None) -> tuple[
 
 class ROME(LocateThenEdit):
     """ROME, optionally with EAC on its v* optimisation. Defaults: ROME's GPT2-XL hyper-parameters
-    (``configs/methods/rome.yaml``).
+    (:data:`~eac_lightning.methods.locate_then_edit.ROME_TARGET`, ``ROME_CONTEXT``; kmeng01/rome
+    hparams/ROME/gpt2-xl.json, mom2_adjustment true). The layer is the model's.
 
     Args:
         layer: the edited decoder layer (its MLP output projection); None: the model's default
@@ -85,8 +86,8 @@ class ROME(LocateThenEdit):
     def __init__(
         self,
         layer: int | None = None,
-        target: TargetHyperParams | None = None,
-        context: ContextTemplateParams | None = None,
+        target: TargetHyperParams = ROME_TARGET,
+        context: ContextTemplateParams = ROME_CONTEXT,
         mom2_adjustment: bool = True,
         eac: EACHyperParams | None = None,
         write_aware: bool = False,

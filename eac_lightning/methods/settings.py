@@ -30,6 +30,11 @@ SETTINGS_DIR = CONFIGS_DIR / "testbed"
 AUTO_FILE = SETTINGS_DIR / "auto.yaml"
 _EAC_SUFFIX = {"rome": "-eac", "memit": "-eac", "alphaedit": "-eac", "ft": "-en"}
 
+#: settings renamed, by method class: {class: {old name: (new name, why)}}. A config or command line that still
+#: spells the old name is refused with the new one (:func:`check_renamed`, :func:`renamed_in_argv`).
+RENAMED = {"UltraEdit": {"lr": ("value_step_size", "UltraEdit's η, the step size of its normalised gradient step "
+                                "(the authors' lr), not the Adam rate target.lr of the other methods")}}
+
 
 def method_key(spec: dict[str, Any]) -> str:
     """The preset name of a method spec (``{"class_path": ..., "init_args": ...}``): ``rome``, ``rome-eac``,
@@ -174,3 +179,66 @@ def _copy(tree: Any) -> Any:
     if isinstance(tree, list):
         return [_copy(v) for v in tree]
     return tree
+
+
+def _class_name(class_path: Any) -> str:
+    return str(class_path).rsplit(".", 1)[-1]
+
+
+def _renamed_message(cls: str, old: str, where: str) -> str:
+    new, why = RENAMED[cls][old]
+    return (f"{where}: {cls} has no setting {old!r}: it is now {new!r} ({why}); write {new}: instead of "
+            f"{old}: (--model.method.init_args.{new} on the command line)")
+
+
+def check_renamed(spec: dict[str, Any], where: str = "model.method") -> None:
+    """Refuse (ValueError) a method spec that gives a renamed setting under its old name, naming the new one."""
+    cls = _class_name(spec.get("class_path", ""))
+    for old in RENAMED.get(cls, {}):
+        if old in (spec.get("init_args") or {}):
+            raise ValueError(_renamed_message(cls, old, where))
+
+
+def renamed_in_argv(argv: list[str]) -> str | None:
+    """The refusal for a command line that gives a renamed method setting under its old name (in a ``--config`` file
+    or as an option), or None. The method's class is the last one the command line names (a later class keeps the
+    settings given before it, as the config parser does)."""
+    cls, given = None, []  # given: (setting, where)
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        i += 1
+        if not arg.startswith("--"):
+            continue
+        key, eq, value = arg.partition("=")
+        if not eq:
+            value = argv[i] if i < len(argv) and not argv[i].startswith("--") else None
+            i += value is not None
+        method = None
+        if key == "--config" and value and Path(value).is_file():
+            try:
+                tree = yaml.safe_load(Path(value).read_text(encoding="utf-8")) or {}
+            except (OSError, yaml.YAMLError):
+                continue  # the parser reports an unreadable file itself
+            method = (tree.get("model") or {}).get("method") if isinstance(tree, dict) else None
+            where = value
+        elif key == "--model.method" and value:
+            method = yaml.safe_load(value) if value.lstrip().startswith("{") else {"class_path": value}
+            where = key
+        elif key == "--model.method.class_path" and value:
+            cls = _class_name(value)
+        elif key == "--model.method.init_args" and value:
+            parsed = yaml.safe_load(value)
+            given += [(k, key) for k in parsed] if isinstance(parsed, dict) else []
+        elif key.startswith("--model.method."):
+            rest = key[len("--model.method."):]
+            rest = rest[len("init_args."):] if rest.startswith("init_args.") else rest
+            given.append((rest.split(".")[0], key))
+        if isinstance(method, dict):
+            if method.get("class_path"):
+                cls = _class_name(method["class_path"])
+            given += [(k, where) for k in (method.get("init_args") or {})]
+    for name, where in given:
+        if name in RENAMED.get(cls, {}):
+            return _renamed_message(cls, name, where)
+    return None

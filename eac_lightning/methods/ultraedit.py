@@ -160,7 +160,9 @@ class UltraEdit(EditMethod):
             Phi-4). None: the model's default MEMIT layers.
         modules: full module names to edit instead (e.g. LLaMA's ``model.layers.11.mlp.gate_proj``, as the
             authors' LLaMA-3 and Qwen2.5 configs); excludes ``layers``.
-        lr: η, the step size of the normalised gradient step that defines the pseudo values (authors: 1e-6).
+        value_step_size: η, the step size of the normalised gradient step that defines the pseudo values,
+            v_t = −η‖k̂_t‖²ĝ_t (the authors' config calls it ``lr``, 1e-6; not a learning rate of any optimiser,
+            hence not ``target.lr``, the other methods' Adam rate).
         ridge: λ of the least-squares shift (authors: 1, the identity added to KᵀK).
         chunk_size: requests per forward/backward when the features are extracted (authors: ``batch_size`` 10).
         prior_tokens: seed the running moments with the editing features of this many tokens of the
@@ -173,7 +175,7 @@ class UltraEdit(EditMethod):
         self,
         layers: list[int] | None = None,
         modules: list[str] | None = None,
-        lr: float = 1e-6,
+        value_step_size: float = 1e-6,
         ridge: float = 1.0,
         chunk_size: int = 10,
         prior_tokens: int = 0,
@@ -181,9 +183,9 @@ class UltraEdit(EditMethod):
     ) -> None:
         if layers is not None and modules is not None:
             raise ValueError("UltraEdit: give either layers or modules, not both")
-        if lr <= 0 or ridge <= 0 or chunk_size < 1:
-            raise ValueError(f"UltraEdit: lr and ridge must be > 0 and chunk_size >= 1 (got {lr}, {ridge}, "
-                             f"{chunk_size})")
+        if value_step_size <= 0 or ridge <= 0 or chunk_size < 1:
+            raise ValueError(f"UltraEdit: value_step_size and ridge must be > 0 and chunk_size >= 1 (got "
+                             f"{value_step_size}, {ridge}, {chunk_size})")
         self.layers = sorted(layers) if layers is not None else None
         self.modules = list(modules) if modules is not None else None
         if ridge_metric not in ("identity", "covariance"):
@@ -191,7 +193,8 @@ class UltraEdit(EditMethod):
         self.ridge_metric = ridge_metric
         if prior_tokens < 0:
             raise ValueError(f"UltraEdit: prior_tokens must be >= 0 (got {prior_tokens})")
-        self.lr, self.ridge, self.chunk_size, self.prior_tokens = lr, ridge, chunk_size, prior_tokens
+        self.value_step_size, self.ridge = value_step_size, ridge
+        self.chunk_size, self.prior_tokens = chunk_size, prior_tokens
         self.module_names: list[str] = []
         self._stats = None  # the key statistics given to setup (C of ``ridge_metric: covariance``)
         self.moments: dict[str, RunningMoments] = {}  # by weight shape "d_k x d"
@@ -326,7 +329,7 @@ class UltraEdit(EditMethod):
             d_k = features.keys[n].shape[1]
             z = moments[self._shape_key(model, n)].normalise(torch.cat([features.keys[n], features.grads[n]], -1))
             k_hat, g_hat = z[:, :d_k], z[:, d_k:]
-            values = -self.lr * k_hat.pow(2).sum(-1, keepdim=True) * g_hat  # v_t = −η‖k̂_t‖²ĝ_t
+            values = -self.value_step_size * k_hat.pow(2).sum(-1, keepdim=True) * g_hat  # v_t = −η‖k̂_t‖²ĝ_t
             solve = self._stats.get(n).solve if self.ridge_metric == "covariance" else None
             factors[n] = ridge_factors(features.keys[n], values, self.ridge, solve)
             shift = factors[n][0] @ factors[n][1]
