@@ -1,9 +1,11 @@
 """The settings resolver: where each method setting comes from, in one place.
 
-A method's settings resolve in three layers, later ones winning:
+A method's settings resolve in three layers, later ones winning, each stating only what differs from the one
+before (configs/methods/README.md):
 
-1. **preset**: the class defaults and the project's config files (``configs/methods/*.yaml``: the published
-   hyper-parameters, set for GPT2-XL-sized models; ``configs/quickstart.yaml``, ``configs/bench/*``);
+1. **preset**: the class defaults, which are the method's published hyper-parameters (set for GPT2-XL-sized models,
+   cited where they are defined: ``ROME_TARGET``, ``MEMIT_TARGET``, ``BEAC_SETTINGS``, ...), and what the project's
+   config files change (``configs/methods/*.yaml``, ``configs/quickstart.yaml``, ``configs/bench/*``);
 2. **measured**: on an offline testbed, the values measured there (``configs/testbed/<method>.yaml``, each file says
    where its values come from; ``configs/testbed/auto.yaml`` lists which apply on which testbed). Some published
    values write nothing on an 8.5M-parameter model (MEMIT's λ = 20000 and clamp 0.75);
