@@ -5,8 +5,20 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import pytest
-import torch
+# One torch thread unless the caller chose (OMP_NUM_THREADS set): the tests' tensors are small, and torch's default of
+# one thread per core oversubscribes a shared machine. The fast tier took 195 s under load with 2 threads and 73 s
+# with 1 (2-core machine); set before torch is imported, so the CLI subprocesses the tests start inherit it too.
+if "OMP_NUM_THREADS" not in os.environ:
+    os.environ["OMP_NUM_THREADS"] = "1"
+    _ONE_THREAD = True
+else:
+    _ONE_THREAD = False
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+if _ONE_THREAD:
+    torch.set_num_threads(1)  # in case torch was imported before this file (a plugin)
 
 from eac_lightning.paths import data_dir
 

@@ -5,6 +5,7 @@ differs from them, an ablation preset only its switch, a testbed overlay only wh
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 
 import pytest
@@ -36,6 +37,12 @@ def settings(method: EditMethod) -> dict:
         else:
             out[name] = value
     return out
+
+
+@functools.lru_cache(maxsize=None)
+def resolved(name: str, *overlays, model: str | None = None) -> dict:
+    """:func:`settings` of ``method_from_preset(name, *overlays, model=model)`` (overlay files), computed once."""
+    return settings(method_from_preset(name, *overlays, model=model))
 
 
 def composed(*files) -> dict:
@@ -84,7 +91,7 @@ def test_an_ablation_preset_is_its_parent_with_one_switch_off(ablation, model):
     spec = method_spec(METHOD_PRESETS / f"{ablation}.yaml")
     assert spec["class_path"] == method_spec(METHOD_PRESETS / f"{parent}.yaml")["class_path"]
     assert [".".join(leaf) for leaf, _ in leaves(spec["init_args"])] == [switch]
-    mine, theirs = (settings(method_from_preset(n, model=model)) for n in (ablation, parent))
+    mine, theirs = (resolved(n, model=model) for n in (ablation, parent))
     assert theirs[switch] is True and mine[switch] is False
     assert {k: v for k, v in mine.items() if k != switch} == {k: v for k, v in theirs.items() if k != switch}
 
@@ -112,7 +119,7 @@ PUBLISHED = {
 
 @pytest.mark.parametrize("name", sorted(PUBLISHED))
 def test_presets_resolve_to_the_published_values(name):
-    got = settings(method_from_preset(name))
+    got = resolved(name)
     assert {k: got[k] for k in PUBLISHED[name]} == PUBLISHED[name]
 
 
@@ -121,7 +128,7 @@ def test_a_preset_after_the_quickstart_is_the_preset_alone(name):
     """``--config configs/quickstart.yaml --config configs/methods/<name>.yaml``: the quickstart's ROME-EAC leaves
     nothing of its own in another method (the parser keeps settings given before a class change)."""
     path = METHOD_PRESETS / f"{name}.yaml"
-    assert composed(CONFIGS_DIR / "quickstart.yaml", path) == composed(path) == settings(method_from_preset(name))
+    assert composed(CONFIGS_DIR / "quickstart.yaml", path) == composed(path) == resolved(name)
 
 
 @pytest.mark.parametrize("name", ["memit", "alphaedit-eac", "beac", "beac-memit-no-las"])
@@ -148,16 +155,16 @@ def test_a_testbed_overlay_states_only_what_was_measured_differently():
         for name in PRESETS:
             spec = method_spec(METHOD_PRESETS / f"{name}.yaml")
             files = settings_files(f"testbed:{testbed}", spec)
-            current = settings(method_from_preset(name))
+            current = resolved(name)
             for i, path in enumerate(files):
                 for leaf, value in _overlay_leaves(path):
                     key = ".".join(leaf)
                     assert current[key] != value, f"{path.name} restates {key} = {value!r} ({name}, {testbed})"
-                current = settings(method_from_preset(name, *files[:i + 1]))
+                current = resolved(name, *files[:i + 1])
                 checked.add(path.stem)
     by_hand = {"rome-eac": ("rome-eac", []), "ultraedit-single": ("ultraedit", ["ultraedit"])}
     for stem, (name, before) in by_hand.items():
-        current = settings(method_from_preset(name, *(SETTINGS_DIR / f"{b}.yaml" for b in before)))
+        current = resolved(name, *(SETTINGS_DIR / f"{b}.yaml" for b in before))
         for leaf, value in _overlay_leaves(SETTINGS_DIR / f"{stem}.yaml"):
             assert current[".".join(leaf)] != value, f"{stem}.yaml restates {'.'.join(leaf)} = {value!r}"
         checked.add(stem)
