@@ -34,8 +34,8 @@ _EAC_SUFFIX = {"rome": "-eac", "memit": "-eac", "alphaedit": "-eac", "ft": "-en"
 
 #: settings renamed, by method class: {class: {old name: (new name, why)}}. A config or command line that still
 #: spells the old name is refused with the new one (:func:`check_renamed`, :func:`renamed_in_argv`).
-RENAMED = {"UltraEdit": {"lr": ("value_step_size", "UltraEdit's η, the step size of its normalised gradient step "
-                                "(the authors' lr), not the Adam rate target.lr of the other methods")}}
+RENAMED = {"UltraEdit": {"lr": ("value_step_size", "UltraEdit's η, the step size of its normalised gradient step, "
+                                "which the authors call lr; not an Adam rate like the other methods' target.lr")}}
 
 
 def method_key(spec: dict[str, Any]) -> str:
@@ -189,8 +189,8 @@ def _class_name(class_path: Any) -> str:
 
 def _renamed_message(cls: str, old: str, where: str) -> str:
     new, why = RENAMED[cls][old]
-    return (f"{where}: {cls} has no setting {old!r}: it is now {new!r} ({why}); write {new}: instead of "
-            f"{old}: (--model.method.init_args.{new} on the command line)")
+    return (f"{where}: {cls} has no setting {old!r}: it is now {new!r} ({why}); use "
+            f"--model.method.init_args.{new} on the command line, {new}: in a config file")
 
 
 def check_renamed(spec: dict[str, Any], where: str = "model.method") -> None:
