@@ -12,6 +12,7 @@ Targets (z) and the layer-by-layer residual spreading are MEMIT's; only the per-
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
@@ -19,6 +20,7 @@ from torch import nn
 
 from eac_lightning.methods.eac import EACHyperParams
 from eac_lightning.methods.memit import MEMIT, MEMIT_CONTEXT, MEMIT_TARGET, ResidualTarget
+from eac_lightning.methods.nas import NAS_SETTINGS, NASHyperParams
 from eac_lightning.methods.target import ContextTemplateParams, TargetHyperParams
 from eac_lightning.validation import check
 
@@ -48,6 +50,8 @@ class AlphaEdit(MEMIT):
         l2: α, the ridge term of the solve (AlphaEdit code: 10).
         eac: Editing Anchor Compression of z (AlphaEdit-EAC); None for plain AlphaEdit.
         write_aware: optimise z under the update that will be written (as MEMIT's ``write_aware``).
+        nas: Norm-Anchor Scaling of the solved value vectors (as MEMIT's ``nas``); AlphaEdit with it is
+            :class:`NAS`.
     """
 
     def __init__(
@@ -59,8 +63,9 @@ class AlphaEdit(MEMIT):
         l2: float = 10.0,
         eac: EACHyperParams | None = None,
         write_aware: bool = False,
+        nas: NASHyperParams | None = None,
     ) -> None:
-        super().__init__(layers=layers, target=target, context=context, eac=eac, write_aware=write_aware)
+        super().__init__(layers=layers, target=target, context=context, eac=eac, write_aware=write_aware, nas=nas)
         check("nullspace_threshold", nullspace_threshold, nonnegative=True)
         check("l2", l2, nonnegative=True)
         self.nullspace_threshold = nullspace_threshold
@@ -120,3 +125,35 @@ class AlphaEdit(MEMIT):
         keys = state.pop("written_keys", {})
         super().replay_step(state)
         self._accumulate_keys(keys)
+
+
+class NAS(AlphaEdit):
+    """NAS as the paper evaluates it (Liu et al., 2026, arXiv 2602.02543; reference code ``NAS/NAS_main.py`` is
+    AlphaEdit's): AlphaEdit whose solved value vectors are rescaled to the unedited model's reference norm
+    (:mod:`eac_lightning.methods.nas`). The ``nas`` preset; its own name so that its measured settings on a testbed
+    are chosen for it (``configs/testbed/auto.yaml``). Defaults: AlphaEdit's (SasyaTitech/NAS
+    hparams/NAS/gpt2-xl.json holds AlphaEdit's values, for every model) and the reference code's NAS settings
+    (:class:`~eac_lightning.methods.nas.NASHyperParams`).
+
+    Args:
+        layers, target, context, nullspace_threshold, l2, write_aware: as :class:`AlphaEdit`.
+        nas: NAS's settings.
+    """
+
+    def __init__(
+        self,
+        layers: list[int] | None = None,
+        target: TargetHyperParams = MEMIT_TARGET,
+        context: ContextTemplateParams = MEMIT_CONTEXT,
+        nullspace_threshold: float = 2e-2,
+        l2: float = 10.0,
+        write_aware: bool = False,
+        nas: NASHyperParams = NAS_SETTINGS,
+    ) -> None:
+        if nas is None:
+            raise ValueError("NAS needs its settings (nas: {...}); AlphaEdit without them is the alphaedit preset")
+        super().__init__(layers=layers, target=target, context=context, nullspace_threshold=nullspace_threshold,
+                         l2=l2, write_aware=write_aware, nas=copy.deepcopy(nas))
+
+    def _base_label(self) -> str:
+        return "AlphaEdit"

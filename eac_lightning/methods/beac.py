@@ -61,6 +61,7 @@ from eac_lightning.methods.beac_plan import (
 )
 from eac_lightning.methods.eac import EACHyperParams, anchor_count, check_result, explore, retrain
 from eac_lightning.methods.memit import MEMIT, MEMIT_CONTEXT, MEMIT_TARGET, ResidualTarget
+from eac_lightning.methods.nas import NASHyperParams
 from eac_lightning.methods.target import ContextTemplateParams, TargetHyperParams, compute_keys
 from eac_lightning.models.adapters import mlp_out_name
 
@@ -87,9 +88,9 @@ class BatchAnchorMixin:
 
     base_label: str
 
-    @property
-    def label(self) -> str:
-        """The name in summaries, with the components switched off ("B-EAC w/o LAS"), as the benchmark names them."""
+    def _base_label(self) -> str:
+        """The name in summaries, with the components switched off ("B-EAC w/o LAS"), as the benchmark names them
+        (" + NAS" follows with NAS on, MEMIT's ``label``)."""
         off = [name for name, on in (("LAS", self.beac.las), ("RAR", self.beac.rar)) if not on]
         return self.base_label + "".join(f" w/o {name}" for name in off)
 
@@ -131,8 +132,9 @@ class BatchAnchorMixin:
                 f"beac.layers_per_anchor={self.beac.layers_per_anchor} plans fewer: set it to null or write_aware "
                 "to false")
 
-    def compute_targets(self, model: nn.Module, tok, requests: Sequence[EditRequest]) -> list[LayeredTarget]:
-        self.ensure_setup(model, tok)
+    def _solve_targets(self, model: nn.Module, tok, requests: Sequence[EditRequest]) -> list[LayeredTarget]:
+        """The batch's z (and any refreshed earlier edits'), anchors planned jointly (MEMIT's ``compute_targets``
+        runs this, then NAS's rescale when it is on)."""
         self._check_write_aware()
         refreshed = self._refresh_requests(model, tok, requests) if self._refreshing() else []
         self.pending = (list(requests), refreshed)
@@ -256,6 +258,7 @@ class BEACMEMIT(BatchAnchorMixin, MEMIT):
         eac: EAC's scoring and retraining (Eq. 1-6); the anchor count per edit is EAC's (γ).
         beac: LAS / RAR switches and bounds.
         write_aware: optimise z under the update that will be written (as MEMIT's; needs ``key_memory`` 0).
+        nas: Norm-Anchor Scaling of the solved value vectors (as MEMIT's ``nas``).
     """
 
     def __init__(
@@ -267,9 +270,10 @@ class BEACMEMIT(BatchAnchorMixin, MEMIT):
         eac: EACHyperParams | None = EACHyperParams(),
         beac: BEACHyperParams | None = None,
         write_aware: bool = False,
+        nas: NASHyperParams | None = None,
     ) -> None:
         super().__init__(layers=layers, target=target, context=context, mom2_update_weight=mom2_update_weight,
-                         eac=eac or EACHyperParams(), write_aware=write_aware)
+                         eac=eac or EACHyperParams(), write_aware=write_aware, nas=nas)
         self._init_beac(beac)
         if write_aware and self._remembers_keys():
             raise ValueError("B-EAC: the write-aware write is MEMIT's solve for every layer at once and does not "
@@ -387,6 +391,7 @@ class BEAC(BatchAnchorMixin, AlphaEdit):
         beac: LAS / RAR switches and bounds.
         write_aware: optimise z under the update that will be written (as AlphaEdit's ``write_aware``; on by
             default here: B-EAC's anchors are planned per layer, and the write-aware z is optimised for them).
+        nas: Norm-Anchor Scaling of the solved value vectors (as AlphaEdit's ``nas``; docs/beac.md § 2.5).
     """
 
     base_label = "B-EAC"
@@ -401,9 +406,10 @@ class BEAC(BatchAnchorMixin, AlphaEdit):
         eac: EACHyperParams | None = EACHyperParams(),
         beac: BEACHyperParams = BEAC_SETTINGS,
         write_aware: bool = True,
+        nas: NASHyperParams | None = None,
     ) -> None:
         super().__init__(layers=layers, target=target, context=context, nullspace_threshold=nullspace_threshold,
-                         l2=l2, eac=eac or EACHyperParams(), write_aware=write_aware)
+                         l2=l2, eac=eac or EACHyperParams(), write_aware=write_aware, nas=nas)
         self._init_beac(beac if beac is not None else BEAC_SETTINGS)
         if self.beac.key_memory > 0:
             raise ValueError(

@@ -16,15 +16,16 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import nn
 
 from eac_lightning.data.requests import EditRequest
-from eac_lightning.methods.base import Deltas, Written
+from eac_lightning.methods.base import Deltas, EditMethod, Written
 from eac_lightning.methods.eac import EACHyperParams, compress
 from eac_lightning.methods.locate_then_edit import LocateThenEdit
+from eac_lightning.methods.nas import NASHyperParams, NormAnchor, norm_anchor, norm_anchored
 from eac_lightning.methods.target import (
     ContextTemplateParams,
     TargetHyperParams,
@@ -100,6 +101,9 @@ class MEMIT(LocateThenEdit):
             writes exactly that update, ΔW_l = δᵀA_lᵀ/len(layers), so the optimised loss is the edited model's
             own (docs/methods.md, "Write-aware target"). Since A_l couples the batch, its δs are optimised
             together.
+        nas: Norm-Anchor Scaling (arXiv 2602.02543, :mod:`eac_lightning.methods.nas`): each solved value vector is
+            rescaled to the unedited model's reference norm before the write; None (the default) writes z as
+            solved. AlphaEdit with it is the paper's NAS (the ``nas`` preset).
     """
 
     def __init__(
@@ -110,11 +114,33 @@ class MEMIT(LocateThenEdit):
         mom2_update_weight: float = 20000.0,
         eac: EACHyperParams | None = None,
         write_aware: bool = False,
+        nas: NASHyperParams | None = None,
     ) -> None:
         check("mom2_update_weight", mom2_update_weight, positive=True)
         super().__init__(target, context, eac, write_aware)
         self.layers = sorted(layers) if layers is not None else None
         self.mom2_update_weight = mom2_update_weight
+        self.nas = nas
+        self.norm_anchor: NormAnchor | None = None  # NAS's ρ, measured once on the unedited model (state)
+
+    @property
+    def label(self) -> str:
+        """The name in summaries; with NAS on, " + NAS" after it ("B-EAC + NAS"), and AlphaEdit + NAS is "NAS"
+        (the paper's name for it)."""
+        base = self._base_label()
+        if self.nas is None:
+            return base
+        return "NAS" if base == "AlphaEdit" else f"{base} + NAS"
+
+    def _base_label(self) -> str:
+        return EditMethod.label.fget(self)
+
+    def setup(self, model: nn.Module, tok, stats=None) -> None:
+        super().setup(model, tok, stats)
+        if self.nas is not None and self.norm_anchor is None:
+            # on the unedited model (setup's contract), once: a resumed run reads it from the statistics cache and
+            # then from its own state (load_state_dict), never from its edited weights
+            self.norm_anchor = norm_anchor(model, tok, self.layers[-1], self.target, self.nas, stats)
 
     @staticmethod
     def default_target() -> TargetHyperParams:
@@ -147,7 +173,17 @@ class MEMIT(LocateThenEdit):
                 for i, layer in enumerate(self.layers)}
 
     def compute_targets(self, model: nn.Module, tok, requests: Sequence[EditRequest]) -> list[ResidualTarget]:
+        """The batch's targets (:meth:`_solve_targets`), rescaled by NAS when it is on."""
         self.ensure_setup(model, tok)
+        targets = self._solve_targets(model, tok, requests)
+        if self.nas is None:
+            return targets
+        if self.norm_anchor is None:
+            raise RuntimeError("NAS has no reference norm: call setup(model, tok, stats) on the unedited model first")
+        return norm_anchored(model, tok, targets, self.layers[-1], self.norm_anchor, self.nas.skip_ratio)
+
+    def _solve_targets(self, model: nn.Module, tok, requests: Sequence[EditRequest]) -> list[ResidualTarget]:
+        """z = v₀ + δ of every request at the last critical layer (plain or EAC-compressed, write-aware or not)."""
         if self.write_aware:  # the write directions couple the batch: one problem
             directions = self._write_directions(model, self._batch_keys(model, tok, requests))
             problem = self._problem(model, tok, requests, directions)
@@ -161,6 +197,22 @@ class MEMIT(LocateThenEdit):
             out += [ResidualTarget(r, problem.v0[i], deltas[i], None if anchors is None else anchors[i])
                     for i, r in enumerate(chunk)]
         return out
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        if self.nas is not None:
+            state["nas"] = None if self.norm_anchor is None else self.norm_anchor.state()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        # Parsed first: a malformed or foreign record raises before any of the method's state changes.
+        anchor = None if state.get("nas") is None else NormAnchor.from_state(state["nas"])
+        if anchor is not None and self.layers is not None and anchor.layer != self.layers[-1]:
+            raise ValueError(f"NAS state was measured at layer {anchor.layer}, this method solves z at layer "
+                             f"{self.layers[-1]}")
+        super().load_state_dict(state)
+        if anchor is not None and self.nas is not None:
+            self.norm_anchor = anchor  # the logged ρ, measured on the unedited model
 
     def _chunks(self, requests: Sequence[EditRequest]) -> list[list[EditRequest]]:
         """The batch in chunks of ``target.requests_per_forward`` (independent targets: chunking changes nothing)."""
