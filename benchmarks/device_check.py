@@ -26,6 +26,13 @@ Usage::
     python benchmarks/device_check.py                 # on a GPU; JSON to $OUT/device_check.json or
                                                       # benchmarks/results/device_check.json
     OMP_NUM_THREADS=1 python benchmarks/device_check.py --smoke    # tiny configs of both families on the CPU
+
+``--real-width`` runs the rows of ``benchmarks/real_width.py`` instead (``eac-lightning fit`` on the real-width proxies,
+each method as the CPU table has it, on the GPU the CLI picks), into ``$OUT/real_width.json``; with ``--smoke``,
+its smallest configuration on a 64-wide GPT-2 on the CPU::
+
+    python benchmarks/device_check.py --real-width [--real-width-args "--shapes gpt2-xl llama3-8b --dtype bfloat16"]
+    OMP_NUM_THREADS=1 python benchmarks/device_check.py --real-width --smoke
 """
 
 from __future__ import annotations
@@ -295,7 +302,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--budget-s", type=float, default=480.0, help="skip what would start after this")
     parser.add_argument("--out", default=None, help="JSON file (default $OUT/device_check.json if $OUT is set, "
                                                     "else benchmarks/results/device_check.json)")
+    parser.add_argument("--real-width", action="store_true",
+                        help="run benchmarks/real_width.py's rows (the real-width proxies through eac-lightning fit)")
+    parser.add_argument("--real-width-args", default="",
+                        help="more arguments for benchmarks/real_width.py (e.g. \"--shapes gpt2-xl --dtype bfloat16\")")
     args = parser.parse_args(argv)
+    if args.real_width:
+        return real_width(args)
     defaults = {"steps": (2, 4), "rome_edits": (2, 3), "memit_batch": (4, 100), "stats_tokens": (512, 8192)}
     for key, (smoke_value, full_value) in defaults.items():
         if getattr(args, key) is None:
@@ -376,6 +389,29 @@ def main(argv: list[str] | None = None) -> dict:
     print(markdown(report))
     print(f"wrote {out_path} ({report['elapsed_s']:.0f} s)", file=sys.stderr)
     return report
+
+
+def real_width(args) -> dict:
+    """benchmarks/real_width.py's rows, written to ``--out`` (default ``$OUT/real_width.json``, else a file beside
+    the CPU one), run folders in a temporary folder; ``--smoke``: its smallest configuration (statistics and two
+    ROME-EAC edits on a 64-wide GPT-2)."""
+    import shlex
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import real_width as rw
+
+    if args.out:
+        out = Path(args.out)
+    elif os.environ.get("OUT"):
+        out = Path(os.environ["OUT"]) / "real_width.json"
+    else:
+        out = RESULTS / "real_width_device.json"
+    extra = shlex.split(args.real_width_args)
+    if args.smoke:
+        extra = ["--shapes", "tiny", "--methods", "statistics", "rome-eac", "--rome-edits", "1", "--stats-tokens",
+                 "512", *extra]
+    with tempfile.TemporaryDirectory(prefix="real_width-") as root:
+        return rw.main(["--out", str(out), "--root", root, *extra])
 
 
 if __name__ == "__main__":

@@ -181,6 +181,13 @@ def _edit_log(data):
     return table(data[0])
 
 
+def _real_width(data):
+    from real_width import table
+
+    return table(data[0])
+
+
+
 def _edit_log_pending(data) -> bool:
     return data[0] is None or not all(k in data[0] for k in ("steps", "editor", "fit"))
 
@@ -349,6 +356,9 @@ TABLES: dict[str, Table] = {
         (f"{RESULTS}edit_log_cost.json",), _edit_log,
         "OMP_NUM_THREADS=1 python benchmarks/edit_log_cost.py --part steps (then --part editor, --part fit)",
         pending=_edit_log_pending, what="the edit log's cost per step, per edit in Python and per run folder"),
+    "real_width": Table(
+        (f"{RESULTS}real_width.json",), _real_width,
+        "OMP_NUM_THREADS=1 python benchmarks/real_width.py --shapes <shape> --methods <method> ..."),
     "beac_summary": Table(S12, _beac_summary, BEAC_USAGE),
     "beac_10x50": Table(S12, _beac_orders("10x50", BEAC_METHODS), BEAC_USAGE),
     "beac_20x25": Table(S12, _beac_orders("20x25", BEAC_METHODS), BEAC_USAGE),

@@ -1,4 +1,5 @@
-"""Progress that reads well in a terminal and in a log file, and stops promptly on Ctrl-C or SIGTERM.
+"""Progress that reads well in a terminal and in a log file, stops promptly on Ctrl-C or SIGTERM, and records where
+a run's time goes (:data:`PHASES`).
 
 In a terminal, tqdm redraws one line. Written to a file, a redrawn line becomes one endless line of carriage
 returns that ``tail`` shows late or never; there the same tqdm status (count, total, rate, ETA) is written as a
@@ -9,8 +10,10 @@ from __future__ import annotations
 
 import signal
 import sys
+import threading
 import time
-from typing import Any, Iterable
+from contextlib import contextmanager
+from typing import Any, Iterable, Iterator
 
 from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
@@ -87,3 +90,82 @@ def stop_on_sigterm() -> None:
     within seconds through their KeyboardInterrupt paths, which leave no half-written file (Lightning alone only
     stops at the end of an epoch, and a testbed build is one epoch)."""
     signal.signal(signal.SIGTERM, _raise_interrupt)
+
+
+#: The phases of an editing run that :data:`PHASES` times, in the order a run reports them.
+PHASE_NAMES = ("statistics", "setup", "target", "keys", "solve", "write", "evaluation", "norms")
+
+
+class PhaseClock:
+    """Wall seconds per named phase, exclusive: time inside a nested phase counts for the inner phase only, so the
+    phases of a run add up to (at most) its wall time.
+
+    The editing run enters them where the work happens (docs/real_width.md, "Where the time goes"): ``statistics``
+    (the key covariance C: computed or read from the cache), ``setup`` (the rest of a method's setup: prefix contexts,
+    AlphaEdit's null-space projectors), ``target`` (the target optimisation of an edit step), ``keys`` (forwards that
+    read keys or residuals at an edited layer, wherever a method runs them), ``solve`` (the closed-form write: the
+    linear algebra and W += ΔW), ``write`` (the edit-log entry and W = W_base + D), ``evaluation`` (the check of each
+    edit right after its write and the evaluation callback) and ``norms`` (the norm tracker). Two clock reads per
+    phase entered: cheap enough to stay on. Each thread keeps its own nesting; the totals are shared.
+    """
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._local = threading.local()
+
+    def _stack(self) -> list[list]:
+        stack = getattr(self._local, "stack", None)
+        if stack is None:
+            stack = self._local.stack = []
+        return stack
+
+    @property
+    def current(self) -> str | None:
+        """The innermost phase this thread is in (None outside every phase)."""
+        stack = self._stack()
+        return stack[-1][0] if stack else None
+
+    def enter(self, name: str) -> None:
+        stack, now = self._stack(), time.perf_counter()
+        if stack:  # the enclosing phase stops counting while the nested one runs
+            outer = stack[-1]
+            self.seconds[outer[0]] = self.seconds.get(outer[0], 0.0) + now - outer[1]
+        stack.append([name, now])
+
+    def exit(self) -> None:
+        stack, now = self._stack(), time.perf_counter()
+        name, since = stack.pop()
+        self.seconds[name] = self.seconds.get(name, 0.0) + now - since
+        if stack:
+            stack[-1][1] = now
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        self.enter(name)
+        try:
+            yield
+        finally:
+            self.exit()
+
+    def totals(self) -> dict[str, float]:
+        """Seconds per phase so far, the innermost running phase included up to now (the phases around it are paused
+        and already counted)."""
+        out, stack = dict(self.seconds), self._stack()
+        if stack:
+            name, since = stack[-1]
+            out[name] = out.get(name, 0.0) + time.perf_counter() - since
+        return out
+
+    @staticmethod
+    def difference(later: dict[str, float], earlier: dict[str, float]) -> dict[str, float]:
+        """``later - earlier`` per phase (two :meth:`totals`)."""
+        return {k: v - earlier.get(k, 0.0) for k, v in later.items() if v - earlier.get(k, 0.0) > 0}
+
+
+#: The process's phase clock (what ``summary.json``'s ``phase_seconds`` reports).
+PHASES = PhaseClock()
+
+
+def phase(name: str):
+    """``with phase("keys"): ...`` times the block as that phase of :data:`PHASES`."""
+    return PHASES.phase(name)

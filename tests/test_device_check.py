@@ -47,3 +47,12 @@ def test_smoke_run_reports_every_method_of_both_families(tmp_path):
 def test_unknown_method_is_refused(tmp_path):
     with pytest.raises(SystemExit):
         _script().main(["--smoke", "--methods", "rome,romee", "--out", str(tmp_path / "x.json")])
+
+
+@pytest.mark.slow
+def test_real_width_option_runs_the_real_width_rows(tmp_path):
+    out = tmp_path / "real_width.json"
+    _script().main(["--real-width", "--smoke", "--out", str(out)])
+    rows = {r["method"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"statistics", "rome-eac"} and all(r["shape"] == "tiny" for r in rows.values())
+    assert "error" not in rows["rome-eac"] and rows["rome-eac"]["s_per_edit"] > 0

@@ -112,3 +112,37 @@ def test_float16_on_cpu_edits_without_a_non_finite_loss(tiny_testbed):
     assert all(d.dtype == torch.float16 and torch.isfinite(d).all() for d in deltas.values())
     assert all(torch.isfinite(p).all() for p in editor.model.parameters())
     assert _target_logprob(editor.model, editor.tokenizer, req) > before
+
+
+
+@pytest.mark.slow
+def test_fit_in_bfloat16_edits_as_float32_does_and_records_where_the_time_went(tmp_path):
+    """``eac-lightning fit --model.dtype bfloat16``: ROME's edits of the tiny testbed with bfloat16 weights take as
+    they do in float32 (the same edits reach their targets in the ledger's teacher-forced check after each write, at
+    least one does, and each update's norm is float32's within 2 %), and summary.json says where the time went."""
+    import json
+
+    from cli_tools import run_cli, write_config
+
+    rome = {"class_path": "eac_lightning.methods.ROME",
+            "init_args": {"target": {"num_steps": 20}, "context": {"length_count": [[5, 2]]}}}
+    ledgers, summaries = {}, {}
+    for dtype in ("float32", "bfloat16"):
+        cfg = write_config(tmp_path / f"{dtype}.yaml", tmp_path / dtype, num_edits=3,
+                           extra={"model": {"dtype": dtype, "method": rome, "method_settings": "auto"},
+                                  "data": {"num_retention": 0}, "eval": {"every": 0, "tasks": [], "probes": []}})
+        run_cli("fit", "--config", str(cfg))
+        ledgers[dtype] = [json.loads(x) for x in (tmp_path / dtype / "edits.jsonl").read_text().splitlines()]
+        summaries[dtype] = json.loads((tmp_path / dtype / "summary.json").read_text())
+    half, full = ledgers["bfloat16"], ledgers["float32"]
+    assert [r["success"] for r in half] == [r["success"] for r in full] and any(r["success"] for r in half), half
+    for a, b in zip(half, full):
+        assert a["delta_norm"] == pytest.approx(b["delta_norm"], rel=0.02)
+    summary = summaries["bfloat16"]
+    phases = summary["phase_seconds"]
+    assert {"statistics", "setup", "target", "keys", "solve", "write", "evaluation"} <= set(phases)
+    assert all(v >= 0 for v in phases.values()) and phases["target"] > phases["write"]
+    # the edit steps' phases fit inside the run's wall time (which leaves out the statistics and the setup)
+    steps = sum(v for k, v in phases.items() if k not in ("statistics", "setup"))
+    assert steps <= summary["wall_seconds"] + 1
+    assert summary["edit_steps"] == 3 and {"target", "solve"} <= set(summary["phase_seconds_first_step"])

@@ -25,6 +25,7 @@ from eac_lightning.lightning.run_folder import (
 )
 from eac_lightning.methods.edit import EditResult, Targets, write_targets
 from eac_lightning.models.adapters import weight_view
+from eac_lightning.progress import PHASES, phase
 
 
 def _log_dir(trainer: L.Trainer) -> Path:
@@ -52,8 +53,9 @@ class WeightUpdate(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         targets: Targets = outputs["targets"]
-        result = write_targets(pl_module.method, pl_module.lm, pl_module.tokenizer, targets,
-                               restore=pl_module.materialise)  # a failed write: W = W_base + D again, no copy
+        with phase("solve"), _forwards_as(pl_module.lm, "solve", "evaluation"):
+            result = write_targets(pl_module.method, pl_module.lm, pl_module.tokenizer, targets,
+                                   restore=pl_module.materialise)  # a failed write: W = W_base + D again, no copy
         trainer.datamodule.position += len(targets.requests)
         try:
             pl_module.apply_written(result, targets.requests)  # the edit log's entry; W = W_base + D
@@ -66,6 +68,34 @@ class WeightUpdate(L.Callback):
         for callback in trainer.callbacks:
             if isinstance(callback, EditObserver):
                 callback.on_edit_written(trainer, pl_module, result, seconds)
+
+
+class _forwards_as:
+    """Inside the block, a whole-model forward that starts while the clock is in phase ``inside`` counts as phase
+    ``name``: the write's check of each edit (teacher-forced scoring, :func:`~eac_lightning.methods.edit.
+    write_targets`) is evaluation, while its key forwards are already "keys" and the rest is the solve."""
+
+    def __init__(self, model: torch.nn.Module, inside: str, name: str) -> None:
+        self.model, self.inside, self.name, self.entered = model, inside, name, []
+
+    def _pre(self, module, args) -> None:
+        entering = PHASES.current == self.inside
+        if entering:
+            PHASES.enter(self.name)
+        self.entered.append(entering)
+
+    def _post(self, module, args, output) -> None:
+        if self.entered and self.entered.pop():
+            PHASES.exit()
+
+    def __enter__(self):
+        self.handles = [self.model.register_forward_pre_hook(self._pre),
+                        self.model.register_forward_hook(self._post, always_call=True)]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self.handles:
+            h.remove()
 
 
 class EditLedger(EditObserver):
@@ -139,6 +169,10 @@ class NormTracker(EditObserver):
     def on_edit_written(self, trainer, pl_module, result: EditResult, seconds: float) -> None:
         if trainer.global_rank != 0 or trainer.global_step % self.every:
             return
+        with phase("norms"):
+            self._write_norms(trainer, pl_module)
+
+    def _write_norms(self, trainer, pl_module) -> None:
         path = _log_dir(trainer) / "norms.csv"
         edits = trainer.datamodule.position
         rows = pl_module.extra_state.setdefault("norms", [])
@@ -167,6 +201,10 @@ class Evaluation(EditObserver):
         return Evaluator(pl_module.evaluation, trainer.global_rank, trainer.world_size)
 
     def _run(self, trainer, pl_module) -> dict[str, float]:
+        with phase("evaluation"):
+            return self._measure(trainer, pl_module)
+
+    def _measure(self, trainer, pl_module) -> dict[str, float]:
         dm = trainer.datamodule
         ev = self._evaluator(trainer, pl_module)
         was = pl_module.lm.training
@@ -191,7 +229,8 @@ class Evaluation(EditObserver):
             trim_metrics(Path(trainer.logger.log_dir) / "metrics.csv", trainer.global_step if "reference" in st else -1)
         if "reference" not in st:  # a fresh run: measure the unedited model once
             ev = self._evaluator(trainer, pl_module)
-            st["reference"] = ev.reference(pl_module.lm, pl_module.tokenizer, trainer.datamodule.requests)
+            with phase("evaluation"):
+                st["reference"] = ev.reference(pl_module.lm, pl_module.tokenizer, trainer.datamodule.requests)
             st["before"] = self._run(trainer, pl_module)
             self._record(trainer, pl_module, st["before"])
         # Running time: this process's time from here on, added to the running time of the processes before it
@@ -260,6 +299,11 @@ class Evaluation(EditObserver):
             "norms": norms,
             "seconds_per_edit": (sum(seconds) / len(seconds)) if seconds else None,
             "wall_seconds": self._running_seconds(pl_module),  # not the pauses between a stop and its resume
+            # where the time went (docs/real_width.md, "Where the time goes"): seconds per phase over the run, and
+            # of the first edit step alone (it pays the one-off costs, e.g. the Cholesky factor of C)
+            "phase_seconds": pl_module.phase_seconds(),
+            "phase_seconds_first_step": st.get("phase_seconds_first_step"),
+            "edit_steps": trainer.global_step,
             "skipped_records": list(getattr(trainer.datamodule, "skipped", [])),
         }
         (_log_dir(trainer) / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")

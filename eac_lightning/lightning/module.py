@@ -37,6 +37,7 @@ from eac_lightning.methods.edit import EditResult, optimise_targets
 from eac_lightning.methods.rome import ROME
 from eac_lightning.models.adapters import weight_view
 from eac_lightning.models.loading import load_model, resolve_model_path
+from eac_lightning.progress import PHASE_NAMES, PHASES, PhaseClock, phase
 from eac_lightning.session import EditLog, EditSession
 from eac_lightning.stats.covariance import CovarianceStore
 from eac_lightning.validation import (
@@ -127,6 +128,11 @@ class EditingModule(L.LightningModule):
         self.base_fingerprint: dict[str, Any] | None = None
         self.extra_state: dict[str, Any] = {}  # callbacks' state that must survive a resume
         self._resumed = False
+        # Where the run's time goes (summary.json's phase_seconds): this process's share of the process clock from
+        # here on, added to the earlier processes' of a resumed run (checkpointed in extra_state).
+        self._phases_from = PHASES.totals()
+        self._phases_earlier: dict[str, float] = {}
+        self._step_phases_from: dict[str, float] | None = None
 
     # -- model -----------------------------------------------------------------------------------------------
     def configure_model(self) -> None:
@@ -165,6 +171,10 @@ class EditingModule(L.LightningModule):
                              "embeddings must stay on a device or 'cpu': map them (their decoder layers) to one")
 
     def setup(self, stage: str) -> None:
+        with phase("setup"):  # the key statistics inside count as "statistics"
+            self._setup(stage)
+
+    def _setup(self, stage: str) -> None:
         self.configure_model()
         if self._trainer is not None and self.device_map is None:
             # Lightning moves the module to the accelerator only after setup(); the key statistics and context
@@ -225,7 +235,8 @@ class EditingModule(L.LightningModule):
     def training_step(self, batch: list[EditRequest], batch_idx: int) -> dict[str, Any]:
         """Optimise the batch's targets (nothing is applied unless the whole batch is valid) and return them: the
         ``WeightUpdate`` callback receives them as ``outputs["targets"]`` and writes them."""
-        targets = optimise_targets(self.method, self.lm, self.tokenizer, batch)
+        with phase("target"):
+            targets = optimise_targets(self.method, self.lm, self.tokenizer, batch)
         # In manual optimisation ``global_step`` counts optimizer steps and nothing else; this one step of
         # Lightning's no-op optimizer counts the edit batch, so checkpoint cadence, ``max_steps`` and resume count
         # edit batches. It changes no weight.
@@ -244,11 +255,33 @@ class EditingModule(L.LightningModule):
                           loops=trainer._checkpoint_connector._get_loops_state_dict())
         if dm is not None:
             resume.update(datamodule=dm.state_dict(), data=data_fingerprint(dm, dm.position))
-        return self.session.commit(
-            Written(result.deltas, None, result.factors), step=trainer.global_step if trainer else 0,
-            position=dm.position if dm is not None else 0, requests=requests,
-            refreshed=[rec.request for rec in result.records if rec.refreshed], resume=resume,
-            sync=_from_rank_zero if trainer is not None and trainer.world_size > 1 else None)
+        with phase("write"):
+            return self.session.commit(
+                Written(result.deltas, None, result.factors), step=trainer.global_step if trainer else 0,
+                position=dm.position if dm is not None else 0, requests=requests,
+                refreshed=[rec.request for rec in result.records if rec.refreshed], resume=resume,
+                sync=_from_rank_zero if trainer is not None and trainer.world_size > 1 else None)
+
+    # -- where the time goes -----------------------------------------------------------------------------------
+    def phase_seconds(self) -> dict[str, float]:
+        """Wall seconds of each phase of the run so far (:data:`~eac_lightning.progress.PHASE_NAMES`; all its
+        processes, a resumed run's earlier ones included): what ``summary.json`` reports as ``phase_seconds``."""
+        mine = PhaseClock.difference(PHASES.totals(), self._phases_from)
+        total = {k: self._phases_earlier.get(k, 0.0) + mine.get(k, 0.0) for k in {*mine, *self._phases_earlier}}
+        return {k: round(total[k], 3) for k in sorted(total, key=_phase_order)}
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        if "phase_seconds_first_step" not in self.extra_state and not self._resumed:
+            self._step_phases_from = PHASES.totals()
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        # The first edit step alone (after the callbacks' writes): it pays what a run pays once (the Cholesky factor
+        # of C at the first solve), so a reader can tell a stream's steady cost from it.
+        if self._step_phases_from is not None:
+            first = PhaseClock.difference(PHASES.totals(), self._step_phases_from)
+            self.extra_state["phase_seconds_first_step"] = {k: round(first[k], 3)
+                                                            for k in sorted(first, key=_phase_order)}
+            self._step_phases_from = None
 
     def validation_step(self, batch, batch_idx: int) -> None:
         return None  # the Evaluation callback measures the model state at validation end
@@ -263,6 +296,7 @@ class EditingModule(L.LightningModule):
             self.session.save_snapshot()  # the next resume, rollback, ask or export replays nothing
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.extra_state["phase_seconds"] = self.phase_seconds()
         checkpoint["state_dict"] = {}  # the frozen base model is never written; the edits are in the edit log
         checkpoint[CKPT_KEY] = {
             "model": self.model_name,
@@ -306,8 +340,13 @@ class EditingModule(L.LightningModule):
             moved = "resume" if fitting and self.session.log.head() != state["head"] else None
             self.session.checkout(state["head"], move_head=moved, checkpoint=str(path))
         self.extra_state = state.get("extra_state", {})
+        self._phases_earlier = dict(self.extra_state.get("phase_seconds", {}))  # the processes before this one
         torch.set_rng_state(state["rng"]["torch"])
         self._resumed = True
+
+
+def _phase_order(name: str) -> tuple[int, str]:
+    return (PHASE_NAMES.index(name) if name in PHASE_NAMES else len(PHASE_NAMES), name)
 
 
 def _from_rank_zero(t: torch.Tensor) -> None:

@@ -198,8 +198,10 @@ def through_layer(model: nn.Module, layer: int) -> Iterator[None]:
     """Run forwards inside the block only up to decoder layer ``layer`` (and the output projection at one
     position): for reading keys or residuals at ``layer``, the layers above and the vocabulary projection over
     every position are wasted work (MEMIT reads them at every critical layer of every batch)."""
+    from eac_lightning.progress import phase
+
     one = torch.zeros(1, dtype=torch.long)
-    with _kept_layers(model, 0, layer + 1), at_positions(model, one, one):
+    with phase("keys"), _kept_layers(model, 0, layer + 1), at_positions(model, one, one):  # a run's "keys" time
         yield
 
 

@@ -34,7 +34,7 @@ from eac_lightning.models.adapters import key_dim
 from eac_lightning.models.loading import default_stats_corpus
 from eac_lightning.models.tracing import capture
 from eac_lightning.paths import cache_dir, resolve_data_path, writable_cache_folder
-from eac_lightning.progress import progress
+from eac_lightning.progress import phase, progress
 
 DEFAULT_CORPUS = "wikitext"  # resolves to the shipped assets/data/wikitext
 
@@ -186,7 +186,12 @@ class CovarianceStore:
         return self._memory[module_name]
 
     def prefetch(self, module_names: Sequence[str]) -> None:
-        """Load or compute several modules' statistics in one pass over the corpus."""
+        """Load or compute several modules' statistics in one pass over the corpus (a run's "statistics" time,
+        :data:`~eac_lightning.progress.PHASES`)."""
+        with phase("statistics"):
+            self._prefetch(module_names)
+
+    def _prefetch(self, module_names: Sequence[str]) -> None:
         missing = []
         for n in module_names:
             if n in self._memory:
