@@ -120,6 +120,12 @@ def _method_table(data):
     return table(data[0]["rows"])
 
 
+def _stopping_rule(data):
+    from stopping_rule import table
+
+    return table(*data)
+
+
 def _edit_speed(data):
     from edit_speed import markdown
 
@@ -299,6 +305,9 @@ TABLES: dict[str, Table] = {
         (f"{RESULTS}method_table_small.json",), _method_table,
         "python benchmarks/method_table.py --methods rome rome-eac memit memit-eac alphaedit beac beac-memit ft ft-en "
         "alphaedit-eac ultraedit --out benchmarks/results/method_table_small.json"),
+    "stopping_rule_small": Table(
+        (f"{RESULTS}stopping_rule_small_nll.json", f"{RESULTS}stopping_rule_small_published.json"), _stopping_rule,
+        "OMP_NUM_THREADS=1 python benchmarks/stopping_rule.py (published) and the method table at commit a6cd86a"),
     "edit_speed_small": Table(
         (f"{RESULTS}edit_speed-testbed-small.json",), _edit_speed,
         "python benchmarks/edit_speed.py --model testbed:small ..."),
