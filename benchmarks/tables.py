@@ -194,6 +194,18 @@ def _real_width(data):
 
 
 
+def _easyedit_quality(data):
+    from reference.easyedit_compare import quality_table
+
+    return quality_table(data[0]["quality"])
+
+
+def _easyedit_cost(data):
+    from reference.easyedit_compare import cost_table
+
+    return cost_table(data[0]["cost"])
+
+
 def _edit_log_pending(data) -> bool:
     return data[0] is None or not all(k in data[0] for k in ("steps", "editor", "fit"))
 
@@ -368,6 +380,16 @@ TABLES: dict[str, Table] = {
     "real_width": Table(
         (f"{RESULTS}real_width.json",), _real_width,
         "OMP_NUM_THREADS=1 python benchmarks/real_width.py --shapes <shape> --methods <method> ..."),
+    "easyedit_quality": Table(
+        (f"{RESULTS}easyedit_compare.json",), _easyedit_quality,
+        "OMP_NUM_THREADS=1 python benchmarks/reference/easyedit_compare.py --easyedit-python <venv>/bin/python "
+        "--easyedit-src <EasyEdit tree> --part quality --earlier-rule"),
+    "easyedit_cost": Table(
+        (f"{RESULTS}easyedit_compare.json",), _easyedit_cost,
+        "OMP_NUM_THREADS=1 python benchmarks/reference/easyedit_compare.py --easyedit-python <venv>/bin/python "
+        "--easyedit-src <EasyEdit tree> --part cost",
+        pending=lambda data: data[0] is None or "cost" not in data[0],
+        what="seconds per AlphaEdit edit at GPT2-XL width, EasyEdit against ours"),
     "beac_summary": Table(S12, _beac_summary, BEAC_USAGE),
     "beac_10x50": Table(S12, _beac_orders("10x50", BEAC_METHODS), BEAC_USAGE),
     "beac_20x25": Table(S12, _beac_orders("20x25", BEAC_METHODS), BEAC_USAGE),
