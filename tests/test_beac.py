@@ -371,6 +371,39 @@ def test_rar_refresh_rewrites_earlier_edits_that_no_longer_hold(model_and_stats,
     assert method.refresh_record[-1][0].subject == FACTS[5][1]
 
 
+def test_rar_refresh_over_the_whole_stream_scores_a_seeded_draw(model_and_stats, tokenizer, monkeypatch):
+    """``refresh_window: null`` keeps every earlier edit (each once, in the slot of its last write) and
+    ``refresh_checks`` scores a uniform draw of that many before a batch, seeded by the batch's number: two runs
+    draw alike, and at most the drawn edits are refreshed however large the budget."""
+    import eac_lightning.evaluation as evaluation
+
+    scored: list[list[str]] = []
+    real = evaluation.score_targets
+
+    def recording(model, tok, prompts, targets, *a, **k):
+        scored.append(list(prompts))
+        return real(model, tok, prompts, targets, *a, **k)
+
+    monkeypatch.setattr(evaluation, "score_targets", recording)
+    hp = BEACHyperParams(max_overlap=1, key_memory=0.0, refresh=4.0, refresh_window=None, refresh_checks=2)
+    draws = []
+    for _ in range(2):
+        scored.clear()
+        model, method, stats = fresh(model_and_stats, BEAC, beac=hp, write_aware=False)
+        method.setup(model, tokenizer, stats)
+        w0 = snapshot(model, method.module_names)
+        for batch in ([0, 1, 2], [3], [4]):
+            edit(method, model, tokenizer, requests(batch))
+            restore_weights(model, w0)  # no earlier edit holds: every drawn one fails its check
+        # per batch: the refresh's draw (none before the first), then the ledger's check of what was written; the
+        # budget is ceil(4·1) = 4, but only the two drawn edits are scored, so two are refreshed
+        assert [len(p) for p in scored] == [3, 2, 3, 2, 3]
+        assert method.history[1]["refreshed"] == 2 and method.history[2]["refreshed"] == 2
+        assert sorted(r.subject for b in method.refresh_record for r in b) == sorted(FACTS[i][1] for i in range(5))
+        draws.append([scored[1], scored[3]])
+    assert draws[0] == draws[1]
+
+
 def test_rar_refresh_off_keeps_no_window(model_and_stats, tokenizer):
     model, method, stats = fresh(model_and_stats, BEAC, beac=BEACHyperParams(max_overlap=1, key_memory=0.0))
     _run(model, method, stats, tokenizer, BATCHES)

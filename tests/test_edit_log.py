@@ -26,7 +26,7 @@ from eac_lightning.methods import (
     edit,
 )
 from eac_lightning.methods.base import Written
-from eac_lightning.methods.beac import BEACMEMIT
+from eac_lightning.methods.beac import BEAC, BEACMEMIT
 from eac_lightning.methods.beac_plan import BEACHyperParams
 from eac_lightning.models.adapters import mlp_out_name, weight_view
 from eac_lightning.session import EditLog, EditLogError, EditSession
@@ -59,6 +59,10 @@ def _methods(c_max: float) -> dict:
         "alphaedit": lambda: AlphaEdit(layers=[1, 2], context=CTX, target=Z, nullspace_threshold=c_max * 2),
         "beac-memit": lambda: BEACMEMIT(layers=[1, 2], context=CTX, target=Z, mom2_update_weight=10.0,
                                    eac=EACHyperParams(gamma=80.0), beac=BEACHyperParams(key_memory=1.0)),
+        # RAR's refresh over every earlier edit, 2 of them scored per batch: the logged step holds the slot it added
+        "beac": lambda: BEAC(layers=[1, 2], context=CTX, target=Z, eac=EACHyperParams(gamma=80.0),
+                             nullspace_threshold=c_max * 2,
+                             beac=BEACHyperParams(key_memory=0.0, refresh=1.0, refresh_window=None, refresh_checks=2)),
         "ultraedit": lambda: UltraEdit(layers=[1, 2], value_step_size=1e-2),
         "ft": lambda: FT(layers=[1]),
     }
@@ -75,7 +79,7 @@ def _same(a, b) -> bool:
     return a == b
 
 
-@pytest.mark.parametrize("name", ["rome-eac", "alphaedit", "beac-memit", "ultraedit", "ft"])
+@pytest.mark.parametrize("name", ["rome-eac", "alphaedit", "beac-memit", "beac", "ultraedit", "ft"])
 def test_replaying_the_log_equals_the_live_run_bit_for_bit(name, model, model_and_stats, tokenizer, tmp_path):
     stats = model_and_stats[1]
     c_max = float(torch.linalg.eigvalsh(stats.get(mlp_out_name(model, 1)).matrix).max())
@@ -90,6 +94,8 @@ def test_replaying_the_log_equals_the_live_run_bit_for_bit(name, model, model_an
         session.commit(Written(result.deltas, None, result.factors), step=i, position=2 * i, requests=batch)
     live_weights = {n: weight_view(model, n).clone() for n in live_method.module_names}
     live_state, live_deltas = live_method.state_dict(), {k: v.clone() for k, v in session.deltas.items()}
+    if name == "beac":  # the refresh drew from and re-wrote earlier edits, and the window kept every slot
+        assert live_method.history[-1]["refreshed"] >= 1 and len(live_method.refresh_record) == 3
 
     # A fresh process: the unedited model, a new method, the log on disk. Replay goes through the snapshot after
     # batch 2 and the entry of batch 3; then from the root alone.

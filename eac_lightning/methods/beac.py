@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import copy
 import math
+import random
 from dataclasses import asdict, dataclass
 from typing import Any, Sequence
 
@@ -121,6 +122,11 @@ class BatchAnchorMixin:
         window = [r for batch in self.refresh_record for r in batch if r.prompt_text not in again]
         if not budget or not window:
             return []
+        checks = self.beac.refresh_checks
+        if checks is not None and len(window) > checks:
+            # a uniform draw over the window, seeded by the batch's number: a resumed run draws what this one does
+            drawn = sorted(random.Random(self.batches).sample(range(len(window)), checks))
+            window = [window[i] for i in drawn]
         scores = score_targets(model, tok, [r.prompt_text for r in window], [r.target_new for r in window])
         failing = sorted((s.token_accuracy, i) for i, s in enumerate(scores) if not s.exact)
         return [window[i] for _, i in failing[:budget]]
@@ -209,12 +215,36 @@ class BatchAnchorMixin:
                 new, refreshed = self.pending
                 summary["refreshed"] = float(len(refreshed))
                 # the batch's edits (refreshed ones too) become the newest slot of the window
-                moved = {r.prompt_text for r in new + refreshed}
-                kept = [[r for r in batch if r.prompt_text not in moved] for batch in self.refresh_record]
-                self.refresh_record = (kept + [new + refreshed])[-self.beac.refresh_window:]
+                self._roll_refresh_record(new + refreshed)
             self.pending = None
             self.history.append(summary)
             self.batches += 1
+
+    def _roll_refresh_record(self, slot: list[EditRequest]) -> None:
+        """RAR's window after a batch: ``slot`` (the batch's edits and the refreshed ones) becomes the newest slot,
+        earlier slots lose the prompts it writes again, and only the latest ``refresh_window`` slots are kept."""
+        moved = {r.prompt_text for r in slot}
+        kept = [[r for r in batch if r.prompt_text not in moved] for batch in self.refresh_record]
+        window = self.beac.refresh_window
+        self.refresh_record = (kept + [list(slot)])[-window:] if window is not None else kept + [list(slot)]
+
+    def step_state(self) -> dict[str, Any]:
+        """The logged step's state with RAR's window replaced by the slot the batch added (a window of every earlier
+        edit would otherwise be logged whole at every step); :meth:`replay_step` rolls the window by it."""
+        return self._as_step(super().step_state())
+
+    def _as_step(self, state: dict[str, Any]) -> dict[str, Any]:
+        beac = dict(state["beac"])
+        beac.pop("refresh_record", None)
+        slot = self.refresh_record[-1] if self.refresh_record and self._refreshing() else None
+        return {**state, "beac": beac, "beac_refresh_slot": None if slot is None else [asdict(r) for r in slot]}
+
+    def replay_step(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        slot = state.pop("beac_refresh_slot", None)
+        super().replay_step(state)
+        if slot is not None:
+            self._roll_refresh_record([EditRequest(**r) for r in slot])
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -234,8 +264,9 @@ class BatchAnchorMixin:
         if b is not None:
             if self.layers is not None and b.get("layers") is not None and list(b["layers"]) != list(self.layers):
                 raise ValueError(f"B-EAC state was recorded for layers {b['layers']}, this method edits {self.layers}")
-            try:
-                window = [[EditRequest(**r) for r in batch] for batch in b.get("refresh_record", [])]
+            try:  # a logged step holds the slot it added instead (replay_step): the current window is kept
+                window = (None if "refresh_record" not in b
+                          else [[EditRequest(**r) for r in batch] for batch in b["refresh_record"]])
             except TypeError as e:
                 raise ValueError(f"B-EAC checkpoint: refresh_record is malformed ({e})") from e
         super().load_state_dict(state)
@@ -246,7 +277,8 @@ class BatchAnchorMixin:
         self.usage = None if b.get("usage") is None else b["usage"].clone().double()
         self.batches = int(b.get("batches", 0))
         self.history = [dict(h) for h in b.get("history", [])]
-        self.refresh_record = window
+        if window is not None:
+            self.refresh_record = window
 
 
 class BEACMEMIT(BatchAnchorMixin, MEMIT):
@@ -360,7 +392,7 @@ class BEACMEMIT(BatchAnchorMixin, MEMIT):
     def step_state(self) -> dict[str, Any]:
         """The state without RAR's key record (up to 21 batches of keys, not even copied), plus this batch's keys and
         cells."""
-        state = super().state_dict()
+        state = self._as_step(BatchAnchorMixin.state_dict(self))  # the mixin's state: RAR's key record not copied
         state["beac_step_keys"] = {n: {"keys": k, "cells": c} for n, (k, c) in self._step_record.items()}
         return state
 

@@ -47,7 +47,11 @@ class BEACHyperParams:
             earlier edits of the window whose bare prompt no longer yields their target on the current model
             (teacher-forced exact match; lowest token accuracy first, then oldest) join the batch and get their
             anchors re-planned and re-written. 0: no refresh (needs ``rar``).
-        refresh_window: how many of the latest batches' edits the refresh checks.
+        refresh_window: how many of the latest batches' edits the refresh checks; None: every earlier edit of the
+            stream (each once, in the slot of the batch that last wrote it).
+        refresh_checks: how many of the window's edits the refresh scores before a batch, drawn uniformly at
+            random (seeded by the batch's number, so a resumed run draws the same); None: all of them. Bounds the
+            cost of a whole-stream window (``refresh_window`` None) at a fixed number of prompts per batch.
         alike_cosine: τ, LAS's separation of alike edits (docs/beac.md § 2.7): two edits of a batch whose keys at
             the first edited layer have |cos| ≥ τ in the metric of the key covariance (|k_iᵀC⁻¹k_j| normalised;
             one subject's corrections: ~1) take disjoint anchor dimensions while each can still fill its k;
@@ -64,7 +68,8 @@ class BEACHyperParams:
     penalty: float = 1.0
     key_memory: float = 1.0
     refresh: float = 0.0
-    refresh_window: int = 10
+    refresh_window: int | None = 10
+    refresh_checks: int | None = None
     alike_cosine: float | None = None
 
     def __post_init__(self) -> None:
@@ -77,6 +82,7 @@ class BEACHyperParams:
         check("key_memory", self.key_memory, nonnegative=True)
         check("refresh", self.refresh, low=0.0)
         check("refresh_window", self.refresh_window, integer=True, positive=True)
+        check("refresh_checks", self.refresh_checks, integer=True, positive=True)
         check("alike_cosine", self.alike_cosine, low=0.0, high=1.0)
 
 
