@@ -279,10 +279,10 @@ def _fit_config(folder: Path, model_dir: Path, num_edits: int) -> Path:
         "trainer": {"default_root_dir": str(folder), "enable_progress_bar": False},
         "model": {"model": str(model_dir), "method_settings": "as_given", "stats_tokens": 2000,
                   "method": {"class_path": "eac_lightning.methods.ROME",
-                             "init_args": {"layer": 1, "target": {"num_steps": 3}, "context": {"length_count": [[5, 1]]}}},
-                  "evaluation": {"tasks": [], "probes": [], "rome_scores": False, "literature_metrics": False}},
+                             "init_args": {"layer": 1, "target": {"num_steps": 3}, "context": {"length_count": [[5, 1]]}}}},
         "data": {"path": "counterfact", "num_edits": num_edits, "num_retention": 0, "shuffle": False},
-        "eval": {"every": 0},
+        "eval": {"every": 0, "tasks": [], "probes": [], "rome_scores": False, "literature_metrics": False,
+                 "live_metrics": False},
     }
     path = folder.parent / f"{folder.name}.yaml"
     path.write_text(yaml.safe_dump(cfg))

@@ -117,6 +117,8 @@ def row(method: str, root: Path, bench: dict, command: str) -> dict:
     return {
         "method": method, "edits": s["edits_applied"], "batch_size": s["batch_size"],
         "reliability": m["reliability"], "generalization": m["generalization"], "locality": m["locality"],
+        # live decoding (WILD): absent from summaries written before the evaluator measured it
+        "live_rel": m.get("live_rel"), "live_gen": m.get("live_gen"), "live_loc": m.get("live_loc"),
         "efficacy_score": v.get("rome_efficacy_score"), "paraphrase_score": v.get("rome_paraphrase_score"),
         "neighborhood_score": v.get("rome_neighborhood_score"), "gen_efficacy": v.get("gen_efficacy"),
         "fluency": v.get("fluency"),
@@ -144,14 +146,15 @@ def mean4(r: dict) -> float:
 
 
 def table(rows: list[dict]) -> str:
-    head = ("| method | mean4 | rel | gen | loc | eff. score | para. score | nbhd score | gen. eff. | fluency "
-            "| fact ret. | ppl ratio | L1 growth | Fro growth | s/edit | wall | RSS MiB (q2 / q4) |")
-    lines = [head, "|---" * 17 + "|"]
+    head = ("| method | mean4 | rel | gen | loc | live rel | live gen | live loc | eff. score | para. score "
+            "| nbhd score | gen. eff. | fluency | fact ret. | ppl ratio | L1 growth | Fro growth | s/edit | wall "
+            "| RSS MiB (q2 / q4) |")
+    lines = [head, "|---" * 20 + "|"]
     f = lambda x, p=3: "–" if x is None else f"{x:.{p}f}"  # noqa: E731
     for r in rows:
         lines.append(
             f"| {r['method']} | {f(mean4(r))} | {f(r['reliability'])} | {f(r['generalization'])} "
-            f"| {f(r['locality'])} "
+            f"| {f(r['locality'])} | {f(r.get('live_rel'))} | {f(r.get('live_gen'))} | {f(r.get('live_loc'))} "
             f"| {f(r['efficacy_score'])} | {f(r['paraphrase_score'])} | {f(r['neighborhood_score'])} "
             f"| {f(r['gen_efficacy'])} | {f(r['fluency'], 2)} | {f(r['fact_retention'])} | {f(r['ppl_ratio'])} "
             f"| {f(r['l1_growth'], 2)} | {f(r['fro_growth'], 2)} | {f(r['seconds_per_edit'], 2)} "

@@ -31,8 +31,8 @@ def run(method: str, args, root: Path) -> dict:
         sys.executable, "-m", "eac_lightning.lightning.cli", "fit",
         "--config", "configs/quickstart.yaml", "--config", f"configs/methods/{preset}.yaml",
         "--model.model", args.model, "--data.num_edits", str(args.num_edits), "--data.batch_size", str(batch),
-        "--model.evaluation.tasks", "[]", "--model.evaluation.probes", "[]",
-        "--model.evaluation.literature_metrics", "false",
+        "--eval.tasks", "[]", "--eval.probes", "[]",
+        "--eval.literature_metrics", "false",
         "--eval.every", "0", "--trainer.default_root_dir", str(root / method.replace(":", "-")),
         "--trainer.enable_progress_bar", "false",
     ]
@@ -59,12 +59,18 @@ def table(rows: list[dict]) -> str:
     def rel(x: float) -> str:  # 20 edits: steps of 0.05, two decimals where they are exact
         return f"{x:.2f}" if round(x, 2) == round(x, 3) else f"{x:.3f}"
 
-    lines = ["| method | batch | reliability | generalization | locality | s/edit | settings |",
-             "|---|---|---|---|---|---|---|"]
+    def live(x: float | None) -> str:  # "–": a row measured before the evaluator decoded live
+        return "–" if x is None else rel(x)
+
+    lines = ["| method | batch | reliability | generalization | locality | live rel | live gen | live loc | s/edit "
+             "| settings |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         e = r["edit_metrics"]
         lines.append(f"| {r['method']} | {r['batch_size']} | {rel(e['reliability'])} | {e['generalization']:.3f} | "
-                     f"{e['locality']:.3f} | {r['seconds_per_edit']:.2f} | {settings_cell(r['method_settings'])} |")
+                     f"{e['locality']:.3f} | {live(e.get('live_rel'))} | {live(e.get('live_gen'))} | "
+                     f"{live(e.get('live_loc'))} | {r['seconds_per_edit']:.2f} "
+                     f"| {settings_cell(r['method_settings'])} |")
     return "\n".join(lines)
 
 

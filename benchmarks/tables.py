@@ -169,6 +169,12 @@ def _eval_throughput(data):
     return "\n".join(ln for ln in data[0].splitlines() if ln.startswith("|"))
 
 
+def _live_cost(data):
+    from live_cost import table
+
+    return table(data[0])
+
+
 def _shipped_precision(data):
     from shipped_precision import table
 
@@ -361,6 +367,9 @@ TABLES: dict[str, Table] = {
     "eval_throughput_small": Table(
         (f"{RESULTS}eval_throughput-testbed-small.txt",), _eval_throughput,
         "python benchmarks/eval_throughput.py --model testbed:small --runs 3"),
+    "live_cost_small": Table(
+        (f"{RESULTS}live_cost_small.json",), _live_cost,
+        "OMP_NUM_THREADS=1 python benchmarks/live_cost.py --out benchmarks/results/live_cost_small.json"),
     "shipped_precision_small": Table(
         (f"{RESULTS}shipped_precision_small.json",), _shipped_precision,
         "python benchmarks/shipped_precision.py --build /tmp/tb/small --shipped eac_lightning/assets/testbeds/small "

@@ -24,11 +24,9 @@ def write_config(path: Path, root: Path, num_edits: int = 4, extra: dict | None 
             "method": {"class_path": "eac_lightning.methods.ROME",
                        "init_args": {"target": {"num_steps": 6}, "context": {"length_count": [[5, 2]]},
                                      "eac": {"gamma": 80.0}}},
-            "evaluation": {"tasks": ["sst2"], "default_limit": 4, "probes": ["fact_retention"],
-                           "rome_scores": False},
         },
         "data": {"path": "counterfact", "num_edits": num_edits, "num_retention": 4},
-        "eval": {"every": 2},
+        "eval": {"every": 2, "tasks": ["sst2"], "default_limit": 4, "probes": ["fact_retention"], "rome_scores": False},
     }
     for k, v in (extra or {}).items():
         cfg.setdefault(k, {}).update(v) if isinstance(v, dict) else cfg.__setitem__(k, v)

@@ -116,6 +116,36 @@ def test_an_os_error_names_its_file():
     assert cli._message(err, []) == "No such file or directory: /data/missing.json"
 
 
+# ------------------------------------------------------------------------------ settings that moved: eval.* only
+@pytest.mark.parametrize("where", ["command line", "config file", "config file after --model"])
+def test_an_evaluation_setting_under_its_old_spelling_names_the_new_key(tmp_path, capsys, where):
+    """What is measured was ``model.evaluation``; every evaluation setting is now in ``eval:``. The old spelling is
+    refused before anything runs, naming the new key (and the file that holds the old one)."""
+    cfg = write_config(tmp_path / "cfg.yaml", tmp_path / "run")
+    old = tmp_path / "old.yaml"
+    if where == "command line":
+        args, names = ["--model.evaluation.tasks", "[]"], ["--model.evaluation.tasks is now --eval.tasks"]
+    elif where == "config file":
+        old.write_text("model:\n  evaluation:\n    tasks: [sst2]\n")
+        args, names = ["--config", str(old)], [str(old), "model.evaluation is now eval"]
+    else:
+        old.write_text("evaluation:\n  default_limit: 4\n")
+        args, names = [f"--model={old}"], [str(old), "model.evaluation is now eval"]
+    code, err = run_main(["fit", "--config", str(cfg), *args], capsys)
+    assert_one_line(err, *names, "every evaluation setting", "is in eval:")
+    assert code == 2
+    assert not (tmp_path / "run").exists()  # refused before the run folder
+
+
+def test_every_evaluation_setting_is_one_section_of_the_evaluation_callback():
+    ev = Evaluation(every=5, tasks=["sst2"], live_max_new_tokens=20)
+    assert (ev.every, ev.config.tasks, ev.config.live_max_new_tokens, ev.config.live_metrics) == (5, ["sst2"], 20, True)
+    with pytest.raises(ValueError, match="unknown task 'mnli'"):
+        Evaluation(tasks=["mnli"])
+    with pytest.raises(ValueError, match="--eval.every must be an edit count >= 0"):
+        Evaluation(every=-1)
+
+
 # ------------------------------------------------------------------------------------- several devices, strategies
 def _trainer(**kw) -> Namespace:
     return Namespace(**{"strategy": "auto", "devices": 1, "accelerator": "cpu", "num_nodes": 1, **kw})

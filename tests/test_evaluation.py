@@ -536,10 +536,11 @@ def test_evaluator_end_to_end(tiny_gpt2, tokenizer):
               "edit/rome_efficacy_score", "general/rte", "general/sst2", "general/nq_open", "general/samsum",
               "general/fact_retention", "general/wikitext2_ppl"]:
         assert k in after, k
-    assert after["edit/locality"] == 1.0  # nothing edited
+    assert after["edit/locality"] == 1.0 and after["edit/live_loc"] == 1.0  # nothing edited
     assert after["general/wikitext2_ppl"] == pytest.approx(before["general/wikitext2_ppl"])
     summary = summary_sections(after, before)
-    assert list(summary["edit_metrics"]) == ["reliability", "generalization", "locality"]
+    assert list(summary["edit_metrics"]) == ["reliability", "generalization", "locality", "live_rel", "live_gen",
+                                             "live_loc"]
     assert list(summary["general"]) == ["rte", "sst2", "nq_open", "samsum", "fact_retention", "wikitext2_ppl"]
     assert summary["general"]["rte"] == {"before": before["general/rte"], "after": after["general/rte"]}
     table = format_table(after, before)

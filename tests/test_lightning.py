@@ -50,7 +50,11 @@ def test_fit_writes_every_output(full_run):
                             "edit_metrics_variants", "general", "norms", "seconds_per_edit", "wall_seconds",
                             "skipped_records"}
     assert summary["edits_applied"] == 4
-    assert set(summary["edit_metrics"]) == {"reliability", "generalization", "locality"}
+    # teacher-forced (EAC Eqs. 10-12) and, beside them, live decoding (WILD), on by default
+    assert set(summary["edit_metrics"]) == {"reliability", "generalization", "locality", "live_rel", "live_gen",
+                                            "live_loc"}
+    header = (full_run / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert {"edit/live_rel", "edit/live_gen", "edit/live_loc"} <= set(header)
     assert set(summary["general"]["sst2"]) == {"before", "after"}
     (norms,) = summary["norms"].values()
     assert norms["l1_after"] != norms["l1_before"]

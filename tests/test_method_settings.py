@@ -104,7 +104,7 @@ def test_a_clamp_given_on_the_command_line_is_kept_on_a_testbed_even_at_the_publ
         [sys.executable, "-m", "eac_lightning.lightning.cli", "fit", "--config", "configs/quickstart.yaml",
          "--config", "configs/methods/memit.yaml", "--model.model", "testbed:tiny", "--data.num_edits", "1",
          "--model.method.init_args.target.clamp_norm_factor", "0.75", "--trainer.default_root_dir", str(run),
-         "--model.stats_tokens", "2000", "--model.evaluation.tasks", "[]", "--model.evaluation.probes", "[]",
+         "--model.stats_tokens", "2000", "--eval.tasks", "[]", "--eval.probes", "[]",
          "--eval.every", "0", "--trainer.enable_progress_bar", "false"],
         cwd=CONFIGS_DIR.parents[1], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

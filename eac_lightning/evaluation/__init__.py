@@ -1,6 +1,7 @@
 """Evaluation: the batched scoring engine (``scoring``), the torchmetrics states (``metrics``), the edit metrics
-(EAC Eqs. 10-12, ROME's CounterFact scores), the Table 4 general-ability tasks, the fact-retention and WikiText-2
-perplexity probes, and the sharded :class:`Evaluator` that runs them all."""
+(EAC Eqs. 10-12, ROME's CounterFact scores, the live-decoding metrics of the WILD protocol), the Table 4
+general-ability tasks, the fact-retention and WikiText-2 perplexity probes, and the sharded :class:`Evaluator` that
+runs them all."""
 
 from eac_lightning.evaluation.edit_metrics import (
     EditMetrics,
@@ -12,6 +13,12 @@ from eac_lightning.evaluation.evaluator import (
     EvaluatorConfig,
     format_table,
     summary_sections,
+)
+from eac_lightning.evaluation.live_metrics import (
+    LIVE_KEYS,
+    live_answer,
+    live_edit_metrics,
+    live_reference,
 )
 from eac_lightning.evaluation.metrics import (
     Generalization,
@@ -41,5 +48,6 @@ __all__ = [
     "TargetScore", "TokenAgreement", "compute_locality_reference", "evaluate_edit_metrics", "greedy_generate",
     "score_targets", "Evaluator", "EvaluatorConfig", "format_table", "summary_sections", "Perplexity",
     "fact_retention", "known_facts", "wikitext2_ppl", "TABLE4_PROMPTS", "TASK_KEYS", "TaskDataError", "TaskExample",
-    "evaluate_task", "exact_match", "load_task", "normalize_answer", "rouge_mean",
+    "evaluate_task", "exact_match", "load_task", "normalize_answer", "rouge_mean", "LIVE_KEYS", "live_answer",
+    "live_edit_metrics", "live_reference",
 ]

@@ -3,8 +3,10 @@
 :class:`Evaluator` computes, for a model, its tokenizer, the requests edited so far and the pre-edit reference:
 
 * ``edit/*`` — the edit metrics of EAC App. C.3 (Eqs. 10-12, EasyEdit's teacher-forced token accuracy as the
-  headline ``edit/reliability``, ``edit/generalization``, ``edit/locality``), the exact-greedy variants
-  ``edit/*_gen`` and, for CounterFact-style requests, ROME's ``edit/rome_*`` scores and magnitudes;
+  headline ``edit/reliability``, ``edit/generalization``, ``edit/locality``), the live-decoding metrics
+  ``edit/live_rel``, ``edit/live_gen``, ``edit/live_loc`` beside them (the WILD protocol,
+  :mod:`eac_lightning.evaluation.live_metrics`), the exact-greedy variants ``edit/*_gen`` and, for
+  CounterFact-style requests, ROME's ``edit/rome_*`` scores and magnitudes;
 * ``general/*`` — the Table 4 tasks ``rte``, ``sst2``, ``nq_open``, ``samsum`` and the probes
   ``fact_retention`` and ``wikitext2_ppl``.
 
@@ -32,6 +34,13 @@ from eac_lightning.evaluation.edit_metrics import (
     is_counterfact,
 )
 from eac_lightning.evaluation.literature_metrics import evenly_spaced, literature_metrics
+from eac_lightning.evaluation.live_metrics import (
+    LIVE_KEYS,
+    LIVE_MAX_NEW_TOKENS,
+    live_edit_metrics,
+    live_reference,
+)
+from eac_lightning.evaluation.metrics import shard
 from eac_lightning.evaluation.probes import fact_retention, wikitext2_ppl
 from eac_lightning.evaluation.tasks import (
     TASK_KEYS,
@@ -45,6 +54,8 @@ from eac_lightning.validation import check
 
 PROBE_KEYS = ("fact_retention", "wikitext2_ppl")
 HEADLINE_EDIT_KEYS = ("reliability", "generalization", "locality")
+#: ``summary.json``'s ``edit_metrics``: the teacher-forced headline and, beside it, the live-decoding figures.
+SUMMARY_EDIT_KEYS = HEADLINE_EDIT_KEYS + LIVE_KEYS
 GENERAL_KEYS = TASK_KEYS + PROBE_KEYS
 
 
@@ -73,6 +84,13 @@ class EvaluatorConfig:
         ppl_batch_size: perplexity windows per forward pass (windows are long, so fewer than ``batch_size``).
         wikitext_path: WikiText-2 test file (default: ``wikitext/wikitext-2_test.txt`` in the offline data folder).
         edit_metrics: compute the edit metrics when requests are given.
+        live_metrics: also compute the live-decoding edit metrics ``edit/live_rel``, ``edit/live_gen`` and
+            ``edit/live_loc``: the model greedily decodes an answer to the edit prompt, each paraphrase and each
+            neighbourhood prompt without being told the target's length, scored by exact match after SQuAD
+            normalisation (the WILD protocol, Yang et al. 2025; :mod:`eac_lightning.evaluation.live_metrics`).
+            ``live_loc`` compares with the unedited model's own answers, recorded by :meth:`Evaluator.reference`.
+        live_max_new_tokens: the live decoding's budget of new tokens per prompt (WILD: 50); decoding stops
+            earlier at the end of text, a line break or a sentence end.
         rome_scores: also compute ROME's CounterFact efficacy / paraphrase / neighbourhood scores and magnitudes.
         rome_length_normalized: ROME's P(target) is exp(mean token log-prob), as in ROME's code (True), or the
             joint probability exp(sum of token log-probs) (False).
@@ -99,6 +117,8 @@ class EvaluatorConfig:
     ppl_batch_size: int = 4
     wikitext_path: str | None = None
     edit_metrics: bool = True
+    live_metrics: bool = True
+    live_max_new_tokens: int = LIVE_MAX_NEW_TOKENS
     rome_scores: bool = True
     rome_length_normalized: bool = True
     literature_metrics: bool = True
@@ -118,6 +138,7 @@ class EvaluatorConfig:
             raise ValueError("batch sizes must be >= 1")
         if self.fluency_max_edits is not None:
             check("fluency_max_edits", self.fluency_max_edits, integer=True, positive=True)
+        check("live_max_new_tokens", self.live_max_new_tokens, integer=True, positive=True)
 
 
 class Evaluator:
@@ -140,6 +161,7 @@ class Evaluator:
         self.rank = rank
         self.world_size = world_size
         self._examples: dict[str, list[TaskExample]] = {}
+        self._warned_live_reference = False
         self.timings: dict[str, float] = {}
         """Seconds spent in each part of the last evaluation (not part of the results)."""
 
@@ -157,12 +179,42 @@ class Evaluator:
         """The pre-edit locality reference of ``requests`` (call on the unedited model; keep and reuse it).
 
         Covers every request (not only this rank's), so the same dict serves any later evaluation whatever the
-        world size."""
-        return compute_locality_reference(model, tok, requests, self.config.batch_size)
+        world size. With ``live_metrics``, it also holds the unedited model's live answers to the neighbourhood
+        prompts (``live``, what ``edit/live_loc`` compares with)."""
+        c = self.config
+        ref = compute_locality_reference(model, tok, requests, c.batch_size)
+        if c.edit_metrics and c.live_metrics:
+            ref.update(live_reference(model, tok, requests, c.live_max_new_tokens, c.batch_size))
+        return ref
 
     def evaluate_edits(self, model: torch.nn.Module, tok: Any, requests: Sequence[EditRequest],
                        reference: dict[str, Any] | None) -> dict[str, float]:
-        """``edit/*`` metrics of every request edited so far, measured on the current model (EAC Eqs. 10-12)."""
+        """``edit/*`` metrics of every request edited so far, measured on the current model (EAC Eqs. 10-12, and
+        the live-decoding metrics with ``live_metrics``, :meth:`evaluate_live`)."""
+        out = self._other_edit_metrics(model, tok, requests, reference)
+        if self.config.live_metrics:
+            out.update(self.evaluate_live(model, tok, requests, reference))
+        return out
+
+    def evaluate_live(self, model: torch.nn.Module, tok: Any, requests: Sequence[EditRequest],
+                      reference: dict[str, Any] | None) -> dict[str, float]:
+        """``edit/live_rel``, ``edit/live_gen``, ``edit/live_loc`` of every request edited so far (the WILD
+        protocol, :mod:`eac_lightning.evaluation.live_metrics`); ``live_loc`` needs the live answers that
+        :meth:`reference` records, and is left out (with a warning) when ``reference`` has none."""
+        c = self.config
+        if (reference is not None and "live" not in reference and not self._warned_live_reference
+                and any(r.neighborhood_prompts for r in requests)):
+            self._warned_live_reference = True
+            warnings.warn("the locality reference holds no live answers of the unedited model (it was recorded "
+                          "with live_metrics off): edit/live_loc is left out", stacklevel=2)
+        res = live_edit_metrics(model, tok, shard(requests, self.rank, self.world_size), reference,
+                                c.live_max_new_tokens, c.batch_size)
+        return {f"edit/{k}": v for k, v in res.items()}
+
+    def _other_edit_metrics(self, model: torch.nn.Module, tok: Any, requests: Sequence[EditRequest],
+                        reference: dict[str, Any] | None) -> dict[str, float]:
+        """The edit metrics other than the live ones: EAC Eqs. 10-12 and their variants, ROME's scores, generation
+        success and fluency."""
         c = self.config
         res = evaluate_edit_metrics(model, tok, requests, reference, c.batch_size, self.rank, self.world_size,
                                     rome_scores=c.rome_scores, length_normalized=c.rome_length_normalized)
@@ -197,7 +249,9 @@ class Evaluator:
         c = self.config
         parts: list[tuple[str, Callable[[], dict[str, float]]]] = []
         if c.edit_metrics and requests:
-            parts.append(("edit_metrics", lambda: self.evaluate_edits(model, tok, requests, reference)))
+            parts.append(("edit_metrics", lambda: self._other_edit_metrics(model, tok, requests, reference)))
+            if c.live_metrics:  # a part of its own, so that ``timings`` shows what live decoding costs
+                parts.append(("live_metrics", lambda: self.evaluate_live(model, tok, requests, reference)))
         for task in c.tasks:
             parts.append((task, lambda task=task: {f"general/{task}": evaluate_task(
                 task, model, tok, self.examples(task), c.batch_size, c.max_new_tokens.get(task),
@@ -224,14 +278,15 @@ class Evaluator:
 def summary_sections(results: dict[str, float], before: dict[str, float] | None = None) -> dict[str, Any]:
     """The nested structure of ``summary.json`` from a flat result dict.
 
-    Returns ``{"edit_metrics": {reliability, generalization, locality}, "edit_metrics_variants": {...other edit
-    keys...}, "general": {rte, sst2, nq_open, samsum, fact_retention, wikitext2_ppl}}`` with the keys present in
-    ``results``. With ``before`` (the pre-edit results), each general entry becomes ``{"before": b, "after": a}``.
+    Returns ``{"edit_metrics": {reliability, generalization, locality, live_rel, live_gen, live_loc},
+    "edit_metrics_variants": {...other edit keys...}, "general": {rte, sst2, nq_open, samsum, fact_retention,
+    wikitext2_ppl}}`` with the keys present in ``results``. With ``before`` (the pre-edit results), each general
+    entry becomes ``{"before": b, "after": a}``.
     """
     edit = {k.split("/", 1)[1]: v for k, v in results.items() if k.startswith("edit/")}
     general_after = {k.split("/", 1)[1]: v for k, v in results.items() if k.startswith("general/")}
-    headline = {k: edit[k] for k in HEADLINE_EDIT_KEYS if k in edit}
-    variants = {k: v for k, v in edit.items() if k not in HEADLINE_EDIT_KEYS}
+    headline = {k: edit[k] for k in SUMMARY_EDIT_KEYS if k in edit}
+    variants = {k: v for k, v in edit.items() if k not in SUMMARY_EDIT_KEYS}
     ordered = [k for k in GENERAL_KEYS if k in general_after] + [k for k in general_after if k not in GENERAL_KEYS]
     if before is None:
         general: dict[str, Any] = {k: general_after[k] for k in ordered}
@@ -252,7 +307,7 @@ def _fmt(key: str, value: float) -> str:
 
 def format_table(results: dict[str, float], before: dict[str, float] | None = None) -> str:
     """A markdown table of a flat result dict (optionally with a ``before`` column), headline metrics first."""
-    order = [f"edit/{k}" for k in HEADLINE_EDIT_KEYS] + [f"general/{k}" for k in GENERAL_KEYS]
+    order = [f"edit/{k}" for k in SUMMARY_EDIT_KEYS] + [f"general/{k}" for k in GENERAL_KEYS]
     keys = [k for k in order if k in results] + sorted(k for k in results if k not in order)
     if before is None:
         lines = ["| metric | value |", "|---|---:|"]

@@ -389,7 +389,8 @@ def _score_shared(model, enc, c_prompt, c_target, riders, target_ids, results, b
 def greedy_generate(model: torch.nn.Module, tok: Any, prompts: Sequence[str | Sequence[int]],
                     max_new_tokens: int | Sequence[int], batch_size: int = 16, stop_at_eos: bool = True,
                     stop_at_newline: bool = False,
-                    on_prompt: Callable[[list[int], Any, Tensor, Tensor], None] | None = None) -> list[list[int]]:
+                    on_prompt: Callable[[list[int], Any, Tensor, Tensor], None] | None = None,
+                    stop_when: Callable[[str], bool] | None = None) -> list[list[int]]:
     """Batched greedy decoding with left padding and a KV cache; returns the new token ids of each prompt.
 
     Args:
@@ -400,6 +401,9 @@ def greedy_generate(model: torch.nn.Module, tok: Any, prompts: Sequence[str | Se
             to the first line break, so the rest would be wasted compute).
         on_prompt: called after each batch's prompt pass as ``on_prompt(indices, cache, attention_mask,
             last_logits)`` (before decoding changes the cache), so a caller can reuse the prompt pass.
+        stop_when: a row stops once ``stop_when(text)`` is true, ``text`` being its new tokens decoded so far
+            (special tokens skipped): a stop rule on the text, whatever the tokenizer splits it into (e.g. a
+            sentence end, which needs the token after a full stop).
 
     Position ids come from the attention mask, so a row decodes the same tokens alone or in a batch. A prompt too
     long for the model's context with its ``max_new_tokens`` is cut from the left (said once per process,
@@ -451,6 +455,12 @@ def greedy_generate(model: torch.nn.Module, tok: Any, prompts: Sequence[str | Se
                         if has_nl and (seen_text[r] or text_before_nl):
                             done[r] = True
                         seen_text[r] = seen_text[r] or has_text
+                if stop_when is not None:
+                    active = [r for r in range(len(batch)) if not done[r]]
+                    # one batched decode of the live rows: the rule reads the text exactly as the caller will
+                    texts = tok.batch_decode([out[batch[r]] for r in active], skip_special_tokens=True)
+                    for r, text in zip(active, texts):
+                        done[r] = stop_when(text)
                 if all(done) or step == steps - 1:
                     break
                 mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)

@@ -15,7 +15,12 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from eac_lightning.evaluation.evaluator import Evaluator, format_table, summary_sections
+from eac_lightning.evaluation.evaluator import (
+    Evaluator,
+    EvaluatorConfig,
+    format_table,
+    summary_sections,
+)
 from eac_lightning.lightning.run_folder import (
     RunCSVLogger,
     ledger_until,
@@ -186,19 +191,30 @@ class NormTracker(EditObserver):
 
 
 class Evaluation(EditObserver):
-    """Edit metrics over every edit applied so far, general-ability tasks and probes: before the first edit,
-    every ``every`` edits and at the end; sharded across ranks (torchmetrics reduces). Writes ``metrics.csv``
-    rows through the logger, and ``summary.json`` at the end of fit and of ``validate``.
+    """Evaluation, every setting of it in the eval: section (--eval.*): when (every) and what is measured.
+
+    ``every`` is the cadence; the other settings are the fields of
+    :class:`~eac_lightning.evaluation.evaluator.EvaluatorConfig` (the edit metrics, teacher-forced and live-decoding,
+    the general-ability tasks and probes, their limits).
+
+    Edit metrics over every edit applied so far, general-ability tasks and probes: before the first edit, every
+    ``every`` edits and at the end; sharded across ranks (torchmetrics reduces). Writes ``metrics.csv`` rows
+    through the logger, and ``summary.json`` at the end of fit and of ``validate``.
 
     Args:
         every: cadence in edits (0: only before and at the end).
+        **measure: what each evaluation measures, the fields of ``EvaluatorConfig`` (``tasks``, ``limits``,
+            ``live_metrics``, ...), kept as :attr:`config`.
     """
 
-    def __init__(self, every: int = 25) -> None:
+    def __init__(self, every: int = 25, **measure) -> None:
+        if isinstance(every, bool) or not isinstance(every, int) or every < 0:
+            raise ValueError(f"--eval.every must be an edit count >= 0, got {every!r}")
         self.every = every
+        self.config = EvaluatorConfig(**measure)
 
     def _evaluator(self, trainer, pl_module) -> Evaluator:
-        return Evaluator(pl_module.evaluation, trainer.global_rank, trainer.world_size)
+        return Evaluator(self.config, trainer.global_rank, trainer.world_size)
 
     def _run(self, trainer, pl_module) -> dict[str, float]:
         with phase("evaluation"):
@@ -352,7 +368,7 @@ class Plots(L.Callback):
         evals = pl_module.extra_state.get("evaluations", [])
         if evals:
             keys = [k for k in evals[-1] if k.startswith(("edit/reliability", "edit/generalization", "edit/locality",
-                                                          "general/"))]
+                                                          "edit/live_", "general/"))]
             scores = [k for k in keys if not k.endswith("ppl")]
             ppls = [k for k in keys if k.endswith("ppl")]
             colours = dict(zip(keys, _distinct_colours(len(keys))))

@@ -111,6 +111,7 @@ class EditingCLI(LightningCLI):
     def parse_arguments(self, parser, args) -> None:
         self._argv = list(sys.argv[1:] if args is None else args)  # what was given: the settings resolver reads it
         _refuse_renamed_method_settings(self._argv)
+        refuse_moved_settings(self._argv)
         super().parse_arguments(parser, args)
 
     def add_arguments_to_parser(self, parser) -> None:
@@ -213,6 +214,59 @@ def _editing_strategy(trainer: Namespace):
     if strategy == "ddp":
         return Namespace(class_path="eac_lightning.lightning.strategy.EditingDDPStrategy", init_args=Namespace())
     return strategy
+
+
+#: Settings that moved, by old key: the new key (``{}``: the rest of the old key after its prefix).
+MOVED_SETTINGS = {"model.evaluation": "eval"}
+
+
+def _moved(key: str) -> str | None:
+    """The new spelling of ``key`` (``model.evaluation.tasks`` -> ``eval.tasks``), or None when it did not move."""
+    for old, new in MOVED_SETTINGS.items():
+        if key == old or key.startswith(old + "."):
+            return new + key[len(old):]
+    return None
+
+
+def _config_keys(tree, prefix: str = ""):
+    """Every dotted key of a parsed config (sections and leaves)."""
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            key = f"{prefix}{k}"
+            yield key
+            yield from _config_keys(v, key + ".")
+
+
+def refuse_moved_settings(argv: list[str]) -> None:
+    """Refuse a setting under its old spelling, naming the new one: every evaluation setting is in ``eval:``
+    (``--eval.*``, the :class:`~eac_lightning.lightning.callbacks.Evaluation` callback), where ``model.evaluation``
+    held what is measured. Reads the command line and the config files it names (``--config FILE``, ``--model
+    FILE``)."""
+    import argparse
+
+    import yaml
+
+    why = "every evaluation setting (when: every; what: tasks, limits, probes, live_metrics, ...) is in eval:"
+
+    def refuse(message: str) -> None:
+        raise argparse.ArgumentError(None, f"{message}: {why} (docs/evaluation.md, Configuration)")
+
+    for i, arg in enumerate(argv):
+        option, eq, value = arg.partition("=")
+        if option.startswith("--") and _moved(option[2:]):
+            refuse(f"{option} is now --{_moved(option[2:])}")
+        section = {"--config": "", "-c": "", "--model": "model."}.get(option)
+        if section is None:
+            continue
+        value = value if eq else (argv[i + 1] if i + 1 < len(argv) else "")
+        path = Path(value)
+        try:
+            tree = yaml.safe_load(path.read_text(encoding="utf-8") if path.is_file() else value)
+        except (OSError, yaml.YAMLError):
+            continue  # not a config this check can read: the parser reports it
+        for key in _config_keys(tree, section):
+            if _moved(key):
+                refuse(f"{value}: {key} is now {_moved(key)}; move its keys there")
 
 
 def _refuse_renamed_method_settings(argv: list[str]) -> None:

@@ -23,7 +23,6 @@ import lightning as L
 import torch
 
 from eac_lightning.data.requests import EditRequest
-from eac_lightning.evaluation.evaluator import EvaluatorConfig
 from eac_lightning.lightning.checkpoint import (
     CheckpointMismatchError,
     data_fingerprint,
@@ -63,7 +62,6 @@ class EditingModule(L.LightningModule):
             training-stream sample, else WikiText-2.
         stats_tokens: tokens of that corpus averaged into C.
         stats_damping: ε of the damped solve (C + ε·tr(C)/d·I).
-        evaluation: what the evaluation callback and ``validate`` measure.
         method_settings: ``auto``: on a testbed, the method's measured testbed settings
             (``configs/testbed/<method>.yaml``) replace the preset's, except the settings you gave (the settings
             resolver, :mod:`eac_lightning.methods.settings`; summary.json records each source). Applied by the CLI
@@ -90,7 +88,6 @@ class EditingModule(L.LightningModule):
         stats_corpus: str | None = None,
         stats_tokens: int = 100_000,
         stats_damping: float = 1e-2,
-        evaluation: EvaluatorConfig | None = None,
         method_settings: str = "auto",
         allow_method_change: bool = False,
         snapshot_every: int = 100,
@@ -107,7 +104,6 @@ class EditingModule(L.LightningModule):
         self.dtype_name = dtype
         self.adapter = adapter
         self.stats_corpus, self.stats_tokens, self.stats_damping = stats_corpus, stats_tokens, stats_damping
-        self.evaluation = evaluation or EvaluatorConfig()
         if method_settings not in ("auto", "as_given"):
             raise ValueError(f"--model.method_settings must be 'auto' or 'as_given', not {method_settings!r}")
         self.method_settings = method_settings
