@@ -199,7 +199,6 @@ def _real_width(data):
     return table(data[0])
 
 
-
 def _easyedit_quality(data):
     from reference.easyedit_compare import quality_table
 
