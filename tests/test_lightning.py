@@ -48,7 +48,10 @@ def test_fit_writes_every_output(full_run):
     summary = json.loads((full_run / "summary.json").read_text())
     assert set(summary) == {"method", "method_settings", "model", "edits_applied", "batch_size", "edit_metrics",
                             "edit_metrics_variants", "general", "norms", "seconds_per_edit", "wall_seconds",
-                            "skipped_records"}
+                            "skipped_records", "phase_seconds", "phase_seconds_first_step", "edit_steps"}
+    # where the time went: the edit steps counted, each phase timed
+    assert summary["edit_steps"] == 4 and summary["phase_seconds"]["target"] > 0
+    assert {"setup", "target", "keys", "solve", "write", "evaluation"} <= set(summary["phase_seconds"])
     assert summary["edits_applied"] == 4
     # teacher-forced (EAC Eqs. 10-12) and, beside them, live decoding (WILD), on by default
     assert set(summary["edit_metrics"]) == {"reliability", "generalization", "locality", "live_rel", "live_gen",
