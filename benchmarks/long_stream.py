@@ -18,6 +18,13 @@ flat along the stream.
     python benchmarks/long_stream.py --methods memit alphaedit ultraedit --edits 2000 --batch-size 100 \\
         --context 5 2 --tag 2000
 
+A longer stream also gives the rows of the shorter ones: ``--rows-at 10000`` writes each method's row at 10,000 edits
+(its evaluation of every edit so far there; the first N requests of a longer stream are a stream of N) into
+``long_stream_10000.json``, wall time and memory left out (they are the whole run's)::
+
+    python benchmarks/long_stream.py --methods alphaedit nas beac --edits 20000 --batch-size 100 --context 5 2 \\
+        --eval-every 5000 --tag 20000 --rows-at 10000
+
 Run folders (checkpoints included) go to ``runs/long_stream_<tag>/<method>``; the table and figures to
 ``benchmarks/results/long_stream_<tag>.json`` and ``docs/img/long_stream_<tag>.png``. The results file keeps the
 rows of earlier invocations (each with its command, evaluation trace and memory samples) and a method run again
@@ -139,6 +146,45 @@ def row(method: str, root: Path, bench: dict, command: str) -> dict:
     }
 
 
+def row_at(method: str, root: Path, edits: int, command: str) -> dict | None:
+    """The row a stream of ``edits`` edits ends with, read from a longer stream's evaluation at that point (every
+    edit so far is evaluated there, general abilities included, and the first ``edits`` requests of a longer stream
+    are those of a stream of that length: the facts, then insertions made in a fixed order). Wall time and memory
+    are those of the whole longer run, so they are left out (None). None when the run has not evaluated there."""
+    with open(next(root.rglob("metrics.csv"))) as fh:
+        rows = list(csv.DictReader(fh))
+    at = [r for r in rows if r.get("edit/reliability") and round(float(r["edits"])) == edits]
+    base = [r for r in rows if r.get("general/fact_retention") and round(float(r["edits"])) == 0]
+    if not at or not base:
+        return None
+    t, b = at[-1], base[0]
+    num = lambda r, k: float(r[k]) if r.get(k) not in (None, "") else None  # noqa: E731
+    with open(root / "norms.csv") as fh:
+        norms = [r for r in csv.DictReader(fh) if round(float(r["edits"])) == edits]
+    seconds = [r["seconds"] for r in map(json.loads, (root / "edits.jsonl").read_text().splitlines())
+               if "seconds" in r and r.get("edit", edits) < edits]
+    return {
+        "method": method, "edits": edits, "batch_size": None,
+        "reliability": num(t, "edit/reliability"), "generalization": num(t, "edit/generalization"),
+        "locality": num(t, "edit/locality"),
+        "live_rel": num(t, "edit/live_rel"), "live_gen": num(t, "edit/live_gen"), "live_loc": num(t, "edit/live_loc"),
+        "efficacy_score": num(t, "edit/rome_efficacy_score"), "paraphrase_score": num(t, "edit/rome_paraphrase_score"),
+        "neighborhood_score": num(t, "edit/rome_neighborhood_score"), "gen_efficacy": num(t, "edit/gen_efficacy"),
+        "fluency": num(t, "edit/fluency"),
+        "fact_retention": num(t, "general/fact_retention") / num(b, "general/fact_retention"),
+        "ppl_ratio": num(b, "general/wikitext2_ppl") / num(t, "general/wikitext2_ppl"),
+        "sst2": [num(b, "general/sst2"), num(t, "general/sst2")] if t.get("general/sst2") else None,
+        "l1_growth": sum(float(r["l1_rel_change"]) for r in norms) / len(norms) if norms else None,
+        "fro_growth": sum(float(r["fro_rel_change"]) for r in norms) / len(norms) if norms else None,
+        "seconds_per_edit": sum(seconds) / len(seconds) if seconds else None, "wall_s": None, "attempts": None,
+        "rss_mib_q2": None, "rss_mib_q4": None,
+        "trace": [{"edits": float(r["edits"]), "reliability": float(r["edit/reliability"]),
+                   "fact_retention": num(r, "general/fact_retention")}
+                  for r in rows if r.get("edit/reliability") and float(r["edits"]) <= edits],
+        "from_stream": str(root.parent.name), "command": command,
+    }
+
+
 def mean4(r: dict) -> float:
     """The composite of the batch-sequential benchmark (docs/beac.md § 5): the mean of reliability, generalisation,
     locality and general-ability retention, the last being the mean of fact retention and the perplexity ratio."""
@@ -152,13 +198,14 @@ def table(rows: list[dict]) -> str:
     lines = [head, "|---" * 20 + "|"]
     f = lambda x, p=3: "–" if x is None else f"{x:.{p}f}"  # noqa: E731
     for r in rows:
+        wall = "–" if r.get("wall_s") is None else f"{r['wall_s'] / 60:.0f} min"  # rows read from a longer stream: –
         lines.append(
             f"| {r['method']} | {f(mean4(r))} | {f(r['reliability'])} | {f(r['generalization'])} "
             f"| {f(r['locality'])} | {f(r.get('live_rel'))} | {f(r.get('live_gen'))} | {f(r.get('live_loc'))} "
             f"| {f(r['efficacy_score'])} | {f(r['paraphrase_score'])} | {f(r['neighborhood_score'])} "
             f"| {f(r['gen_efficacy'])} | {f(r['fluency'], 2)} | {f(r['fact_retention'])} | {f(r['ppl_ratio'])} "
             f"| {f(r['l1_growth'], 2)} | {f(r['fro_growth'], 2)} | {f(r['seconds_per_edit'], 2)} "
-            f"| {r['wall_s'] / 60:.0f} min | {f(r['rss_mib_q2'], 0)} / {f(r['rss_mib_q4'], 0)} |")
+            f"| {wall} | {f(r['rss_mib_q2'], 0)} / {f(r['rss_mib_q4'], 0)} |")
     return "\n".join(lines)
 
 
@@ -210,6 +257,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--tag", required=True, help="names the run folder, results file and plot")
     ap.add_argument("--force", action="store_true", help="run again methods that already finished")
     ap.add_argument("--table-only", action="store_true", help="tabulate finished runs, run nothing")
+    ap.add_argument("--rows-at", type=int, nargs="+", default=[], metavar="N",
+                    help="also write each method's row at N edits (its evaluation there) into long_stream_<N>.json")
     args = ap.parse_args(argv)
     out = REPO / "runs" / f"long_stream_{args.tag}"
     results = REPO / "benchmarks" / "results" / f"long_stream_{args.tag}.json"
@@ -239,6 +288,17 @@ def main(argv: list[str] | None = None) -> None:
     results.write_text(json.dumps({"table": text, "rows": rows}, indent=2) + "\n")
     if any(r.get("trace") for r in rows):
         plot([r for r in rows if r.get("trace")], REPO / "docs" / "img" / f"long_stream_{args.tag}.png")
+    for n in args.rows_at:  # the rows a shorter stream would end with, from this stream's evaluation at n
+        shorter = REPO / "benchmarks" / "results" / f"long_stream_{n}.json"
+        derived = {m: row_at(m, out / m, n, command) for m in args.methods if (out / m / "edits.jsonl").exists()}
+        derived = {m: r for m, r in derived.items() if r is not None}
+        if not derived:
+            continue
+        kept = {r["method"]: r for r in json.loads(shorter.read_text())["rows"]} if shorter.exists() else {}
+        merged = list({**kept, **derived}.values())
+        text = f"{n} edits in batches of {args.batch_size} on `{args.model}`\n\n" + table(merged)
+        shorter.write_text(json.dumps({"table": text, "rows": merged}, indent=2) + "\n")
+        print(f"{', '.join(derived)}: rows at {n} edits written to {shorter}")
 
 
 if __name__ == "__main__":

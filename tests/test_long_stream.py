@@ -1,0 +1,57 @@
+"""benchmarks/long_stream.py's rows read from a longer stream (``--rows-at``): the evaluation at N edits of a longer
+stream is the row a stream of N edits ends with."""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import long_stream  # noqa: E402
+
+
+def _write_run(root: Path) -> None:
+    (root / "logs").mkdir(parents=True)
+    fields = ["edits", "step", "edit/reliability", "edit/generalization", "edit/locality", "edit/live_rel",
+              "general/fact_retention", "general/wikitext2_ppl", "general/sst2"]
+    rows = [  # before, at 200, at 400: general abilities at every point, edit metrics once there are edits
+        {"edits": 0, "step": 0, "general/fact_retention": 0.8, "general/wikitext2_ppl": 200.0, "general/sst2": 0.5},
+        {"edits": 200, "step": 2, "edit/reliability": 0.9, "edit/generalization": 0.7, "edit/locality": 0.6,
+         "edit/live_rel": 0.5, "general/fact_retention": 0.4, "general/wikitext2_ppl": 400.0, "general/sst2": 0.55},
+        {"edits": 400, "step": 4, "edit/reliability": 0.3, "edit/generalization": 0.2, "edit/locality": 0.1,
+         "edit/live_rel": 0.1, "general/fact_retention": 0.2, "general/wikitext2_ppl": 800.0, "general/sst2": 0.5},
+    ]
+    with open(root / "logs" / "metrics.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, fields)
+        w.writeheader()
+        w.writerows(rows)
+    with open(root / "norms.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, ["edits", "module", "l1_rel_change", "fro_rel_change"])
+        w.writeheader()
+        for edits, growth in ((100, 0.5), (200, 1.0), (400, 3.0)):
+            for module, scale in (("a", 1.0), ("b", 3.0)):
+                w.writerow({"edits": edits, "module": module, "l1_rel_change": growth * scale,
+                            "fro_rel_change": growth})
+    ledger = [{"step": 1 + i // 100, "edit": i, "seconds": 1.0 if i < 200 else 5.0} for i in range(400)]
+    ledger.insert(150, {"step": 2, "edit": 150, "refreshed": True})  # a refreshed edit's line holds no seconds
+    (root / "edits.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ledger))
+
+
+def test_a_row_read_at_n_edits_is_the_evaluation_there(tmp_path):
+    root = tmp_path / "long_stream_400" / "alphaedit"
+    _write_run(root)
+    r = long_stream.row_at("alphaedit", root, 200, "python benchmarks/long_stream.py --edits 400 --rows-at 200")
+    assert (r["edits"], r["reliability"], r["generalization"], r["locality"], r["live_rel"]) == (200, 0.9, 0.7, 0.6,
+                                                                                                 0.5)
+    assert r["fact_retention"] == pytest.approx(0.5) and r["ppl_ratio"] == pytest.approx(0.5)
+    assert r["sst2"] == [0.5, 0.55]
+    assert r["l1_growth"] == pytest.approx(2.0) and r["fro_growth"] == pytest.approx(1.0)  # norms at 200, mean
+    assert r["seconds_per_edit"] == pytest.approx(1.0)  # the first 200 edits' own seconds
+    assert r["wall_s"] is None and r["rss_mib_q4"] is None  # the longer run's, not this length's
+    assert [t["edits"] for t in r["trace"]] == [200.0] and r["from_stream"] == "long_stream_400"
+    assert "| alphaedit |" in long_stream.table([r])  # renders, wall and memory as –
+    assert long_stream.row_at("alphaedit", root, 300, "") is None  # not evaluated at 300
