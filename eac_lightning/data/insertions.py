@@ -1,4 +1,4 @@
-"""Edits of facts the model does not know, for edit streams longer than the data (docs/benchmarks.md, "Long streams").
+"""Edits of facts the model does not know, for edit streams longer than the data (docs/long_streams.md).
 
 AlphaEdit's protocol edits 2,000 CounterFact facts and lifelong-editing papers stream 10,000 and more; the offline
 testbed knows ~1,300 (500 CounterFact + 800 ZsRE). Editing its facts again with other objects would overwrite
