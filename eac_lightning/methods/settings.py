@@ -137,13 +137,8 @@ def describe(record: dict[str, Any], model: str) -> str:
                                                     "(--model.method_settings as_given skips the measured ones)"])
 
 
-def given_leaves(argv: list[str], package_dir: Path = CONFIGS_DIR) -> set[tuple[str, ...]]:
-    """The method settings (paths under ``init_args``) a command line gives: ``--model.method.init_args.X.Y V``
-    (or ``--model.method.X.Y``, ``=V``), a ``--model.method``/``init_args`` mapping, and every method setting of a
-    ``--config`` file outside the project's own configs (``package_dir``: presets, the quickstart and bench configs
-    are the preset layer)."""
-    out: set[tuple[str, ...]] = set()
-    package = Path(package_dir).resolve()
+def _options(argv: list[str]):
+    """(``--key``, value or None) for each option of a command line: ``--key value`` and ``--key=value``."""
     i = 0
     while i < len(argv):
         arg = argv[i]
@@ -154,6 +149,17 @@ def given_leaves(argv: list[str], package_dir: Path = CONFIGS_DIR) -> set[tuple[
         if not eq:
             value = argv[i] if i < len(argv) and not argv[i].startswith("--") else None
             i += value is not None
+        yield key, value
+
+
+def given_leaves(argv: list[str], package_dir: Path = CONFIGS_DIR) -> set[tuple[str, ...]]:
+    """The method settings (paths under ``init_args``) a command line gives: ``--model.method.init_args.X.Y V``
+    (or ``--model.method.X.Y``, ``=V``), a ``--model.method``/``init_args`` mapping, and every method setting of a
+    ``--config`` file outside the project's own configs (``package_dir``: presets, the quickstart and bench configs
+    are the preset layer)."""
+    out: set[tuple[str, ...]] = set()
+    package = Path(package_dir).resolve()
+    for key, value in _options(argv):
         if key == "--config" and value:
             path = Path(value).resolve()
             if path.is_file() and package not in path.parents:
@@ -206,16 +212,7 @@ def renamed_in_argv(argv: list[str]) -> str | None:
     or as an option), or None. The method's class is the last one the command line names (a later class keeps the
     settings given before it, as the config parser does)."""
     cls, given = None, []  # given: (setting, where)
-    i = 0
-    while i < len(argv):
-        arg = argv[i]
-        i += 1
-        if not arg.startswith("--"):
-            continue
-        key, eq, value = arg.partition("=")
-        if not eq:
-            value = argv[i] if i < len(argv) and not argv[i].startswith("--") else None
-            i += value is not None
+    for key, value in _options(argv):
         method = None
         if key == "--config" and value and Path(value).is_file():
             try:
