@@ -320,8 +320,8 @@ def _beac_memit_contributions(data):
 TABLES: dict[str, Table] = {
     "method_table_small": Table(
         (f"{RESULTS}method_table_small.json",), _method_table,
-        "python benchmarks/method_table.py --methods rome rome-eac memit memit-eac alphaedit beac beac-memit ft ft-en "
-        "alphaedit-eac ultraedit --out benchmarks/results/method_table_small.json"),
+        "python benchmarks/method_table.py --methods rome rome-eac memit memit-eac alphaedit nas beac beac-memit ft "
+        "ft-en alphaedit-eac ultraedit --out benchmarks/results/method_table_small.json"),
     "stopping_rule_small": Table(
         (f"{RESULTS}stopping_rule_small_nll.json", f"{RESULTS}stopping_rule_small_published.json"), _stopping_rule,
         "OMP_NUM_THREADS=1 python benchmarks/stopping_rule.py (published) and the method table at commit a6cd86a"),
