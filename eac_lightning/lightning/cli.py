@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import atexit
+import logging
 import os
 import signal
 import sys
@@ -50,6 +51,17 @@ warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*"
 warnings.filterwarnings("ignore", message=".*Your `IterableDataset` has `__len__` defined.*")
 # Lightning's own use of a deprecated torch pytree API (not a call of ours): printed on every fit otherwise.
 warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning)
+
+
+class _NoAdvert(logging.Filter):
+    """Drops Lightning's advertisement for its cloud logger, printed at every fit (a user of this tool has its logs
+    in the run folder)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "LitLogger" not in str(record.msg)
+
+
+logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_NoAdvert())
 
 
 def hyperparameter_help() -> str:
