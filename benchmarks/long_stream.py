@@ -25,6 +25,13 @@ A longer stream also gives the rows of the shorter ones: ``--rows-at 10000`` wri
     python benchmarks/long_stream.py --methods alphaedit nas beac --edits 20000 --batch-size 100 --context 5 2 \\
         --eval-every 5000 --tag 20000 --rows-at 10000
 
+A variant of a preset is its preset plus settings (``--set``, the method's init_args) under a row name of its own
+(``--label``, also its run folder)::
+
+    python benchmarks/long_stream.py --methods beac --label "beac, whole-stream refresh 0.5" \
+        --set 'beac={refresh: 0.5, refresh_window: null, refresh_checks: 1000}' --edits 20000 --batch-size 100 \
+        --context 5 2 --eval-every 5000 --tag 20000 --rows-at 10000
+
 Run folders (checkpoints included) go to ``runs/long_stream_<tag>/<method>``; the table and figures to
 ``benchmarks/results/long_stream_<tag>.json`` and ``docs/img/long_stream_<tag>.png``. The results file keeps the
 rows of earlier invocations (each with its command, evaluation trace and memory samples) and a method run again
@@ -58,7 +65,8 @@ def rss_mib(pid: int) -> float | None:
 
 
 def run_method(method: str, args, root: Path) -> dict:
-    """Run (or resume) one method's stream; returns {"wall_s", "memory": [(seconds, MiB), ...], "attempts"}."""
+    """Run (or resume) one method's stream; returns {"wall_s", "memory": [(seconds, MiB), ...], "attempts"}.
+    ``method`` is a preset (configs/methods/<method>.yaml); ``args.set`` adds settings of the method to it."""
     log_file = root / "bench.json"
     done = json.loads(log_file.read_text()) if log_file.exists() else {"wall_s": 0.0, "memory": [], "attempts": 0}
     if (root / "summary.json").exists() and not args.force:
@@ -75,6 +83,9 @@ def run_method(method: str, args, root: Path) -> dict:
     ]
     if args.context and method not in NO_CONTEXT:
         cmd += ["--model.method.init_args.context", f"{{length_count: [[{args.context[0]}, {args.context[1]}]]}}"]
+    for setting in args.set:  # KEY=VALUE of the method's init_args, e.g. beac.refresh_window=null
+        key, _, value = setting.partition("=")
+        cmd += [f"--model.method.init_args.{key}", value]
     if (root / "checkpoints" / "last.ckpt").exists():
         cmd += ["--ckpt_path", "last"]
     root.mkdir(parents=True, exist_ok=True)
@@ -257,9 +268,18 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--tag", required=True, help="names the run folder, results file and plot")
     ap.add_argument("--force", action="store_true", help="run again methods that already finished")
     ap.add_argument("--table-only", action="store_true", help="tabulate finished runs, run nothing")
+    ap.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                    help="settings added to the preset (the method's init_args), e.g. beac.refresh_window=null; "
+                         "name the variant with --label")
+    ap.add_argument("--label", default=None,
+                    help="the row's name and run folder for a variant made with --set (one method only)")
     ap.add_argument("--rows-at", type=int, nargs="+", default=[], metavar="N",
                     help="also write each method's row at N edits (its evaluation there) into long_stream_<N>.json")
     args = ap.parse_args(argv)
+    if args.label and len(args.methods) != 1:
+        ap.error("--label names the variant of one method")
+    if args.set and not args.label:
+        ap.error("--set makes a variant of the preset: name its row with --label")
     out = REPO / "runs" / f"long_stream_{args.tag}"
     results = REPO / "benchmarks" / "results" / f"long_stream_{args.tag}.json"
     # the command that makes a row (the same without --table-only, which only tabulates it)
@@ -267,17 +287,18 @@ def main(argv: list[str] | None = None) -> None:
                                                              if a != "--table-only")
     # Rows of earlier invocations (other methods, other sessions) are kept; a method run again replaces its row.
     rows = {r["method"]: r for r in json.loads(results.read_text())["rows"]} if results.exists() else {}
+    names = {m: args.label or m for m in args.methods}  # preset -> row name (and run folder)
     for method in args.methods:
-        root = out / method
+        root = out / names[method]
         if args.table_only and not (root / "bench.json").exists():
             continue
         bench = (json.loads((root / "bench.json").read_text()) if args.table_only
                  else run_method(method, args, root))
         if (root / "summary.json").exists():
-            rows[method] = row(method, root, bench, command)
+            rows[names[method]] = row(names[method], root, bench, command)
     # Re-read before writing: another invocation (another method, run beside this one) may have added its row.
     if results.exists():
-        mine = {m for m in args.methods if m in rows}
+        mine = {names[m] for m in args.methods if names[m] in rows}
         rows = {**{r["method"]: r for r in json.loads(results.read_text())["rows"]},
                 **{m: rows[m] for m in mine}}
     rows = list(rows.values())
@@ -290,7 +311,8 @@ def main(argv: list[str] | None = None) -> None:
         plot([r for r in rows if r.get("trace")], REPO / "docs" / "img" / f"long_stream_{args.tag}.png")
     for n in args.rows_at:  # the rows a shorter stream would end with, from this stream's evaluation at n
         shorter = REPO / "benchmarks" / "results" / f"long_stream_{n}.json"
-        derived = {m: row_at(m, out / m, n, command) for m in args.methods if (out / m / "edits.jsonl").exists()}
+        derived = {names[m]: row_at(names[m], out / names[m], n, command) for m in args.methods
+                   if (out / names[m] / "edits.jsonl").exists()}
         derived = {m: r for m, r in derived.items() if r is not None}
         if not derived:
             continue

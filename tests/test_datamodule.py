@@ -27,6 +27,22 @@ def test_seeded_order_and_batches():
     assert len(a.retention) == 5 and not edited & {r.case_id for r in a.retention}
 
 
+def test_a_batch_reaches_the_step_uncopied():
+    """Lightning moves each batch to the device; an edit batch is text, so the requests pass as the same objects
+    (its default would copy every request of a stream of thousands)."""
+    import torch
+    from lightning.pytorch.core.hooks import DataHooks
+
+    dm = EditDataModule(path=str(data_dir() / "counterfact"), num_edits=4, batch_size=2)
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    moved = dm.transfer_batch_to_device(batch, torch.device("cpu"), 0)
+    assert moved is batch and all(a is b for a, b in zip(moved, dm.requests[:2]))
+    copied = DataHooks.transfer_batch_to_device(dm, batch, torch.device("cpu"), 0)  # what the override avoids
+    assert copied == batch and copied[0] is not batch[0]
+    assert dm.transfer_batch_to_device({"x": torch.ones(1)}, torch.device("cpu"), 0)["x"].item() == 1
+
+
 def test_position_resumes_at_next_edit():
     dm = EditDataModule(path=str(data_dir() / "counterfact"), num_edits=6, batch_size=2)
     dm.setup("fit")

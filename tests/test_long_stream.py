@@ -55,3 +55,32 @@ def test_a_row_read_at_n_edits_is_the_evaluation_there(tmp_path):
     assert [t["edits"] for t in r["trace"]] == [200.0] and r["from_stream"] == "long_stream_400"
     assert "| alphaedit |" in long_stream.table([r])  # renders, wall and memory as –
     assert long_stream.row_at("alphaedit", root, 300, "") is None  # not evaluated at 300
+
+
+def test_a_variant_of_a_preset_runs_under_its_label(tmp_path, monkeypatch):
+    """--set adds settings to the preset's command; --label names the variant's row and run folder."""
+    seen = []
+
+    class Done:
+        pid = 0
+
+        def __init__(self, cmd, **kw):
+            seen.append(cmd)
+
+        def poll(self):
+            return 0
+
+        def wait(self):
+            return 0
+
+    monkeypatch.setattr(long_stream, "REPO", tmp_path)
+    monkeypatch.setattr(long_stream.subprocess, "Popen", Done)
+    (tmp_path / "benchmarks" / "results").mkdir(parents=True)
+    long_stream.main(["--methods", "beac", "--label", "beac-wide", "--set", "beac={refresh: 0.5}", "--edits", "200",
+                      "--tag", "t"])
+    cmd = seen[0]
+    assert cmd[cmd.index("--model.method.init_args.beac") + 1] == "{refresh: 0.5}"
+    assert cmd[cmd.index("--trainer.default_root_dir") + 1] == str(tmp_path / "runs" / "long_stream_t" / "beac-wide")
+    assert str(tmp_path / "configs" / "methods" / "beac.yaml") in cmd
+    with pytest.raises(SystemExit):  # a variant needs its name
+        long_stream.main(["--methods", "beac", "--set", "beac={refresh: 0.5}", "--tag", "t"])

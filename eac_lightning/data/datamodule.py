@@ -12,6 +12,7 @@ import warnings
 from typing import Any, Iterator
 
 import lightning as L
+import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from eac_lightning.data.requests import EditRequest, MalformedRequestError
@@ -163,6 +164,13 @@ class EditDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(_EditStream(self), batch_size=None, collate_fn=lambda b: b, num_workers=0)
+
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        """An edit batch is text (a list of :class:`EditRequest`): nothing to move, so it is passed on as it is.
+        Lightning's default copies every request (its dataclass branch), a copy per edit of the stream."""
+        if isinstance(batch, list) and all(isinstance(r, EditRequest) for r in batch):
+            return batch
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
     def val_dataloader(self) -> DataLoader:
         # ``validate`` evaluates one model state: a single step.
