@@ -40,7 +40,7 @@ def main() -> None:
     rows = []
     for layer, name in zip(sorted(keys), method.module_names):
         k = keys[layer].double()
-        P = method.projectors[name].double()
+        P = method.projector(name)
         kk, pk = k.pow(2).sum(0), (P @ k).pow(2).sum(0)
         rows.append({"layer": layer, "module": name, "key_energy": kk.mean().item(), "null_energy": pk.mean().item(),
                      "null_share": (pk / kk).mean().item(), "alpha_over_null_energy": method.l2 / pk.mean().item(),

@@ -112,7 +112,7 @@ def method_for(kind: str, model, batch: int):
     if kind in ("alphaedit", "beac"):
         d_k = weight_view(model, m.module_names[0]).shape[1]
         m._step_keys = {n: torch.randn(d_k, batch) for n in m.module_names}
-        m.past_kkt = {}  # K_pK_pᵀ (d_k × d_k float64 per layer) is written tensor by tensor: see big_state()
+        m.null_kkt = {}  # U₀ᵀK_pK_pᵀU₀ (r × r float64 per layer) is written tensor by tensor: see big_state()
     if kind == "beac":
         d = weight_view(model, m.module_names[0]).shape[0]
         m.usage = torch.rand(LAYERS, d, dtype=torch.float64)
@@ -123,13 +123,13 @@ def method_for(kind: str, model, batch: int):
 
 
 def big_state(kind: str, method) -> dict[str, tuple[int, ...]]:
-    """The method state too large to hold at once in this benchmark (AlphaEdit's and B-EAC's K_pK_pᵀ, d_k × d_k
-    float64 per layer): written one tensor at a time, so the figures are those of the real files without their
-    memory."""
+    """The method state too large to hold at once in this benchmark (AlphaEdit's and B-EAC's record of earlier keys,
+    U₀ᵀK_pK_pᵀU₀: r × r float64 per layer, sized here at its bound r = d_k, the whole key space in the null space):
+    written one tensor at a time, so the figures are those of the real files without their memory."""
     if kind not in ("alphaedit", "beac"):
         return {}
     d_k = next(iter(method._step_keys.values())).shape[0]
-    return {f"past_kkt/{n}": (d_k, d_k) for n in method.module_names}
+    return {f"null_kkt/{n}": (d_k, d_k) for n in method.module_names}
 
 
 def write_one_by_one(shapes: dict[str, tuple[int, ...]], folder: Path, dtype, writer) -> tuple[int, float]:

@@ -216,23 +216,26 @@ def solve_flops(method: str, d: int, d_k: int, n: int) -> dict[str, float]:
 
     - ROME (per edit): C⁻¹k through the cached Cholesky factor (2d_k²), the rank-one update (2·d·d_k);
     - MEMIT (memit-eac): C⁻¹K (2d_k²n), KᵀC⁻¹K (2d_kn²), the n×n solve, RAᵀ (2·d·d_k·n);
-    - AlphaEdit and B-EAC (AlphaEdit's solve): KKᵀ (2d_k²n), P(KKᵀ + K_pK_pᵀ) (2d_k³), the d_k×d_k LU solve
-      (2/3 d_k³ + 2d_k²n), PK (2d_k²n), RAᵀ, K_pK_pᵀ += KKᵀ (2d_k²n); B-EAC also KᵀC⁻¹K for its separation.
+    - AlphaEdit and B-EAC (AlphaEdit's solve in the null space, methods/alphaedit.py ``null_space_solve``): U₀ᵀK
+      (2d_k·r·n), G + (U₀ᵀK)(U₀ᵀK)ᵀ (2r²n), its Cholesky (r³/3) and solve (2r²n), U₀Y (2d_k·r·n), RAᵀ, and after the
+      write G += (U₀ᵀK)(U₀ᵀK)ᵀ (2d_k·r·n + 2r²n), with r, the null space's dimension, at its bound d_k; B-EAC also
+      KᵀC⁻¹K for its separation. (Rows measured before the solve moved to the null space ran the published form,
+      P(KKᵀ + K_pK_pᵀ) and a d_k × d_k LU, ~2.7d_k³: their GFLOP/s were computed with it.)
 
     Once per run (``first``): the Cholesky factor of C (d_k³/3) at the first solve; ``setup``: AlphaEdit's
-    projector, an eigendecomposition with eigenvectors (~9d_k³, Golub & Van Loan's count for the symmetric QR
-    algorithm) and P = U₀U₀ᵀ (≤ 2d_k³)."""
+    null-space basis, an eigendecomposition with eigenvectors (~9d_k³, Golub & Van Loan's count for the symmetric QR
+    algorithm)."""
     if method == "rome-eac":
         return {"step": n * (2 * d_k**2 + 2 * d * d_k), "first": d_k**3 / 3, "setup": 0.0}
     if method == "memit-eac":
         return {"step": 2 * d_k**2 * n + 2 * d_k * n**2 + 2 / 3 * n**3 + 2 * n**2 * d_k + 2 * d * d_k * n,
                 "first": d_k**3 / 3, "setup": 0.0}
-    alpha = 2 * d_k**2 * n + 2 * d_k**3 + 2 / 3 * d_k**3 + 2 * d_k**2 * n + 2 * d_k**2 * n + 2 * d * d_k * n \
-        + 2 * d_k**2 * n
+    r = d_k
+    alpha = 6 * d_k * r * n + 6 * r**2 * n + r**3 / 3 + 2 * d * d_k * n
     if method == "beac":
         alpha += 2 * d_k**2 * n + 2 * d_k * n**2
-        return {"step": alpha, "first": d_k**3 / 3, "setup": 11 * d_k**3}
-    return {"step": alpha, "first": 0.0, "setup": 11 * d_k**3}
+        return {"step": alpha, "first": d_k**3 / 3, "setup": 9 * d_k**3}
+    return {"step": alpha, "first": 0.0, "setup": 9 * d_k**3}
 
 
 def _sig(x: float) -> float:

@@ -199,6 +199,12 @@ def _real_width(data):
     return table(data[0])
 
 
+def _alphaedit_solve(data):
+    from alphaedit_solve import table
+
+    return table(data[0])
+
+
 def _easyedit_quality(data):
     from reference.easyedit_compare import quality_table
 
@@ -388,6 +394,9 @@ TABLES: dict[str, Table] = {
     "real_width": Table(
         (f"{RESULTS}real_width.json",), _real_width,
         "OMP_NUM_THREADS=1 python benchmarks/real_width.py --shapes <shape> --methods <method> ..."),
+    "alphaedit_solve": Table(
+        (f"{RESULTS}alphaedit_solve.json",), _alphaedit_solve,
+        "OMP_NUM_THREADS=1 python benchmarks/alphaedit_solve.py --widths <d:d_k> --batch <n>"),
     "easyedit_quality": Table(
         (f"{RESULTS}easyedit_compare.json",), _easyedit_quality,
         "OMP_NUM_THREADS=1 python benchmarks/reference/easyedit_compare.py --easyedit-python <venv>/bin/python "

@@ -235,7 +235,7 @@ def test_write_aware_beac_writes_its_anchors_under_the_planned_update(model_and_
         assert (deltas[name][~union] == 0).all() and deltas[name][union].abs().sum() > 0
         planned = sum(t.delta.double()[:, None] * t.write_columns[layer].double()[None] for t in targets)
         torch.testing.assert_close(deltas[name].double(), planned.to(deltas[name].device), rtol=1e-5, atol=1e-7)
-    assert method.batches == 1 and len(method.past_kkt) == 3
+    assert method.batches == 1 and len(method.null_kkt) == 3
     # the ablation grid closes on AlphaEdit-EAC (write-aware)
     off = BEACHyperParams(las=False, rar=False, key_memory=0.0)
     model_b, beac, _ = fresh(model_and_stats, BEAC, beac=off, write_aware=True)

@@ -133,7 +133,7 @@ def test_an_entry_stores_factors_and_the_step_keys_not_the_matrices(model, model
             assert tensors[f"update/{module}/left"].shape == (out_dim, 2)  # one column per edit of the batch
             assert tensors[f"update/{module}/right"].shape == (2, in_dim)
         if name == "alphaedit":
-            assert not any("past_kkt" in k for k in tensors)  # the d_k × d_k record is not stored per step
+            assert not any("null_kkt" in k for k in tensors)  # the r × r record is not stored per step
             assert {k for k in tensors if "written_keys" in k} == {f"method/written_keys/{m}" for m in
                                                                    method.module_names}
         matrices = sum(w.numel() * 4 for w in session.base_weights.values())

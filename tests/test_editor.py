@@ -85,9 +85,9 @@ def test_undo_restores_the_method_state(model, model_and_stats, tokenizer):
     method = AlphaEdit(layers=[1, 2], context=CTX, target=Z, nullspace_threshold=float(torch.linalg.eigvalsh(c).max()) * 2)
     editor = Editor(model, tokenizer, method, stats)
     first = editor.edit(REQS[0]).deltas
-    assert set(method.past_kkt) == set(first)
+    assert set(method.null_kkt) == set(first)
     editor.undo()
-    assert method.past_kkt == {}
+    assert method.null_kkt == {}
     again = editor.edit(REQS[0]).deltas
     assert all(torch.equal(first[n], again[n]) for n in first)
 
@@ -239,7 +239,7 @@ def test_a_refused_write_leaves_the_method_state_of_the_last_edit(model, model_a
     method = AlphaEdit(layers=[1, 2], context=CTX, target=Z, nullspace_threshold=float(torch.linalg.eigvalsh(c).max()) * 2)
     editor = Editor(model, tokenizer, method, stats)
     editor.edit(REQS[0])
-    kept = {n: k.clone() for n, k in method.past_kkt.items()}
+    kept = {n: k.clone() for n, k in method.null_kkt.items()}
     weights = _state(model)
     real = type(method)._write
 
@@ -252,5 +252,5 @@ def test_a_refused_write_leaves_the_method_state_of_the_last_edit(model, model_a
     monkeypatch.setattr(type(method), "_write", poisoned)
     with pytest.raises(FloatingPointError, match="NaN/inf"):
         editor.edit(REQS[1])
-    assert all(torch.equal(method.past_kkt[n], kept[n]) for n in kept)
+    assert all(torch.equal(method.null_kkt[n], kept[n]) for n in kept)
     assert _equal(model, weights) and editor.requests == REQS[:1]

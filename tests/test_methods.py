@@ -21,7 +21,7 @@ from eac_lightning.methods import (
     FTHyperParams,
     TargetHyperParams,
 )
-from eac_lightning.methods.alphaedit import null_space_projector
+from eac_lightning.methods.alphaedit import null_space_basis, null_space_projector, null_space_solve
 from eac_lightning.methods.base import restore_weights, snapshot
 from eac_lightning.methods.eac import anchor_count, anchor_mask, explore
 from eac_lightning.methods.edit import edit
@@ -410,7 +410,7 @@ def test_alphaedit_leaves_protected_keys_unchanged(gpt2, tokenizer, stats):
     g = torch.Generator().manual_seed(0)
     for n in names:
         dw = (weight_view(gpt2, n).detach() - before[n]).double()
-        P = method.projectors[n]
+        P = method.projector(n)
         assert 0 < torch.linalg.matrix_rank(P) < P.shape[0]
         torch.testing.assert_close(P @ P, P, atol=1e-10, rtol=0)
         assert dw.norm() > 0
@@ -420,7 +420,8 @@ def test_alphaedit_leaves_protected_keys_unchanged(gpt2, tokenizer, stats):
         assert (dw @ protected).norm() <= 1e-5 * dw.norm() * protected.norm()
         assert (dw @ free).norm() > 1e-2 * dw.norm() * free.norm() / math.sqrt(free.shape[0])
         # The keys of this batch are now part of the accumulated K_p K_pᵀ.
-        assert method.past_kkt[n].shape == P.shape and method.past_kkt[n].trace() > 0
+        r = method.null_bases[n].shape[1]
+        assert method.null_kkt[n].shape == (r, r) and method.null_kkt[n].trace() > 0
 
 
 def test_alphaedit_projector_and_failed_write_leave_no_trace(gpt2, tokenizer, stats, monkeypatch):
@@ -436,7 +437,54 @@ def test_alphaedit_projector_and_failed_write_leave_no_trace(gpt2, tokenizer, st
     with pytest.raises(RuntimeError, match="interrupted"):
         method.write(gpt2, tokenizer, targets)
     _assert_same(gpt2, before)
-    assert method.past_kkt == {}
+    assert method.null_kkt == {}
+
+
+def test_alphaedit_solve_in_the_null_space_equals_the_published_solve():
+    """U₀(U₀ᵀMU₀ + αI)⁻¹U₀ᵀK (what AlphaEdit runs) equals (P(KKᵀ + K_pK_pᵀ) + αI)⁻¹PK (AlphaEdit Eq. 15, as its
+    code forms it) with G = U₀ᵀK_pK_pᵀU₀ accumulated batch by batch; α = 0 falls back from Cholesky to least squares."""
+    g = torch.Generator().manual_seed(0)
+    d, n = 48, 5
+    a = torch.randn(d, 200, dtype=torch.float64, generator=g)
+    cov = a @ a.T / 200
+    cov[:, :] = cov + torch.diag(torch.logspace(-4, 1, d, dtype=torch.float64))  # eigenvalues across the threshold
+    threshold = float(torch.linalg.eigvalsh(cov).median())
+    basis, P = null_space_basis(cov, threshold), null_space_projector(cov, threshold)
+    assert 0 < basis.shape[1] < d and torch.allclose(basis @ basis.T, P)
+    past = [torch.randn(d, n, dtype=torch.float64, generator=g) for _ in range(3)]
+    kp = sum(k @ k.T for k in past)
+    null_kkt = sum((basis.T @ k) @ (basis.T @ k).T for k in past)
+    keys = torch.randn(d, n, dtype=torch.float64, generator=g)
+    for l2 in (10.0, 1e-3):
+        published = torch.linalg.solve(P @ (keys @ keys.T + kp) + l2 * torch.eye(d, dtype=torch.float64), P @ keys)
+        torch.testing.assert_close(null_space_solve(basis, null_kkt, keys, l2), published, rtol=1e-9, atol=1e-11)
+    # α = 0 with fewer edits than null-space dimensions: the r × r system is singular, the minimum-norm solution
+    assert torch.isfinite(null_space_solve(basis, torch.zeros(basis.shape[1], basis.shape[1], dtype=torch.float64),
+                                           keys, 0.0)).all()
+
+
+def test_alphaedit_state_saved_as_k_p_k_p_t_loads_into_the_null_space(gpt2, tokenizer, stats):
+    """A checkpoint or edit-log snapshot written when AlphaEdit kept K_pK_pᵀ (d_k × d_k, ``past_kkt``) resumes to the
+    same record G = U₀ᵀK_pK_pᵀU₀, whether it is loaded before or after setup."""
+    names = [mlp_out_name(gpt2, l) for l in (1, 2)]
+    threshold = max(torch.linalg.eigvalsh(stats.get(n).matrix).median().item() for n in names)
+    g = torch.Generator().manual_seed(1)
+    keys = {n: torch.randn(stats.get(n).matrix.shape[0], 3, generator=g) for n in names}
+    live = AlphaEdit(layers=[1, 2], context=CTX, target=Z, nullspace_threshold=threshold)
+    live.setup(gpt2, tokenizer, stats)
+    live._accumulate_keys(keys)
+    old_state = {**live.state_dict(), "past_kkt": {n: k.double() @ k.double().T for n, k in keys.items()}}
+    del old_state["null_kkt"]
+    for load_first in (False, True):
+        resumed = AlphaEdit(layers=[1, 2], context=CTX, target=Z, nullspace_threshold=threshold)
+        if load_first:
+            resumed.load_state_dict(old_state)
+            resumed.setup(gpt2, tokenizer, stats)
+        else:
+            resumed.setup(gpt2, tokenizer, stats)
+            resumed.load_state_dict(old_state)
+        for n in names:
+            torch.testing.assert_close(resumed.null_kkt[n], live.null_kkt[n], rtol=1e-10, atol=1e-10)
 
 
 # ----------------------------------------------------------------------------------------------------------- FT

@@ -76,7 +76,7 @@ class EditingModule(L.LightningModule):
         snapshot_every: edit steps between snapshots of the accumulated deltas and method state in the edit log
             (``history/snapshots``; one is also written at the end of fit, and only the newest is kept). A resume
             replays at most this many steps; a rollback to before the snapshot replays from the root. A snapshot
-            is the size of the edited matrices (and AlphaEdit's K_pK_pᵀ): docs/benchmarks.md, "Edit log".
+            is the size of the edited matrices (and AlphaEdit's r × r record of earlier keys): docs/benchmarks.md, "Edit log".
     """
 
     def __init__(

@@ -8,6 +8,16 @@ in K_p K_pᵀ so a sequence of batches does not overwrite itself (AlphaEdit Eq. 
     ΔW_l ᵀ = (P (K Kᵀ + K_p K_pᵀ) + α I)⁻¹ P K Rᵀ        (α = ``l2``)
 
 Targets (z) and the layer-by-layer residual spreading are MEMIT's; only the per-layer solve differs.
+
+The solve is carried out in the null space itself. With P = U₀U₀ᵀ (U₀: d_k × r, orthonormal) and M = KKᵀ + K_pK_pᵀ,
+(PM + αI) U₀Y = U₀(U₀ᵀMU₀ + αI)Y, so
+
+    (P M + α I)⁻¹ P K = U₀ (U₀ᵀ M U₀ + α I_r)⁻¹ U₀ᵀ K
+
+exactly: an r × r symmetric positive-definite system instead of a d_k × d_k product and a general solve (the
+published code forms P·M, 2d_k³ FLOPs per layer and batch, then an LU solve). Only G = U₀ᵀK_pK_pᵀU₀ is kept of the
+earlier keys (r × r, accumulated as G += (U₀ᵀK)(U₀ᵀK)ᵀ), and U₀ in place of P: the method holds less than the d_k ×
+d_k pair and a batch's solve costs r³/3 + O(d_k·r·n) FLOPs.
 """
 
 from __future__ import annotations
@@ -25,8 +35,9 @@ from eac_lightning.methods.target import ContextTemplateParams, TargetHyperParam
 from eac_lightning.validation import check
 
 
-def null_space_projector(cov: torch.Tensor, threshold: float) -> torch.Tensor:
-    """P = U₀U₀ᵀ over the eigenvectors of ``cov`` with eigenvalue < ``threshold`` (float64)."""
+def null_space_basis(cov: torch.Tensor, threshold: float) -> torch.Tensor:
+    """U₀ (d_k × r, float64, orthonormal columns): the eigenvectors of ``cov`` with eigenvalue < ``threshold``, so that
+    AlphaEdit's projector is P = U₀U₀ᵀ (AlphaEdit Eq. 12)."""
     evals, evecs = torch.linalg.eigh(cov.double())
     small = evecs[:, evals < threshold]
     if small.shape[1] == 0:
@@ -34,7 +45,26 @@ def null_space_projector(cov: torch.Tensor, threshold: float) -> torch.Tensor:
             f"AlphaEdit: no eigenvalue of the key covariance is below nullspace_threshold={threshold} "
             f"(smallest {evals.min().item():.3g}); raise the threshold"
         )
-    return small @ small.T
+    return small.contiguous()
+
+
+def null_space_projector(cov: torch.Tensor, threshold: float) -> torch.Tensor:
+    """P = U₀U₀ᵀ over the eigenvectors of ``cov`` with eigenvalue < ``threshold`` (float64)."""
+    basis = null_space_basis(cov, threshold)
+    return basis @ basis.T
+
+
+def null_space_solve(basis: torch.Tensor, null_kkt: torch.Tensor, keys: torch.Tensor, l2: float) -> torch.Tensor:
+    """(P(KKᵀ + K_pK_pᵀ) + αI)⁻¹ P K (AlphaEdit Eq. 15) as U₀ (G + (U₀ᵀK)(U₀ᵀK)ᵀ + αI)⁻¹ U₀ᵀK, with
+    G = U₀ᵀK_pK_pᵀU₀ (module docstring). float64; Cholesky for the positive-definite system (α > 0), LU when α = 0
+    leaves it singular."""
+    projected = basis.T @ keys.double()  # U₀ᵀK: r × n
+    lhs = null_kkt + projected @ projected.T
+    lhs.diagonal().add_(l2)
+    factor, info = torch.linalg.cholesky_ex(lhs)
+    y = (torch.cholesky_solve(projected, factor) if int(info) == 0
+         else torch.linalg.lstsq(lhs, projected).solution)
+    return basis @ y
 
 
 class AlphaEdit(MEMIT):
@@ -70,27 +100,33 @@ class AlphaEdit(MEMIT):
         check("l2", l2, nonnegative=True)
         self.nullspace_threshold = nullspace_threshold
         self.l2 = l2
-        self.projectors: dict[str, torch.Tensor] = {}
-        self.past_kkt: dict[str, torch.Tensor] = {}  # K_p K_pᵀ per edited module
+        self.null_bases: dict[str, torch.Tensor] = {}  # U₀ per edited module (P = U₀U₀ᵀ)
+        self.null_kkt: dict[str, torch.Tensor] = {}  # G = U₀ᵀK_pK_pᵀU₀ per edited module (r × r)
+        self._unprojected: dict[str, torch.Tensor] = {}  # K_pK_pᵀ of a state saved before G, until U₀ is known
         self._step_keys: dict[str, torch.Tensor] = {}  # the last batch's keys, what the edit log stores
 
     def setup(self, model: nn.Module, tok, stats=None) -> None:
         super().setup(model, tok, stats)
         if stats is not None:
             for name in self.module_names:
-                if name not in self.projectors:
-                    self.projectors[name] = null_space_projector(stats.get(name).matrix, self.nullspace_threshold)
+                if name not in self.null_bases:
+                    self.null_bases[name] = null_space_basis(stats.get(name).matrix, self.nullspace_threshold)
+        self._project_saved_kkt()
+
+    def projector(self, name: str) -> torch.Tensor:
+        """P = U₀U₀ᵀ of a module (d_k × d_k, built on each call: for inspection; the solve never forms it)."""
+        basis = self.null_bases[name]
+        return basis @ basis.T
 
     def _key_adjoint(self, i: int, name: str, keys: torch.Tensor) -> torch.Tensor:
-        """A = (P(KKᵀ + K_pK_pᵀ) + αI)⁻¹ P K (AlphaEdit Eq. 15), so that ΔW_l = R Aᵀ."""
-        P = self.projectors.get(name)
-        if P is None:
+        """A = (P(KKᵀ + K_pK_pᵀ) + αI)⁻¹ P K (AlphaEdit Eq. 15), so that ΔW_l = R Aᵀ (:func:`null_space_solve`)."""
+        basis = self.null_bases.get(name)
+        if basis is None:
             raise RuntimeError("AlphaEdit needs covariance statistics: call setup(model, tok, stats)")
-        P = P.to(keys.device)
-        d = keys.shape[0]
-        past = self.past_kkt.get(name, torch.zeros(d, d, dtype=torch.float64)).to(keys.device)
-        lhs = P @ (keys @ keys.T + past) + self.l2 * torch.eye(d, dtype=torch.float64, device=keys.device)
-        return torch.linalg.solve(lhs, P @ keys)
+        basis = basis.to(keys.device)
+        r = basis.shape[1]
+        past = self.null_kkt.get(name, torch.zeros(r, r, dtype=torch.float64)).to(keys.device)
+        return null_space_solve(basis, past, keys, self.l2)
 
     def _after_write(self, model: nn.Module, tok, targets: list[ResidualTarget],
                      keys: dict[str, torch.Tensor] | None) -> None:
@@ -101,23 +137,37 @@ class AlphaEdit(MEMIT):
         self._accumulate_keys(self._step_keys)
 
     def _accumulate_keys(self, keys: dict[str, torch.Tensor]) -> None:
-        """K_pK_pᵀ += KKᵀ per module (the live write and the edit log's replay both come here)."""
+        """K_pK_pᵀ += KKᵀ per module, kept as G += (U₀ᵀK)(U₀ᵀK)ᵀ (the live write and the edit log's replay both come
+        here)."""
         for name, k in keys.items():
-            k = k.double()
-            self.past_kkt[name] = self.past_kkt.get(name, 0) + k @ k.T
+            basis = self.null_bases.get(name)
+            if basis is None:
+                raise RuntimeError("AlphaEdit needs covariance statistics: call setup(model, tok, stats)")
+            projected = basis.T @ k.double().to(basis.device)
+            self.null_kkt[name] = self.null_kkt.get(name, 0) + projected @ projected.T
+
+    def _project_saved_kkt(self) -> None:
+        """A state written before the record was kept in the null space holds K_pK_pᵀ: G = U₀ᵀ(K_pK_pᵀ)U₀ once U₀
+        is known (it is after setup)."""
+        for name in [n for n in self._unprojected if n in self.null_bases]:
+            basis = self.null_bases[name]
+            self.null_kkt[name] = basis.T @ self._unprojected.pop(name).double().to(basis.device) @ basis
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "past_kkt": dict(self.past_kkt)}
+        return {**super().state_dict(), "null_kkt": dict(self.null_kkt)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
-        if "past_kkt" in state:  # a logged step holds the batch's keys instead (replay_step)
-            self.past_kkt = dict(state["past_kkt"])
+        if "null_kkt" in state:  # a logged step holds the batch's keys instead (replay_step)
+            self.null_kkt, self._unprojected = dict(state["null_kkt"]), {}
+        elif "past_kkt" in state:  # saved as K_pK_pᵀ (d_k × d_k): projected now or at setup
+            self.null_kkt, self._unprojected = {}, dict(state["past_kkt"])
+            self._project_saved_kkt()
 
     def step_state(self) -> dict[str, Any]:
-        """The state with the batch's keys K (d_k × n per module) in place of K_pK_pᵀ (d_k × d_k)."""
+        """The state with the batch's keys K (d_k × n per module) in place of G (r × r)."""
         state = super().step_state()
-        state.pop("past_kkt", None)
+        state.pop("null_kkt", None)
         return {**state, "written_keys": dict(self._step_keys)}
 
     def replay_step(self, state: dict[str, Any]) -> None:

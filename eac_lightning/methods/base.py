@@ -132,7 +132,7 @@ class EditMethod:
     def step_state(self) -> dict[str, Any]:
         """What the edit log stores of the method's state after a write, for :meth:`replay_step` to reproduce
         :meth:`state_dict` exactly. Default: the whole (small) state. Methods whose state grows with the stream
-        store the step's increment instead (AlphaEdit: the batch's keys, not K_pK_pᵀ)."""
+        store the step's increment instead (AlphaEdit: the batch's keys, not its r × r record of earlier keys)."""
         return self.state_dict()
 
     def replay_step(self, state: dict[str, Any]) -> None:

@@ -445,6 +445,6 @@ class BEAC(BatchAnchorMixin, AlphaEdit):
         self._init_beac(beac if beac is not None else BEAC_SETTINGS)
         if self.beac.key_memory > 0:
             raise ValueError(
-                "BEAC keeps AlphaEdit's own record of earlier keys (past_kkt); beac.key_memory applies to "
+                "BEAC keeps AlphaEdit's own record of earlier keys (null_kkt); beac.key_memory applies to "
                 "BEACMEMIT (MEMIT's solve) only: set it to 0"
             )
