@@ -114,3 +114,28 @@ def test_a_clamp_given_on_the_command_line_is_kept_on_a_testbed_even_at_the_publ
     assert record["changed"]["mom2_update_weight"] == [20000.0, 10.0]  # the measured settings still apply
     config = yaml.safe_load((run / "config.yaml").read_text())
     assert config["model"]["method"]["init_args"]["target"]["clamp_norm_factor"] == 0.75
+
+
+def test_a_nested_setting_can_be_set_to_null_on_the_command_line():
+    """``--model.method.init_args.beac.refresh_window null`` (jsonargparse alone refuses a null for an Optional field
+    of a dataclass inside init_args) reaches the method as None, and is recorded as the user's setting."""
+    import subprocess
+    import sys
+
+    from eac_lightning.lightning.cli import nested_nulls_as_mappings
+    from eac_lightning.methods.settings import given_leaves
+
+    argv = ["fit", "--model.method.init_args.beac.refresh_window", "null", "--model.method.init_args.beac.refresh=0.5",
+            "--model.method.init_args.nas.seed=~", "--trainer.logger", "null"]
+    assert nested_nulls_as_mappings(argv) == [
+        "fit", "--model.method.init_args.beac", "{refresh_window: null}", "--model.method.init_args.beac.refresh=0.5",
+        "--model.method.init_args.nas", "{seed: null}", "--trainer.logger", "null"]
+    assert ("beac", "refresh_window") in given_leaves(argv)
+    proc = subprocess.run(
+        [sys.executable, "-m", "eac_lightning.lightning.cli", "fit", "--config", "configs/methods/beac.yaml",
+         "--model.model", "testbed:tiny", "--model.method.init_args.beac.refresh_window", "null",
+         "--model.method.init_args.beac.refresh_checks", "100", "--print_config"],
+        cwd=CONFIGS_DIR.parents[1], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    beac = yaml.safe_load(proc.stdout)["model"]["method"]["init_args"]["beac"]
+    assert beac["refresh_window"] is None and beac["refresh_checks"] == 100 and beac["refresh"] == 0.2

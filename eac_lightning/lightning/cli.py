@@ -124,6 +124,11 @@ class EditingCLI(LightningCLI):
         self._argv = list(sys.argv[1:] if args is None else args)  # what was given: the settings resolver reads it
         _refuse_renamed_method_settings(self._argv)
         refuse_moved_settings(self._argv)
+        spelled = nested_nulls_as_mappings(self._argv)
+        if spelled != self._argv and args is None:
+            sys.argv[1:] = spelled  # what Lightning reads (and what the other ranks of a DDP run re-run)
+        elif spelled != self._argv:
+            args = spelled
         super().parse_arguments(parser, args)
 
     def add_arguments_to_parser(self, parser) -> None:
@@ -279,6 +284,31 @@ def refuse_moved_settings(argv: list[str]) -> None:
         for key in _config_keys(tree, section):
             if _moved(key):
                 refuse(f"{value}: {key} is now {_moved(key)}; move its keys there")
+
+
+NULLS = ("null", "None", "none", "~")
+
+
+def nested_nulls_as_mappings(argv: list[str]) -> list[str]:
+    """``--X.init_args.a.b null`` spelled as ``--X.init_args.a '{b: null}'``, which means the same. jsonargparse
+    refuses null for an Optional field of a dataclass inside a class's init_args when it comes as its own dotted
+    flag (it validates the string "None"), and accepts it inside the mapping; every other argument is left as it
+    is."""
+    out, i = [], 0
+    while i < len(argv):
+        option, eq, value = argv[i].partition("=")
+        step = 1
+        if not eq and i + 1 < len(argv):
+            value, step = argv[i + 1], 2
+        head, sep, nested = option.partition(".init_args.")
+        if option.startswith("--") and sep and "." in nested and (eq or step == 2) and value in NULLS:
+            parent, _, leaf = option.rpartition(".")
+            out += [parent, f"{{{leaf}: null}}"]
+            i += step
+            continue
+        out.append(argv[i])
+        i += 1
+    return out
 
 
 def _refuse_renamed_method_settings(argv: list[str]) -> None:
