@@ -114,6 +114,16 @@ def run_method(method: str, args, root: Path) -> dict:
     return done
 
 
+def stopping_rule(root: Path) -> str | None:
+    """What the run's target optimisation stopped on (``target.early_stop_on`` in its config.yaml: ``total``, the
+    published rule, or ``nll``); None for a method without one (UltraEdit)."""
+    import yaml
+
+    config = yaml.safe_load((root / "config.yaml").read_text()) if (root / "config.yaml").exists() else {}
+    target = (((config or {}).get("model") or {}).get("method") or {}).get("init_args", {}).get("target")
+    return target.get("early_stop_on", "total") if isinstance(target, dict) else None
+
+
 def mean_norm(summary: dict, key: str) -> float:
     norms = summary["norms"]
     return sum(n[key] for n in norms.values()) / len(norms)
@@ -148,7 +158,7 @@ def row(method: str, root: Path, bench: dict, command: str) -> dict:
         # resident memory in the second and the last quarter of the run: flat when they agree
         "rss_mib_q2": max(memory[quarter:2 * quarter], default=None),
         "rss_mib_q4": max(memory[3 * quarter:], default=None),
-        "method_settings": s.get("method_settings"),
+        "method_settings": s.get("method_settings"), "stopping_rule": stopping_rule(root),
         "trace": [{"edits": float(t["edits"]), "reliability": float(t["edit/reliability"]),
                    "fact_retention": float(t["general/fact_retention"]) if t.get("general/fact_retention") else None}
                   for t in read_trace(root)],
@@ -188,7 +198,7 @@ def row_at(method: str, root: Path, edits: int, command: str) -> dict | None:
         "l1_growth": sum(float(r["l1_rel_change"]) for r in norms) / len(norms) if norms else None,
         "fro_growth": sum(float(r["fro_rel_change"]) for r in norms) / len(norms) if norms else None,
         "seconds_per_edit": sum(seconds) / len(seconds) if seconds else None, "wall_s": None, "attempts": None,
-        "rss_mib_q2": None, "rss_mib_q4": None,
+        "rss_mib_q2": None, "rss_mib_q4": None, "stopping_rule": stopping_rule(root),
         "trace": [{"edits": float(r["edits"]), "reliability": float(r["edit/reliability"]),
                    "fact_retention": num(r, "general/fact_retention")}
                   for r in rows if r.get("edit/reliability") and float(r["edits"]) <= edits],
@@ -202,16 +212,24 @@ def mean4(r: dict) -> float:
     return (r["reliability"] + r["generalization"] + r["locality"] + (r["fact_retention"] + r["ppl_ratio"]) / 2) / 4
 
 
+def rule_cell(r: dict) -> str:
+    """The row's stopping rule: rows recorded before it was stored ran the earlier NLL-only rule (UltraEdit has no
+    target optimisation)."""
+    if "stopping_rule" in r:
+        return r["stopping_rule"] or "–"
+    return "–" if r["method"].startswith("ultraedit") else "nll"
+
+
 def table(rows: list[dict]) -> str:
-    head = ("| method | mean4 | rel | gen | loc | live rel | live gen | live loc | eff. score | para. score "
+    head = ("| method | z stops on | mean4 | rel | gen | loc | live rel | live gen | live loc | eff. score | para. score "
             "| nbhd score | gen. eff. | fluency | fact ret. | ppl ratio | L1 growth | Fro growth | s/edit | wall "
             "| RSS MiB (q2 / q4) |")
-    lines = [head, "|---" * 20 + "|"]
+    lines = [head, "|---" * 21 + "|"]
     f = lambda x, p=3: "–" if x is None else f"{x:.{p}f}"  # noqa: E731
     for r in rows:
         wall = "–" if r.get("wall_s") is None else f"{r['wall_s'] / 60:.0f} min"  # rows read from a longer stream: –
         lines.append(
-            f"| {r['method']} | {f(mean4(r))} | {f(r['reliability'])} | {f(r['generalization'])} "
+            f"| {r['method']} | {rule_cell(r)} | {f(mean4(r))} | {f(r['reliability'])} | {f(r['generalization'])} "
             f"| {f(r['locality'])} | {f(r.get('live_rel'))} | {f(r.get('live_gen'))} | {f(r.get('live_loc'))} "
             f"| {f(r['efficacy_score'])} | {f(r['paraphrase_score'])} | {f(r['neighborhood_score'])} "
             f"| {f(r['gen_efficacy'])} | {f(r['fluency'], 2)} | {f(r['fact_retention'])} | {f(r['ppl_ratio'])} "
