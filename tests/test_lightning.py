@@ -268,3 +268,24 @@ def test_help_lists_every_setting_and_only_fit_and_validate():
     for sub in ("test", "predict"):
         proc = run_cli(sub, "--help", check=False)
         assert proc.returncode != 0 and "invalid choice" in proc.stderr + proc.stdout
+
+
+def test_an_evaluation_runs_when_the_stream_crosses_every_and_refreshed_edits_do_not_count():
+    """``--eval.every 5000`` evaluates once at 5,000 edits: a batch of 100 that also writes 2 refreshed earlier edits
+    (B-EAC) at stream position 5,100 crossed nothing."""
+    from types import SimpleNamespace
+
+    from eac_lightning.data.requests import EditRequest
+    from eac_lightning.lightning.callbacks import Evaluation
+    from eac_lightning.methods.edit import EditRecord, EditResult
+
+    ev = Evaluation(every=5000)
+    runs = []
+    ev._run = lambda trainer, module: runs.append(trainer.datamodule.position) or {}
+    ev._record = lambda trainer, module, res: None
+    req = EditRequest(prompt="{} is in", subject="Paris", target_new="Rome")
+    for position in range(100, 10001, 100):
+        records = [EditRecord(req, 1.0, True, 1.0)] * 100 + [EditRecord(req, 1.0, True, 1.0, refreshed=True)] * 2
+        trainer = SimpleNamespace(datamodule=SimpleNamespace(position=position, requests=[req] * 20000))
+        ev.on_edit_written(trainer, None, EditResult({}, records), 1.0)
+    assert runs == [5000, 10000]

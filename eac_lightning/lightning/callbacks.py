@@ -272,7 +272,8 @@ class Evaluation(EditObserver):
 
     def on_edit_written(self, trainer, pl_module, result: EditResult, seconds: float) -> None:
         edits = trainer.datamodule.position
-        if self.every and edits % self.every < len(result.records) and edits < len(trainer.datamodule.requests):
+        new = sum(not rec.refreshed for rec in result.records)  # refreshed earlier edits move no stream position
+        if self.every and edits % self.every < new and edits < len(trainer.datamodule.requests):
             self._record(trainer, pl_module, self._run(trainer, pl_module))
 
     def on_train_end(self, trainer, pl_module) -> None:
