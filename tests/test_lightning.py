@@ -289,3 +289,23 @@ def test_an_evaluation_runs_when_the_stream_crosses_every_and_refreshed_edits_do
         trainer = SimpleNamespace(datamodule=SimpleNamespace(position=position, requests=[req] * 20000))
         ev.on_edit_written(trainer, None, EditResult({}, records), 1.0)
     assert runs == [5000, 10000]
+
+
+def test_freed_memory_goes_back_to_the_system_after_a_step_and_an_evaluation(monkeypatch):
+    """glibc keeps what an evaluation freed unless asked (eac_lightning/lightning/memory.py): the step and the
+    evaluation ask, so a long stream's resident memory is what it uses."""
+    import ctypes.util
+    import sys
+
+    from eac_lightning.lightning import callbacks, memory
+
+    if sys.platform.startswith("linux") and "musl" not in (ctypes.util.find_library("c") or ""):
+        assert memory.release_freed_memory() is True
+        big = torch.ones(64, 1024, 1024)  # 256 MB, freed below
+        del big
+        assert memory.release_freed_memory() is True
+    calls = []
+    monkeypatch.setattr(callbacks, "release_freed_memory", lambda: calls.append(1) or True)
+    ev = callbacks.Evaluation(every=0)
+    monkeypatch.setattr(ev, "_measure", lambda trainer, module: {"edit/reliability": 1.0})
+    assert ev._run(None, None) == {"edit/reliability": 1.0} and calls == [1]

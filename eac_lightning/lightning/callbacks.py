@@ -21,6 +21,7 @@ from eac_lightning.evaluation.evaluator import (
     format_table,
     summary_sections,
 )
+from eac_lightning.lightning.memory import release_freed_memory
 from eac_lightning.lightning.run_folder import (
     RunCSVLogger,
     ledger_until,
@@ -73,6 +74,7 @@ class WeightUpdate(L.Callback):
         for callback in trainer.callbacks:
             if isinstance(callback, EditObserver):
                 callback.on_edit_written(trainer, pl_module, result, seconds)
+        release_freed_memory()  # what the step (and an evaluation after it) freed: resident memory stays flat
 
 
 class _forwards_as:
@@ -218,7 +220,10 @@ class Evaluation(EditObserver):
 
     def _run(self, trainer, pl_module) -> dict[str, float]:
         with phase("evaluation"):
-            return self._measure(trainer, pl_module)
+            try:
+                return self._measure(trainer, pl_module)
+            finally:
+                release_freed_memory()  # an evaluation of every edit so far frees the most
 
     def _measure(self, trainer, pl_module) -> dict[str, float]:
         dm = trainer.datamodule
