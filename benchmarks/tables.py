@@ -280,7 +280,7 @@ def _beac_rar_parts(data):
 def _beac_long_streams(data):
     from long_stream import table
 
-    keep = ["method", "mean4", "rel", "gen", "loc", "fact ret.", "ppl ratio", "L1 growth", "s/edit"]
+    keep = ["method", "z stops on", "mean4", "rel", "gen", "loc", "fact ret.", "ppl ratio", "L1 growth", "s/edit"]
     parts = [("2,000", pick(data[0]["rows"], {"**beac**": "beac", **same("beac w/o refresh", "alphaedit",
                                                                           "alphaedit-eac", "beac-memit")})),
              ("10,000", pick(data[1]["rows"], {"**beac**": "beac", **same("alphaedit", "beac-memit")}))]
