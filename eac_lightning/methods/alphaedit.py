@@ -56,8 +56,8 @@ def null_space_projector(cov: torch.Tensor, threshold: float) -> torch.Tensor:
 
 def null_space_solve(basis: torch.Tensor, null_kkt: torch.Tensor, keys: torch.Tensor, l2: float) -> torch.Tensor:
     """(P(KKᵀ + K_pK_pᵀ) + αI)⁻¹ P K (AlphaEdit Eq. 15) as U₀ (G + (U₀ᵀK)(U₀ᵀK)ᵀ + αI)⁻¹ U₀ᵀK, with
-    G = U₀ᵀK_pK_pᵀU₀ (module docstring). float64; Cholesky for the positive-definite system (α > 0), LU when α = 0
-    leaves it singular."""
+    G = U₀ᵀK_pK_pᵀU₀ (module docstring). float64; Cholesky for the positive-definite system (α > 0), least squares
+    where α = 0 leaves it singular."""
     projected = basis.T @ keys.double()  # U₀ᵀK: r × n
     lhs = null_kkt + projected @ projected.T
     lhs.diagonal().add_(l2)
