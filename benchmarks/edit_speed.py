@@ -107,7 +107,7 @@ class FloorMeter:
             for _ in range(reps):
                 delta = torch.zeros_like(problem.v0, requires_grad=True)
                 t0 = time.perf_counter()
-                loss, _ = self.original(problem, delta)
+                loss = self.original(problem, delta)[0]  # (loss, NLL rows, total rows)
                 torch.autograd.grad(loss, delta)
                 times.append(time.perf_counter() - t0)
             total += prompt_steps * statistics.median(times) / len(problem.owner)
