@@ -283,7 +283,8 @@ def _beac_long_streams(data):
     keep = ["method", "z stops on", "mean4", "rel", "gen", "loc", "fact ret.", "ppl ratio", "L1 growth", "s/edit"]
     parts = [("2,000", pick(data[0]["rows"], {"**beac**": "beac", **same("beac w/o refresh", "alphaedit",
                                                                           "alphaedit-eac", "beac-memit")})),
-             ("10,000", pick(data[1]["rows"], {"**beac**": "beac", **same("alphaedit", "beac-memit")}))]
+             ("10,000", pick(data[1]["rows"], {"**beac, whole-stream refresh 0.5**": "beac, whole-stream refresh 0.5",
+                                               **same("alphaedit", "beac", "beac-memit")}))]
     return stack([(n, columns(table(rows), keep)) for n, rows in parts], "edits")
 
 
