@@ -338,6 +338,7 @@ def main(argv: list[str] | None = None) -> None:
         merged = list({**kept, **derived}.values())
         text = f"{n} edits in batches of {args.batch_size} on `{args.model}`\n\n" + table(merged)
         shorter.write_text(json.dumps({"table": text, "rows": merged}, indent=2) + "\n")
+        plot([r for r in merged if r.get("trace")], REPO / "docs" / "img" / f"long_stream_{n}.png")
         print(f"{', '.join(derived)}: rows at {n} edits written to {shorter}")
 
 

@@ -133,9 +133,12 @@ def test_a_nested_setting_can_be_set_to_null_on_the_command_line():
     assert ("beac", "refresh_window") in given_leaves(argv)
     proc = subprocess.run(
         [sys.executable, "-m", "eac_lightning.lightning.cli", "fit", "--config", "configs/methods/beac.yaml",
-         "--model.model", "testbed:tiny", "--model.method.init_args.beac.refresh_window", "null",
-         "--model.method.init_args.beac.refresh_checks", "100", "--print_config"],
+         "--model.model", "testbed:tiny", "--model.method.init_args.beac.refresh_checks", "null",
+         "--model.method.init_args.beac.alike_cosine", "null", "--model.method.init_args.beac.refresh_window", "20",
+         "--print_config"],
         cwd=CONFIGS_DIR.parents[1], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     beac = yaml.safe_load(proc.stdout)["model"]["method"]["init_args"]["beac"]
-    assert beac["refresh_window"] is None and beac["refresh_checks"] == 100 and beac["refresh"] == 0.2
+    # the preset's 1,000 checks and τ = 0.9 became null; its refresh share is kept
+    assert beac["refresh_checks"] is None and beac["alike_cosine"] is None and beac["refresh_window"] == 20
+    assert beac["refresh"] == 0.5

@@ -30,8 +30,8 @@ pile onto the same rows, batch after batch. B-EAC selects the anchors of a whole
   key part (``key_memory`` η > 0, :class:`BEACMEMIT`) keeps each earlier edit's keys with its anchor dimensions, and
   MEMIT's solve keeps what those keys read in those rows (row j of ΔW_l solves
   λC + KKᵀ + η Σ_{o anchors j} w_o k_o k_oᵀ, w_o = ρ^age): a new batch does not overwrite earlier edits where
-  they were written. Its refresh (``refresh`` > 0) re-checks the edits of the last batches on the current model
-  before each batch: those whose prompt no longer yields their target join the batch, so their anchors are
+  they were written. Its refresh (``refresh`` > 0) re-checks earlier edits (of the last batches, or a seeded
+  draw over the whole stream) on the current model before each batch: those whose prompt no longer yields their target join the batch, so their anchors are
   re-planned on today's weights and written again. The records, the batch counter and a per-batch history are in
   :meth:`state_dict`, so a resumed run behaves exactly like an uninterrupted one.
 
@@ -405,10 +405,12 @@ class BEACMEMIT(BatchAnchorMixin, MEMIT):
 
 #: B-EAC's settings over AlphaEdit's solve, the ``beac`` preset's (ours, not published: only B-EAC's abstract is
 #: public). AlphaEdit keeps its own record of earlier keys, so RAR's key record is off (key_memory 0); RAR refreshes
-#: earlier edits that no longer hold, up to 20 % of the batch (docs/beac.md § 2.6; 0.2 and 0.5 measured level,
-#: § 5.3); LAS keeps alike edits apart, keys with |cos| >= 0.9 in C⁻¹ such as one subject's corrections (§ 2.7,
-#: § 5.4). The rest are BEACHyperParams' defaults, B-EAC over MEMIT's solve's too.
-BEAC_SETTINGS = BEACHyperParams(key_memory=0.0, refresh=0.2, alike_cosine=0.9)
+#: earlier edits of the whole stream that no longer hold, up to 50 % of the batch, from a seeded draw of 1,000 of
+#: them per batch (docs/beac.md § 2.6; 0.2 and 0.5 level at 500 edits, § 5.3; the whole stream against the last 10
+#: batches at 10,000 edits, § 5.5); LAS keeps alike edits apart, keys with |cos| >= 0.9 in C⁻¹ such as one
+#: subject's corrections (§ 2.7, § 5.4). The rest are BEACHyperParams' defaults, B-EAC over MEMIT's solve's too.
+BEAC_SETTINGS = BEACHyperParams(key_memory=0.0, refresh=0.5, refresh_window=None, refresh_checks=1000,
+                                alike_cosine=0.9)
 
 
 class BEAC(BatchAnchorMixin, AlphaEdit):
