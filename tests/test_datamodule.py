@@ -123,3 +123,15 @@ def test_insertions_continue_the_stream_with_unknown_distinct_subjects():
     assert [r.subject for r in again.requests] == [r.subject for r in dm.requests]
     with pytest.raises(ValueError, match="retention_path"):
         EditDataModule(path=path, insertions=10)
+
+
+def test_a_longer_stream_begins_with_the_shorter_one():
+    """``benchmarks/long_stream.py --rows-at N`` reads a stream of N edits from a longer stream's evaluation at N:
+    that holds only if the first N requests of the longer stream (more insertions) are the shorter stream's."""
+    path = str(data_dir() / "counterfact")
+    short = EditDataModule(path=path, num_edits=1000, insertions=500, retention_path="zsre", num_retention=10)
+    long = EditDataModule(path=path, num_edits=2000, insertions=1500, retention_path="zsre", num_retention=10)
+    short.setup("fit")
+    long.setup("fit")
+    assert long.requests[:1000] == short.requests  # dataclasses: every field compared
+    assert long.requests[1000:] and long.requests[999] == short.requests[-1]
