@@ -95,20 +95,26 @@ def run_method(method: str, args, root: Path) -> dict:
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
         samples: list[tuple[float, float]] = []
 
+        def record() -> None:  # this attempt so far, added to the earlier ones'
+            log_file.write_text(json.dumps({"wall_s": done["wall_s"] + time.time() - t0,
+                                            "memory": done["memory"] + samples,
+                                            "attempts": done["attempts"] + 1}) + "\n")
+
         def sample() -> None:
             while proc.poll() is None:
                 mib = rss_mib(proc.pid)
                 if mib is not None:
                     samples.append((round(done["wall_s"] + time.time() - t0, 1), round(mib, 1)))
+                if len(samples) % 30 == 0:  # every minute: a stream killed with its runner keeps its time
+                    record()
                 time.sleep(2)
 
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
         rc = proc.wait()
         sampler.join()
-    done = {"wall_s": done["wall_s"] + time.time() - t0, "memory": done["memory"] + samples,
-            "attempts": done["attempts"] + 1}
-    log_file.write_text(json.dumps(done) + "\n")
+    record()
+    done = json.loads(log_file.read_text())
     if rc != 0:
         raise SystemExit(f"{method}: the run failed (exit {rc}); see {root / 'bench.log'}. Run again to resume.")
     return done
