@@ -350,6 +350,10 @@ TABLES: dict[str, Table] = {
         (f"{RESULTS}long_stream_10000.json",), _long_stream(),
         "python benchmarks/long_stream.py --methods <m> --edits 10000 --batch-size 100 --context 5 2 "
         "--eval-every 5000 --tag 10000"),
+    "long_stream_20000": Table(
+        (f"{RESULTS}long_stream_20000.json",), _long_stream(),
+        "python benchmarks/long_stream.py --methods <m> --edits 20000 --batch-size 100 --context 5 2 "
+        "--eval-every 5000 --tag 20000 --rows-at 10000"),
     "sequential_small": Table(
         (f"{RESULTS}sequential_small/results.json",), _sequential(),
         "python benchmarks/sequential_edits.py --model testbed:small --methods rome rome-eac memit memit-eac "
