@@ -101,12 +101,14 @@ def run_method(method: str, args, root: Path) -> dict:
                                             "attempts": done["attempts"] + 1}) + "\n")
 
         def sample() -> None:
+            recorded = time.time()
             while proc.poll() is None:
                 mib = rss_mib(proc.pid)
                 if mib is not None:
                     samples.append((round(done["wall_s"] + time.time() - t0, 1), round(mib, 1)))
-                if len(samples) % 30 == 0:  # every minute: a stream killed with its runner keeps its time
+                if time.time() - recorded >= 60:  # every minute: a stream killed with its runner keeps its time
                     record()
+                    recorded = time.time()
                 time.sleep(2)
 
         sampler = threading.Thread(target=sample, daemon=True)

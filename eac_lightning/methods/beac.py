@@ -31,8 +31,8 @@ pile onto the same rows, batch after batch. B-EAC selects the anchors of a whole
   MEMIT's solve keeps what those keys read in those rows (row j of ΔW_l solves
   λC + KKᵀ + η Σ_{o anchors j} w_o k_o k_oᵀ, w_o = ρ^age): a new batch does not overwrite earlier edits where
   they were written. Its refresh (``refresh`` > 0) re-checks earlier edits (of the last batches, or a seeded
-  draw over the whole stream) on the current model before each batch: those whose prompt no longer yields their target join the batch, so their anchors are
-  re-planned on today's weights and written again. The records, the batch counter and a per-batch history are in
+  draw over the whole stream) on the current model before each batch: those whose prompt no longer yields their
+  target join the batch, so their anchors are re-planned on today's weights and written again. The records, the batch counter and a per-batch history are in
   :meth:`state_dict`, so a resumed run behaves exactly like an uninterrupted one.
 
 The planning itself and RAR's key record are tensor code apart from any model (:mod:`eac_lightning.methods.beac_plan`).
