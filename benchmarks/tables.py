@@ -284,7 +284,8 @@ def _beac_long_streams(data):
     old = "beac, 10-batch refresh 0.2"  # the preset's refresh before the whole-stream one (docs/beac.md § 5.5)
     parts = [("2,000", pick(data[0]["rows"], same(old, "beac w/o refresh", "alphaedit", "alphaedit-eac",
                                                    "beac-memit"))),
-             ("10,000", pick(data[1]["rows"], {"**beac**": "beac", **same("alphaedit", old, "beac-memit")}))]
+             ("10,000", pick(data[1]["rows"], {"**beac**": "beac", **same("alphaedit", "nas", old, "beac-memit")})),
+             ("20,000", pick(data[2]["rows"], {"**beac**": "beac", **same("alphaedit")}))]
     return stack([(n, columns(table(rows), keep)) for n, rows in parts], "edits")
 
 
@@ -425,7 +426,8 @@ TABLES: dict[str, Table] = {
                                "**B-EAC** (`beac`)": "B-EAC"}, mean=False),
         "python benchmarks/beac_batches.py --model testbed:small --schedules 10x50 --pairs batch --order-seed N ..."),
     "beac_long_streams": Table(
-        (f"{RESULTS}long_stream_2000.json", f"{RESULTS}long_stream_10000.json"), _beac_long_streams,
+        (f"{RESULTS}long_stream_2000.json", f"{RESULTS}long_stream_10000.json", f"{RESULTS}long_stream_20000.json"),
+        _beac_long_streams,
         "python benchmarks/long_stream.py --methods <m> --edits N --batch-size 100 --context 5 2 --tag N"),
     "beac_memit_10x50": Table(E20_LAS[:1], _beac_memit_order0, BEAC_USAGE),
     "beac_memit_contributions": Table(E20_LAS, _beac_memit_contributions, BEAC_USAGE),
