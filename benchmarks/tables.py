@@ -363,6 +363,10 @@ TABLES: dict[str, Table] = {
         (f"{RESULTS}sequential_tiny/results.json",), _sequential(),
         "python benchmarks/sequential_edits.py --model testbed:tiny --methods rome rome-eac memit memit-eac "
         "--num-edits 500 --eval-every 50 --out /tmp/s3/seq500"),
+    "sequential_small60": Table(
+        (f"{RESULTS}sequential_small60/results.json",), _sequential(),
+        "OMP_NUM_THREADS=1 python benchmarks/sequential_edits.py --model testbed:small --methods rome rome-eac memit "
+        "memit-eac --num-edits 60 --eval-every 0 --out runs/seq_small60/all"),
     "sequential_tiny60": Table(
         (f"{RESULTS}sequential_tiny60/results.json",), _sequential(),
         "OMP_NUM_THREADS=1 python benchmarks/sequential_edits.py --model testbed:tiny --methods rome rome-eac memit "
