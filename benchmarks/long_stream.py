@@ -43,6 +43,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -95,10 +96,15 @@ def run_method(method: str, args, root: Path) -> dict:
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
         samples: list[tuple[float, float]] = []
 
-        def record() -> None:  # this attempt so far, added to the earlier ones'
-            log_file.write_text(json.dumps({"wall_s": done["wall_s"] + time.time() - t0,
-                                            "memory": done["memory"] + samples,
-                                            "attempts": done["attempts"] + 1}) + "\n")
+        def record() -> dict:
+            """This attempt so far, added to the earlier ones', written whole or not at all (a stream killed while
+            writing keeps the previous minute's record)."""
+            so_far = {"wall_s": done["wall_s"] + time.time() - t0, "memory": done["memory"] + samples,
+                      "attempts": done["attempts"] + 1}
+            part = log_file.with_suffix(".json.part")
+            part.write_text(json.dumps(so_far) + "\n")
+            os.replace(part, log_file)
+            return so_far
 
         def sample() -> None:
             recorded = time.time()
@@ -115,8 +121,7 @@ def run_method(method: str, args, root: Path) -> dict:
         sampler.start()
         rc = proc.wait()
         sampler.join()
-    record()
-    done = json.loads(log_file.read_text())
+    done = record()
     if rc != 0:
         raise SystemExit(f"{method}: the run failed (exit {rc}); see {root / 'bench.log'}. Run again to resume.")
     return done
