@@ -125,6 +125,26 @@ def test_sigterm_stops_within_seconds_and_the_run_resumes(tmp_path):
     assert [r["edit"] for r in ledger(root)] == list(range(12))
 
 
+def test_a_run_stopped_before_its_first_checkpoint_starts_over_with_ckpt_path_last(tmp_path):
+    """SIGTERM between the first ledger line and the first checkpoint: ``--ckpt_path last`` starts the run over
+    (a fresh start would refuse the edit log left there), keeps the stopped run's records aside, and the ledger ends
+    with every edit once."""
+    root = tmp_path / "run"
+    cfg = write_config(tmp_path / "cfg.yaml", root, num_edits=3)
+    term = tmp_path / "term.yaml"
+    term.write_text(yaml.safe_dump({"trainer": {"callbacks": [
+        {"class_path": "run_probes.TermAtFirstCheckpoint"}]}}))
+    assert run_cli("fit", "--config", str(cfg), "--config", str(term), check=False).returncode != 0
+    assert (root / "history" / "HEAD").is_file() and not (root / "checkpoints" / "last.ckpt").exists()
+    assert [r["edit"] for r in ledger(root)] == [0]
+    proc = run_cli("fit", "--config", str(cfg), "--ckpt_path", "last")
+    assert "stopped before its first checkpoint" in proc.stderr
+    assert [r["edit"] for r in ledger(root)] == [0, 1, 2]
+    (aside,) = (root / "interrupted").iterdir()
+    assert [json.loads(x)["edit"] for x in (aside / "edits.jsonl").read_text().splitlines()] == [0]
+    assert (aside / "history" / "HEAD").is_file()
+
+
 def test_corrupt_checkpoint_is_named_and_not_overwritten(full_run, tmp_path):
     bad = tmp_path / "bad.ckpt"
     good = (full_run / "checkpoints" / "last.ckpt").read_bytes()

@@ -34,7 +34,7 @@ from eac_lightning.lightning.callbacks import (
 )
 from eac_lightning.lightning.checkpoint import AtomicCheckpointIO, load_checkpoint_file
 from eac_lightning.lightning.module import EditingModule
-from eac_lightning.lightning.run_folder import RunLock
+from eac_lightning.lightning.run_folder import RunLock, set_aside_unfinished_start
 from eac_lightning.progress import LineProgressBar, stop_on_sigterm
 
 EXTRA_COMMANDS = ("stats", "testbed", "trace", "export", "ask", "rollback")
@@ -154,13 +154,23 @@ class EditingCLI(LightningCLI):
                 f"{root}/checkpoints already holds checkpoints of an earlier run; resume it with --ckpt_path last "
                 "or choose another --trainer.default_root_dir (nothing was overwritten)"
             )
-        if cfg.get("ckpt_path") == "last" and not (root / "checkpoints" / "last.ckpt").is_file():
+        no_checkpoint = cfg.get("ckpt_path") == "last" and not (root / "checkpoints" / "last.ckpt").is_file()
+        if no_checkpoint and not _is_launching_process():
+            cfg.ckpt_path = None  # a DDP rank > 0: the launching process started the run over (below)
+        elif no_checkpoint and not (self.subcommand == "fit" and (root / "history" / "HEAD").is_file()):
             raise SystemExit(f"--ckpt_path last: {root}/checkpoints/last.ckpt does not exist, so there is nothing "
                              "to resume; start the run without --ckpt_path")
         if self.subcommand in ("fit", "validate") and _is_launching_process():
             lock = RunLock(root)
             lock.acquire()  # released at exit; a killed run's lock is taken over by the next one
             atexit.register(lock.release)
+            if cfg.get("ckpt_path") == "last" and no_checkpoint:
+                # Stopped during its first edit step: no checkpoint stands at its records, so the run starts over
+                # (one step of work) with them kept aside, rather than refusing both a resume and a fresh start.
+                aside = set_aside_unfinished_start(root)
+                print(f"--ckpt_path last: {root} stopped before its first checkpoint; starting the run over "
+                      f"(its records moved to {aside})", file=sys.stderr)
+                cfg.ckpt_path = None
 
     def _parse_ckpt_path(self) -> None:
         # LightningCLI reads the checkpoint before any Trainer exists (for saved hyper-parameters); a damaged or

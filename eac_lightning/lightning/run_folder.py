@@ -6,6 +6,8 @@
   already there (the unedited baseline included), and :func:`trim_metrics` drops those logged after the
   checkpoint a run resumes from.
 - :func:`read_ledger`: ``edits.jsonl`` lines, tolerating a last line cut short by a crash (dropped, with a notice).
+- :func:`set_aside_unfinished_start`: the records of a run stopped before its first checkpoint move aside, so
+  ``--ckpt_path last`` starts it over instead of refusing.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import csv
 import json
 import os
 import socket
+import time
 import warnings
 from pathlib import Path
 from typing import Any, Callable
@@ -201,3 +204,18 @@ def write_lines(path: Path, records: list[dict[str, Any]]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
     os.replace(tmp, path)
+
+
+def set_aside_unfinished_start(root: Path) -> Path | None:
+    """A run stopped during its first edit step (before the first checkpoint) leaves an edit log, a ledger line or
+    metrics that no checkpoint stands at. Everything in ``root`` but its lock moves to
+    ``root/interrupted/<time>/`` (kept, not deleted), so the run can start over in the same folder. Returns that
+    folder, or None when ``root`` holds no edit log (nothing was started there). The caller holds the run's lock."""
+    if not (root / "history" / "HEAD").is_file():
+        return None
+    aside = root / "interrupted" / time.strftime("%Y%m%d-%H%M%S")
+    aside.mkdir(parents=True, exist_ok=True)
+    for entry in sorted(root.iterdir()):
+        if entry.name not in (LOCK_NAME, "interrupted", "checkpoints"):
+            os.replace(entry, aside / entry.name)
+    return aside

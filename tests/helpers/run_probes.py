@@ -33,3 +33,13 @@ class DumpWeights(L.Callback):
         w = {n: weight_view(pl_module.lm, n).detach().clone() for n in pl_module.base_weights}
         Path(self.dir).mkdir(parents=True, exist_ok=True)
         torch.save(w, Path(self.dir) / f"weights-rank{trainer.global_rank}.pt")
+
+
+
+class TermAtFirstCheckpoint(L.Callback):
+    """SIGTERM the process while Lightning assembles the first checkpoint: the first edit is written and in the
+    ledger, no checkpoint is on disk yet (the window an outside SIGTERM can fall into)."""
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        if trainer.global_step == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
