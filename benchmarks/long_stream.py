@@ -99,7 +99,7 @@ def run_method(method: str, args, root: Path) -> dict:
         def record() -> dict:
             """This attempt so far, added to the earlier ones', written whole or not at all (a stream killed while
             writing keeps the previous minute's record)."""
-            so_far = {"wall_s": done["wall_s"] + time.time() - t0, "memory": done["memory"] + samples,
+            so_far = {**done, "wall_s": done["wall_s"] + time.time() - t0, "memory": done["memory"] + samples,
                       "attempts": done["attempts"] + 1}
             part = log_file.with_suffix(".json.part")
             part.write_text(json.dumps(so_far) + "\n")
@@ -125,6 +125,26 @@ def run_method(method: str, args, root: Path) -> dict:
     if rc != 0:
         raise SystemExit(f"{method}: the run failed (exit {rc}); see {root / 'bench.log'}. Run again to resume.")
     return done
+
+
+def restart(root: Path, edits: int) -> None:
+    """Return a method's run folder to its state after ``edits`` edits with the project's rollback
+    (``eac-lightning rollback``), so the stream goes on from there under today's code and data: what the run did
+    after that point is kept in ``rolled_back/``, its wall time and memory samples (``bench.json``) with it. The
+    row of the stream then leaves its wall time out (the time up to ``edits`` is not known apart) and its memory
+    quarters are those of the part run since. Done once: a folder already restarted there is left alone."""
+    from eac_lightning.lightning.rollback import rollback
+
+    log_file = root / "bench.json"
+    bench = json.loads(log_file.read_text()) if log_file.exists() else {}
+    if bench.get("restarted_at") == edits or not (root / "checkpoints" / "last.ckpt").exists():
+        return
+    event = rollback(root, edits)
+    if log_file.exists():
+        os.replace(log_file, root / event["moved_to"] / "bench.json")
+    log_file.write_text(json.dumps({"wall_s": 0.0, "memory": [], "attempts": 0, "restarted_at": edits}) + "\n")
+    print(f"{root}: rolled back to {edits} edits ({len(event['removed'])} removed, kept in {event['moved_to']})",
+          flush=True)
 
 
 def stopping_rule(root: Path) -> str | None:
@@ -167,8 +187,11 @@ def row(method: str, root: Path, bench: dict, command: str) -> dict:
         "ppl_ratio": g["wikitext2_ppl"]["before"] / g["wikitext2_ppl"]["after"],
         "sst2": [g["sst2"]["before"], g["sst2"]["after"]] if "sst2" in g else None,
         "l1_growth": mean_norm(s, "l1_rel_change"), "fro_growth": mean_norm(s, "fro_rel_change"),
-        "seconds_per_edit": s["seconds_per_edit"], "wall_s": bench["wall_s"], "attempts": bench["attempts"],
-        # resident memory in the second and the last quarter of the run: flat when they agree
+        "seconds_per_edit": s["seconds_per_edit"],
+        # a stream restarted part-way (--restart-at) knows only the time since
+        "wall_s": None if bench.get("restarted_at") else bench["wall_s"], "attempts": bench["attempts"],
+        "restarted_at": bench.get("restarted_at"),
+        # resident memory in the second and the last quarter of the run (since a restart): flat when they agree
         "rss_mib_q2": max(memory[quarter:2 * quarter], default=None),
         "rss_mib_q4": max(memory[3 * quarter:], default=None),
         "method_settings": s.get("method_settings"), "stopping_rule": stopping_rule(root),
@@ -306,6 +329,10 @@ def main(argv: list[str] | None = None) -> None:
                     help="the row's name and run folder for a variant made with --set (one method only)")
     ap.add_argument("--rows-at", type=int, nargs="+", default=[], metavar="N",
                     help="also write each method's row at N edits (its evaluation there) into long_stream_<N>.json")
+    ap.add_argument("--restart-at", type=int, default=None, metavar="N",
+                    help="first roll each method's run folder back to N edits (the project's rollback) and go on "
+                         "from there: for a stream whose later part must be run again (a change of the data or "
+                         "code past that point); done once per folder")
     args = ap.parse_args(argv)
     if args.label and len(args.methods) != 1:
         ap.error("--label names the variant of one method")
@@ -323,6 +350,8 @@ def main(argv: list[str] | None = None) -> None:
         root = out / names[method]
         if args.table_only and not (root / "bench.json").exists():
             continue
+        if args.restart_at is not None and not args.table_only:
+            restart(root, args.restart_at)
         bench = (json.loads((root / "bench.json").read_text()) if args.table_only
                  else run_method(method, args, root))
         if (root / "summary.json").exists():

@@ -125,6 +125,21 @@ def test_insertions_continue_the_stream_with_unknown_distinct_subjects():
         EditDataModule(path=path, insertions=10)
 
 
+def test_every_batch_of_a_long_stream_mixes_records():
+    """Past the same-relation pairs (7,440 insertions from the shipped facts) the insertions pair records at random:
+    no batch of 100 is a hundred variants of one record (one prompt, one subject prefix, a hundred targets), which
+    would make the stream's tail a different and degenerate task."""
+    import collections
+
+    dm = EditDataModule(path=str(data_dir() / "counterfact"), num_edits=20000, batch_size=100, insertions=19500,
+                        retention_path="zsre", num_retention=10)
+    dm.setup("fit")
+    record = lambda r: (r.prompt, r.target_true, tuple(r.neighborhood_prompts))
+    most = [collections.Counter(map(record, dm.requests[a:a + 100])).most_common(1)[0][1]
+            for a in range(500, 20000, 100)]
+    assert max(most) <= 8, most
+
+
 def test_a_longer_stream_begins_with_the_shorter_one():
     """``benchmarks/long_stream.py --rows-at N`` reads a stream of N edits from a longer stream's evaluation at N:
     that holds only if the first N requests of the longer stream (more insertions) are the shorter stream's."""
