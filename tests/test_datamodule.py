@@ -118,6 +118,10 @@ def test_insertions_continue_the_stream_with_unknown_distinct_subjects():
         assert r.target_new in objects and r.target_new != r.target_true
         # a real record's prompt, with its neighbourhood (real facts) and true object unchanged
         assert (r.prompt, tuple(r.neighborhood_prompts), r.target_true) in templates
+    # each name ends in a surname of its own, no word of a real subject: no earlier edit's key stands in for it
+    last = [r.subject.split()[-1] for r in inserted]
+    assert len(set(last)) == len(last)
+    assert not {w.lower() for w in last} & {w.lower() for r in real for w in r.subject.split()}
     again = EditDataModule(path=path, num_edits=2000, insertions=1500, retention_path="zsre", num_retention=10)
     again.setup("fit")
     assert [r.subject for r in again.requests] == [r.subject for r in dm.requests]
@@ -125,19 +129,28 @@ def test_insertions_continue_the_stream_with_unknown_distinct_subjects():
         EditDataModule(path=path, insertions=10)
 
 
-def test_every_batch_of_a_long_stream_mixes_records():
-    """Past the same-relation pairs (7,440 insertions from the shipped facts) the insertions pair records at random:
-    no batch of 100 is a hundred variants of one record (one prompt, one subject prefix, a hundred targets), which
-    would make the stream's tail a different and degenerate task."""
+def test_every_batch_of_a_long_stream_mixes_records_and_no_name_part_predicts_an_object():
+    """Insertions take the records in rounds (each record once per round), so a batch of 100 never holds a record
+    twice; the object is drawn apart from the name, so the insertions sharing a first name (and a prompt) do not
+    share one object (an edit stream where earlier edits predict later ones measures nothing)."""
     import collections
 
     dm = EditDataModule(path=str(data_dir() / "counterfact"), num_edits=20000, batch_size=100, insertions=19500,
                         retention_path="zsre", num_retention=10)
     dm.setup("fit")
     record = lambda r: (r.prompt, r.target_true, tuple(r.neighborhood_prompts))
-    most = [collections.Counter(map(record, dm.requests[a:a + 100])).most_common(1)[0][1]
-            for a in range(500, 20000, 100)]
-    assert max(most) <= 8, most
+    assert all(len(set(map(record, dm.requests[a:a + 100]))) == 100 for a in range(500, 20000, 100))
+    objects = collections.defaultdict(collections.Counter)  # (first name, prompt) -> objects of its insertions
+    for r in dm.requests[500:]:
+        objects[(r.subject.split()[0], r.prompt)][r.target_new] += 1
+    choices = collections.defaultdict(set)  # prompt -> the objects its insertions were given
+    for r in dm.requests[500:]:
+        choices[r.prompt].add(r.target_new)
+    # first names repeat with a prompt, without a common object (where the relation has objects to choose from)
+    shared = [c for (_, prompt), c in objects.items() if sum(c.values()) >= 10 and len(choices[prompt]) >= 5]
+    assert len(shared) > 50
+    dominated = [c for c in shared if c.most_common(1)[0][1] > 0.6 * sum(c.values())]
+    assert len(dominated) <= 0.01 * len(shared), dominated  # chance alone, in a relation of few objects
 
 
 def test_a_longer_stream_begins_with_the_shorter_one():
