@@ -148,6 +148,12 @@ def _long_stream(order: dict[str, str] | None = None):
     return render
 
 
+def _insertion_leakage(data):
+    from insertion_leakage import table
+
+    return table(data[0]["rows"])
+
+
 def _sequential(labels: dict[str, str] | None = None):
     def render(data):
         from sequential_edits import table
@@ -281,11 +287,7 @@ def _beac_long_streams(data):
     from long_stream import table
 
     keep = ["method", "z stops on", "mean4", "rel", "gen", "loc", "fact ret.", "ppl ratio", "L1 growth", "s/edit"]
-    old = "beac, 10-batch refresh 0.2"  # the preset's refresh before the whole-stream one (docs/beac.md § 5.5)
-    parts = [("2,000", pick(data[0]["rows"], same(old, "beac w/o refresh", "alphaedit", "alphaedit-eac",
-                                                   "beac-memit"))),
-             ("10,000", pick(data[1]["rows"], {"**beac**": "beac", **same("alphaedit", "nas", old, "beac-memit")})),
-             ("20,000", pick(data[2]["rows"], {"**beac**": "beac", **same("alphaedit")}))]
+    parts = [("2,000", pick(data[0]["rows"], {"**beac**": "beac", **same("alphaedit")}))]
     return stack([(n, columns(table(rows), keep)) for n, rows in parts], "edits")
 
 
@@ -342,19 +344,11 @@ TABLES: dict[str, Table] = {
         "python benchmarks/target_grouping.py --model testbed:small --requests 1 4 100 --contexts 10 5 --rounds 5 "
         "--threads 1, and the same with --requests 100 --contexts 5 2 --write-aware"),
     "long_stream_2000": Table(
-        (f"{RESULTS}long_stream_2000.json",),
-        _long_stream({**same("memit", "memit-eac", "alphaedit", "alphaedit-eac", "beac-memit", "ultraedit"),
-                      **same("beac, 10-batch refresh 0.2", "beac, 10-batch refresh 0.2, w/o separation",
-                             "beac w/o refresh")}),
+        (f"{RESULTS}long_stream_2000.json",), _long_stream(),
         "python benchmarks/long_stream.py --methods <m> --edits 2000 --batch-size 100 --context 5 2 --tag 2000"),
-    "long_stream_10000": Table(
-        (f"{RESULTS}long_stream_10000.json",), _long_stream(),
-        "python benchmarks/long_stream.py --methods <m> --edits 10000 --batch-size 100 --context 5 2 "
-        "--eval-every 5000 --tag 10000"),
-    "long_stream_20000": Table(
-        (f"{RESULTS}long_stream_20000.json",), _long_stream(),
-        "python benchmarks/long_stream.py --methods <m> --edits 20000 --batch-size 100 --context 5 2 "
-        "--eval-every 5000 --tag 20000 --rows-at 10000"),
+    "insertion_leakage": Table(
+        (f"{RESULTS}insertion_leakage.json",), _insertion_leakage,
+        "python benchmarks/insertion_leakage.py runs/long_stream_2000/<m> --at 1000 1900"),
     "sequential_small": Table(
         (f"{RESULTS}sequential_small/results.json",), _sequential(),
         "python benchmarks/sequential_edits.py --model testbed:small --methods rome rome-eac memit memit-eac "
@@ -430,7 +424,7 @@ TABLES: dict[str, Table] = {
                                "**B-EAC** (`beac`)": "B-EAC"}, mean=False),
         "python benchmarks/beac_batches.py --model testbed:small --schedules 10x50 --pairs batch --order-seed N ..."),
     "beac_long_streams": Table(
-        (f"{RESULTS}long_stream_2000.json", f"{RESULTS}long_stream_10000.json", f"{RESULTS}long_stream_20000.json"),
+        (f"{RESULTS}long_stream_2000.json",),
         _beac_long_streams,
         "python benchmarks/long_stream.py --methods <m> --edits N --batch-size 100 --context 5 2 --tag N"),
     "beac_memit_10x50": Table(E20_LAS[:1], _beac_memit_order0, BEAC_USAGE),

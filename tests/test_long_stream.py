@@ -84,3 +84,60 @@ def test_a_variant_of_a_preset_runs_under_its_label(tmp_path, monkeypatch):
     assert str(tmp_path / "configs" / "methods" / "beac.yaml") in cmd
     with pytest.raises(SystemExit):  # a variant needs its name
         long_stream.main(["--methods", "beac", "--set", "beac={refresh: 0.5}", "--tag", "t"])
+
+
+@pytest.fixture(scope="module")
+def four_edits(tmp_path_factory):
+    """A 4-edit ROME-EAC run on testbed:tiny through the CLI (one edit per step)."""
+    from cli_tools import run_cli, write_config
+
+    root = tmp_path_factory.mktemp("stream")
+    run_cli("fit", "--config", str(write_config(root / "cfg.yaml", root / "run")))
+    return root / "run"
+
+
+@pytest.mark.slow
+def test_restart_rolls_the_run_back_once_and_keeps_the_earlier_record(four_edits, tmp_path):
+    """--restart-at N: the run folder holds N edits (the project's rollback), the earlier bench record is kept with
+    what the rollback set aside, and the next call leaves the folder alone; the row then has no wall time."""
+    import shutil
+
+    from eac_lightning.lightning.run_folder import read_ledger
+
+    run = tmp_path / "run"
+    shutil.copytree(four_edits, run)
+    (run / "bench.json").write_text(json.dumps({"wall_s": 99.0, "memory": [[1.0, 5.0]], "attempts": 1}))
+    long_stream.restart(run, 2)
+    assert [r["edit"] for r in read_ledger(run / "edits.jsonl") if "edit" in r] == [0, 1]
+    bench = json.loads((run / "bench.json").read_text())
+    assert bench == {"wall_s": 0.0, "memory": [], "attempts": 0, "restarted_at": 2}
+    (aside,) = (run / "rolled_back").iterdir()
+    assert json.loads((aside / "bench.json").read_text())["wall_s"] == 99.0
+    long_stream.restart(run, 2)  # done once
+    assert len(list((run / "rolled_back").iterdir())) == 1
+    summary = json.loads((four_edits / "summary.json").read_text())
+    # the test config measures sst2 and 4 retention probes; a long stream's config measures these as well
+    summary["general"].update(fact_retention={"before": 1.0, "after": 0.5},
+                              wikitext2_ppl={"before": 100.0, "after": 200.0})
+    (run / "summary.json").write_text(json.dumps(summary))
+    assert long_stream.row("rome-eac", run, {**bench, "memory": [[1.0, 5.0]]}, "cmd")["wall_s"] is None
+
+
+@pytest.mark.slow
+def test_insertion_leakage_reads_the_model_after_n_edits_and_refuses_another_stream(four_edits, tmp_path):
+    import shutil
+
+    import insertion_leakage
+
+    (row,) = insertion_leakage.measure(four_edits, [2], 2)
+    assert row["at"] == 2 and row["upcoming"] == 2
+    for key in ("next_reliability", "next_reliability_unedited", "last_batch_reliability"):
+        assert 0.0 <= row[key] <= 1.0
+    run = tmp_path / "run"
+    shutil.copytree(four_edits, run)
+    lines = (run / "edits.jsonl").read_text().splitlines()
+    first = json.loads(lines[0])
+    lines[0] = json.dumps({**first, "subject": "Someone Else"})
+    (run / "edits.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(SystemExit, match="edit 0 of its ledger .*another stream"):
+        insertion_leakage.measure(run, [2], 2)

@@ -14,12 +14,12 @@ followed by an invented surname that no other insertion carries ("Danielle Darri
   P(true)) compare the new object with the answer of the entity the prompt was written about;
 * neighbourhood prompts: the record's, unchanged: real facts about other subjects that the edit must not change.
 
-Why a surname of its own: the edit is read at the subject's last token, whose key is mostly its last word. Names
-made of two halves of real subjects repeat their last word every few dozen insertions; with the second subject's
-object attached the later ones were predicted before their edit (0.50 teacher-forced accuracy on a model after
-7,900 such edits, 0.03 unedited), and with another object they contradicted the earlier ones (writes that held
-fell from 1.0 to 0.35). Records are taken in seeded rounds, each round every record once, so a batch mixes
-records and relations. The surnames are made of syllables, seeded, and none is a word of a real subject.
+Why a surname of its own: an edit is read at the subject's last token, whose key is mostly the last word. Names
+whose last word recurs would let earlier edits stand in for later ones (the same word with the same object: the
+later edit is predicted before it is made) or contradict them (the same word with another object). Whether a
+stream leaks is measured by ``benchmarks/insertion_leakage.py`` (docs/long_streams.md). Records are taken in
+seeded rounds, each round every record once, so a batch mixes records and relations. The surnames are made of
+syllables, seeded, and none is a word of a real subject.
 """
 
 from __future__ import annotations
