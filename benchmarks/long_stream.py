@@ -32,6 +32,10 @@ A variant of a preset is its preset plus settings (``--set``, the method's init_
         --set 'beac={refresh: 0.5, refresh_window: null, refresh_checks: 1000}' --edits 20000 --batch-size 100 \
         --context 5 2 --eval-every 5000 --tag 20000 --rows-at 10000
 
+A stream whose later part must be run again (a change of the code or the data past some point) goes back there
+with the project's rollback and continues (``--restart-at N``; what the run did after N is kept in its
+``rolled_back/`` folder, and the row then leaves its wall time out).
+
 Run folders (checkpoints included) go to ``runs/long_stream_<tag>/<method>``; the table and figures to
 ``benchmarks/results/long_stream_<tag>.json`` and ``docs/img/long_stream_<tag>.png``. The results file keeps the
 rows of earlier invocations (each with its command, evaluation trace and memory samples) and a method run again
