@@ -172,6 +172,25 @@ def thinned(samples: list, most: int = 300) -> list:
     return samples[::step]
 
 
+def batches(root: Path, edits: int | None = None) -> list[dict]:
+    """Per edit step, from the ledger: the batch's own edits and how many the model predicts right after the write
+    (teacher-forced), and the earlier edits the method wrote again with it (B-EAC's refresh) and how many of those
+    hold; only steps within the first ``edits`` edits when given."""
+    from eac_lightning.lightning.run_folder import read_ledger
+
+    steps: dict[int, dict] = {}
+    for r in read_ledger(root / "edits.jsonl"):
+        if "step" not in r or (edits is not None and r.get("edit", -1) >= edits):
+            continue
+        s = steps.setdefault(int(r["step"]), {"step": int(r["step"]), "written": 0, "held": 0, "refreshed": 0,
+                                              "refreshed_held": 0})
+        kind = "refreshed" if r.get("refreshed") else "written"
+        s[kind] += 1
+        s[f"{kind}_held" if kind == "refreshed" else "held"] += bool(r.get("success"))
+    last = max((s["step"] for s in steps.values() if s["written"]), default=0)
+    return [steps[k] for k in sorted(steps) if k <= last]
+
+
 def row(method: str, root: Path, bench: dict, command: str) -> dict:
     """The method's table row, with its evaluation trace and memory samples, so that the results file alone
     redraws the table and the plot (run folders need not outlive the session that made them)."""
@@ -203,6 +222,7 @@ def row(method: str, root: Path, bench: dict, command: str) -> dict:
                    "fact_retention": float(t["general/fact_retention"]) if t.get("general/fact_retention") else None}
                   for t in read_trace(root)],
         "memory": thinned(bench["memory"]),
+        "batches": batches(root),
         "command": command,
     }
 
@@ -242,6 +262,7 @@ def row_at(method: str, root: Path, edits: int, command: str) -> dict | None:
         "trace": [{"edits": float(r["edits"]), "reliability": float(r["edit/reliability"]),
                    "fact_retention": num(r, "general/fact_retention")}
                   for r in rows if r.get("edit/reliability") and float(r["edits"]) <= edits],
+        "batches": batches(root, edits),
         "from_stream": str(root.parent.name), "command": command,
     }
 
@@ -290,7 +311,7 @@ def plot(rows: list[dict], img: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    fig, axes = plt.subplots(1, 4, figsize=(20, 4))
     for r in rows:
         trace = r.get("trace") or []
         retained = [t for t in trace if t["fact_retention"] is not None]
@@ -299,8 +320,15 @@ def plot(rows: list[dict], img: Path) -> None:
                      label=r["method"])
         axes[2].plot([t / 60 for t, _ in r.get("memory") or []], [m for _, m in r.get("memory") or []],
                      label=r["method"])
+        steps = [b for b in r.get("batches") or [] if b["written"]]
+        written = axes[3].plot([b["step"] for b in steps], [b["held"] / b["written"] for b in steps],
+                               label=r["method"])
+        if any(b["refreshed"] for b in steps):  # the refresh's re-writes per batch, as a share of the batch
+            axes[3].plot([b["step"] for b in steps], [b["refreshed"] / b["written"] for b in steps], linestyle=":",
+                         color=written[0].get_color(), label=f"{r['method']}: re-written")
     for ax, title, ylabel in zip(axes, ["reliability of all edits so far", "unedited-fact retention",
-                                        "resident memory"], ["reliability", "fact accuracy", "MiB"]):
+                                        "resident memory", "edits holding right after their write"],
+                                 ["reliability", "fact accuracy", "MiB", "share of the batch"]):
         ax.set_title(title)
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
@@ -308,6 +336,8 @@ def plot(rows: list[dict], img: Path) -> None:
     axes[1].set_xlabel("edits")
     axes[2].set_xlabel("minutes")
     axes[2].legend(fontsize=8)
+    axes[3].set_xlabel("edit step (batch)")
+    axes[3].legend(fontsize=7)
     fig.tight_layout()
     img.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(img, dpi=110)

@@ -36,8 +36,10 @@ def _write_run(root: Path) -> None:
             for module, scale in (("a", 1.0), ("b", 3.0)):
                 w.writerow({"edits": edits, "module": module, "l1_rel_change": growth * scale,
                             "fro_rel_change": growth})
-    ledger = [{"step": 1 + i // 100, "edit": i, "seconds": 1.0 if i < 200 else 5.0} for i in range(400)]
-    ledger.insert(150, {"step": 2, "edit": 150, "refreshed": True})  # a refreshed edit's line holds no seconds
+    ledger = [{"step": 1 + i // 100, "edit": i, "seconds": 1.0 if i < 200 else 5.0, "success": i % 4 != 0}
+              for i in range(400)]
+    # a refreshed edit's line holds no seconds and no stream position
+    ledger.insert(150, {"step": 2, "refreshed": True, "success": True})
     (root / "edits.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ledger))
 
 
@@ -55,6 +57,9 @@ def test_a_row_read_at_n_edits_is_the_evaluation_there(tmp_path):
     assert [t["edits"] for t in r["trace"]] == [200.0] and r["from_stream"] == "long_stream_400"
     assert "| alphaedit |" in long_stream.table([r])  # renders, wall and memory as –
     assert long_stream.row_at("alphaedit", root, 300, "") is None  # not evaluated at 300
+    # per batch: its own edits and those holding after the write, the refresh's re-writes and those holding
+    assert r["batches"] == [{"step": 1, "written": 100, "held": 75, "refreshed": 0, "refreshed_held": 0},
+                            {"step": 2, "written": 100, "held": 75, "refreshed": 1, "refreshed_held": 1}]
 
 
 def test_a_variant_of_a_preset_runs_under_its_label(tmp_path, monkeypatch):
