@@ -400,7 +400,8 @@ def main(argv: list[str] | None = None) -> None:
             f"{f', {args.context[1]} prefix contexts of {args.context[0]} tokens' if args.context else ''}\n\n"
             + table(rows))
     print(text)
-    results.write_text(json.dumps({"table": text, "rows": rows}, indent=2) + "\n")
+    if rows:  # none yet: streams still running (--table-only --rows-at reads a shorter stream's rows from them)
+        results.write_text(json.dumps({"table": text, "rows": rows}, indent=2) + "\n")
     if any(r.get("trace") for r in rows):
         plot([r for r in rows if r.get("trace")], REPO / "docs" / "img" / f"long_stream_{args.tag}.png")
     for n in args.rows_at:  # the rows a shorter stream would end with, from this stream's evaluation at n
