@@ -76,10 +76,10 @@ def insertion_requests(requests: list[EditRequest], relations: dict[tuple[Any, A
     """
     if n <= 0:
         return []
-    group: dict[Any, list[int]] = defaultdict(list)
-    for i, r in enumerate(requests):
-        group[relations.get((r.source, r.source_index)) or r.prompt].append(i)
     relation_of = [relations.get((r.source, r.source_index)) or r.prompt for r in requests]
+    group: dict[Any, list[int]] = defaultdict(list)
+    for i, relation in enumerate(relation_of):
+        group[relation].append(i)
     objects = {key: sorted({o for i in members for o in (requests[i].target_new, requests[i].target_true) if o})
                for key, members in group.items()}
     usable = [i for i, r in enumerate(requests) if any(o != r.target_true for o in objects[relation_of[i]])]
