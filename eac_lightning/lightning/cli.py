@@ -164,7 +164,7 @@ class EditingCLI(LightningCLI):
             lock = RunLock(root)
             lock.acquire()  # released at exit; a killed run's lock is taken over by the next one
             atexit.register(lock.release)
-            if cfg.get("ckpt_path") == "last" and no_checkpoint:
+            if no_checkpoint:
                 # Stopped during its first edit step: no checkpoint stands at its records, so the run starts over
                 # (one step of work) with them kept aside, rather than refusing both a resume and a fresh start.
                 aside = set_aside_unfinished_start(root)
