@@ -47,7 +47,7 @@ def measure(run: Path, at: list[int], upcoming: int) -> list[dict]:
 
     from eac_lightning.evaluation.edit_metrics import compute_locality_reference, evaluate_edit_metrics
     from eac_lightning.lightning.export import load_edited_model
-    from eac_lightning.lightning.run_folder import read_ledger
+    from eac_lightning.lightning.checkpoint import requests_sha256
     from eac_lightning.models.loading import load_model
 
     torch.manual_seed(0)
@@ -55,20 +55,17 @@ def measure(run: Path, at: list[int], upcoming: int) -> list[dict]:
     log = edited.session.log
     positions = {log.header(i)["position"]: i for i in log.lineage(edited.head) if log.header(i)["kind"] == "step"}
     requests = stream(run, max(at) + upcoming)
-    ledger = {r["edit"]: r for r in read_ledger(run / "edits.jsonl") if "edit" in r}
-    differ = [k for k in range(min(max(at), len(ledger))) if k in ledger and (
-        ledger[k]["subject"], ledger[k]["target_new"]) != (requests[k].subject, requests[k].target_new)]
-    if differ:
-        k = differ[0]
-        raise SystemExit(f"{run}: edit {k} of its ledger ({ledger[k]['subject']!r} -> {ledger[k]['target_new']!r}) "
-                         f"is not request {k} of today's stream ({requests[k].subject!r} -> "
-                         f"{requests[k].target_new!r}): the run was made from another stream")
     base, tok = load_model(edited.identity["model"], dtype=edited.identity.get("dtype", "float32"))
     rows = []
     for n in at:
         if n not in positions:
             raise SystemExit(f"{run}: no edit step ends at {n} edits (steps end at multiples of the batch size, "
                              f"up to {max(positions)})")
+        # the stream's identity as the run recorded it (the hash a resume checks): the run must be this stream's
+        recorded = log.header(positions[n])["resume"]["data"]
+        if recorded["applied_sha256"] != requests_sha256(requests[:recorded["applied"]]):
+            raise SystemExit(f"{run}: its first {recorded['applied']} edits are not the first requests of today's "
+                             "stream (data.applied_sha256 differs): the run was made from another stream")
         edited.session.checkout(positions[n])
         last = requests[max((p for p in positions if p < n), default=0):n]
         row = {"run": str(run.relative_to(REPO)) if run.is_relative_to(REPO) else str(run),

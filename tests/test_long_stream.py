@@ -140,9 +140,10 @@ def test_insertion_leakage_reads_the_model_after_n_edits_and_refuses_another_str
         assert 0.0 <= row[key] <= 1.0
     run = tmp_path / "run"
     shutil.copytree(four_edits, run)
-    lines = (run / "edits.jsonl").read_text().splitlines()
-    first = json.loads(lines[0])
-    lines[0] = json.dumps({**first, "subject": "Someone Else"})
-    (run / "edits.jsonl").write_text("\n".join(lines) + "\n")
-    with pytest.raises(SystemExit, match="edit 0 of its ledger .*another stream"):
+    import yaml
+
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    config["data"]["seed"] = 1  # another order of the records: another stream
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    with pytest.raises(SystemExit, match="first 2 edits are not .*another stream"):
         insertion_leakage.measure(run, [2], 2)
