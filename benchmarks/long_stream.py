@@ -28,8 +28,8 @@ A longer stream also gives the rows of the shorter ones: ``--rows-at 10000`` wri
 A variant of a preset is its preset plus settings (``--set``, the method's init_args) under a row name of its own
 (``--label``, also its run folder)::
 
-    python benchmarks/long_stream.py --methods beac --label "beac, whole-stream refresh 0.5" \
-        --set 'beac={refresh: 0.5, refresh_window: null, refresh_checks: 1000}' --edits 20000 --batch-size 100 \
+    python benchmarks/long_stream.py --methods beac --label "beac, refresh 0.5" \
+        --set 'beac={refresh: 0.5}' --edits 20000 --batch-size 100 \
         --context 5 2 --eval-every 5000 --tag 20000 --rows-at 10000
 
 A stream whose later part must be run again (a change of the code or the data past some point) goes back there

@@ -559,8 +559,8 @@ def test_presets_load():
     full = method_from_preset("beac")  # over AlphaEdit's solve, write-aware, with RAR's refresh
     assert isinstance(full, BEAC) and full.beac.las and full.beac.rar and full.label == "B-EAC"
     assert full.write_aware and full.l2 == 10.0
-    # RAR's refresh over the whole stream: half a batch at most, from 1,000 earlier edits drawn per batch
-    assert (full.beac.refresh, full.beac.refresh_window, full.beac.refresh_checks) == (0.5, None, 1000)
+    # RAR's refresh over the whole stream: a batch's worth at most, from 1,000 earlier edits drawn per batch
+    assert (full.beac.refresh, full.beac.refresh_window, full.beac.refresh_checks) == (1.0, None, 1000)
     assert not method_from_preset("beac-no-las").beac.las
     assert not method_from_preset("beac-no-rar").beac.rar
     assert [method_from_preset(p).label for p in ("beac-no-las", "beac-no-rar")] == ["B-EAC w/o LAS", "B-EAC w/o RAR"]

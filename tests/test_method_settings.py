@@ -141,4 +141,4 @@ def test_a_nested_setting_can_be_set_to_null_on_the_command_line():
     beac = yaml.safe_load(proc.stdout)["model"]["method"]["init_args"]["beac"]
     # the preset's 1,000 checks and τ = 0.9 became null; its refresh share is kept
     assert beac["refresh_checks"] is None and beac["alike_cosine"] is None and beac["refresh_window"] == 20
-    assert beac["refresh"] == 0.5
+    assert beac["refresh"] == 1.0

@@ -405,11 +405,11 @@ class BEACMEMIT(BatchAnchorMixin, MEMIT):
 
 #: B-EAC's settings over AlphaEdit's solve, the ``beac`` preset's (ours, not published: only B-EAC's abstract is
 #: public). AlphaEdit keeps its own record of earlier keys, so RAR's key record is off (key_memory 0); RAR refreshes
-#: earlier edits of the whole stream that no longer hold, up to 50 % of the batch, from a seeded draw of 1,000 of
-#: them per batch (docs/beac.md § 2.6; 0.2 and 0.5 level at 500 edits, § 5.3; the whole stream against the last 10
-#: batches at 10,000 edits, § 5.5); LAS keeps alike edits apart, keys with |cos| >= 0.9 in C⁻¹ such as one
+#: earlier edits of the whole stream that no longer hold, up to a whole batch's worth, from a seeded draw of 1,000
+#: of them per batch (docs/beac.md § 2.6; 0.2 and 0.5 level at 500 edits, § 5.3; 1.0 against 0.5 at 2,000 edits in
+#: batches of 100, where the budget of 0.5 is spent from the 7th batch on, § 5.5); LAS keeps alike edits apart, keys with |cos| >= 0.9 in C⁻¹ such as one
 #: subject's corrections (§ 2.7, § 5.4). The rest are BEACHyperParams' defaults, B-EAC over MEMIT's solve's too.
-BEAC_SETTINGS = BEACHyperParams(key_memory=0.0, refresh=0.5, refresh_window=None, refresh_checks=1000,
+BEAC_SETTINGS = BEACHyperParams(key_memory=0.0, refresh=1.0, refresh_window=None, refresh_checks=1000,
                                 alike_cosine=0.9)
 
 
