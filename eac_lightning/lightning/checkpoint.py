@@ -103,11 +103,53 @@ def _plain(value: Any) -> Any:
     return repr(value)
 
 
+def _field_defaults(kind: type) -> dict[str, Any]:
+    """The plain default of each field of a dataclass type (nested dataclasses as their own fields' defaults)."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(kind):
+        if f.default is not dataclasses.MISSING:
+            value = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            value = f.default_factory()
+        else:
+            continue
+        out[f.name] = _field_defaults(type(value)) if dataclasses.is_dataclass(value) else _plain(value)
+    return out
+
+
 def method_spec(method: Any) -> dict[str, Any]:
-    """The method's class and its constructor arguments as they stand (defaults resolved by ``setup``)."""
+    """The method's class and its constructor arguments as they stand (defaults resolved by ``setup``), and
+    ``added``: what a setting this version has and an older checkpoint lacks means when it is left alone (a
+    constructor argument's default; a settings dataclass's field default), so that such a checkpoint resumes."""
     params = inspect.signature(type(method).__init__).parameters
     hparams = {n: _plain(getattr(method, n, None)) for n in params if n != "self"}
-    return {"class": f"{type(method).__module__}.{type(method).__qualname__}", "hparams": hparams}
+    added: dict[str, Any] = {}
+    for n, p in params.items():
+        value = getattr(method, n, None)
+        if dataclasses.is_dataclass(value):
+            added[n] = _field_defaults(type(value))
+        elif n != "self" and p.default is not inspect.Parameter.empty:
+            added[n] = _plain(p.default)
+    return {"class": f"{type(method).__module__}.{type(method).__qualname__}", "hparams": hparams, "added": added}
+
+
+def _first_difference(was: Any, now: Any, added: Any, path: str) -> tuple[str, Any, Any] | None:
+    """The first setting (its dotted path, then the recorded and the current value) that differs between a recorded
+    and a current method spec; a setting the recorded one lacks counts as the same where the current value is what
+    leaving it alone means (``added``): settings introduced after the checkpoint was written, at their default."""
+    if not (isinstance(was, dict) and isinstance(now, dict)):
+        return None if was == now else (path, was, now)
+    added = added if isinstance(added, dict) else {}
+    for key in sorted(set(was) | set(now)):
+        where = f"{path}.{key}"
+        if key not in was and key in added and now[key] == added[key]:
+            continue
+        if key not in was or key not in now:
+            return where, was.get(key), now.get(key)
+        found = _first_difference(was[key], now[key], added.get(key), where)
+        if found is not None:
+            return found
+    return None
 
 
 def model_fingerprint(lm: torch.nn.Module, base_weights: dict[str, torch.Tensor]) -> dict[str, Any]:
@@ -173,9 +215,9 @@ def verify_provenance(path: Any, recorded: dict[str, Any], current: dict[str, An
         hint = " (pass --model.allow_method_change true to change the method deliberately)"
         if was_m["class"] != now_m["class"]:
             refuse("method", was_m["class"], now_m["class"], hint)
-        for key in sorted(set(was_m["hparams"]) | set(now_m["hparams"])):
-            if was_m["hparams"].get(key) != now_m["hparams"].get(key):
-                refuse(f"method.{key}", was_m["hparams"].get(key), now_m["hparams"].get(key), hint)
+        found = _first_difference(was_m["hparams"], now_m["hparams"], now_m.get("added"), "method")
+        if found is not None:
+            refuse(*found, hint)
     was_b, now_b = recorded["base_model"], current["base_model"]
     if was_b["config_sha256"] != now_b["config_sha256"]:
         refuse("base_model.config_sha256", was_b["config_sha256"][:16], now_b["config_sha256"][:16])
