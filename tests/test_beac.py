@@ -568,3 +568,56 @@ def test_presets_load():
     assert isinstance(over_memit, BEACMEMIT) and over_memit.beac.key_memory == 1.0 and over_memit.label == "B-EAC (MEMIT)"
     assert [method_from_preset(p).label for p in ("beac-memit-no-las", "beac-memit-no-rar")] == [
         "B-EAC (MEMIT) w/o LAS", "B-EAC (MEMIT) w/o RAR"]
+
+
+def test_null_space_solve_with_counted_keys_is_the_solve_without_their_earlier_entry():
+    """B8 (docs/beac.md § 2.6): when the last keys of a batch are already in G (a re-written edit's first write),
+    solving with only the first ``counted`` in KKᵀ equals the solve whose record never held them."""
+    from eac_lightning.methods.alphaedit import null_space_solve
+
+    g = torch.Generator().manual_seed(0)
+    basis, _ = torch.linalg.qr(torch.randn(12, 7, generator=g, dtype=torch.float64))
+    old = torch.randn(12, 5, generator=g, dtype=torch.float64)  # earlier edits' keys
+    keys = torch.randn(12, 4, generator=g, dtype=torch.float64)  # 3 new edits, then 1 re-written earlier edit
+    keys[:, 3] = old[:, 4]
+    kept = basis.T @ old[:, :4]
+    without = kept @ kept.T
+    every = basis.T @ old
+    held = every @ every.T
+    replaced = null_space_solve(basis, held, keys, 10.0, counted=3)
+    torch.testing.assert_close(replaced, null_space_solve(basis, without, keys, 10.0), rtol=1e-10, atol=1e-12)
+    # added again (the default), the re-written key counts twice and its column of the solve is smaller
+    added = null_space_solve(basis, held, keys, 10.0)
+    assert (keys[:, 3] @ added[:, 3]) < (keys[:, 3] @ replaced[:, 3])
+
+
+@pytest.mark.parametrize("replaces", [False, True])
+def test_rar_refreshed_key_replaces_its_entry_in_alphaedits_record(model_and_stats, tokenizer, replaces):
+    """With ``refresh_replaces_key`` AlphaEdit's record grows by the batch's new edits' keys only (a re-written
+    edit's key is in it once, from its first write), and the edit log's step holds what the record added, so a
+    replay rebuilds the same record; without it the re-written keys are added again."""
+    hp = BEACHyperParams(max_overlap=1, key_memory=0.0, refresh=2.0, refresh_window=None,
+                         refresh_replaces_key=replaces)
+    model, method, stats = fresh(model_and_stats, BEAC, beac=hp, write_aware=False)
+    method.setup(model, tokenizer, stats)
+    w0 = snapshot(model, method.module_names)
+    edit(method, model, tokenizer, requests([0, 1, 2]))
+    before = {n: g.clone() for n, g in method.null_kkt.items()}
+    restore_weights(model, w0)  # none of the first batch's edits holds any more
+    result = edit(method, model, tokenizer, requests([3]))
+    assert [rec.refreshed for rec in result.records] == [False, True, True]
+    for name, g in method.null_kkt.items():
+        keys = method._step_keys[name].double()
+        assert keys.shape[1] == (1 if replaces else 3)
+        projected = method.null_bases[name].T @ keys
+        torch.testing.assert_close(g - before[name], projected @ projected.T)
+    replay = copy.deepcopy(method)
+    replay.null_kkt = before
+    replay.replay_step(method.step_state())
+    for name, g in method.null_kkt.items():
+        torch.testing.assert_close(replay.null_kkt[name], g)
+
+
+def test_refresh_replaces_key_is_beac_only():
+    with pytest.raises(ValueError, match="refresh_replaces_key"):
+        BEACMEMIT(beac=BEACHyperParams(refresh=0.5, refresh_replaces_key=True))

@@ -54,12 +54,15 @@ def null_space_projector(cov: torch.Tensor, threshold: float) -> torch.Tensor:
     return basis @ basis.T
 
 
-def null_space_solve(basis: torch.Tensor, null_kkt: torch.Tensor, keys: torch.Tensor, l2: float) -> torch.Tensor:
+def null_space_solve(basis: torch.Tensor, null_kkt: torch.Tensor, keys: torch.Tensor, l2: float,
+                     counted: int | None = None) -> torch.Tensor:
     """(P(KKᵀ + K_pK_pᵀ) + αI)⁻¹ P K (AlphaEdit Eq. 15) as U₀ (G + (U₀ᵀK)(U₀ᵀK)ᵀ + αI)⁻¹ U₀ᵀK, with
     G = U₀ᵀK_pK_pᵀU₀ (module docstring). float64; Cholesky for the positive-definite system (α > 0), least squares
-    where α = 0 leaves it singular."""
+    where α = 0 leaves it singular. ``counted``: only the first ``counted`` keys enter KKᵀ, the others are already
+    in G (B-EAC's re-written edits whose key replaces their entry in the record, docs/beac.md B8)."""
     projected = basis.T @ keys.double()  # U₀ᵀK: r × n
-    lhs = null_kkt + projected @ projected.T
+    own = projected if counted is None else projected[:, :counted]
+    lhs = null_kkt + own @ own.T
     lhs.diagonal().add_(l2)
     factor, info = torch.linalg.cholesky_ex(lhs)
     y = (torch.cholesky_solve(projected, factor) if int(info) == 0
@@ -129,7 +132,12 @@ class AlphaEdit(MEMIT):
         basis = basis.to(keys.device)
         r = basis.shape[1]
         past = self.null_kkt.get(name, torch.zeros(r, r, dtype=torch.float64)).to(keys.device)
-        return null_space_solve(basis, past, keys, self.l2)
+        return null_space_solve(basis, past, keys, self.l2, self._new_keys(keys.shape[1]))
+
+    def _new_keys(self, n: int) -> int | None:
+        """How many of a batch's n keys (the first ones) enter the solve's KKᵀ; None: all (B-EAC may hold its
+        re-written edits' keys out, :meth:`~eac_lightning.methods.beac.BEAC._new_keys`)."""
+        return None
 
     def _after_write(self, model: nn.Module, tok, targets: list[ResidualTarget],
                      keys: dict[str, torch.Tensor] | None) -> None:

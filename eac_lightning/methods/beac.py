@@ -307,6 +307,9 @@ class BEACMEMIT(BatchAnchorMixin, MEMIT):
         super().__init__(layers=layers, target=target, context=context, mom2_update_weight=mom2_update_weight,
                          eac=eac or EACHyperParams(), write_aware=write_aware, nas=nas)
         self._init_beac(beac)
+        if self.beac.refresh_replaces_key:
+            raise ValueError("B-EAC (MEMIT): beac.refresh_replaces_key replaces entries of AlphaEdit's record of "
+                             "earlier keys, which MEMIT's solve has not: set it to false (or use BEAC)")
         if write_aware and self._remembers_keys():
             raise ValueError("B-EAC: the write-aware write is MEMIT's solve for every layer at once and does not "
                              "use RAR's anchor key record: set beac.key_memory to 0 or write_aware to false")
@@ -450,3 +453,25 @@ class BEAC(BatchAnchorMixin, AlphaEdit):
                 "BEAC keeps AlphaEdit's own record of earlier keys (null_kkt); beac.key_memory applies to "
                 "BEACMEMIT (MEMIT's solve) only: set it to 0"
             )
+
+    def _replaced(self) -> int:
+        """How many of the batch being edited are re-written earlier edits whose key replaces their entry in
+        AlphaEdit's record (``refresh_replaces_key``; they come last in the batch, :meth:`_solve_targets`)."""
+        if not (self.beac.refresh_replaces_key and self._refreshing() and self.pending is not None):
+            return 0
+        return len(self.pending[1])
+
+    def _new_keys(self, n: int) -> int | None:
+        """B8 (docs/beac.md § 2.6): a re-written edit's key is already in G from its first write, so the solve is
+        (G + K_new K_newᵀ + αI)⁻¹ U₀ᵀK, every key of the batch on the right, only the new edits' in KKᵀ: the record
+        no longer holds the re-written edit's current output in place while the batch moves it."""
+        m = self._replaced()
+        return n - m if m else None
+
+    def _written_keys(self, model: nn.Module, tok, targets: list[ResidualTarget],
+                      keys: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+        """The keys AlphaEdit's record adds after the write: the batch's new edits' only when re-written edits
+        replace their entry (their earlier key stays in the record, once)."""
+        written = super()._written_keys(model, tok, targets, keys)
+        m = self._replaced()
+        return {name: k[:, :k.shape[1] - m] for name, k in written.items()} if m else written

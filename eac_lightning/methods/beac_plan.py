@@ -52,6 +52,10 @@ class BEACHyperParams:
         refresh_checks: how many of the window's edits the refresh scores before a batch, drawn uniformly at
             random (seeded by the batch's number, so a resumed run draws the same); None: all of them. Bounds the
             cost of a whole-stream window (``refresh_window`` None) at a fixed number of prompts per batch.
+        refresh_replaces_key: a refreshed edit's key takes the place of its earlier entry in AlphaEdit's record of
+            earlier keys (docs/beac.md § 2.6, B8) instead of being added to it again: the record keeps each edit's
+            key once, and the re-write is not held back by the record's wish to keep the edit's current (wrong)
+            output. :class:`BEAC` only (the record is AlphaEdit's).
         alike_cosine: τ, LAS's separation of alike edits (docs/beac.md § 2.7): two edits of a batch whose keys at
             the first edited layer have |cos| ≥ τ in the metric of the key covariance (|k_iᵀC⁻¹k_j| normalised;
             one subject's corrections: ~1) take disjoint anchor dimensions while each can still fill its k;
@@ -70,6 +74,7 @@ class BEACHyperParams:
     refresh: float = 0.0
     refresh_window: int | None = 10
     refresh_checks: int | None = None
+    refresh_replaces_key: bool = False
     alike_cosine: float | None = None
 
     def __post_init__(self) -> None:
