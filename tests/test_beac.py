@@ -621,3 +621,27 @@ def test_rar_refreshed_key_replaces_its_entry_in_alphaedits_record(model_and_sta
 def test_refresh_replaces_key_is_beac_only():
     with pytest.raises(ValueError, match="refresh_replaces_key"):
         BEACMEMIT(beac=BEACHyperParams(refresh=0.5, refresh_replaces_key=True))
+
+
+def test_record_weight_scales_alphaedits_record_in_the_solve(model_and_stats, tokenizer):
+    """B9 (docs/beac.md § 2.6): ``record_weight`` w solves (wG + U₀ᵀKKᵀU₀ + αI)⁻¹U₀ᵀK; at w = 1 it is AlphaEdit's Eq. 15,
+    and a larger w moves less of what the earlier keys read."""
+    from eac_lightning.methods.alphaedit import null_space_solve
+
+    hp = BEACHyperParams(max_overlap=1, key_memory=0.0, record_weight=3.0)
+    model, method, stats = fresh(model_and_stats, BEAC, beac=hp, write_aware=False)
+    method.setup(model, tokenizer, stats)
+    edit(method, model, tokenizer, requests([0, 1, 2]))
+    name = method.module_names[0]
+    g, basis = method.null_kkt[name], method.null_bases[name]
+    keys = method._step_keys[name].double()[:, :2] + 0.1  # keys alike the recorded ones
+    weighted = method._key_adjoint(0, name, keys)
+    torch.testing.assert_close(weighted, null_space_solve(basis, 3.0 * g, keys, method.l2))
+    method.beac.record_weight = 1.0
+    plain = method._key_adjoint(0, name, keys)
+    torch.testing.assert_close(plain, null_space_solve(basis, g, keys, method.l2))
+    old = method._step_keys[name].double()
+    # what the earlier keys read moves less: ‖K_oldᵀ A‖ shrinks as w grows
+    assert (old.T @ weighted).norm() < (old.T @ plain).norm()
+    with pytest.raises(ValueError, match="record_weight"):
+        BEACMEMIT(beac=BEACHyperParams(record_weight=2.0))

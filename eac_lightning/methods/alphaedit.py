@@ -132,7 +132,13 @@ class AlphaEdit(MEMIT):
         basis = basis.to(keys.device)
         r = basis.shape[1]
         past = self.null_kkt.get(name, torch.zeros(r, r, dtype=torch.float64)).to(keys.device)
-        return null_space_solve(basis, past, keys, self.l2, self._new_keys(keys.shape[1]))
+        weight = self._record_weight()
+        return null_space_solve(basis, past if weight == 1.0 else weight * past, keys, self.l2,
+                                self._new_keys(keys.shape[1]))
+
+    def _record_weight(self) -> float:
+        """The weight of the record of earlier keys in the solve (AlphaEdit's: 1; B-EAC's ``record_weight``)."""
+        return 1.0
 
     def _new_keys(self, n: int) -> int | None:
         """How many of a batch's n keys (the first ones) enter the solve's KKᵀ; None: all (B-EAC may hold its

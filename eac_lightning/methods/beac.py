@@ -307,9 +307,10 @@ class BEACMEMIT(BatchAnchorMixin, MEMIT):
         super().__init__(layers=layers, target=target, context=context, mom2_update_weight=mom2_update_weight,
                          eac=eac or EACHyperParams(), write_aware=write_aware, nas=nas)
         self._init_beac(beac)
-        if self.beac.refresh_replaces_key:
-            raise ValueError("B-EAC (MEMIT): beac.refresh_replaces_key replaces entries of AlphaEdit's record of "
-                             "earlier keys, which MEMIT's solve has not: set it to false (or use BEAC)")
+        if self.beac.refresh_replaces_key or self.beac.record_weight != 1.0:
+            raise ValueError("B-EAC (MEMIT): beac.refresh_replaces_key and beac.record_weight act on AlphaEdit's "
+                             "record of earlier keys, which MEMIT's solve has not: leave them at false and 1.0 (or "
+                             "use BEAC)")
         if write_aware and self._remembers_keys():
             raise ValueError("B-EAC: the write-aware write is MEMIT's solve for every layer at once and does not "
                              "use RAR's anchor key record: set beac.key_memory to 0 or write_aware to false")
@@ -460,6 +461,9 @@ class BEAC(BatchAnchorMixin, AlphaEdit):
         if not (self.beac.refresh_replaces_key and self._refreshing() and self.pending is not None):
             return 0
         return len(self.pending[1])
+
+    def _record_weight(self) -> float:
+        return self.beac.record_weight
 
     def _new_keys(self, n: int) -> int | None:
         """B8 (docs/beac.md § 2.6): a re-written edit's key is already in G from its first write, so the solve is

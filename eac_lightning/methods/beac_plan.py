@@ -56,6 +56,9 @@ class BEACHyperParams:
             earlier keys (docs/beac.md § 2.6, B8) instead of being added to it again: the record keeps each edit's
             key once, and the re-write is not held back by the record's wish to keep the edit's current (wrong)
             output. :class:`BEAC` only (the record is AlphaEdit's).
+        record_weight: w, the weight of AlphaEdit's record of earlier keys in :class:`BEAC`'s solve,
+            (wG + U₀ᵀKKᵀU₀ + αI)⁻¹U₀ᵀK (docs/beac.md § 2.6, B9; 1: AlphaEdit's Eq. 15): above 1 a batch moves less
+            of what earlier edits read.
         alike_cosine: τ, LAS's separation of alike edits (docs/beac.md § 2.7): two edits of a batch whose keys at
             the first edited layer have |cos| ≥ τ in the metric of the key covariance (|k_iᵀC⁻¹k_j| normalised;
             one subject's corrections: ~1) take disjoint anchor dimensions while each can still fill its k;
@@ -75,6 +78,7 @@ class BEACHyperParams:
     refresh_window: int | None = 10
     refresh_checks: int | None = None
     refresh_replaces_key: bool = False
+    record_weight: float = 1.0
     alike_cosine: float | None = None
 
     def __post_init__(self) -> None:
@@ -89,6 +93,7 @@ class BEACHyperParams:
         check("refresh_window", self.refresh_window, integer=True, positive=True)
         check("refresh_checks", self.refresh_checks, integer=True, positive=True)
         check("alike_cosine", self.alike_cosine, low=0.0, high=1.0)
+        check("record_weight", self.record_weight, nonnegative=True)
 
 
 @dataclass
