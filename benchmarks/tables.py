@@ -350,6 +350,10 @@ TABLES: dict[str, Table] = {
         (f"{RESULTS}long_stream_10000.json",), _long_stream(),
         "python benchmarks/long_stream.py --methods <m> --edits 20000 --batch-size 100 --context 5 2 "
         "--eval-every 5000 --tag 20000 --rows-at 10000"),
+    "long_stream_20000": Table(
+        (f"{RESULTS}long_stream_20000.json",), _long_stream(),
+        "python benchmarks/long_stream.py --methods <m> --edits 20000 --batch-size 100 --context 5 2 "
+        "--eval-every 5000 --tag 20000 --rows-at 10000"),
     "insertion_leakage": Table(
         (f"{RESULTS}insertion_leakage.json",), _insertion_leakage,
         "python benchmarks/insertion_leakage.py runs/long_stream_2000/<m> --at 1000 1900"),
