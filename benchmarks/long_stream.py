@@ -48,6 +48,7 @@ import argparse
 import csv
 import json
 import os
+import shlex
 import subprocess
 import sys
 import threading
@@ -375,8 +376,9 @@ def main(argv: list[str] | None = None) -> None:
     out = REPO / "runs" / f"long_stream_{args.tag}"
     results = REPO / "benchmarks" / "results" / f"long_stream_{args.tag}.json"
     # the command that makes a row (the same without --table-only, which only tabulates it)
-    command = "python benchmarks/long_stream.py " + " ".join(a for a in (sys.argv[1:] if argv is None else argv)
-                                                             if a != "--table-only")
+    # (shell-quoted, so that a label with spaces pastes back as one argument)
+    command = "python benchmarks/long_stream.py " + shlex.join(a for a in (sys.argv[1:] if argv is None else argv)
+                                                               if a != "--table-only")
     # Rows of earlier invocations (other methods, other sessions) are kept; a method run again replaces its row.
     rows = {r["method"]: r for r in json.loads(results.read_text())["rows"]} if results.exists() else {}
     names = {m: args.label or m for m in args.methods}  # preset -> row name (and run folder)

@@ -287,7 +287,7 @@ def _beac_long_streams(data):
     from long_stream import table
 
     keep = ["method", "z stops on", "mean4", "rel", "gen", "loc", "fact ret.", "ppl ratio", "L1 growth", "s/edit"]
-    parts = [("2,000", pick(data[0]["rows"], {"**beac**": "beac", **same("beac, refresh 0.5", "beac, refresh replaces key", "alphaedit")}))]
+    parts = [("2,000", pick(data[0]["rows"], {"**beac**": "beac", **same("beac, record weight 1", "beac, record weight 4", "beac, refresh 0.5", "beac, refresh replaces key", "alphaedit")}))]
     return stack([(n, columns(table(rows), keep)) for n, rows in parts], "edits")
 
 

@@ -109,6 +109,7 @@ PUBLISHED = {
                   "eac.penalty_scale": "relative"},
     "beac": {"target.clamp_norm_factor": 0.75, "eac.gamma": 85.0, "write_aware": True, "beac.key_memory": 0.0,
              "beac.refresh": 1.0, "beac.refresh_window": None, "beac.refresh_checks": 1000, "beac.alike_cosine": 0.9,
+             "beac.record_weight": 2.0,
              "beac.las": True, "beac.rar": True, "l2": 10.0},
     "beac-memit": {"target.clamp_norm_factor": 0.75, "write_aware": False, "beac.key_memory": 1.0,
                    "beac.refresh": 0.0, "beac.alike_cosine": None, "mom2_update_weight": 20000.0},

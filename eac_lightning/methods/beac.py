@@ -411,10 +411,13 @@ class BEACMEMIT(BatchAnchorMixin, MEMIT):
 #: public). AlphaEdit keeps its own record of earlier keys, so RAR's key record is off (key_memory 0); RAR refreshes
 #: earlier edits of the whole stream that no longer hold, up to a whole batch's worth, from a seeded draw of 1,000
 #: of them per batch (docs/beac.md § 2.6; 0.2 and 0.5 level at 500 edits, § 5.3; 1.0 against 0.5 at 2,000 edits in
-#: batches of 100, where the budget of 0.5 is spent from the 7th batch on, § 5.5); LAS keeps alike edits apart, keys with |cos| >= 0.9 in C⁻¹ such as one
-#: subject's corrections (§ 2.7, § 5.4). The rest are BEACHyperParams' defaults, B-EAC over MEMIT's solve's too.
+#: batches of 100, where the budget of 0.5 is spent from the 7th batch on, § 5.5); its solve weighs AlphaEdit's
+#: record of earlier keys twice (record_weight 2 against 1 and 4 at 2,000 edits: the most reliability and
+#: generalisation, and retention between the two, § 2.6 B9, § 5.5); LAS keeps alike edits apart, keys with
+#: |cos| >= 0.9 in C⁻¹ such as one subject's corrections (§ 2.7, § 5.4). The rest are BEACHyperParams' defaults,
+#: B-EAC over MEMIT's solve's too.
 BEAC_SETTINGS = BEACHyperParams(key_memory=0.0, refresh=1.0, refresh_window=None, refresh_checks=1000,
-                                alike_cosine=0.9)
+                                alike_cosine=0.9, record_weight=2.0)
 
 
 class BEAC(BatchAnchorMixin, AlphaEdit):
