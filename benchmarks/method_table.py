@@ -8,12 +8,16 @@ what they changed); ``<m>:as_given`` runs the preset exactly as written. Only th
 general-ability tasks are switched off: this table is about whether the edits are written).
 
     python benchmarks/method_table.py --out benchmarks/results/method_table_small.json
+
+Run again with ``--methods m ...`` on the same file, it measures those and keeps the other rows (each row records
+its command).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -82,14 +86,19 @@ def main() -> None:
     ap.add_argument("--beac-batch-size", type=int, default=10, help="B-EAC is a batch method: 2 batches of 10")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
-    command = "python benchmarks/method_table.py " + " ".join(sys.argv[1:])
-    rows = []
+    command = "python benchmarks/method_table.py " + shlex.join(sys.argv[1:])
+    # Rows of earlier invocations are kept (each with its command); a method run again replaces its row in place.
+    rows = {}
+    if args.out.exists():
+        earlier = json.loads(args.out.read_text())
+        if (earlier.get("model"), earlier.get("num_edits")) == (args.model, args.num_edits):
+            rows = {r["method"]: {**r, "command": r.get("command") or earlier.get("command")} for r in earlier["rows"]}
     with tempfile.TemporaryDirectory() as tmp:
         for m in args.methods:
-            rows.append(run(m, args, Path(tmp)))
-            args.out.write_text(json.dumps({"model": args.model, "num_edits": args.num_edits, "command": command,
-                                            "rows": rows}, indent=2) + "\n")
-    print(table(rows))
+            rows[m] = {**run(m, args, Path(tmp)), "command": command}
+            args.out.write_text(json.dumps({"model": args.model, "num_edits": args.num_edits,
+                                            "rows": list(rows.values())}, indent=2) + "\n")
+    print(table(list(rows.values())))
 
 
 if __name__ == "__main__":

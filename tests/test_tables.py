@@ -79,3 +79,23 @@ def test_check_names_an_unknown_table_and_a_missing_results_file(tmp_path):
     (tmp_path / "benchmarks" / "results" / "method_table_small.json").unlink()
     out = tables("--check", "--root", str(tmp_path))
     assert out.returncode != 0 and "method_table_small.json not found" in out.stderr
+
+
+def test_method_table_run_again_replaces_its_rows_and_keeps_the_others(tmp_path, monkeypatch):
+    """``method_table.py --methods m`` on an existing results file measures m, replaces m's row in place and keeps
+    the other rows, each with the command that made it (a file from one run records its command once)."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import method_table
+
+    out = tmp_path / "table.json"
+    old = {"method": "rome", "batch_size": 1, "seconds_per_edit": 1.0, "method_settings": None,
+           "edit_metrics": {"reliability": 1.0, "generalization": 1.0, "locality": 1.0}}
+    out.write_text(json.dumps({"model": "testbed:small", "num_edits": 20, "command": "python first run",
+                               "rows": [old, {**old, "method": "beac", "seconds_per_edit": 9.0}]}))
+    monkeypatch.setattr(method_table, "run", lambda m, args, root: {**old, "method": m, "seconds_per_edit": 2.0})
+    monkeypatch.setattr(sys, "argv", ["method_table.py", "--methods", "beac", "--out", str(out)])
+    method_table.main()
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["method"], r["seconds_per_edit"]) for r in rows] == [("rome", 1.0), ("beac", 2.0)]
+    assert rows[0]["command"] == "python first run"
+    assert rows[1]["command"] == f"python benchmarks/method_table.py --methods beac --out {out}"
