@@ -317,7 +317,10 @@ def test_a_step_that_cannot_be_logged_leaves_weights_and_method_state_as_they_we
 def test_a_setting_added_since_the_checkpoint_resumes_at_its_default_and_is_refused_otherwise():
     """A checkpoint written before a setting existed lacks it: at the value that means "left alone" (its default)
     the run is the same run and resumes; set to anything else it is another method, refused naming the setting."""
+    import dataclasses
+
     from eac_lightning.lightning.checkpoint import CheckpointMismatchError, method_spec, verify_provenance
+    from eac_lightning.methods.beac import BEAC_SETTINGS
 
     base = {"config_sha256": "c", "weights_sha256": {}}
     method = BEAC()
@@ -325,14 +328,12 @@ def test_a_setting_added_since_the_checkpoint_resumes_at_its_default_and_is_refu
     del older["hparams"]["beac"]["refresh_replaces_key"]  # as a checkpoint of a version without the setting
     del older["added"]
     verify_provenance("ckpt", {"base_model": base, "method": older}, {"base_model": base, "method": method_spec(method)})
-    changed = BEAC(beac=BEACHyperParams(key_memory=0.0, refresh=1.0, refresh_window=None, refresh_checks=1000,
-                                        alike_cosine=0.9, refresh_replaces_key=True))
+    changed = BEAC(beac=dataclasses.replace(BEAC_SETTINGS, refresh_replaces_key=True))
     with pytest.raises(CheckpointMismatchError, match=r"field 'method\.beac\.refresh_replaces_key' was None"):
         verify_provenance("ckpt", {"base_model": base, "method": older},
                           {"base_model": base, "method": method_spec(changed)})
     # a setting both sides have is compared as before, named by its path
-    other = BEAC(beac=BEACHyperParams(key_memory=0.0, refresh=0.5, refresh_window=None, refresh_checks=1000,
-                                      alike_cosine=0.9))
+    other = BEAC(beac=dataclasses.replace(BEAC_SETTINGS, refresh=0.5))
     with pytest.raises(CheckpointMismatchError, match=r"field 'method\.beac\.refresh' was 1\.0"):
         verify_provenance("ckpt", {"base_model": base, "method": method_spec(method)},
                           {"base_model": base, "method": method_spec(other)})
