@@ -329,7 +329,9 @@ def test_a_setting_added_since_the_checkpoint_resumes_at_its_default_and_is_refu
     del older["added"]
     verify_provenance("ckpt", {"base_model": base, "method": older}, {"base_model": base, "method": method_spec(method)})
     changed = BEAC(beac=dataclasses.replace(BEAC_SETTINGS, refresh_replaces_key=True))
-    with pytest.raises(CheckpointMismatchError, match=r"field 'method\.beac\.refresh_replaces_key' was None"):
+    with pytest.raises(CheckpointMismatchError, match=r"field 'method\.beac\.refresh_replaces_key' was 'absent' there "
+                       r"but is True here \(a setting added since .* --model\.method\.init_args\.beac\."
+                       r"refresh_replaces_key False continues the run as it was\)"):
         verify_provenance("ckpt", {"base_model": base, "method": older},
                           {"base_model": base, "method": method_spec(changed)})
     # a setting both sides have is compared as before, named by its path

@@ -133,17 +133,23 @@ def method_spec(method: Any) -> dict[str, Any]:
     return {"class": f"{type(method).__module__}.{type(method).__qualname__}", "hparams": hparams, "added": added}
 
 
-def _first_difference(was: Any, now: Any, added: Any, path: str) -> tuple[str, Any, Any] | None:
+def _first_difference(was: Any, now: Any, added: Any, path: str) -> tuple | None:
     """The first setting (its dotted path, then the recorded and the current value) that differs between a recorded
-    and a current method spec; a setting the recorded one lacks counts as the same where the current value is what
-    leaving it alone means (``added``): settings introduced after the checkpoint was written, at their default."""
+    and a current method spec, and for a setting the recorded one lacks how to continue the run as it was; such a
+    setting counts as the same where the current value is what leaving it alone means (``added``): settings
+    introduced after the checkpoint was written, at their default."""
     if not (isinstance(was, dict) and isinstance(now, dict)):
         return None if was == now else (path, was, now)
     added = added if isinstance(added, dict) else {}
     for key in sorted(set(was) | set(now)):
         where = f"{path}.{key}"
-        if key not in was and key in added and now[key] == added[key]:
-            continue
+        if key not in was and key in added:
+            if now[key] == added[key]:
+                continue
+            flag = "--model.method.init_args." + where.removeprefix("method.")
+            return (where, "absent", now[key],
+                    f" (a setting added since that checkpoint was written; {flag} {added[key]!r} continues the run "
+                    "as it was)")
         if key not in was or key not in now:
             return where, was.get(key), now.get(key)
         found = _first_difference(was[key], now[key], added.get(key), where)
@@ -217,7 +223,7 @@ def verify_provenance(path: Any, recorded: dict[str, Any], current: dict[str, An
             refuse("method", was_m["class"], now_m["class"], hint)
         found = _first_difference(was_m["hparams"], now_m["hparams"], now_m.get("added"), "method")
         if found is not None:
-            refuse(*found, hint)
+            refuse(*found[:3], (found[3] if len(found) > 3 else "") + hint)
     was_b, now_b = recorded["base_model"], current["base_model"]
     if was_b["config_sha256"] != now_b["config_sha256"]:
         refuse("base_model.config_sha256", was_b["config_sha256"][:16], now_b["config_sha256"][:16])
