@@ -357,10 +357,6 @@ TABLES: dict[str, Table] = {
     "insertion_leakage": Table(
         (f"{RESULTS}insertion_leakage.json",), _insertion_leakage,
         "python benchmarks/insertion_leakage.py runs/long_stream_2000/<m> --at 1000 1900"),
-    "sequential_small": Table(
-        (f"{RESULTS}sequential_small/results.json",), _sequential(),
-        "python benchmarks/sequential_edits.py --model testbed:small --methods rome rome-eac memit memit-eac "
-        "--num-edits 100 --eval-every 25 --out /tmp/seq_small"),
     "sequential_tiny": Table(
         (f"{RESULTS}sequential_tiny/results.json",), _sequential(),
         "python benchmarks/sequential_edits.py --model testbed:tiny --methods rome rome-eac memit memit-eac "
