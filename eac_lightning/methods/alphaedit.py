@@ -55,14 +55,15 @@ def null_space_projector(cov: torch.Tensor, threshold: float) -> torch.Tensor:
 
 
 def null_space_solve(basis: torch.Tensor, null_kkt: torch.Tensor, keys: torch.Tensor, l2: float,
-                     counted: int | None = None) -> torch.Tensor:
+                     counted: int | None = None, weight: float = 1.0) -> torch.Tensor:
     """(P(KKᵀ + K_pK_pᵀ) + αI)⁻¹ P K (AlphaEdit Eq. 15) as U₀ (G + (U₀ᵀK)(U₀ᵀK)ᵀ + αI)⁻¹ U₀ᵀK, with
     G = U₀ᵀK_pK_pᵀU₀ (module docstring). float64; Cholesky for the positive-definite system (α > 0), least squares
     where α = 0 leaves it singular. ``counted``: only the first ``counted`` keys enter KKᵀ, the others are already
-    in G (B-EAC's re-written edits whose key replaces their entry in the record, docs/beac.md B8)."""
+    in G (B-EAC's re-written edits whose key replaces their entry in the record, docs/beac.md B8). ``weight``: G's
+    weight w in the system (B-EAC's record weight, B9)."""
     projected = basis.T @ keys.double()  # U₀ᵀK: r × n
     own = projected if counted is None else projected[:, :counted]
-    lhs = null_kkt + own @ own.T
+    lhs = torch.addmm(null_kkt, own, own.T, beta=weight)  # w·G + KKᵀ in one r × r allocation
     lhs.diagonal().add_(l2)
     factor, info = torch.linalg.cholesky_ex(lhs)
     y = (torch.cholesky_solve(projected, factor) if int(info) == 0
@@ -132,9 +133,7 @@ class AlphaEdit(MEMIT):
         basis = basis.to(keys.device)
         r = basis.shape[1]
         past = self.null_kkt.get(name, torch.zeros(r, r, dtype=torch.float64)).to(keys.device)
-        weight = self._record_weight()
-        return null_space_solve(basis, past if weight == 1.0 else weight * past, keys, self.l2,
-                                self._new_keys(keys.shape[1]))
+        return null_space_solve(basis, past, keys, self.l2, self._new_keys(keys.shape[1]), self._record_weight())
 
     def _record_weight(self) -> float:
         """The weight of the record of earlier keys in the solve (AlphaEdit's: 1; B-EAC's ``record_weight``)."""
